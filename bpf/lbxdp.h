@@ -1,0 +1,132 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * lbxdp ABI: every type, constant and enum that the kernel program and the Python control plane
+ * both see. Python never re-declares these layouts: it reads the compiled types from bcc, and
+ * lbxdp/abi.py mirrors the enums and constants below; tests/unit/test_abi_drift.py fails when the
+ * two drift. Byte order is in the type (__be*) and every struct has a size pin.
+ */
+#ifndef LBXDP_H
+#define LBXDP_H
+
+/* Map capacities. The defaults here can be overridden by the loader's BuildConfig (-D...). */
+#ifndef LBX_MAX_VIPS
+#define LBX_MAX_VIPS 1024
+#endif
+#ifndef LBX_MAX_BACKENDS
+#define LBX_MAX_BACKENDS 4096
+#endif
+#ifndef LBX_FLOW_CAPACITY
+#define LBX_FLOW_CAPACITY 65536
+#endif
+/* Slots in one VIP's selection table (one half of its double buffer). */
+#define LBX_RING_MAX 256
+
+#define LBX_FAMILY_V4 4
+#define LBX_FAMILY_V6 6
+
+/* Backend flags. */
+#define LBX_BE_F_ACTIVE 0x01 /* slot holds a backend; cleared when the backend is deleted */
+
+/* Per-VIP scheduler: how a new flow picks a slot of the VIP's table. */
+enum lbx_sched {
+	LBX_SCHED_RR = 0,   /* per-CPU round robin over the table */
+	LBX_SCHED_HASH = 1, /* 5-tuple hash modulo the table size */
+};
+
+/* Per-VIP forwarding mode. */
+enum lbx_fwd_mode {
+	LBX_MODE_DSR = 0, /* L2 direct server return: rewrite the destination MAC, XDP_TX */
+};
+
+/*
+ * Why the program returned what it returned. Every exit of lbxdp_ingress() names one; the
+ * prefix is the verdict (TX, PASS, DROP, ABORT), which is how Python derives it.
+ * LBX_R_OK is not an exit: parse stages return it to say "go on".
+ */
+enum lbx_reason {
+	LBX_R_OK = 0,
+	LBX_R_TX_FORWARD,         /* sent to a backend */
+	LBX_R_PASS_NOT_IP,        /* not IPv4/IPv6 (ARP, LLDP, ...) */
+	LBX_R_PASS_NOT_VIP,       /* IP traffic for no VIP */
+	LBX_R_PASS_NOT_L4,        /* neither TCP nor UDP (ICMP, ...) */
+	LBX_R_PASS_TRUNCATED,     /* a header runs past the end of the frame */
+	LBX_R_PASS_BAD_HEADER,    /* IPv4 ihl < 5, TCP doff < 5, wrong IP version */
+	LBX_R_PASS_FRAGMENT,      /* IPv4 fragment: later fragments carry no ports */
+	LBX_R_PASS_IP_OPTIONS,    /* IPv4 header with options */
+	LBX_R_PASS_IPV6_EXT,      /* IPv6 extension header before L4 */
+	LBX_R_DROP_NO_BACKEND,    /* the VIP has no backend */
+	LBX_R_DROP_BACKEND_GONE,  /* a table slot names a deleted backend (control-plane race) */
+	LBX_R_ABORT_REWRITE,      /* the frame could not be rewritten */
+	LBX_R_MAX,
+};
+
+/* An IPv4 or IPv6 address, network order; IPv4 uses w[0] and leaves the rest zero. */
+struct lbx_addr {
+	__be32 w[4];
+};
+_Static_assert(sizeof(struct lbx_addr) == 16, "also update lbxdp/abi.py");
+
+struct vip_key {
+	struct lbx_addr addr;
+	__be16 port;  /* network order */
+	__u8 proto;   /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 family;  /* LBX_FAMILY_V4 or LBX_FAMILY_V6 */
+};
+_Static_assert(sizeof(struct vip_key) == 20, "also update lbxdp/abi.py");
+
+struct vip_meta {
+	__u32 id;         /* index into lbx_vip_stats, lbx_rr and lbx_ring */
+	__u16 ring_size;  /* slots in use in the live half of the table; 0 = no backend */
+	__u8 ring_half;   /* live half of the double-buffered table: 0 or 1 */
+	__u8 sched;       /* enum lbx_sched */
+	__u8 mode;        /* enum lbx_fwd_mode */
+	__u8 flags;
+	__u16 pad;
+};
+_Static_assert(sizeof(struct vip_meta) == 12, "also update lbxdp/abi.py");
+
+struct backend {
+	struct lbx_addr addr;
+	__be16 port;      /* network order */
+	__u8 family;      /* LBX_FAMILY_V4 or LBX_FAMILY_V6 */
+	__u8 flags;       /* LBX_BE_F_* */
+	__u8 mac[6];      /* next hop on the shared segment (dsr) */
+	__u8 pad[2];
+	__u32 vip_id;     /* the VIP this backend entry serves: one entry per (VIP, backend) */
+};
+_Static_assert(sizeof(struct backend) == 32, "also update lbxdp/abi.py");
+
+/* The 5-tuple as seen on the wire; also the key of the connection table. */
+struct flow_key {
+	struct lbx_addr src;
+	struct lbx_addr dst;
+	__be16 sport;  /* network order */
+	__be16 dport;  /* network order */
+	__u8 proto;
+	__u8 family;
+	__u8 pad[2];
+};
+_Static_assert(sizeof(struct flow_key) == 40, "also update lbxdp/abi.py");
+
+struct flow_val {
+	__u32 backend_id;
+	__u32 vip_id;
+};
+_Static_assert(sizeof(struct flow_val) == 8, "also update lbxdp/abi.py");
+
+/* Per-CPU traffic counters of one VIP or one backend. */
+struct lbx_stats {
+	__u64 packets;
+	__u64 bytes;
+	__u64 new_flows;
+};
+_Static_assert(sizeof(struct lbx_stats) == 24, "also update lbxdp/abi.py");
+
+/* Per-CPU counters of one reason. */
+struct lbx_count {
+	__u64 packets;
+	__u64 bytes;
+};
+_Static_assert(sizeof(struct lbx_count) == 16, "also update lbxdp/abi.py");
+
+#endif /* LBXDP_H */

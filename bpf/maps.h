@@ -1,0 +1,56 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Every map of the program. Each is pinned under LBX_PIN_DIR (set by the loader to
+ * /sys/fs/bpf/lbxdp/<ifname>) so a CLI process, a restarted daemon or a new program version
+ * finds and reuses it. Names stay under 16 characters: the kernel keeps 15.
+ */
+#ifndef LBX_MAPS_H
+#define LBX_MAPS_H
+
+#include "lbxdp.h"
+
+#ifndef LBX_PIN_DIR
+#error "LBX_PIN_DIR must be defined by the loader"
+#endif
+
+/* (vip addr, port, proto, family) -> vip_meta. Written by lbxdp.maps.Maps.put_vip only. */
+BPF_TABLE_PINNED("hash", struct vip_key, struct vip_meta, lbx_vips, LBX_MAX_VIPS,
+		 LBX_PIN_DIR "/lbx_vips");
+
+/* backend id -> backend. Written by the control plane (lbxdp.maps); id 0 is never used. */
+BPF_TABLE_PINNED("array", __u32, struct backend, lbx_backends, LBX_MAX_BACKENDS,
+		 LBX_PIN_DIR "/lbx_backends");
+
+/*
+ * (vip id * 2 + half) * LBX_RING_MAX + slot -> backend id. Each VIP owns two halves: the
+ * control plane fills the idle half, then flips vip_meta.ring_half in one map write, so a
+ * packet never sees a half-written table.
+ */
+BPF_TABLE_PINNED("array", __u32, __u32, lbx_ring, LBX_MAX_VIPS * 2 * LBX_RING_MAX,
+		 LBX_PIN_DIR "/lbx_ring");
+
+/*
+ * flow 5-tuple -> (backend id, vip id). Written by the program when a flow starts, read for
+ * every later packet so a flow keeps its backend when the backend set changes. A shared (not
+ * per-CPU) LRU: one flow's packets may be handled on different CPUs.
+ */
+BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_val, lbx_flows, LBX_FLOW_CAPACITY,
+		 LBX_PIN_DIR "/lbx_flows");
+
+/* vip id -> this CPU's round-robin position. Written by the program only. */
+BPF_TABLE_PINNED("percpu_array", __u32, __u32, lbx_rr, LBX_MAX_VIPS,
+		 LBX_PIN_DIR "/lbx_rr");
+
+/* vip id -> traffic counters. Written by the program, read by lbxdp status and the exporter. */
+BPF_TABLE_PINNED("percpu_array", __u32, struct lbx_stats, lbx_vip_stats, LBX_MAX_VIPS,
+		 LBX_PIN_DIR "/lbx_vip_stats");
+
+/* backend id -> traffic counters. Written by the program; reset by the control plane on reuse. */
+BPF_TABLE_PINNED("percpu_array", __u32, struct lbx_stats, lbx_be_stats, LBX_MAX_BACKENDS,
+		 LBX_PIN_DIR "/lbx_be_stats");
+
+/* enum lbx_reason -> packets and bytes that left the program for that reason. */
+BPF_TABLE_PINNED("percpu_array", __u32, struct lbx_count, lbx_reasons, LBX_R_MAX,
+		 LBX_PIN_DIR "/lbx_reasons");
+
+#endif /* LBX_MAPS_H */

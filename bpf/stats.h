@@ -1,0 +1,38 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Counters. Per-CPU maps only: no atomics on the hot path; readers sum over CPUs. */
+#ifndef LBX_STATS_H
+#define LBX_STATS_H
+
+#include "maps.h"
+#include "parse.h"
+
+/* Count a packet under its reason and return the verdict, so every exit reads `return count(...)`. */
+static __always_inline int count(int verdict, __u32 reason, const struct pkt *pkt)
+{
+	struct lbx_count *c = lbx_reasons.lookup(&reason);
+
+	if (c) {
+		c->packets++;
+		c->bytes += pkt->len;
+	}
+	return verdict;
+}
+
+static __always_inline void add_stats(struct lbx_stats *s, const struct pkt *pkt, __u8 new_flow)
+{
+	if (!s)
+		return;
+	s->packets++;
+	s->bytes += pkt->len;
+	s->new_flows += new_flow;
+}
+
+/* Traffic of the VIP and of the backend that the packet was sent to. */
+static __always_inline void account(const struct vip_meta *vip, __u32 backend_id,
+				    const struct pkt *pkt, __u8 new_flow)
+{
+	add_stats(lbx_vip_stats.lookup((__u32 *)&vip->id), pkt, new_flow);
+	add_stats(lbx_be_stats.lookup(&backend_id), pkt, new_flow);
+}
+
+#endif /* LBX_STATS_H */

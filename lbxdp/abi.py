@@ -1,0 +1,83 @@
+"""The Python face of bpf/lbxdp.h: its enums and constants, nothing else.
+
+Struct layouts are never re-declared here: bcc compiles them and lbxdp.loader turns its type
+descriptions into ctypes. tests/unit/test_abi_drift.py parses the header and fails when a name
+or a value below differs from it.
+"""
+
+from __future__ import annotations
+
+import enum
+
+MAX_VIPS = 1024          # LBX_MAX_VIPS (default; BuildConfig may override)
+MAX_BACKENDS = 4096      # LBX_MAX_BACKENDS
+FLOW_CAPACITY = 65536    # LBX_FLOW_CAPACITY
+RING_MAX = 256           # LBX_RING_MAX
+
+FAMILY_V4 = 4            # LBX_FAMILY_V4
+FAMILY_V6 = 6            # LBX_FAMILY_V6
+
+BE_F_ACTIVE = 0x01       # LBX_BE_F_ACTIVE
+
+PROGRAM = "lbxdp_ingress"
+STUB_PROGRAM = "xdp_stub"
+
+
+class Sched(enum.IntEnum):
+    """enum lbx_sched"""
+
+    RR = 0
+    HASH = 1
+
+
+class FwdMode(enum.IntEnum):
+    """enum lbx_fwd_mode"""
+
+    DSR = 0
+
+
+class Reason(enum.IntEnum):
+    """enum lbx_reason: why the program returned its verdict. The prefix is the verdict."""
+
+    OK = 0
+    TX_FORWARD = 1
+    PASS_NOT_IP = 2
+    PASS_NOT_VIP = 3
+    PASS_NOT_L4 = 4
+    PASS_TRUNCATED = 5
+    PASS_BAD_HEADER = 6
+    PASS_FRAGMENT = 7
+    PASS_IP_OPTIONS = 8
+    PASS_IPV6_EXT = 9
+    DROP_NO_BACKEND = 10
+    DROP_BACKEND_GONE = 11
+    ABORT_REWRITE = 12
+    MAX = 13
+
+    @property
+    def verdict(self) -> str:
+        """'tx', 'pass', 'drop' or 'abort'."""
+        return self.name.split("_", 1)[0].lower()
+
+    @property
+    def label(self) -> str:
+        """The reason without its verdict, lower case: 'not_vip'."""
+        return self.name.split("_", 1)[1].lower()
+
+    @classmethod
+    def exits(cls) -> list["Reason"]:
+        """Every reason the program can return with (all but OK and MAX)."""
+        return [r for r in cls if r not in (cls.OK, cls.MAX)]
+
+
+class Map(str, enum.Enum):
+    """Map names, as declared in bpf/maps.h (under 16 characters: the kernel keeps 15)."""
+
+    VIPS = "lbx_vips"
+    BACKENDS = "lbx_backends"
+    RING = "lbx_ring"
+    FLOWS = "lbx_flows"
+    RR = "lbx_rr"
+    VIP_STATS = "lbx_vip_stats"
+    BE_STATS = "lbx_be_stats"
+    REASONS = "lbx_reasons"

@@ -1,0 +1,227 @@
+"""The `lbxdp` command. Thin: parse, call the control plane, print. Failures say what to do.
+
+bcc is imported only when a command compiles something, so `lbxdp --help` works anywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+import click
+
+from . import __version__
+from .errors import LbxError
+from .paths import Instance
+
+log = logging.getLogger("lbxdp")
+
+EPILOG = """\b
+Examples:
+  sudo lbxdp doctor eth0
+  sudo lbxdp attach eth0 --config /etc/lbxdp/lb.toml
+  sudo lbxdp status eth0 --json
+  sudo lbxdp detach eth0
+  sudo lbxdp demo
+"""
+
+
+def needs_root(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if os.geteuid() != 0:
+            raise LbxError("this command needs root (it loads BPF programs and changes interfaces)",
+                           "run it with sudo: sudo lbxdp " + " ".join(sys.argv[1:]))
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def instance(ctx: click.Context, ifname: str) -> Instance:
+    return Instance(ifname, ctx.obj.get("netns"))
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lbxdp")
+@click.option("--netns", metavar="NAME", help="Work inside network namespace NAME (as created by `ip netns add`). "
+              "Unlike `ip netns exec`, this keeps the host's bpffs, so pins outlive the command.")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.pass_context
+def cli(ctx: click.Context, netns: str | None, verbose: int) -> None:
+    """lbxdp: a Layer-4 load balancer on XDP."""
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+                        format="lbxdp: %(levelname)s: %(message)s")
+    ctx.ensure_object(dict)
+    ctx.obj["netns"] = netns
+    if netns and ctx.invoked_subcommand not in ("rig", "demo", "config"):
+        enter_netns(netns)
+
+
+def enter_netns(name: str) -> None:
+    """Move this process into network namespace NAME; its mount namespace (bpffs) stays."""
+    if not os.path.exists(f"/var/run/netns/{name}"):
+        raise LbxError(f"no network namespace named {name!r}", "list them with `ip netns list`")
+    from pyroute2 import netns as pr_netns
+    try:
+        pr_netns.setns(name, flags=0)
+    except OSError as e:
+        raise LbxError(f"cannot enter network namespace {name!r}: {e.strerror}", "run as root") from e
+
+
+@cli.command()
+@click.argument("ifname")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="TOML file with the VIPs and backends.")
+@click.option("--mode", type=click.Choice(["auto", "native", "generic"]), default="auto", show_default=True,
+              help="XDP mode; auto tries native and falls back to generic with a warning.")
+@click.option("--force", is_flag=True, help="Replace an XDP program that lbxdp did not attach.")
+@click.pass_context
+@needs_root
+def attach(ctx: click.Context, ifname: str, config_path: str, mode: str, force: bool) -> None:
+    """Compile the XDP program, attach it to IFNAME, and load the VIPs of --config.
+
+    Maps are pinned under /sys/fs/bpf/lbxdp/IFNAME/; attaching again upgrades the program in
+    place and applies the config as a minimal diff, keeping the connection table.
+
+    \b
+    Example: sudo lbxdp attach eth0 --config lb.toml --mode native
+    """
+    from . import config, control
+    cfg = config.load(config_path)
+    inst = instance(ctx, ifname)
+    res = control.attach(inst, cfg, mode, force, config_path=os.path.abspath(config_path))
+    for line in res.diff.lines:
+        click.echo(f"  {line}")
+    verb = "re-attached (maps kept)" if res.upgraded else "attached"
+    click.echo(f"{verb} to {inst.label} ({res.mode}, program id {res.prog_id}); "
+               f"{len(cfg.vips)} VIPs, {sum(len(v.backends) for v in cfg.vips)} backends")
+
+
+@cli.command()
+@click.argument("ifname")
+@click.pass_context
+@needs_root
+def detach(ctx: click.Context, ifname: str) -> None:
+    """Remove the program from IFNAME and delete its pinned maps."""
+    from . import control
+    inst = instance(ctx, ifname)
+    if control.detach(inst):
+        click.echo(f"detached from {inst.label}")
+    else:
+        click.echo(f"lbxdp was not attached to {inst.label}; nothing to do")
+
+
+@cli.command()
+@click.argument("ifname", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@needs_root
+def status(ctx: click.Context, ifname: str | None, as_json: bool) -> None:
+    """Show mode, VIPs, backends and counters read from the pinned maps.
+
+    Without IFNAME: every interface lbxdp is attached to (in this namespace).
+    """
+    from . import control
+    netns = ctx.obj.get("netns")
+    insts = [instance(ctx, ifname)] if ifname else [i for i in Instance.all() if i.netns == netns]
+    if not insts:
+        raise LbxError("lbxdp is not attached to any interface here", "attach it: lbxdp attach IFNAME --config FILE")
+    reports = [control.status(i) for i in insts]
+    if as_json:
+        click.echo(json.dumps(reports if not ifname else reports[0], indent=2))
+        return
+    for r in reports:
+        print_status(r)
+
+
+def print_status(r: dict[str, Any]) -> None:
+    x, st = r["xdp"], r["state"]
+    where = r["interface"] + (f" (netns {r['netns']})" if r["netns"] else "")
+    if x.get("attached"):
+        click.echo(f"{where}: attached, {x['mode']}, program id {x['prog_id']}"
+                   + (f", config {st['config']}" if st.get("config") else ""))
+    else:
+        click.echo(f"{where}: maps pinned at {r['pin_dir']} but no XDP program is attached"
+                   + (f" ({x['error']})" if x.get("error") else ""))
+    click.echo(f"  connection table: {r['flows']['entries']} / {r['flows']['capacity']} entries")
+    row = "  {:<34} {:>6} {:>12} {:>14} {:>10}"
+    click.echo(row.format("VIP / backend", "sched", "packets", "bytes", "new flows"))
+    for v in r["vips"]:
+        click.echo(row.format(f"{v['vip']} ({v['mode']})", v["scheduler"], v["packets"], v["bytes"], v["new_flows"]))
+        for b in v["backends"]:
+            mark = "" if b["in_table"] else " (not in table)"
+            click.echo(row.format(f"  {b['backend']}{mark}", "", b["packets"], b["bytes"], b["new_flows"]))
+    click.echo("  verdicts by reason:")
+    for reason in r["reasons"]:
+        if reason["packets"]:
+            click.echo(f"    {reason['verdict']:<6} {reason['reason']:<24} {reason['packets']:>12} packets "
+                       f"{reason['bytes']:>14} bytes")
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Work with config files."""
+
+
+@config_group.command("check")
+@click.argument("path", type=click.Path(dir_okay=False))
+def config_check(path: str) -> None:
+    """Validate a config file without touching anything."""
+    from . import config
+    cfg = config.load(path)
+    click.echo(f"{path}: ok, {len(cfg.vips)} VIPs, {sum(len(v.backends) for v in cfg.vips)} backends")
+
+
+@cli.command()
+@click.argument("ifname", required=False)
+@click.pass_context
+def doctor(ctx: click.Context, ifname: str | None) -> None:
+    """Check that this machine can run lbxdp, and print the fix for each problem.
+
+    With IFNAME, also check XDP support on that interface.
+    """
+    from . import doctor as doc
+    ok = doc.run(instance(ctx, ifname) if ifname else None, click.echo)
+    if not ok:
+        raise LbxError("some checks failed", "apply the fixes above, then run `lbxdp doctor` again")
+
+
+@cli.command()
+@click.option("--backends", default=3, show_default=True, type=click.IntRange(1, 9))
+@click.option("--connections", default=30, show_default=True, type=click.IntRange(1, 1000),
+              help="TCP connections and UDP datagrams per VIP.")
+@click.option("--mode", type=click.Choice(["native", "generic"]), default="native", show_default=True)
+@click.option("--scheduler", type=click.Choice(["rr", "hash"]), default="rr", show_default=True)
+@needs_root
+def demo(backends: int, connections: int, mode: str, scheduler: str) -> None:
+    """Build a namespace rig, balance real TCP and UDP over v4 and v6 VIPs, show the counts, clean up."""
+    from . import demo as d
+    d.run(backends=backends, connections=connections, mode=mode, scheduler=scheduler, echo=click.echo)
+
+
+def main() -> None:
+    """Entry point: LbxError becomes one clean error line and its exit code, never a traceback."""
+    try:
+        cli.main(standalone_mode=False, prog_name="lbxdp")
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except LbxError as e:
+        click.echo(f"lbxdp: error: {e.message}", err=True)
+        if e.hint:
+            click.echo(f"  hint: {e.hint}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except OSError as e:
+        # Kernel refusals (EPERM, EBUSY, ...) are not bugs of lbxdp; say what failed.
+        click.echo(f"lbxdp: error: {e}", err=True)
+        click.echo("  hint: run `lbxdp doctor` to check this machine", err=True)
+        sys.exit(1)
+

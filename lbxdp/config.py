@@ -1,0 +1,177 @@
+"""TOML config file -> model.Config, validating everything before anything touches a map.
+
+Every error names the key path and the bad value, e.g.
+    vip[1].backend[0].address: '10.0.0.300' is not an IPv4 or IPv6 address
+
+    [[vip]]
+    address = "10.112.0.10"
+    port = 8080
+    protocol = "tcp"          # tcp | udp
+    mode = "dsr"              # dsr (L2 direct server return)
+    scheduler = "rr"          # rr | hash
+      [[vip.backend]]
+      address = "10.111.0.11"
+      port = 8080             # optional; in dsr mode it must equal the VIP's port
+      mac = "02:00:00:00:00:11"   # optional; else resolved from the neighbour table
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from . import abi, model
+from .errors import LbxError
+
+T = TypeVar("T")
+
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_VIP_KEYS = {"address", "port", "protocol", "mode", "scheduler", "backend"}
+_BACKEND_KEYS = {"address", "port", "mac"}
+
+
+class ConfigError(LbxError):
+    def __init__(self, path: str, message: str, source: str | None = None):
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{path}: {message}", "nothing was applied; fix the config and retry",
+                         exit_code=2)
+        self.path, self.detail = path, message
+
+
+def load(path: str | Path) -> model.Config:
+    """Read and validate a config file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise LbxError(f"cannot read config {p}: {e.strerror}", "check the path", exit_code=2) from e
+    return parse(text, source=str(p))
+
+
+def parse(text: str, source: str | None = None) -> model.Config:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("(file)", f"not valid TOML: {e}", source) from e
+    try:
+        return _config(doc)
+    except ConfigError as e:
+        raise ConfigError(e.path, e.detail, source) from None
+
+
+def _config(doc: dict[str, Any]) -> model.Config:
+    _no_unknown(doc, {"vip"}, "")
+    vips_doc = doc.get("vip", [])
+    if not isinstance(vips_doc, list):
+        raise ConfigError("vip", "must be an array of tables: write [[vip]]")
+    vips = tuple(_vip(v, f"vip[{i}]") for i, v in enumerate(vips_doc))
+    seen: dict[model.VipKey, str] = {}
+    for i, v in enumerate(vips):
+        if v.key in seen:
+            raise ConfigError(f"vip[{i}]", f"duplicate VIP {v.name} (also {seen[v.key]})")
+        seen[v.key] = f"vip[{i}]"
+    if len(vips) > abi.MAX_VIPS:
+        raise ConfigError("vip", f"{len(vips)} VIPs; at most {abi.MAX_VIPS}")
+    return model.Config(vips)
+
+
+def _no_unknown(d: dict[str, Any], known: set[str], path: str) -> None:
+    for k in d:
+        if k not in known:
+            where = f"{path}.{k}" if path else k
+            raise ConfigError(where, f"unknown key {k!r}; known keys: {', '.join(sorted(known))}")
+
+
+def _get(d: dict[str, Any], key: str, path: str, conv: Callable[[Any], T], default: Any = ...) -> T:
+    if key not in d:
+        if default is ...:
+            raise ConfigError(f"{path}.{key}", "is required")
+        return default
+    try:
+        return conv(d[key])
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{path}.{key}", f"{d[key]!r} {e}") from None
+
+
+def _address(v: Any) -> model.IPAddress:
+    if not isinstance(v, str):
+        raise TypeError("is not a string")
+    try:
+        return ipaddress.ip_address(v)
+    except ValueError:
+        raise ValueError("is not an IPv4 or IPv6 address") from None
+
+
+def _port(v: Any) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError("is not an integer")
+    if not 1 <= v <= 65535:
+        raise ValueError("is out of range (1-65535)")
+    return v
+
+
+def _choice(enum_t: type[T]) -> Callable[[Any], T]:
+    def conv(v: Any) -> T:
+        try:
+            return enum_t(v)  # type: ignore[call-arg]
+        except ValueError:
+            raise ValueError(f"is not one of: {', '.join(e.value for e in enum_t)}") from None  # type: ignore[attr-defined]
+    return conv
+
+
+def _mac(v: Any) -> str:
+    if not isinstance(v, str) or not _MAC.match(v.lower()):
+        raise ValueError("is not a MAC address like 02:00:00:00:00:01")
+    if v.lower() == "00:00:00:00:00:00" or int(v.split(":")[0], 16) & 1:
+        raise ValueError("is not a unicast MAC address")
+    return v.lower()
+
+
+def _vip(d: Any, path: str) -> model.Vip:
+    if not isinstance(d, dict):
+        raise ConfigError(path, "must be a table")
+    _no_unknown(d, _VIP_KEYS, path)
+    address = _get(d, "address", path, _address)
+    if address.is_multicast or address.is_unspecified:
+        raise ConfigError(f"{path}.address", f"{str(address)!r} cannot be a VIP (multicast or unspecified)")
+    port = _get(d, "port", path, _port)
+    protocol = _get(d, "protocol", path, _choice(model.Protocol))
+    mode = _get(d, "mode", path, _choice(model.Mode), model.Mode.DSR)
+    scheduler = _get(d, "scheduler", path, _choice(model.Scheduler), model.Scheduler.RR)
+    backends_doc = d.get("backend", [])
+    if not isinstance(backends_doc, list):
+        raise ConfigError(f"{path}.backend", "must be an array of tables: write [[vip.backend]]")
+    if not backends_doc:
+        raise ConfigError(f"{path}.backend", "a VIP needs at least one backend ([[vip.backend]])")
+    if len(backends_doc) > abi.RING_MAX:
+        raise ConfigError(f"{path}.backend", f"{len(backends_doc)} backends; at most {abi.RING_MAX} per VIP")
+    backends = []
+    seen: dict[tuple[Any, int], int] = {}
+    for j, bd in enumerate(backends_doc):
+        bpath = f"{path}.backend[{j}]"
+        b = _backend(bd, bpath, port)
+        if b.address.version != address.version:
+            raise ConfigError(f"{bpath}.address", f"{str(b.address)!r} is IPv{b.address.version} but the VIP "
+                              f"is IPv{address.version}; {mode.value} mode cannot cross address families")
+        if mode is model.Mode.DSR and b.port != port:
+            raise ConfigError(f"{bpath}.port", f"{b.port} differs from the VIP port {port}; dsr mode "
+                              "cannot rewrite ports (the backend answers the client directly)")
+        if (b.address, b.port) in seen:
+            raise ConfigError(bpath, f"duplicate backend {b.name} (also backend[{seen[(b.address, b.port)]}])")
+        seen[(b.address, b.port)] = j
+        backends.append(b)
+    return model.Vip(address, port, protocol, mode, scheduler, tuple(backends))
+
+
+def _backend(d: Any, path: str, vip_port: int) -> model.Backend:
+    if not isinstance(d, dict):
+        raise ConfigError(path, "must be a table")
+    _no_unknown(d, _BACKEND_KEYS, path)
+    address = _get(d, "address", path, _address)
+    if address.is_multicast or address.is_unspecified or address.is_loopback:
+        raise ConfigError(f"{path}.address", f"{str(address)!r} cannot be a backend "
+                          "(multicast, unspecified or loopback)")
+    return model.Backend(address, _get(d, "port", path, _port, vip_port), _get(d, "mac", path, _mac, None))

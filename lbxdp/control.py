@@ -1,0 +1,170 @@
+"""The control plane's verbs on one instance: attach, apply, detach, status.
+
+Each verb validates everything it can before it changes anything, and a failed first attach
+removes what it made (pins, run state), so a bad command leaves the machine as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import __version__, bpfsys, config, loader, model, neigh
+from .balancer import Balancer, Diff
+from .errors import LbxError
+from .maps import Maps
+from .paths import Instance, pin_root, run_root
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AttachResult:
+    mode: str
+    prog_id: int
+    diff: Diff
+    upgraded: bool
+
+
+def resolve_macs(ifname: str, cfg: model.Config) -> dict[model.IPAddress, str]:
+    need = [b.address for v in cfg.vips for b in v.backends if b.mac is None]
+    return neigh.resolve(ifname, loader.ifindex(ifname), list(dict.fromkeys(need))) if need else {}
+
+
+def _foreign_program(inst: Instance, state: bpfsys.XdpState) -> int | None:
+    """Id of an XDP program on the interface that is not this instance's, if any."""
+    if not state.prog_id:
+        return None
+    if inst.exists():
+        fd = bpfsys.obj_get(inst.prog_pin)
+        try:
+            if bpfsys.prog_info(fd).id == state.prog_id:
+                return None
+        finally:
+            os.close(fd)
+    return state.prog_id
+
+
+def attach(inst: Instance, cfg: model.Config, mode: str = "auto", force: bool = False,
+           config_path: str | None = None, build: loader.BuildConfig | None = None) -> AttachResult:
+    """Compile, load, fill the maps with cfg, attach, pin. Re-attaching upgrades in place."""
+    idx = loader.ifindex(inst.ifname)
+    foreign = _foreign_program(inst, bpfsys.xdp_query(idx))
+    if foreign and not force:
+        raise LbxError(f"{inst.label} already has an XDP program (id {foreign}) that lbxdp did not attach",
+                       f"detach it first (ip link set dev {inst.ifname} xdp off) or pass --force to replace it")
+    macs = resolve_macs(inst.ifname, cfg)
+    upgraded = inst.exists()
+    prog = loader.compile_program(build or loader.BuildConfig(inst.pin_dir))
+    try:
+        loader.save_schema(inst, prog.schema)
+        diff = Balancer(Maps(prog.maps)).apply(cfg, macs)
+        used = loader.attach(inst.ifname, prog.fd, mode)
+        if inst.prog_pin.exists():
+            inst.prog_pin.unlink()
+        bpfsys.obj_pin(prog.fd, inst.prog_pin)
+        _write_state(inst, {"ifname": inst.ifname, "netns": inst.netns, "mode": used,
+                            "prog_id": prog.info.id, "attached_at": time.time(),
+                            "config": config_path, "version": __version__})
+    except BaseException:
+        if not upgraded:
+            _remove_files(inst)
+        raise
+    finally:
+        prog.close()
+    return AttachResult(used, prog.info.id, diff, upgraded)
+
+
+def apply(inst: Instance, cfg: model.Config) -> Diff:
+    """Apply cfg to an attached instance's pinned maps (no compile, no attach)."""
+    macs = resolve_macs(inst.ifname, cfg)
+    with open_maps(inst) as maps:
+        return Balancer(maps).apply(cfg, macs)
+
+
+def detach(inst: Instance) -> bool:
+    """Remove the program from the interface and the pins; False if nothing was attached."""
+    was = inst.exists()
+    try:
+        idx = loader.ifindex(inst.ifname)
+    except LbxError:
+        idx = None  # the interface is gone (e.g. its namespace was deleted): just remove the pins
+    if idx is not None and was and _foreign_program(inst, bpfsys.xdp_query(idx)) is None:
+        loader.detach(inst.ifname)
+    _remove_files(inst)
+    return was
+
+
+def _remove_files(inst: Instance) -> None:
+    shutil.rmtree(inst.pin_dir, ignore_errors=True)
+    shutil.rmtree(inst.run_dir, ignore_errors=True)
+    # Remove now-empty parents (netns/<name>/, then the root itself), never above the roots.
+    for d, root in ((inst.pin_dir.parent, pin_root()), (inst.run_dir.parent, run_root())):
+        while d.is_dir() and d.is_relative_to(root) and not any(d.iterdir()):
+            d.rmdir()
+            d = d.parent
+
+
+def _write_state(inst: Instance, state: dict[str, Any]) -> None:
+    inst.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = inst.state_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(inst.state_file)
+
+
+def read_state(inst: Instance) -> dict[str, Any]:
+    try:
+        return json.loads(inst.state_file.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@contextmanager
+def open_maps(inst: Instance) -> Iterator[Maps]:
+    maps = Maps(loader.open_pinned_maps(inst))
+    try:
+        yield maps
+    finally:
+        maps.close()
+
+
+def status(inst: Instance) -> dict[str, Any]:
+    """Everything `lbxdp status` shows, as plain data (also its --json output)."""
+    state = read_state(inst)
+    xdp: dict[str, Any] = {"attached": False}
+    try:
+        q = bpfsys.xdp_query(loader.ifindex(inst.ifname))
+        xdp = {"attached": bool(q.prog_id), "prog_id": q.prog_id, "mode": q.mode}
+    except LbxError:
+        xdp["error"] = f"interface {inst.ifname} not found"
+    with open_maps(inst) as maps:
+        backends = maps.backends()
+        vips = []
+        for key, meta in sorted(maps.vips().items(), key=lambda kv: kv[1].id):
+            live = maps.ring(meta.id, meta.ring_half, meta.ring_size)
+            vips.append({
+                "vip": key.name, "id": meta.id, "mode": meta.mode.name.lower(),
+                "scheduler": meta.sched.name.lower(), **asdict(maps.vip_stats(meta.id)),
+                "backends": [
+                    {"backend": e.name, "id": e.id, "mac": e.mac, "in_table": e.id in live,
+                     **asdict(maps.backend_stats(e.id))}
+                    for e in sorted((e for e in backends.values() if e.vip_id == meta.id), key=lambda e: e.id)
+                ],
+            })
+        reasons = [{"reason": r.label, "verdict": r.verdict, "packets": p, "bytes": b}
+                   for r, (p, b) in maps.reasons().items()]
+        flows = {"entries": maps.flow_count(), "capacity": maps.flow_map.info.max_entries}
+    return {"interface": inst.ifname, "netns": inst.netns, "pin_dir": str(inst.pin_dir),
+            "xdp": xdp, "state": state, "vips": vips, "reasons": reasons, "flows": flows}
+
+
+def load_config(path: str | Path) -> model.Config:
+    return config.load(path)
+

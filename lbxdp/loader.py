@@ -1,0 +1,237 @@
+"""The only module that imports bcc: compile, load, pin, attach, detach.
+
+bcc rewrites map calls (lbx_vips.lookup(...)) only in its main file, so render() inlines the
+project's own headers into one text with #line markers: the C stays split by concern and
+compiler and verifier messages still name the header and line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import abi, bpfsys
+from .errors import LbxError
+from .paths import BPFFS, Instance
+
+log = logging.getLogger(__name__)
+
+BPF_FS_MAGIC = 0xCAFE4A11
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+
+
+def bpf_dir() -> Path:
+    """The C sources: packaged next to this module in a wheel, at the repo root in a checkout."""
+    for d in (Path(__file__).parent / "bpf", Path(__file__).parent.parent / "bpf"):
+        if (d / "lbxdp.c").is_file():
+            return d
+    raise LbxError("the BPF sources (lbxdp.c) are missing from this installation",
+                   "reinstall lbxdp (scripts/install.sh)")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that changes the compiled program. Capacities default to bpf/lbxdp.h's."""
+
+    pin_dir: Path
+    max_vips: int = abi.MAX_VIPS
+    max_backends: int = abi.MAX_BACKENDS
+    flow_capacity: int = abi.FLOW_CAPACITY
+
+    def cflags(self) -> list[str]:
+        return [
+            f'-DLBX_PIN_DIR="{self.pin_dir}"',
+            f"-DLBX_MAX_VIPS={self.max_vips}",
+            f"-DLBX_MAX_BACKENDS={self.max_backends}",
+            f"-DLBX_FLOW_CAPACITY={self.flow_capacity}",
+            "-Wno-unused-function",
+        ]
+
+
+def render(entry: Path, _seen: set[Path] | None = None) -> str:
+    """entry with every '#include "local.h"' replaced by that file's text (once per file)."""
+    seen = set() if _seen is None else _seen
+    seen.add(entry)
+    out = [f'#line 1 "{entry.name}"']
+    for n, line in enumerate(entry.read_text().splitlines(), start=1):
+        m = _INCLUDE.match(line)
+        if m and (entry.parent / m.group(1)).is_file():
+            inc = entry.parent / m.group(1)
+            if inc not in seen:
+                out.append(render(inc, seen))
+            out.append(f'#line {n + 1} "{entry.name}"')
+        else:
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def ensure_bpffs() -> None:
+    """Mount bpffs on /sys/fs/bpf if nothing is mounted there."""
+    if _is_bpffs(BPFFS):
+        return
+    try:
+        subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise LbxError(f"bpffs is not mounted on {BPFFS} and mounting it failed",
+                       f"mount it: mount -t bpf bpf {BPFFS}") from e
+    log.warning("mounted bpffs on %s", BPFFS)
+
+
+def _is_bpffs(path: Path) -> bool:
+    class StatFs(ctypes.Structure):
+        _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 120)]
+    st = StatFs()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.statfs(os.fsencode(path), ctypes.byref(st)) != 0:
+        return False
+    return (st.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC
+
+
+def _import_bcc() -> Any:
+    try:
+        import bcc  # noqa: PLC0415 - the one place bcc is imported
+    except ImportError as e:
+        raise LbxError("bcc does not import in this Python",
+                       "install Debian's python3-bpfcc and use a venv made with "
+                       "/usr/bin/python3 -m venv --system-site-packages (scripts/install.sh does both)") from e
+    return bcc
+
+
+def decode_types(schema: dict[str, dict[str, Any]]) -> dict[str, tuple[type, type]]:
+    """ctypes (Key, Leaf) per map, from the type descriptions bcc produced when it compiled."""
+    BPF = _import_bcc().BPF
+    return {name: (BPF._decode_table_type(d["key"]), BPF._decode_table_type(d["leaf"]))
+            for name, d in schema.items()}
+
+
+@dataclass
+class Program:
+    """A compiled, loaded lbxdp program and its maps. Keeps the bcc module (and fds) alive."""
+
+    bpf: Any
+    fd: int
+    info: bpfsys.ProgInfo
+    maps: dict[str, bpfsys.Map]
+    schema: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+
+def compile_program(build: BuildConfig) -> Program:
+    """Compile and load lbxdp_ingress; its maps are created in, or reused from, build.pin_dir."""
+    bcc = _import_bcc()
+    ensure_bpffs()
+    build.pin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    text = render(bpf_dir() / "lbxdp.c")
+    try:
+        b = bcc.BPF(text=text.encode(), cflags=build.cflags())
+        fn = b.load_func(abi.PROGRAM.encode(), bcc.BPF.XDP)
+    except Exception as e:  # bcc raises bare Exception for compile and verifier failures
+        raise LbxError(f"the XDP program failed to compile or load: {e}",
+                       "run `lbxdp doctor`; the compiler/verifier output is above") from e
+    lib = bcc.libbcc.lib
+    schema, maps = {}, {}
+    for m in abi.Map:
+        key = json.loads(lib.bpf_table_key_desc(b.module, m.value.encode()))
+        leaf = json.loads(lib.bpf_table_leaf_desc(b.module, m.value.encode()))
+        schema[m.value] = {"key": key, "leaf": leaf}
+    # Typed the same way as in a CLI process that opens the pins (open_pinned_maps).
+    for name, (key_t, leaf_t) in decode_types(schema).items():
+        maps[name] = bpfsys.Map(b.get_table(name).map_fd, key_t, leaf_t)
+    return Program(b, fn.fd, bpfsys.prog_info(fn.fd), maps, schema)
+
+
+def compile_stub() -> tuple[Any, int]:
+    """The trivial XDP_PASS program (bpf/stub.c): (bcc module to keep alive, program fd)."""
+    bcc = _import_bcc()
+    b = bcc.BPF(src_file=str(bpf_dir() / "stub.c").encode())
+    return b, b.load_func(abi.STUB_PROGRAM.encode(), bcc.BPF.XDP).fd
+
+
+def save_schema(inst: Instance, schema: dict[str, Any]) -> None:
+    inst.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = inst.schema_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(schema))
+    tmp.replace(inst.schema_file)
+
+
+def open_pinned_maps(inst: Instance) -> dict[str, bpfsys.Map]:
+    """The maps of an attached instance, typed from the schema its loader saved."""
+    if not inst.exists():
+        raise LbxError(f"lbxdp is not attached to {inst.label}",
+                       f"attach it: lbxdp attach {inst.ifname} --config FILE")
+    try:
+        schema = json.loads(inst.schema_file.read_text())
+    except (OSError, ValueError) as e:
+        raise LbxError(f"the map schema of {inst.label} is missing ({inst.schema_file})",
+                       f"re-attach to rebuild it: lbxdp attach {inst.ifname} --config FILE") from e
+    types = decode_types(schema)
+    maps: dict[str, bpfsys.Map] = {}
+    try:
+        for name, (key, leaf) in types.items():
+            maps[name] = bpfsys.Map.pinned(inst.pin_dir / name, key, leaf)
+    except BaseException:
+        for m in maps.values():
+            m.close()
+        raise
+    return maps
+
+
+def ifindex(ifname: str) -> int:
+    try:
+        return socket.if_nametoindex(ifname)
+    except OSError as e:
+        raise LbxError(f"no interface named {ifname!r} here",
+                       "list interfaces with `ip -br link` (add --netns NAME for another namespace)") from e
+
+
+MODES = ("auto", "native", "generic")
+
+
+def attach(ifname: str, prog_fd: int, mode: str, replace: bool = True) -> str:
+    """Attach prog_fd to ifname; returns the mode used ('native' or 'generic').
+
+    auto tries native and falls back to generic with a warning. An lbxdp program already there
+    in the same mode is replaced atomically (the kernel swaps the pointer: no packet misses a
+    program); one in the other mode is detached first.
+    """
+    idx = ifindex(ifname)
+    current = bpfsys.xdp_query(idx)
+    tries = {"auto": ["native", "generic"], "native": ["native"], "generic": ["generic"]}[mode]
+    last: Exception | None = None
+    for m in tries:
+        flag = bpfsys.XDP_FLAGS_DRV_MODE if m == "native" else bpfsys.XDP_FLAGS_SKB_MODE
+        if current.mode and current.mode != m:
+            bpfsys.xdp_detach(idx, bpfsys.XDP_FLAGS_DRV_MODE if current.mode == "native" else bpfsys.XDP_FLAGS_SKB_MODE)
+            current = bpfsys.xdp_query(idx)
+        if not replace:
+            flag |= bpfsys.XDP_FLAGS_UPDATE_IF_NOEXIST
+        try:
+            bpfsys.xdp_attach(idx, prog_fd, flag)
+        except bpfsys.BpfError as e:
+            last = e
+            if mode == "auto" and m == "native":
+                log.warning("native XDP is not available on %s (%s); using generic mode, which is slower "
+                            "on physical NICs", ifname, e.strerror)
+            continue
+        return m
+    raise LbxError(f"cannot attach XDP to {ifname} in {mode} mode: {last}",
+                   "try --mode generic, or check `lbxdp doctor " + ifname + "`")
+
+
+def detach(ifname: str) -> None:
+    idx = ifindex(ifname)
+    state = bpfsys.xdp_query(idx)
+    if state.drv_prog_id:
+        bpfsys.xdp_detach(idx, bpfsys.XDP_FLAGS_DRV_MODE)
+    if state.skb_prog_id:
+        bpfsys.xdp_detach(idx, bpfsys.XDP_FLAGS_SKB_MODE)

@@ -1,0 +1,191 @@
+"""The only module that converts between model values and map structs.
+
+Struct types come from bcc (via lbxdp.loader's schema), never from a Python re-declaration;
+make() builds one and refuses field names the compiled C does not have.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import socket
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from . import abi, bpfsys, model
+
+
+def make(struct_t: type, **fields: Any) -> Any:
+    """struct_t(**fields), except that a field the compiled struct lacks is an error.
+
+    (Plain ctypes silently accepts a misspelled keyword and leaves the real field zero.)
+    """
+    known = {f[0] for f in struct_t._fields_}
+    unknown = set(fields) - known
+    if unknown:
+        raise TypeError(f"{struct_t.__name__} has no field(s) {sorted(unknown)}; it has {sorted(known)}")
+    s = struct_t()
+    for k, v in fields.items():
+        if isinstance(v, (bytes, bytearray)):
+            dst = getattr(struct_t, k)
+            ctypes.memmove(ctypes.addressof(s) + dst.offset, bytes(v), min(len(v), dst.size))
+        else:
+            setattr(s, k, v)
+    return s
+
+
+def addr_bytes(addr: model.IPAddress) -> bytes:
+    """An address as struct lbx_addr holds it: 16 bytes, network order, IPv4 zero-padded."""
+    return addr.packed.ljust(16, b"\0")
+
+
+def addr_from(a: Any, fam: int) -> model.IPAddress:
+    raw = bytes(a)
+    return ipaddress.IPv4Address(raw[:4]) if fam == abi.FAMILY_V4 else ipaddress.IPv6Address(raw)
+
+
+def mac_bytes(mac: str) -> bytes:
+    return bytes(int(x, 16) for x in mac.split(":"))
+
+
+def mac_str(raw: Any) -> str:
+    return ":".join(f"{b:02x}" for b in bytes(raw))
+
+
+@dataclass(frozen=True)
+class VipMeta:
+    id: int
+    ring_size: int
+    ring_half: int
+    sched: abi.Sched
+    mode: abi.FwdMode
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    id: int
+    vip_id: int
+    address: model.IPAddress
+    port: int
+    mac: str
+
+    @property
+    def name(self) -> str:
+        return model.endpoint(self.address, self.port)
+
+
+@dataclass(frozen=True)
+class Stats:
+    packets: int = 0
+    bytes: int = 0
+    new_flows: int = 0
+
+
+class Maps:
+    """Typed access to one instance's maps (from a fresh compile or from the pins)."""
+
+    def __init__(self, maps: dict[str, bpfsys.Map]):
+        self.m = maps
+        self.vip_map = maps[abi.Map.VIPS]
+        self.be_map = maps[abi.Map.BACKENDS]
+        self.ring_map = maps[abi.Map.RING]
+        self.flow_map = maps[abi.Map.FLOWS]
+
+    def close(self) -> None:
+        for m in self.m.values():
+            m.close()
+
+    @property
+    def max_vips(self) -> int:
+        return self.vip_map.info.max_entries
+
+    @property
+    def max_backends(self) -> int:
+        return self.be_map.info.max_entries
+
+    # --- VIPs ----------------------------------------------------------------------------------
+    def vip_key(self, key: model.VipKey) -> Any:
+        return make(self.vip_map.Key, addr=addr_bytes(key.address), port=socket.htons(key.port),
+                    proto=key.protocol.number, family=model.family(key.address))
+
+    def vips(self) -> dict[model.VipKey, VipMeta]:
+        out = {}
+        for k, v in self.vip_map.items():
+            proto = {6: model.Protocol.TCP, 17: model.Protocol.UDP}[k.proto]
+            key = model.VipKey(addr_from(k.addr, k.family), socket.ntohs(k.port), proto)
+            out[key] = VipMeta(v.id, v.ring_size, v.ring_half, abi.Sched(v.sched), abi.FwdMode(v.mode))
+        return out
+
+    def put_vip(self, key: model.VipKey, meta: VipMeta) -> None:
+        """One map write: this is the moment a new table becomes live for the VIP."""
+        leaf = make(self.vip_map.Leaf, id=meta.id, ring_size=meta.ring_size, ring_half=meta.ring_half,
+                    sched=int(meta.sched), mode=int(meta.mode))
+        self.vip_map.update(self.vip_key(key), leaf)
+
+    def delete_vip(self, key: model.VipKey) -> None:
+        self.vip_map.delete(self.vip_key(key))
+
+    # --- backends ------------------------------------------------------------------------------
+    def backends(self) -> dict[int, BackendEntry]:
+        """Active backend entries by id."""
+        out = {}
+        for i in range(1, self.max_backends):
+            b = self.be_map.lookup(i)
+            if b is not None and b.flags & abi.BE_F_ACTIVE:
+                out[i] = BackendEntry(i, b.vip_id, addr_from(b.addr, b.family), socket.ntohs(b.port), mac_str(b.mac))
+        return out
+
+    def put_backend(self, backend_id: int, vip_id: int, b: model.Backend, mac: str) -> None:
+        leaf = make(self.be_map.Leaf, addr=addr_bytes(b.address), port=socket.htons(b.port),
+                    family=model.family(b.address), flags=abi.BE_F_ACTIVE, mac=mac_bytes(mac), vip_id=vip_id)
+        self.be_map.update(backend_id, leaf)
+
+    def deactivate_backend(self, backend_id: int) -> None:
+        self.be_map.update(backend_id, self.be_map.Leaf())
+
+    # --- selection tables ----------------------------------------------------------------------
+    @staticmethod
+    def ring_index(vip_id: int, half: int, slot: int) -> int:
+        return (vip_id * 2 + half) * abi.RING_MAX + slot
+
+    def write_ring(self, vip_id: int, half: int, backend_ids: list[int]) -> None:
+        keys = [self.ring_map.Key(self.ring_index(vip_id, half, s)) for s in range(len(backend_ids))]
+        self.ring_map.update_batch(keys, [self.ring_map.Leaf(i) for i in backend_ids])
+
+    def ring(self, vip_id: int, half: int, size: int) -> list[int]:
+        return [self.ring_map.lookup(self.ring_index(vip_id, half, s)).value for s in range(size)]
+
+    # --- counters ------------------------------------------------------------------------------
+    def _sum(self, name: str, key: int) -> Stats:
+        per_cpu = self.m[name].lookup(key) or []
+        return Stats(sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu),
+                     sum(c.new_flows for c in per_cpu))
+
+    def vip_stats(self, vip_id: int) -> Stats:
+        return self._sum(abi.Map.VIP_STATS, vip_id)
+
+    def backend_stats(self, backend_id: int) -> Stats:
+        return self._sum(abi.Map.BE_STATS, backend_id)
+
+    def reasons(self) -> dict[abi.Reason, tuple[int, int]]:
+        """(packets, bytes) per exit reason, summed over CPUs."""
+        m, out = self.m[abi.Map.REASONS], {}
+        for r in abi.Reason.exits():
+            per_cpu = m.lookup(int(r)) or []
+            out[r] = (sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu))
+        return out
+
+    def reset_vip_counters(self, vip_id: int) -> None:
+        """A reused VIP id starts from zero (counters and round-robin position)."""
+        self.m[abi.Map.VIP_STATS].zero(vip_id)
+        self.m[abi.Map.RR].zero(vip_id)
+
+    def reset_backend_counters(self, backend_id: int) -> None:
+        self.m[abi.Map.BE_STATS].zero(backend_id)
+
+    # --- connection table ----------------------------------------------------------------------
+    def flows(self) -> Iterator[tuple[Any, Any]]:
+        return self.flow_map.items()
+
+    def flow_count(self) -> int:
+        return sum(1 for _ in self.flow_map.keys())
