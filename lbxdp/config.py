@@ -17,6 +17,7 @@ Every error names the key path and the bad value, e.g.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 import tomllib
@@ -62,11 +63,17 @@ def parse(text: str, source: str | None = None) -> model.Config:
         raise ConfigError(e.path, e.detail, source) from None
 
 
+def _show(v: Any) -> str:
+    """The bad value as the error shows it: its repr, cut short if long."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
 def _config(doc: dict[str, Any]) -> model.Config:
     _no_unknown(doc, {"vip"}, "")
     vips_doc = doc.get("vip", [])
     if not isinstance(vips_doc, list):
-        raise ConfigError("vip", "must be an array of tables: write [[vip]]")
+        raise ConfigError("vip", f"{_show(vips_doc)} must be an array of tables: write [[vip]]")
     vips = tuple(_vip(v, f"vip[{i}]") for i, v in enumerate(vips_doc))
     seen: dict[model.VipKey, str] = {}
     for i, v in enumerate(vips):
@@ -82,7 +89,9 @@ def _no_unknown(d: dict[str, Any], known: set[str], path: str) -> None:
     for k in d:
         if k not in known:
             where = f"{path}.{k}" if path else k
-            raise ConfigError(where, f"unknown key {k!r}; known keys: {', '.join(sorted(known))}")
+            close = difflib.get_close_matches(k, sorted(known), n=1)
+            guess = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(where, f"unknown key {k!r}; {guess}known keys: {', '.join(sorted(known))}")
 
 
 def _get(d: dict[str, Any], key: str, path: str, conv: Callable[[Any], T], default: Any = ...) -> T:
@@ -93,7 +102,7 @@ def _get(d: dict[str, Any], key: str, path: str, conv: Callable[[Any], T], defau
     try:
         return conv(d[key])
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{path}.{key}", f"{d[key]!r} {e}") from None
+        raise ConfigError(f"{path}.{key}", f"{_show(d[key])} {e}") from None
 
 
 def _address(v: Any) -> model.IPAddress:
@@ -130,20 +139,29 @@ def _mac(v: Any) -> str:
     return v.lower()
 
 
+def _is_unicast(a: model.IPAddress) -> bool:
+    """An address a packet on the wire can be for: not multicast, broadcast, 0.0.0.0/:: or loopback
+    (the kernel drops loopback sources and destinations arriving on a NIC as martians)."""
+    broadcast = a == ipaddress.IPv4Address("255.255.255.255")
+    return not (a.is_multicast or a.is_unspecified or a.is_loopback or broadcast)
+
+
 def _vip(d: Any, path: str) -> model.Vip:
     if not isinstance(d, dict):
-        raise ConfigError(path, "must be a table")
+        raise ConfigError(path, f"{_show(d)} must be a table: write [[vip]]")
     _no_unknown(d, _VIP_KEYS, path)
     address = _get(d, "address", path, _address)
-    if address.is_multicast or address.is_unspecified:
-        raise ConfigError(f"{path}.address", f"{str(address)!r} cannot be a VIP (multicast or unspecified)")
+    if not _is_unicast(address):
+        raise ConfigError(f"{path}.address", f"{str(address)!r} cannot be a VIP "
+                          "(multicast, broadcast, unspecified or loopback)")
     port = _get(d, "port", path, _port)
     protocol = _get(d, "protocol", path, _choice(model.Protocol))
     mode = _get(d, "mode", path, _choice(model.Mode), model.Mode.DSR)
     scheduler = _get(d, "scheduler", path, _choice(model.Scheduler), model.Scheduler.RR)
     backends_doc = d.get("backend", [])
     if not isinstance(backends_doc, list):
-        raise ConfigError(f"{path}.backend", "must be an array of tables: write [[vip.backend]]")
+        raise ConfigError(f"{path}.backend", f"{_show(backends_doc)} must be an array of tables: "
+                          "write [[vip.backend]]")
     if not backends_doc:
         raise ConfigError(f"{path}.backend", "a VIP needs at least one backend ([[vip.backend]])")
     if len(backends_doc) > abi.RING_MAX:
@@ -168,10 +186,10 @@ def _vip(d: Any, path: str) -> model.Vip:
 
 def _backend(d: Any, path: str, vip_port: int) -> model.Backend:
     if not isinstance(d, dict):
-        raise ConfigError(path, "must be a table")
+        raise ConfigError(path, f"{_show(d)} must be a table: write [[vip.backend]]")
     _no_unknown(d, _BACKEND_KEYS, path)
     address = _get(d, "address", path, _address)
-    if address.is_multicast or address.is_unspecified or address.is_loopback:
+    if not _is_unicast(address):
         raise ConfigError(f"{path}.address", f"{str(address)!r} cannot be a backend "
-                          "(multicast, unspecified or loopback)")
+                          "(multicast, broadcast, unspecified or loopback)")
     return model.Backend(address, _get(d, "port", path, _port, vip_port), _get(d, "mac", path, _mac, None))
