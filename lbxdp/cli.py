@@ -202,6 +202,67 @@ def demo(backends: int, connections: int, mode: str, scheduler: str) -> None:
     d.run(backends=backends, connections=connections, mode=mode, scheduler=scheduler, echo=click.echo)
 
 
+@cli.group()
+def rig() -> None:
+    """Keep a namespace rig up for manual play (the demo's rig, without the demo)."""
+
+
+@rig.command("up")
+@click.option("--backends", default=3, show_default=True, type=click.IntRange(1, 9))
+@needs_root
+def rig_up(backends: int) -> None:
+    """Build a rig that stays up; prints its prefix and what to try."""
+    from .rig import Rig, RigSpec
+    r = Rig(RigSpec(backends=backends)).up(persistent=True)
+    click.echo(f"rig {r.spec.prefix} is up: namespaces {', '.join(r.ns(x) for x in ['cli', 'lb', *r.backends])}")
+    click.echo(f"  config for the balancer:  sudo lbxdp rig config {r.spec.prefix} > lb.toml")
+    click.echo(f"  attach:                   sudo lbxdp --netns {r.ns('lb')} attach eth0 --config lb.toml --mode generic")
+    click.echo(f"  try it:                   sudo lbxdp rig exec cli -- {sys.executable} -m lbxdp.echo client tcp {r.spec.vip4} {r.spec.port} --count 9")
+    click.echo(f"  remove it:                sudo lbxdp --netns {r.ns('lb')} detach eth0; sudo lbxdp rig down {r.spec.prefix}")
+
+
+def _rigs(prefix: str | None) -> list:
+    from .rig import Rig
+    found = [Rig.load_state(p) for p in Rig.state_files()]
+    found = [r for r in found if prefix in (None, r.spec.prefix)]
+    if not found:
+        raise LbxError("no rig is up" + (f" with prefix {prefix}" if prefix else ""), "start one: sudo lbxdp rig up")
+    return found
+
+
+@rig.command("config")
+@click.argument("prefix", required=False)
+@click.option("--scheduler", type=click.Choice(["rr", "hash"]), default="rr", show_default=True)
+@needs_root
+def rig_config(prefix: str | None, scheduler: str) -> None:
+    """Print an lbxdp config for the rig's VIPs and backends."""
+    click.echo(_rigs(prefix)[0].lb_config_toml(scheduler=scheduler, with_mac=False))
+
+
+@rig.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("role")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--prefix", help="Which rig, if more than one is up.")
+@needs_root
+def rig_exec(role: str, argv: tuple[str, ...], prefix: str | None) -> None:
+    """Run a command on host ROLE (cli, lb, be1, ...) of the rig."""
+    r = _rigs(prefix)[0]
+    proc = r.run(role, *argv, check=False, timeout=600)
+    click.echo(proc.stdout, nl=False)
+    click.echo(proc.stderr, nl=False, err=True)
+    sys.exit(proc.returncode)
+
+
+@rig.command("down")
+@click.argument("prefix", required=False)
+@needs_root
+def rig_down(prefix: str | None) -> None:
+    """Remove a rig (all of them without PREFIX): servers, namespaces, state."""
+    for r in _rigs(prefix):
+        r.down()
+        click.echo(f"rig {r.spec.prefix} removed")
+
+
 def main() -> None:
     """Entry point: LbxError becomes one clean error line and its exit code, never a traceback."""
     try:
