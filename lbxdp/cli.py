@@ -25,6 +25,7 @@ Examples:
   sudo lbxdp doctor eth0
   sudo lbxdp attach eth0 --config /etc/lbxdp/lb.toml
   sudo lbxdp status eth0 --json
+  sudo lbxdp exporter eth0 --listen 127.0.0.1:9842
   sudo lbxdp detach eth0
   sudo lbxdp demo
 """
@@ -159,6 +160,28 @@ def print_status(r: dict[str, Any]) -> None:
         if reason["packets"]:
             click.echo(f"    {reason['verdict']:<6} {reason['reason']:<24} {reason['packets']:>12} packets "
                        f"{reason['bytes']:>14} bytes")
+
+
+@cli.command()
+@click.argument("ifnames", metavar="[IFNAME]...", nargs=-1)
+@click.option("--listen", default="127.0.0.1:9842", show_default=True, metavar="ADDRESS:PORT",
+              help="Where to serve /metrics. 9842 is lbxdp's port; any address other than localhost "
+              "must be given explicitly (e.g. 0.0.0.0:9842 or [::]:9842).")
+@click.pass_context
+@needs_root
+def exporter(ctx: click.Context, ifnames: tuple[str, ...], listen: str) -> None:
+    """Serve Prometheus metrics for IFNAMEs (default: every attached interface here).
+
+    Runs in the foreground until SIGINT/SIGTERM. Counters are read from the pinned maps at each
+    scrape (no polling); an interface that cannot be read shows as lbxdp_up 0. With --netns,
+    it serves the instances of that namespace and listens inside it. This is the standalone
+    form until the `lbxdp run` daemon exists, which will serve the same metrics.
+
+    \b
+    Example: sudo lbxdp exporter eth0 --listen 127.0.0.1:9842
+    """
+    from . import exporter as exp
+    exp.serve(exp.PinnedMaps(ctx.obj.get("netns"), ifnames), listen, echo=lambda s: click.echo(s))
 
 
 @cli.group("config")

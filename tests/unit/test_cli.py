@@ -207,6 +207,8 @@ ROOT_COMMANDS = [
     pytest.param(["detach", "eth0"], id="detach"),
     pytest.param(["status"], id="status"),
     pytest.param(["status", "eth0", "--json"], id="status-json"),
+    pytest.param(["exporter"], id="exporter"),
+    pytest.param(["exporter", "eth0", "--listen", "127.0.0.1:9842"], id="exporter-listen"),
     pytest.param(["demo"], id="demo"),
     pytest.param(["demo", "--backends", "2"], id="demo-backends"),
 ]

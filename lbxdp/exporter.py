@@ -1,0 +1,234 @@
+"""Prometheus metrics, read from the pinned maps at scrape time.
+
+LbxCollector.collect() asks its source for the instances, reads each one's maps once (a
+Snapshot), and turns that into metric families. Nothing polls and nothing keeps a second copy of
+the counters: the per-CPU maps are the only source of truth (see STYLE.md, "Metrics are read from
+the maps at scrape time").
+
+The source is injectable: PinnedMaps is the real one (control.open_maps on each Instance); the unit
+tests pass a fake that returns fixed Snapshots, and a fresh CollectorRegistry.
+
+An instance whose maps cannot be read is reported as lbxdp_up{interface=...} 0 and counted in
+lbxdp_scrape_errors_total; it never fails the scrape, and it never emits half of its metrics
+(a snapshot is read whole before anything of it is yielded).
+
+Cost: the counters are one lookup per VIP/backend/reason, but lbxdp_flow_table_entries walks the
+keys of the connection table (one syscall per entry: ~64k at a full table, tens of ms). It is
+kept because a filling table is what an operator needs to see; lbxdp_scrape_duration_seconds
+shows what it costs.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from . import __version__, abi
+from .errors import LbxError
+from .maps import Stats
+from .paths import Instance
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 9842
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+
+
+@dataclass(frozen=True)
+class BackendSnapshot:
+    name: str            # '10.0.0.1:80' or '[fd00::1]:80'
+    stats: Stats
+    in_table: bool       # in the VIP's live selection table
+
+
+@dataclass(frozen=True)
+class VipSnapshot:
+    name: str            # '10.0.0.1:80/tcp'
+    stats: Stats
+    backends: tuple[BackendSnapshot, ...] = ()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One instance's maps, read once."""
+
+    interface: str
+    vips: tuple[VipSnapshot, ...] = ()
+    reasons: dict[abi.Reason, tuple[int, int]] = field(default_factory=dict)   # (packets, bytes)
+    flow_entries: int = 0
+    flow_capacity: int = 0
+    version: str = ""
+    mode: str = ""
+    prog_id: int = 0
+    read_seconds: float = 0.0
+
+
+class Source(Protocol):
+    def instances(self) -> Iterable[Instance]:
+        """The instances to export, listed at each scrape (so a later attach shows up)."""
+
+    def read(self, inst: Instance) -> Snapshot:
+        """Read one instance's maps; raises if they cannot be read."""
+
+
+class PinnedMaps:
+    """The real source: the pinned maps of the given interfaces, or of every instance in netns."""
+
+    def __init__(self, netns: str | None = None, ifnames: Iterable[str] = ()):
+        self.netns = netns
+        self.ifnames = tuple(ifnames)
+
+    def instances(self) -> list[Instance]:
+        if self.ifnames:
+            return [Instance(i, self.netns) for i in self.ifnames]
+        return [i for i in Instance.all() if i.netns == self.netns]
+
+    def read(self, inst: Instance) -> Snapshot:
+        from . import control  # imports the loader; kept out of `lbxdp --help`
+        t0 = time.monotonic()
+        state = control.read_state(inst)
+        with control.open_maps(inst) as maps:
+            backends = maps.backends()
+            vips = []
+            for key, meta in sorted(maps.vips().items(), key=lambda kv: kv[1].id):
+                live = set(maps.ring(meta.id, meta.ring_half, meta.ring_size))
+                bes = tuple(BackendSnapshot(e.name, maps.backend_stats(e.id), e.id in live)
+                            for e in sorted(backends.values(), key=lambda e: e.id) if e.vip_id == meta.id)
+                vips.append(VipSnapshot(key.name, maps.vip_stats(meta.id), bes))
+            reasons = maps.reasons()
+            entries = maps.flow_count()   # walks the table: the expensive part of a scrape
+            capacity = maps.flow_map.info.max_entries
+        return Snapshot(inst.ifname, tuple(vips), reasons, entries, capacity,
+                        str(state.get("version", "")), str(state.get("mode", "")),
+                        int(state.get("prog_id", 0) or 0), time.monotonic() - t0)
+
+
+class LbxCollector(Collector):
+    """Reads every instance of `source` in collect(); register it on any registry."""
+
+    def __init__(self, source: Source):
+        self.source = source
+        self._errors = 0
+        self._lock = threading.Lock()   # the HTTP server scrapes from several threads
+
+    def _error(self, what: str, e: BaseException) -> None:
+        log.warning("scrape: %s: %s", what, e)
+        with self._lock:
+            self._errors += 1
+
+    def collect(self) -> Iterable:
+        snaps: list[Snapshot] = []
+        up = GaugeMetricFamily("lbxdp_up", "1 if the instance's pinned maps could be read at this scrape, else 0.",
+                               labels=["interface"])
+        try:
+            insts = list(self.source.instances())
+        except Exception as e:  # noqa: BLE001 - a broken source must not break the scrape
+            self._error("listing instances", e)
+            insts = []
+        for inst in insts:
+            try:
+                snaps.append(self.source.read(inst))
+                up.add_metric([inst.ifname], 1)
+            except Exception as e:  # noqa: BLE001
+                self._error(f"reading {inst.label}", e)
+                up.add_metric([inst.ifname], 0)
+        yield up
+        yield CounterMetricFamily("lbxdp_scrape_errors", "Instances (or instance listings) that could not "
+                                  "be read, since the exporter started.", value=self._errors)
+        yield from self._families(snaps)
+
+    @staticmethod
+    def _families(snaps: list[Snapshot]) -> Iterable:
+        def counters(prefix: str, what: str, labels: list[str]) -> dict[str, CounterMetricFamily]:
+            return {
+                "packets": CounterMetricFamily(f"{prefix}_packets_total", f"Packets {what}.", labels=labels),
+                "bytes": CounterMetricFamily(f"{prefix}_bytes_total", f"Bytes (whole frames) {what}.", labels=labels),
+                "new_flows": CounterMetricFamily(f"{prefix}_new_flows_total",
+                                                 f"New connection-table entries {what}.", labels=labels),
+            }
+
+        vip = counters("lbxdp_vip", "forwarded for the VIP", ["interface", "vip"])
+        be = counters("lbxdp_backend", "forwarded to the backend", ["interface", "vip", "backend"])
+        in_table = GaugeMetricFamily("lbxdp_backend_in_table",
+                                     "1 if the backend is in its VIP's live selection table, else 0 (draining).",
+                                     labels=["interface", "vip", "backend"])
+        v_pkts = CounterMetricFamily("lbxdp_verdict_packets_total", "Packets by XDP verdict and reason.",
+                                     labels=["interface", "verdict", "reason"])
+        v_bytes = CounterMetricFamily("lbxdp_verdict_bytes_total", "Bytes by XDP verdict and reason.",
+                                      labels=["interface", "verdict", "reason"])
+        entries = GaugeMetricFamily("lbxdp_flow_table_entries",
+                                    "Entries in the connection table (counted by walking it at scrape time).",
+                                    labels=["interface"])
+        capacity = GaugeMetricFamily("lbxdp_flow_table_capacity", "Size of the connection table (max entries).",
+                                     labels=["interface"])
+        info = InfoMetricFamily("lbxdp", "The attached program: lbxdp version, XDP mode, program id.",
+                                labels=["interface"])
+        took = GaugeMetricFamily("lbxdp_scrape_duration_seconds",
+                                 "Time this scrape took to read the instance's maps.", labels=["interface"])
+        for s in snaps:
+            iface = s.interface
+            for v in s.vips:
+                for k, fam in vip.items():
+                    fam.add_metric([iface, v.name], getattr(v.stats, k))
+                for b in v.backends:
+                    for k, fam in be.items():
+                        fam.add_metric([iface, v.name, b.name], getattr(b.stats, k))
+                    in_table.add_metric([iface, v.name, b.name], 1 if b.in_table else 0)
+            for r in abi.Reason.exits():   # every reason, 0 if never seen: rate() needs the series
+                p, b = s.reasons.get(r, (0, 0))
+                v_pkts.add_metric([iface, r.verdict, r.label], p)
+                v_bytes.add_metric([iface, r.verdict, r.label], b)
+            entries.add_metric([iface], s.flow_entries)
+            capacity.add_metric([iface], s.flow_capacity)
+            info.add_metric([iface], {"version": s.version, "mode": s.mode, "prog_id": str(s.prog_id)})
+            took.add_metric([iface], s.read_seconds)
+        yield from (*vip.values(), *be.values(), in_table, v_pkts, v_bytes, entries, capacity, info, took)
+
+
+def make_registry(source: Source, registry: CollectorRegistry | None = None) -> CollectorRegistry:
+    """`registry` (a new one if None) with an LbxCollector on `source` registered."""
+    reg = registry if registry is not None else CollectorRegistry()
+    reg.register(LbxCollector(source))
+    return reg
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """'127.0.0.1:9842', '[::1]:9842', ':9842' (all addresses, explicitly) -> (addr, port)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise LbxError(f"--listen {listen!r} is not ADDRESS:PORT", f"for example --listen {DEFAULT_LISTEN}")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return host or "0.0.0.0", int(port)
+
+
+def serve(source: Source, listen: str = DEFAULT_LISTEN, echo: Callable[[str], None] = print,
+          stop: threading.Event | None = None) -> None:
+    """Serve /metrics on `listen` in the foreground until SIGINT/SIGTERM (or `stop` is set)."""
+    from prometheus_client import start_http_server
+    from prometheus_client.process_collector import ProcessCollector
+
+    addr, port = parse_listen(listen)
+    reg = make_registry(source)
+    ProcessCollector(registry=reg)
+    stop = stop or threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        server, thread = start_http_server(port, addr, registry=reg)
+    except OSError as e:
+        raise LbxError(f"cannot listen on {listen}: {e.strerror}", "pick another port with --listen ADDRESS:PORT") from e
+    echo(f"lbxdp {__version__} exporter: serving http://{listen}/metrics")
+    try:
+        while not stop.wait(3600):
+            pass
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
