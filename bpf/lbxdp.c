@@ -2,6 +2,9 @@
 /*
  * lbxdp_ingress: the XDP program, one per attached interface. This file is the table of
  * contents: parse -> classify -> select -> rewrite -> emit, and every exit names its reason.
+ * The order is cost-driven: most traffic for no VIP leaves after one bit of the VIP address
+ * filter, and an established flow after one connection-table lookup (its backend entry names
+ * its VIP); only a new flow pays for the VIP lookup too (docs/benchmarks.md has the figures).
  *
  * Compiled by bcc through lbxdp/loader.py, which inlines the local headers below (bcc only
  * rewrites map calls such as lbx_vips.lookup() in its main file) with #line markers, so
@@ -25,14 +28,18 @@ int lbxdp_ingress(struct xdp_md *ctx)
 	r = parse_packet(ctx, &pkt);                    /* parse.h: bounds checks, no maps */
 	if (r != LBX_R_OK)
 		return count(XDP_PASS, r, &pkt);
-	vip = classify(&pkt);                           /* classify.h */
-	if (!vip)
+	if (!may_be_vip(&pkt))                          /* classify.h: one bit, no hash lookup */
 		return count(XDP_PASS, LBX_R_PASS_NOT_VIP, &pkt);
-	r = select_backend(vip, &pkt, &sel);            /* select.h: flow table, then table */
-	if (r != LBX_R_OK)
-		return count(XDP_DROP, r, &pkt);
+	if (!established(&pkt, &sel)) {                 /* select.h: the connection table */
+		vip = classify(&pkt);                   /* classify.h: the VIP lookup */
+		if (!vip)
+			return count(XDP_PASS, LBX_R_PASS_NOT_VIP, &pkt);
+		r = select_backend(vip, &pkt, &sel);    /* select.h: the VIP's table */
+		if (r != LBX_R_OK)
+			return count(XDP_DROP, r, &pkt);
+	}
 	if (rewrite_dsr(ctx, sel.be) < 0)               /* rewrite.h */
 		return count(XDP_ABORTED, LBX_R_ABORT_REWRITE, &pkt);
-	account(vip, sel.backend_id, &pkt, sel.new_flow); /* stats.h */
+	account(&sel, &pkt);                            /* stats.h */
 	return count(XDP_TX, LBX_R_TX_FORWARD, &pkt);
 }

@@ -21,6 +21,21 @@
 /* Slots in one VIP's selection table (one half of its double buffer). */
 #define LBX_RING_MAX 256
 
+/*
+ * The VIP address filter: a bitmap with one bit per hash of a destination address, so that
+ * traffic for no VIP passes without a hash-map lookup (with Spectre/SRSO mitigations every
+ * lookup costs a call and a return; see docs/benchmarks.md). A clear bit means "no VIP has this
+ * address"; a set bit means "maybe" and the lookup follows. The control plane sets a VIP's bit
+ * before it inserts the VIP and clears it only when no VIP address maps to it.
+ *   bit = ((w[0] ^ w[1] ^ w[2] ^ w[3]) * LBX_VIP_FILTER_MUL) >> (32 - LBX_VIP_FILTER_BITS)
+ * where w[] are struct lbx_addr's words as the CPU loads them (lbxdp/maps.py: filter_bit()).
+ * The port is left out so that a port-0 (any port) VIP needs no special case.
+ */
+#define LBX_VIP_FILTER_BITS 16
+#define LBX_VIP_FILTER_WORDS 1024 /* __u64 words: 1 << (LBX_VIP_FILTER_BITS - 6) */
+#define LBX_VIP_FILTER_MUL 0x9E3779B1u
+_Static_assert(LBX_VIP_FILTER_WORDS * 64 == 1 << LBX_VIP_FILTER_BITS, "filter words and bits disagree");
+
 #define LBX_FAMILY_V4 4
 #define LBX_FAMILY_V6 6
 
@@ -91,7 +106,7 @@ struct backend {
 	__u8 family;      /* LBX_FAMILY_V4 or LBX_FAMILY_V6 */
 	__u8 flags;       /* LBX_BE_F_* */
 	__u8 mac[6];      /* next hop on the shared segment (dsr) */
-	__u8 pad[2];
+	__u16 gen;        /* bumped each time the id is given to a new (VIP, backend); kept while inactive */
 	__u32 vip_id;     /* the VIP this backend entry serves: one entry per (VIP, backend) */
 };
 _Static_assert(sizeof(struct backend) == 32, "also update lbxdp/abi.py");
@@ -108,9 +123,15 @@ struct flow_key {
 };
 _Static_assert(sizeof(struct flow_key) == 40, "also update lbxdp/abi.py");
 
+/*
+ * A flow remembers its backend entry and that entry's generation: if the entry has since been
+ * deactivated and given to another backend (maybe of another VIP that reused the VIP id), the
+ * generations differ and the flow starts over instead of following the id to its new owner.
+ */
 struct flow_val {
 	__u32 backend_id;
-	__u32 vip_id;
+	__u16 gen;     /* struct backend.gen when the flow started */
+	__u16 pad;
 };
 _Static_assert(sizeof(struct flow_val) == 8, "also update lbxdp/abi.py");
 

@@ -17,6 +17,10 @@
 BPF_TABLE_PINNED("hash", struct vip_key, struct vip_meta, lbx_vips, LBX_MAX_VIPS,
 		 LBX_PIN_DIR "/lbx_vips");
 
+/* address-hash bit / 64 -> 64 bits of the VIP address filter (lbxdp.h). Written by lbxdp.maps only. */
+BPF_TABLE_PINNED("array", __u32, __u64, lbx_vip_filter, LBX_VIP_FILTER_WORDS,
+		 LBX_PIN_DIR "/lbx_vip_filter");
+
 /* backend id -> backend. Written by the control plane (lbxdp.maps); id 0 is never used. */
 BPF_TABLE_PINNED("array", __u32, struct backend, lbx_backends, LBX_MAX_BACKENDS,
 		 LBX_PIN_DIR "/lbx_backends");
@@ -30,7 +34,7 @@ BPF_TABLE_PINNED("array", __u32, __u32, lbx_ring, LBX_MAX_VIPS * 2 * LBX_RING_MA
 		 LBX_PIN_DIR "/lbx_ring");
 
 /*
- * flow 5-tuple -> (backend id, vip id). Written by the program when a flow starts, read for
+ * flow 5-tuple -> (backend id, its generation). Written by the program when a flow starts, read for
  * every later packet so a flow keeps its backend when the backend set changes. A shared (not
  * per-CPU) LRU: one flow's packets may be handled on different CPUs.
  */

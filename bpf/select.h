@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * Selection: which backend gets this packet. An established flow keeps the backend recorded
- * in the connection table; a new flow takes a slot of its VIP's table (by round robin or by a
- * hash of its 5-tuple) and is recorded. Returns LBX_R_OK with sel filled, or a drop reason.
+ * Selection: which backend gets this packet. established() finds a known flow's backend in the
+ * connection table; select_backend() gives a new flow (or one whose backend entry is gone) a
+ * slot of its VIP's table, by round robin or by a hash of its 5-tuple, and records it.
  */
 #ifndef LBX_SELECT_H
 #define LBX_SELECT_H
@@ -13,6 +13,7 @@
 struct selection {
 	struct backend *be;
 	__u32 backend_id;
+	__u32 vip_id;
 	__u8 new_flow;
 };
 
@@ -27,9 +28,14 @@ static __always_inline __u32 mix32(__u32 h)
 	return h;
 }
 
+/*
+ * The ports are mixed before the source address joins them: XORed in raw, the source port's two
+ * bytes cancel against the address's last two, and a /24 of clients on 256 ports hashed to only
+ * 256 values (tests/datapath/test_flows.py::test_hash_spreads_a_nat_pool_over_every_backend).
+ */
 static __always_inline __u32 flow_hash(const struct flow_key *f)
 {
-	__u32 h = ((__u32)f->sport << 16 | f->dport) ^ ((__u32)f->proto << 8);
+	__u32 h = mix32(((__u32)f->sport << 16 | f->dport) ^ ((__u32)f->proto << 8));
 
 #pragma unroll
 	for (int i = 0; i < 4; i++)
@@ -62,22 +68,34 @@ static __always_inline struct backend *backend_by_id(__u32 id)
 	return be && (be->flags & LBX_BE_F_ACTIVE) ? be : NULL;
 }
 
+/*
+ * A known flow whose backend entry is still the one it started on. A match proves the VIP still
+ * has that backend: deleting a VIP or removing a backend deactivates the entry, and giving the id
+ * to another backend (of any VIP, even one that reused the VIP id) bumps its generation. So an
+ * established flow needs no VIP lookup; anything else goes on to classify().
+ */
+static __always_inline int established(struct pkt *pkt, struct selection *sel)
+{
+	struct flow_val *known = lbx_flows.lookup(&pkt->flow);
+	struct backend *be;
+
+	if (!known)
+		return 0;
+	be = backend_by_id(known->backend_id);
+	if (!be || be->gen != known->gen)
+		return 0;
+	sel->be = be;
+	sel->backend_id = known->backend_id;
+	sel->vip_id = be->vip_id;
+	return 1;
+}
+
 static __always_inline int select_backend(const struct vip_meta *vip, struct pkt *pkt,
 					  struct selection *sel)
 {
-	struct flow_val *known = lbx_flows.lookup(&pkt->flow);
-	struct flow_val fresh = { .vip_id = vip->id };
+	struct flow_val fresh = {};
 	__u32 idx, *id;
 
-	if (known) {
-		sel->be = backend_by_id(known->backend_id);
-		/* The id may have been freed and reused by another VIP's backend since. */
-		if (sel->be && sel->be->vip_id == vip->id) {
-			sel->backend_id = known->backend_id;
-			return LBX_R_OK;
-		}
-		/* Its backend was deleted: the flow starts over on a live one. */
-	}
 	if (vip->ring_size == 0)
 		return LBX_R_DROP_NO_BACKEND;
 	idx = ((vip->id * 2 + (vip->ring_half & 1)) * LBX_RING_MAX) +
@@ -89,8 +107,10 @@ static __always_inline int select_backend(const struct vip_meta *vip, struct pkt
 	if (!sel->be)
 		return LBX_R_DROP_BACKEND_GONE;
 	sel->backend_id = *id;
+	sel->vip_id = vip->id;
 	sel->new_flow = 1;
 	fresh.backend_id = *id;
+	fresh.gen = sel->be->gen;
 	lbx_flows.update(&pkt->flow, &fresh);
 	return LBX_R_OK;
 }

@@ -5,6 +5,7 @@
 
 #include "maps.h"
 #include "parse.h"
+#include "select.h"
 
 /* Count a packet under its reason and return the verdict, so every exit reads `return count(...)`. */
 static __always_inline int count(int verdict, __u32 reason, const struct pkt *pkt)
@@ -28,11 +29,10 @@ static __always_inline void add_stats(struct lbx_stats *s, const struct pkt *pkt
 }
 
 /* Traffic of the VIP and of the backend that the packet was sent to. */
-static __always_inline void account(const struct vip_meta *vip, __u32 backend_id,
-				    const struct pkt *pkt, __u8 new_flow)
+static __always_inline void account(const struct selection *sel, const struct pkt *pkt)
 {
-	add_stats(lbx_vip_stats.lookup((__u32 *)&vip->id), pkt, new_flow);
-	add_stats(lbx_be_stats.lookup(&backend_id), pkt, new_flow);
+	add_stats(lbx_vip_stats.lookup((__u32 *)&sel->vip_id), pkt, sel->new_flow);
+	add_stats(lbx_be_stats.lookup((__u32 *)&sel->backend_id), pkt, sel->new_flow);
 }
 
 #endif /* LBX_STATS_H */

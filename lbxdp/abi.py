@@ -13,6 +13,9 @@ MAX_VIPS = 1024          # LBX_MAX_VIPS (default; BuildConfig may override)
 MAX_BACKENDS = 4096      # LBX_MAX_BACKENDS
 FLOW_CAPACITY = 65536    # LBX_FLOW_CAPACITY
 RING_MAX = 256           # LBX_RING_MAX
+VIP_FILTER_BITS = 16     # LBX_VIP_FILTER_BITS
+VIP_FILTER_WORDS = 1024  # LBX_VIP_FILTER_WORDS
+VIP_FILTER_MUL = 0x9E3779B1  # LBX_VIP_FILTER_MUL
 
 FAMILY_V4 = 4            # LBX_FAMILY_V4
 FAMILY_V6 = 6            # LBX_FAMILY_V6
@@ -74,6 +77,7 @@ class Map(str, enum.Enum):
     """Map names, as declared in bpf/maps.h (under 16 characters: the kernel keeps 15)."""
 
     VIPS = "lbx_vips"
+    VIP_FILTER = "lbx_vip_filter"
     BACKENDS = "lbx_backends"
     RING = "lbx_ring"
     FLOWS = "lbx_flows"

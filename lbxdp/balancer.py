@@ -1,10 +1,13 @@
 """apply(desired config) -> the minimal set of map writes that makes the maps hold it.
 
 Order matters, so that a packet never sees a half-made state:
+  0. backend entries of VIP ids that no longer exist (left by an apply that was interrupted) are
+     deactivated, and the VIP address filter gets the bits of every VIP address, old and new;
   1. new or changed backend entries are written (they are unreachable until a table names them);
   2. each VIP's new table is written into the idle half of its double buffer;
   3. one write of the VIP's meta makes that half live (new VIPs appear here);
-  4. only then are VIPs deleted and backend entries that no table names any more deactivated.
+  4. only then are VIPs deleted and backend entries that no table names any more deactivated,
+     and the filter is cut down to the bits of the VIPs that remain.
 Capacity is checked before the first write, so a config that does not fit changes nothing.
 """
 
@@ -39,17 +42,25 @@ class Balancer:
         """Make the maps hold cfg. macs: next-hop MAC of every backend whose config has none."""
         current = self.maps.vips()
         entries = self.maps.backends()
+        live_ids = {m.id for m in current.values()}
+        orphans = [e for e in entries.values() if e.vip_id not in live_ids]
         by_vip: dict[int, dict[tuple[model.IPAddress, int], BackendEntry]] = {}
         for e in entries.values():
             by_vip.setdefault(e.vip_id, {})[(e.address, e.port)] = e
 
-        free_vips = sorted(set(range(self.maps.max_vips)) - {m.id for m in current.values()})
-        free_bes = sorted(set(range(1, self.maps.max_backends)) - set(entries))
+        free_vips = sorted(set(range(self.maps.max_vips)) - live_ids)
+        free_bes = sorted(set(range(1, self.maps.max_backends)) - set(entries) | {e.id for e in orphans})
         self._check_capacity(cfg, current, by_vip, len(free_vips), len(free_bes))
         free_vips.reverse()
         free_bes.reverse()
 
         diff, retired = Diff(), []
+        for e in orphans:
+            # An established flow finds its backend without a VIP lookup: an entry must not
+            # outlive its VIP (an id's next owner gets a new generation, but this one is active).
+            self.maps.deactivate_backend(e.id)
+            diff.add(f"- backend {e.name} of a VIP that no longer exists (id {e.vip_id})")
+        self.maps.add_to_vip_filter({k.address for k in current} | {v.address for v in cfg.vips})
         desired = {v.key for v in cfg.vips}
         for vip in cfg.vips:
             meta = current.get(vip.key)
@@ -87,6 +98,7 @@ class Balancer:
                 diff.add(f"- vip {key.name}")
         for bid in retired:
             self.maps.deactivate_backend(bid)
+        self.maps.reset_vip_filter({v.address for v in cfg.vips})
         return diff
 
     def _switch_table(self, vip: model.Vip, vip_id: int, meta: VipMeta | None, ids: list[int],

@@ -146,7 +146,7 @@ def compile_program(build: BuildConfig) -> Program:
         schema[m.value] = {"key": key, "leaf": leaf}
     # Typed the same way as in a CLI process that opens the pins (open_pinned_maps).
     for name, (key_t, leaf_t) in decode_types(schema).items():
-        maps[name] = bpfsys.Map(b.get_table(name).map_fd, key_t, leaf_t)
+        maps[name] = bpfsys.Map(b.get_table(name.encode()).map_fd, key_t, leaf_t)
     return Program(b, fn.fd, bpfsys.prog_info(fn.fd), maps, schema)
 
 

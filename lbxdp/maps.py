@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import socket
+import struct
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -42,6 +43,26 @@ def addr_bytes(addr: model.IPAddress) -> bytes:
 def addr_from(a: Any, fam: int) -> model.IPAddress:
     raw = bytes(a)
     return ipaddress.IPv4Address(raw[:4]) if fam == abi.FAMILY_V4 else ipaddress.IPv6Address(raw)
+
+
+def filter_bit(addr: model.IPAddress) -> int:
+    """addr's bit in the VIP address filter: what may_be_vip() (bpf/classify.h) computes."""
+    w = struct.unpack("=4I", addr_bytes(addr))  # the words as the CPU loads them
+    return (((w[0] ^ w[1] ^ w[2] ^ w[3]) * abi.VIP_FILTER_MUL) & 0xFFFFFFFF) >> (32 - abi.VIP_FILTER_BITS)
+
+
+def filter_words(addrs: set[model.IPAddress] | frozenset[model.IPAddress]) -> dict[int, int]:
+    """The filter words (index -> 64 bits) that have the bits of addrs set; other words are zero."""
+    words: dict[int, int] = {}
+    for a in addrs:
+        bit = filter_bit(a)
+        words[bit // 64] = words.get(bit // 64, 0) | 1 << (bit % 64)
+    return words
+
+
+def _next_gen(gen: int) -> int:
+    """struct backend.gen after gen: 1..65535, wrapping past 0."""
+    return gen % 0xFFFF + 1
 
 
 def mac_bytes(mac: str) -> bytes:
@@ -87,6 +108,7 @@ class Maps:
     def __init__(self, maps: dict[str, bpfsys.Map]):
         self.m = maps
         self.vip_map = maps[abi.Map.VIPS]
+        self.filter_map = maps[abi.Map.VIP_FILTER]
         self.be_map = maps[abi.Map.BACKENDS]
         self.ring_map = maps[abi.Map.RING]
         self.flow_map = maps[abi.Map.FLOWS]
@@ -125,6 +147,32 @@ class Maps:
     def delete_vip(self, key: model.VipKey) -> None:
         self.vip_map.delete(self.vip_key(key))
 
+    # --- the VIP address filter -----------------------------------------------------------------
+    def vip_filter(self) -> dict[int, int]:
+        """The filter's non-zero words: index -> 64 bits."""
+        out = {}
+        for i in range(self.filter_map.info.max_entries):
+            v = self.filter_map.lookup(i)
+            if v is not None and v.value:
+                out[i] = v.value
+        return out
+
+    def add_to_vip_filter(self, addrs: set[model.IPAddress]) -> None:
+        """Set the bits of addrs, keeping every bit already set. Call before inserting their VIPs."""
+        have = self.vip_filter()
+        self._write_filter(have, {i: w | have.get(i, 0) for i, w in filter_words(addrs).items()})
+
+    def reset_vip_filter(self, addrs: set[model.IPAddress]) -> None:
+        """Make the filter exactly the bits of addrs: call only once every other VIP is deleted,
+        with the addresses of all VIPs that remain (a bit is cleared only when none maps to it)."""
+        have, want = self.vip_filter(), filter_words(addrs)
+        self._write_filter(have, {i: want.get(i, 0) for i in set(have) | set(want)})
+
+    def _write_filter(self, have: dict[int, int], words: dict[int, int]) -> None:
+        for i, w in sorted(words.items()):
+            if have.get(i, 0) != w:
+                self.filter_map.update(i, self.filter_map.Leaf(w))
+
     # --- backends ------------------------------------------------------------------------------
     def backends(self) -> dict[int, BackendEntry]:
         """Active backend entries by id."""
@@ -136,12 +184,22 @@ class Maps:
         return out
 
     def put_backend(self, backend_id: int, vip_id: int, b: model.Backend, mac: str) -> None:
+        """Write a backend entry. Giving the id to another (VIP, backend) bumps its generation, so
+        flows that started on the id's previous owner start over instead of following the id;
+        rewriting the same (VIP, backend), e.g. with a new MAC, keeps it and keeps its flows."""
+        old = self.be_map.lookup(backend_id)
+        same = (old is not None and old.flags & abi.BE_F_ACTIVE and old.vip_id == vip_id
+                and bytes(old.addr) == addr_bytes(b.address) and old.port == socket.htons(b.port))
+        gen = old.gen if same else _next_gen(old.gen if old is not None else 0)
         leaf = make(self.be_map.Leaf, addr=addr_bytes(b.address), port=socket.htons(b.port),
-                    family=model.family(b.address), flags=abi.BE_F_ACTIVE, mac=mac_bytes(mac), vip_id=vip_id)
+                    family=model.family(b.address), flags=abi.BE_F_ACTIVE, mac=mac_bytes(mac), gen=gen,
+                    vip_id=vip_id)
         self.be_map.update(backend_id, leaf)
 
     def deactivate_backend(self, backend_id: int) -> None:
-        self.be_map.update(backend_id, self.be_map.Leaf())
+        """Clear the entry but keep its generation (the next owner's must differ from it)."""
+        old = self.be_map.lookup(backend_id)
+        self.be_map.update(backend_id, make(self.be_map.Leaf, gen=old.gen if old is not None else 0))
 
     # --- selection tables ----------------------------------------------------------------------
     @staticmethod

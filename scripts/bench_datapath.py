@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""Per-packet cost of the XDP data path, measured the way Katran measures it: BPF_PROG_TEST_RUN.
+
+Every call runs the program ONCE (repeat=1). The kernel's own repeat would re-run the program
+on the buffer the previous run already rewrote (for a forwarded frame: new MACs), and a
+new-flow frame would find its flow in the connection table from the second run on, so it would
+measure the established path instead. duration_ns is the kernel's time for that one run (taken
+with ktime_get_ns around the program inside the kernel, so the syscall is not in it); a case's
+figure is the mean over --calls calls, and the table shows the median (and min/max) of --reps
+such means. The process is pinned to one CPU, so per-CPU maps and caches stay on it.
+
+The floor is bpf/stub.c (return XDP_PASS) run the same way: what BPF_PROG_TEST_RUN itself
+costs per run. Nothing here is a test; it prints figures (and --json for machines).
+
+    sudo .venv/bin/python scripts/bench_datapath.py                 # 200k calls x 3 reps
+    sudo .venv/bin/python scripts/bench_datapath.py --calls 500000 --reps 5 --cpu 1 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import platform
+import shutil
+import statistics
+import struct
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from lbxdp import abi, bpfsys, loader, model
+from lbxdp.balancer import Balancer
+from lbxdp.maps import Maps
+
+LB_MAC, CLIENT_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
+VIP4, VIP6, NOT_VIP4 = "10.99.0.1", "fd99::1", "198.51.100.7"
+CLIENT4, CLIENT6 = "100.64.0.1", "2001:db8::1"
+WARMUP = 2000
+XDP_PASS, XDP_TX = 2, 3
+
+# (name, target ratio to the floor)
+TARGETS = {"tcp established v4": 2.0, "non-vip pass v4": 1.3}
+
+
+def config() -> model.Config:
+    """Two TCP VIPs (v4, v6) and a UDP one, 8 backends each, round robin."""
+    def backends(prefix: str, tag: int) -> tuple[model.Backend, ...]:
+        return tuple(model.Backend(ipaddress.ip_address(f"{prefix}{i + 1}"), 8080, mac=f"02:be:{tag:02x}:00:00:{i + 1:02x}")
+                     for i in range(8))
+    ip = ipaddress.ip_address
+    return model.Config(vips=(
+        model.Vip(ip(VIP4), 80, model.Protocol.TCP, backends=backends("10.99.1.", 1)),
+        model.Vip(ip(VIP6), 80, model.Protocol.TCP, backends=backends("fd99:1::", 2)),
+        model.Vip(ip(VIP4), 53, model.Protocol.UDP, backends=backends("10.99.2.", 3)),
+    ))
+
+
+# --- frames ---------------------------------------------------------------------------------------
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def frame(src: str, dst: str, sport: int, dport: int, proto: int, payload: bytes = b"") -> bytes:
+    """Ethernet + IPv4/IPv6 + a TCP SYN or a UDP datagram, with correct checksums.
+
+    Built by hand, not with scapy: the new-flow cases need hundreds of thousands of distinct
+    frames, and scapy takes ~100 us each. tests/datapath builds the same frames with scapy.
+    """
+    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    if proto == 6:
+        l4 = struct.pack("!HHIIBBHHH", sport, dport, 1000, 0, 5 << 4, 0x02, 8192, 0, 0) + payload
+        csum_off = 16
+    else:
+        l4 = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+        csum_off = 6
+    if s.version == 4:
+        pseudo = s.packed + d.packed + struct.pack("!BBH", 0, proto, len(l4))
+        iph = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, 0, 64, proto, 0, s.packed, d.packed)
+        l3, ethertype = iph[:10] + struct.pack("!H", _csum(iph)) + iph[12:], 0x0800
+    else:
+        pseudo = s.packed + d.packed + struct.pack("!IxxxB", len(l4), proto)
+        l3, ethertype = struct.pack("!IHBB16s16s", 6 << 28, len(l4), proto, 64, s.packed, d.packed), 0x86DD
+    c = _csum(pseudo + l4)
+    if proto == 17 and c == 0:
+        c = 0xFFFF
+    l4 = l4[:csum_off] + struct.pack("!H", c) + l4[csum_off + 2:]
+    mac = bytes.fromhex
+    return mac(LB_MAC.replace(":", "")) + mac(CLIENT_MAC.replace(":", "")) + struct.pack("!H", ethertype) + l3 + l4
+
+
+def new_flow_frames(n: int, dst: str, client: str) -> list[bytes]:
+    """n TCP SYNs to dst:80, each from its own (source address, source port)."""
+    base = int(ipaddress.ip_address(client))
+    cls = type(ipaddress.ip_address(client))
+    return [frame(str(cls(base + (i >> 14))), dst, 1024 + (i & 0x3FFF), 80, 6) for i in range(n)]
+
+
+# --- measuring ------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    name: str
+    runner: bpfsys.TestRunner
+    frames: list[bytes]          # one per call (new flows), or a single frame sent every call
+    verdict: int
+    before_rep: Callable[[], None] = lambda: None  # e.g. empty the connection table
+
+
+@dataclass
+class Result:
+    case: str
+    ns_median: float
+    ns_min: float
+    ns_max: float
+    reps_ns: list[float]
+    ratio_to_floor: float = 0.0
+
+
+def measure(case: Case, calls: int) -> float:
+    """Mean kernel-reported ns per run over `calls` single runs (after a short warm-up)."""
+    case.before_rep()
+    run, frames = case.runner.run, case.frames
+    single = len(frames) == 1
+    for i in range(WARMUP):
+        r = run(frames[0] if single else frames[calls + i])
+        if r.retval != case.verdict:
+            raise SystemExit(f"{case.name}: verdict {r.retval}, expected {case.verdict}; is the setup right?")
+    total = 0
+    if single:
+        f = frames[0]
+        for _ in range(calls):
+            total += run(f).duration_ns
+    else:
+        for i in range(calls):
+            total += run(frames[i]).duration_ns
+    return total / calls
+
+
+def machine() -> dict[str, str | int]:
+    model_name = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model_name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    clock = Path("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+    return {"nproc": os.cpu_count() or 0, "kernel": platform.release(), "cpu": model_name,
+            "clocksource": clock.read_text().strip() if clock.exists() else "unknown"}
+
+
+def clear_flows(maps: Maps) -> None:
+    for k in list(maps.flow_map.keys()):
+        maps.flow_map.delete(k)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calls", type=int, default=200_000, help="single runs per case and repetition (200000)")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions; the median is reported (3)")
+    ap.add_argument("--cpu", type=int, default=None, help="CPU to pin to (default: the last one allowed)")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--flow-capacity", type=int, default=abi.FLOW_CAPACITY,
+                    help=f"connection table size ({abi.FLOW_CAPACITY}, the default build); the new-flow "
+                         "cases insert --calls flows, so a smaller table evicts")
+    ap.add_argument("--max-seconds", type=float, default=900.0, help="give up after this long (900)")
+    args = ap.parse_args(argv)
+    if not 1_000 <= args.calls <= 5_000_000 or not 1 <= args.reps <= 20:
+        ap.error("--calls must be within 1000..5000000 and --reps within 1..20")
+    if os.geteuid() != 0:
+        ap.error("BPF_PROG_TEST_RUN needs root")
+    cpu = max(os.sched_getaffinity(0)) if args.cpu is None else args.cpu
+    os.sched_setaffinity(0, {cpu})
+
+    pin_dir = Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}")
+    prog = stub = None
+    deadline = time.monotonic() + args.max_seconds
+    try:
+        prog = loader.compile_program(loader.BuildConfig(pin_dir=pin_dir, flow_capacity=args.flow_capacity))
+        stub, stub_fd = loader.compile_stub()
+        maps = Maps(prog.maps)
+        Balancer(maps).apply(config(), macs={})
+        lb, floor = bpfsys.TestRunner(prog.fd), bpfsys.TestRunner(stub_fd)
+        n = args.calls + WARMUP
+        syn4 = frame(CLIENT4, VIP4, 999, 80, 6)
+        cases = [
+            Case("floor: xdp_stub (XDP_PASS)", floor, [syn4], XDP_PASS),
+            Case("tcp syn new flow v4", lb, new_flow_frames(n, VIP4, CLIENT4), XDP_TX, lambda: clear_flows(maps)),
+            Case("tcp established v4", lb, [syn4], XDP_TX),
+            Case("tcp syn new flow v6", lb, new_flow_frames(n, VIP6, CLIENT6), XDP_TX, lambda: clear_flows(maps)),
+            Case("udp established v4", lb, [frame(CLIENT4, VIP4, 999, 53, 17, b"query")], XDP_TX),
+            Case("non-vip pass v4", lb, [frame(CLIENT4, NOT_VIP4, 999, 80, 6)], XDP_PASS),
+        ]
+        reps: dict[str, list[float]] = {c.name: [] for c in cases}
+        for _ in range(args.reps):  # cases interleaved per repetition, so drift hits them all alike
+            for c in cases:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"gave up after --max-seconds {args.max_seconds:.0f}")
+                reps[c.name].append(measure(c, args.calls))
+        clear_flows(maps)
+    finally:
+        if prog is not None:
+            prog.close()
+        if stub is not None:
+            stub.cleanup()
+        shutil.rmtree(pin_dir, ignore_errors=True)
+
+    results = [Result(name, statistics.median(v), min(v), max(v), v) for name, v in reps.items()]
+    floor_ns = results[0].ns_median
+    for r in results:
+        r.ratio_to_floor = r.ns_median / floor_ns
+    targets = [{"case": name, "max_ratio": t, "ratio": next(r.ratio_to_floor for r in results if r.case == name),
+                "ok": next(r.ratio_to_floor for r in results if r.case == name) <= t} for name, t in TARGETS.items()]
+    info = {**machine(), "pinned_cpu": cpu, "calls": args.calls, "reps": args.reps,
+            "flow_capacity": args.flow_capacity,
+            "command": " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}
+    if args.json:
+        print(json.dumps({"machine": info, "results": [asdict(r) for r in results], "targets": targets}, indent=2))
+        return 0
+    print(f"{info['cpu']}, {info['nproc']} CPUs, kernel {info['kernel']}, clocksource {info['clocksource']}; "
+          f"pinned to CPU {cpu}; {args.calls} calls x {args.reps} reps, one run per call; "
+          f"connection table of {args.flow_capacity}")
+    print()
+    print("| case | ns/packet (median) | min | max | x floor |")
+    print("|---|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r.case} | {r.ns_median:.1f} | {r.ns_min:.1f} | {r.ns_max:.1f} | {r.ratio_to_floor:.2f} |")
+    print()
+    for t in targets:
+        print(f"target {t['case']} <= {t['max_ratio']}x floor: {t['ratio']:.2f}x {'PASS' if t['ok'] else 'MISS'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""One frame in, one verdict, one exact frame out, one reason counter up: the table.
+
+Each row uses its own 5-tuple, and the `lb` fixture empties the connection table and resets the
+round-robin positions before every row, so a new flow to a VIP always takes slot 0 of its table:
+the VIP's first backend in config order.
+"""
+
+from __future__ import annotations
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP, IPOption_Router_Alert
+from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting
+from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
+from scapy.packet import Raw
+
+from lbxdp import abi
+
+from .frames import (CLIENT4, CLIENT6, CLIENT_MAC, DNS4, DNS6, EMPTY4, LB_MAC, OTHER4, OTHER6, WEB4, WEB6,
+                     XDP_DROP, XDP_PASS, XDP_TX, forwarded, icmp_echo, tcp, udp)
+from .harness import Case, Lb, check
+
+pytestmark = pytest.mark.root
+R = abi.Reason
+
+V4, V6 = str(WEB4.address), str(WEB6.address)  # the TCP/80 and UDP/53 VIPs share these addresses
+
+
+def _tx(desc: str, pkt, vip) -> Case:
+    """A new flow to vip: forwarded to the VIP's first backend (slot 0 of a fresh rr table)."""
+    return Case(desc, pkt, XDP_TX, expect=forwarded(pkt, vip.backends[0]), reason=R.TX_FORWARD)
+
+
+def _pass(desc: str, pkt, reason: abi.Reason) -> Case:
+    return Case(desc, pkt, XDP_PASS, reason=reason)
+
+
+def _eth(ethertype: int) -> Ether:
+    return Ether(src=CLIENT_MAC, dst=LB_MAC, type=ethertype)
+
+
+def _truncated_tcp(n: int) -> Ether:
+    """A v4 packet to the TCP VIP that carries only the first n bytes of its TCP header."""
+    return Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=CLIENT4, dst=V4, proto=6) / \
+        Raw(bytes(TCP(sport=41001, dport=80, flags="S"))[:n])
+
+
+CASES = [
+    # --- forwarded ------------------------------------------------------------------------------
+    _tx("tcp syn to a v4 vip goes to a backend", tcp(V4, 80, 40001), WEB4),
+    _tx("tcp syn to a v6 vip goes to a backend", tcp(V6, 80, 40002), WEB6),
+    _tx("udp to a v4 vip goes to a backend", udp(V4, 53, 40003), DNS4),
+    _tx("udp to a v6 vip goes to a backend", udp(V6, 53, 40004), DNS6),
+    _tx("a vlan-tagged syn to a vip keeps its tag", tcp(V4, 80, 40005, vlan=42), WEB4),
+    _tx("an 802.1ad-tagged syn to a vip keeps its tag",
+        Ether(src=CLIENT_MAC, dst=LB_MAC) / Dot1AD(vlan=7) / IP(src=CLIENT4, dst=V4) /
+        TCP(sport=40006, dport=80, flags="S"), WEB4),
+    _tx("a mid-stream segment with no table entry starts a flow (no tcp state is kept)",
+        tcp(V4, 80, 40007, flags="PA", payload=b"GET / HTTP/1.1\r\n\r\n"), WEB4),
+    _tx("the source mac becomes the mac the frame was sent to",
+        tcp(V4, 80, 40008, dst_mac="02:aa:bb:cc:dd:ee"), WEB4),
+    # --- not for a vip --------------------------------------------------------------------------
+    _pass("tcp to a v4 address that is no vip passes", tcp(OTHER4, 80, 40101), R.PASS_NOT_VIP),
+    _pass("tcp to a v6 address that is no vip passes", tcp(OTHER6, 80, 40102), R.PASS_NOT_VIP),
+    _pass("tcp to a v4 vip address on another port passes", tcp(V4, 8080, 40103), R.PASS_NOT_VIP),
+    _pass("tcp to a v6 vip address on another port passes", tcp(V6, 443, 40104), R.PASS_NOT_VIP),
+    _pass("udp to a tcp-only vip port passes", udp(V4, 80, 40105), R.PASS_NOT_VIP),
+    _pass("tcp to a udp-only vip port passes", tcp(V4, 53, 40106), R.PASS_NOT_VIP),
+    _pass("a vip's address with the v4 family of another's passes",  # fd10::1 is no v4 VIP
+          tcp("10.10.0.99", 80, 40107), R.PASS_NOT_VIP),
+    # --- not IP, not TCP/UDP --------------------------------------------------------------------
+    _pass("arp passes", Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") /
+          ARP(op="who-has", psrc=CLIENT4, pdst=V4, hwsrc=CLIENT_MAC), R.PASS_NOT_IP),
+    _pass("lldp passes", Ether(src=CLIENT_MAC, dst="01:80:c2:00:00:0e", type=0x88CC) / Raw(b"\x02\x07" + bytes(7)),
+          R.PASS_NOT_IP),
+    _pass("a double-tagged (q-in-q) frame passes: only one tag is parsed",
+          Ether(src=CLIENT_MAC, dst=LB_MAC) / Dot1AD(vlan=7) / Dot1Q(vlan=42) / IP(src=CLIENT4, dst=V4) /
+          TCP(sport=40201, dport=80, flags="S"), R.PASS_NOT_IP),
+    _pass("icmp to a vip address passes", icmp_echo(V4), R.PASS_NOT_L4),
+    _pass("icmpv6 to a vip address passes",
+          Ether(src=CLIENT_MAC, dst=LB_MAC) / IPv6(src=CLIENT6, dst=V6) / ICMPv6EchoRequest(), R.PASS_NOT_L4),
+    # --- fragments, options, extension headers --------------------------------------------------
+    _pass("a first v4 fragment (MF set) to a vip passes", Ether(src=CLIENT_MAC, dst=LB_MAC) /
+          IP(src=CLIENT4, dst=V4, flags="MF", id=7) / TCP(sport=40301, dport=80, flags="PA") / Raw(b"x" * 64),
+          R.PASS_FRAGMENT),
+    _pass("a later v4 fragment (offset != 0) to a vip passes",
+          Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=CLIENT4, dst=V4, proto=6, frag=100, id=7) / Raw(b"y" * 40),
+          R.PASS_FRAGMENT),
+    _pass("a last v4 fragment whose bytes look like a tcp header passes",
+          Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=CLIENT4, dst=V4, frag=3, id=8) /
+          TCP(sport=40302, dport=80, flags="S"), R.PASS_FRAGMENT),
+    _pass("v4 with options passes", Ether(src=CLIENT_MAC, dst=LB_MAC) /
+          IP(src=CLIENT4, dst=V4, options=[IPOption_Router_Alert()]) / TCP(sport=40303, dport=80, flags="S"),
+          R.PASS_IP_OPTIONS),
+    _pass("v6 with a hop-by-hop header passes", Ether(src=CLIENT_MAC, dst=LB_MAC) /
+          IPv6(src=CLIENT6, dst=V6) / IPv6ExtHdrHopByHop() / TCP(sport=40304, dport=80, flags="S"),
+          R.PASS_IPV6_EXT),
+    _pass("v6 with a fragment header passes", Ether(src=CLIENT_MAC, dst=LB_MAC) /
+          IPv6(src=CLIENT6, dst=V6) / IPv6ExtHdrFragment(id=9) / TCP(sport=40305, dport=80, flags="S"),
+          R.PASS_IPV6_EXT),
+    _pass("v6 with a routing header passes", Ether(src=CLIENT_MAC, dst=LB_MAC) /
+          IPv6(src=CLIENT6, dst=V6) / IPv6ExtHdrRouting() / UDP(sport=40306, dport=53), R.PASS_IPV6_EXT),
+    # --- truncated and malformed ----------------------------------------------------------------
+    _pass("10 bytes of tcp header pass", _truncated_tcp(10), R.PASS_TRUNCATED),
+    _pass("19 bytes of tcp header pass", _truncated_tcp(19), R.PASS_TRUNCATED),
+    _pass("4 bytes of udp header pass", Ether(src=CLIENT_MAC, dst=LB_MAC) /
+          IP(src=CLIENT4, dst=V4, proto=17) / Raw(bytes(UDP(sport=40401, dport=53))[:4]), R.PASS_TRUNCATED),
+    _pass("a truncated v4 header passes", _eth(0x0800) / Raw(bytes(IP(src=CLIENT4, dst=V4, proto=6))[:12]),
+          R.PASS_TRUNCATED),
+    _pass("a truncated v6 header passes", _eth(0x86DD) / Raw(bytes(IPv6(src=CLIENT6, dst=V6, nh=6))[:30]),
+          R.PASS_TRUNCATED),
+    _pass("a truncated vlan tag passes", _eth(0x8100) / Raw(b"\x00\x2a"), R.PASS_TRUNCATED),
+    _pass("v4 with ihl < 5 passes", Ether(src=CLIENT_MAC, dst=LB_MAC) /
+          IP(src=CLIENT4, dst=V4, ihl=4) / TCP(sport=40501, dport=80, flags="S"), R.PASS_BAD_HEADER),
+    _pass("a v6 header under the v4 ethertype passes",
+          _eth(0x0800) / IPv6(src=CLIENT6, dst=V6) / TCP(sport=40502, dport=80, flags="S"), R.PASS_BAD_HEADER),
+    _pass("a v4 header under the v6 ethertype passes",  # 40 bytes, so that the v6 bounds check holds
+          _eth(0x86DD) / IP(src=CLIENT4, dst=V4) / TCP(sport=40503, dport=80, flags="S"), R.PASS_BAD_HEADER),
+    _pass("tcp with data offset < 5 passes", Ether(src=CLIENT_MAC, dst=LB_MAC) /
+          IP(src=CLIENT4, dst=V4) / TCP(sport=40504, dport=80, flags="S", dataofs=4), R.PASS_BAD_HEADER),
+    # --- dropped --------------------------------------------------------------------------------
+    Case("a syn to a vip with no backend is dropped", tcp(str(EMPTY4.address), 80, 40601), XDP_DROP,
+         reason=R.DROP_NO_BACKEND),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.desc for c in CASES])
+def test_case(lb: Lb, case: Case) -> None:
+    check(lb, case)
+
+
+# Exits that no frame can reach while the maps hold what the control plane writes.
+UNREACHABLE_FROM_A_FRAME = {
+    R.DROP_BACKEND_GONE: "needs a live table slot naming a deactivated backend: only in the instant "
+                         "between two of the control plane's map writes (provoked on purpose in "
+                         "test_flows.py::test_slot_naming_a_deleted_backend_drops)",
+    R.ABORT_REWRITE: "rewrite_dsr() re-checks the Ethernet header bounds that parse_packet() has "
+                     "already checked for every frame that gets this far",
+}
+
+
+def test_every_exit_reason_has_a_row() -> None:
+    covered = {c.reason for c in CASES}
+    assert not covered & UNREACHABLE_FROM_A_FRAME.keys(), "a reason listed as unreachable has a row"
+    missing = set(R.exits()) - covered - UNREACHABLE_FROM_A_FRAME.keys()
+    assert not missing, f"exit reasons with no table row: {sorted(r.name for r in missing)}"
+
