@@ -537,7 +537,7 @@ class Rig:
         payload = b"lbxdp-rig"
         msg = struct.pack("!BBHHH", req, 0, 0, ident, seq) + payload
         if not v6:
-            msg = msg[:2] + struct.pack("!H", _inet_checksum(msg)) + msg[4:]
+            msg = msg[:2] + struct.pack("!H", inet_checksum(msg)) + msg[4:]
         deadline = time.monotonic() + timeout
         with _ns_socket(self.ns(src), family, socket.SOCK_RAW, proto) as s:
             s.sendto(msg, (str(dst), 0))
@@ -851,8 +851,8 @@ def _terminate(srv: Server, timeout: float) -> None:
         raise RigError(f"pid {srv.pid} survived SIGKILL")
 
 
-def _inet_checksum(data: bytes) -> int:
-    """RFC 1071 ones' complement sum, for ICMPv4."""
+def inet_checksum(data: bytes) -> int:
+    """RFC 1071 ones' complement sum (ICMPv4 here; IP/TCP/UDP headers in the benchmark)."""
     if len(data) % 2:
         data += b"\0"
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))

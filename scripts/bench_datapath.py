@@ -36,6 +36,7 @@ from typing import Callable
 from lbxdp import abi, bpfsys, loader, model
 from lbxdp.balancer import Balancer
 from lbxdp.maps import Maps
+from lbxdp.rig import inet_checksum
 
 LB_MAC, CLIENT_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
 VIP4, VIP6, NOT_VIP4 = "10.99.0.1", "fd99::1", "198.51.100.7"
@@ -61,15 +62,6 @@ def config() -> model.Config:
 
 
 # --- frames ---------------------------------------------------------------------------------------
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
 def frame(src: str, dst: str, sport: int, dport: int, proto: int, payload: bytes = b"") -> bytes:
     """Ethernet + IPv4/IPv6 + a TCP SYN or a UDP datagram, with correct checksums.
 
@@ -86,11 +78,11 @@ def frame(src: str, dst: str, sport: int, dport: int, proto: int, payload: bytes
     if s.version == 4:
         pseudo = s.packed + d.packed + struct.pack("!BBH", 0, proto, len(l4))
         iph = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, 0, 64, proto, 0, s.packed, d.packed)
-        l3, ethertype = iph[:10] + struct.pack("!H", _csum(iph)) + iph[12:], 0x0800
+        l3, ethertype = iph[:10] + struct.pack("!H", inet_checksum(iph)) + iph[12:], 0x0800
     else:
         pseudo = s.packed + d.packed + struct.pack("!IxxxB", len(l4), proto)
         l3, ethertype = struct.pack("!IHBB16s16s", 6 << 28, len(l4), proto, 64, s.packed, d.packed), 0x86DD
-    c = _csum(pseudo + l4)
+    c = inet_checksum(pseudo + l4)
     if proto == 17 and c == 0:
         c = 0xFFFF
     l4 = l4[:csum_off] + struct.pack("!H", c) + l4[csum_off + 2:]
