@@ -95,6 +95,15 @@ def _is_bpffs(path: Path) -> bool:
     return (st.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC
 
 
+def check_headers() -> None:
+    """bcc compiles against the running kernel's headers; say how to get them before it fails."""
+    build = Path(f"/lib/modules/{os.uname().release}/build")
+    if not (build / "include").is_dir():
+        raise LbxError(f"no kernel headers for {os.uname().release} ({build} is missing), so bcc cannot "
+                       "compile the XDP program",
+                       "run sudo scripts/install.sh (it installs Debian's linux-headers and links them there)")
+
+
 def _import_bcc() -> Any:
     try:
         import bcc  # noqa: PLC0415 - the one place bcc is imported
@@ -129,6 +138,7 @@ class Program:
 def compile_program(build: BuildConfig) -> Program:
     """Compile and load lbxdp_ingress; its maps are created in, or reused from, build.pin_dir."""
     bcc = _import_bcc()
+    check_headers()
     ensure_bpffs()
     build.pin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     text = render(bpf_dir() / "lbxdp.c")
