@@ -50,6 +50,7 @@ def lib() -> ctypes.CDLL:
         "bpf_map_delete_elem": [i, vp],
         "bpf_map_get_next_key": [i, vp, vp],
         "bpf_map_update_batch": [i, vp, vp, ctypes.POINTER(u32), vp],
+        "bpf_map_lookup_batch": [i, vp, vp, vp, vp, ctypes.POINTER(u32), vp],
         "bpf_prog_test_run_opts": [i, vp],
         "bpf_xdp_attach": [i, i, u32, vp],
         "bpf_xdp_detach": [i, u32, vp],
@@ -82,6 +83,46 @@ def obj_get(path: str | os.PathLike) -> int:
 
 def obj_pin(fd: int, path: str | os.PathLike) -> None:
     _check(lib().bpf_obj_pin(fd, os.fsencode(path)), f"pin at {os.fspath(path)}")
+
+
+_SCALARS = {
+    "char": ctypes.c_char, "signed char": ctypes.c_byte, "unsigned char": ctypes.c_ubyte,
+    "_Bool": ctypes.c_bool, "short": ctypes.c_short, "unsigned short": ctypes.c_ushort,
+    "int": ctypes.c_int, "unsigned int": ctypes.c_uint, "long": ctypes.c_long,
+    "unsigned long": ctypes.c_ulong, "long long": ctypes.c_longlong,
+    "unsigned long long": ctypes.c_ulonglong,
+}
+
+
+def ctype_from_desc(desc: Any) -> type:
+    """ctypes type from bcc's JSON type description of a map key or value.
+
+    The description is what bcc's compiler emits (bpf_table_key_desc): a scalar's C name, or
+    [name, [[field, type] | [field, type, [dim]] | [field, type, bits], ...], "struct" |
+    "struct_packed" | "union"]. Decoding it here, not with bcc's Python module, keeps processes
+    that only read maps (status, the exporter) from loading libbcc and its LLVM (the exporter: 104 MiB RSS with it, 43 without).
+    """
+    if isinstance(desc, str):
+        try:
+            return _SCALARS[desc]
+        except KeyError:
+            raise BpfError(errno.EINVAL, f"unsupported map field type {desc!r}") from None
+    name, members = desc[0], desc[1]
+    kind = desc[2] if len(desc) > 2 else "struct"
+    fields: list[tuple[Any, ...]] = []
+    for m in members:
+        if len(m) == 3 and isinstance(m[2], list):
+            fields.append((m[0], ctype_from_desc(m[1]) * m[2][0]))
+        elif len(m) == 3 and isinstance(m[2], int):
+            fields.append((m[0], ctype_from_desc(m[1]), m[2]))
+        elif len(m) == 3:  # a nested struct/union description
+            fields.append((m[0] or f"__anon{len(fields)}", ctype_from_desc(m)))
+        else:
+            fields.append((m[0], ctype_from_desc(m[1])))
+    attrs: dict[str, Any] = {"_fields_": fields}
+    if kind == "struct_packed":
+        attrs["_pack_"] = 1
+    return type(str(name), (ctypes.Union if kind == "union" else ctypes.Structure,), attrs)
 
 
 class _MapInfo(ctypes.Structure):
@@ -245,6 +286,35 @@ class Map:
             _check(ret, f"iterate {self.name}")
             yield nxt
             prev, nxt = nxt, self.Key()
+
+    def batches(self, chunk: int = 4096) -> Iterator[tuple[Any, Any, int]]:
+        """(keys array, values array, n) per chunk: one system call per chunk, not per entry.
+
+        For a map of tens of thousands of entries this is what makes a scrape cheap: walking
+        keys one get_next_key call at a time costs about 1.7 us per entry.
+        """
+        keys, values = (self.Key * chunk)(), (self._value_type * chunk)()
+        # The batch token is a kernel cursor (a bucket or an index); key_size bytes always hold it.
+        token_size = max(ctypes.sizeof(self.Key), 8)
+        tok_in, tok_out = ctypes.create_string_buffer(token_size), ctypes.create_string_buffer(token_size)
+        first = True
+        while True:
+            count = ctypes.c_uint32(chunk)
+            ret = lib().bpf_map_lookup_batch(self.fd, None if first else tok_in, tok_out, keys, values,
+                                             ctypes.byref(count), None)
+            done = ret < 0 and (-ret if ret < -1 else ctypes.get_errno()) == errno.ENOENT
+            if ret < 0 and not done:
+                _check(ret, f"batch lookup in {self.name}")
+            if count.value:
+                yield keys, values, count.value
+            if done:
+                return
+            ctypes.memmove(tok_in, tok_out, token_size)
+            first = False
+
+    def count(self) -> int:
+        """Entries in the map, counted in batches."""
+        return sum(n for _, _, n in self.batches())
 
     def items(self) -> Iterator[tuple[Any, Any]]:
         for k in self.keys():

@@ -145,19 +145,10 @@ def status(inst: Instance) -> dict[str, Any]:
     except LbxError:
         xdp["error"] = f"interface {inst.ifname} not found"
     with open_maps(inst) as maps:
-        backends = maps.backends()
-        vips = []
-        for key, meta in sorted(maps.vips().items(), key=lambda kv: kv[1].id):
-            live = maps.ring(meta.id, meta.ring_half, meta.ring_size)
-            vips.append({
-                "vip": key.name, "id": meta.id, "mode": meta.mode.name.lower(),
-                "scheduler": meta.sched.name.lower(), **asdict(maps.vip_stats(meta.id)),
-                "backends": [
-                    {"backend": e.name, "id": e.id, "mac": e.mac, "in_table": e.id in live,
-                     **asdict(maps.backend_stats(e.id))}
-                    for e in sorted((e for e in backends.values() if e.vip_id == meta.id), key=lambda e: e.id)
-                ],
-            })
+        vips = [{"vip": v.name, "id": v.id, "mode": v.mode, "scheduler": v.scheduler, **asdict(v.stats),
+                 "backends": [{"backend": b.name, "id": b.id, "mac": b.mac, "in_table": b.in_table,
+                               **asdict(b.stats)} for b in v.backends]}
+                for v in maps.vip_views()]
         reasons = [{"reason": r.label, "verdict": r.verdict, "packets": p, "bytes": b}
                    for r, (p, b) in maps.reasons().items()]
         flows = {"entries": maps.flow_count(), "capacity": maps.flow_map.info.max_entries}

@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from . import __version__, abi
 from .errors import LbxError
-from .maps import Stats
+from .maps import VipView
 from .paths import Instance
 
 log = logging.getLogger(__name__)
@@ -42,25 +42,11 @@ DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 
 
 @dataclass(frozen=True)
-class BackendSnapshot:
-    name: str            # '10.0.0.1:80' or '[fd00::1]:80'
-    stats: Stats
-    in_table: bool       # in the VIP's live selection table
-
-
-@dataclass(frozen=True)
-class VipSnapshot:
-    name: str            # '10.0.0.1:80/tcp'
-    stats: Stats
-    backends: tuple[BackendSnapshot, ...] = ()
-
-
-@dataclass(frozen=True)
 class Snapshot:
     """One instance's maps, read once."""
 
     interface: str
-    vips: tuple[VipSnapshot, ...] = ()
+    vips: tuple[VipView, ...] = ()
     reasons: dict[abi.Reason, tuple[int, int]] = field(default_factory=dict)   # (packets, bytes)
     flow_entries: int = 0
     flow_capacity: int = 0
@@ -95,17 +81,11 @@ class PinnedMaps:
         t0 = time.monotonic()
         state = control.read_state(inst)
         with control.open_maps(inst) as maps:
-            backends = maps.backends()
-            vips = []
-            for key, meta in sorted(maps.vips().items(), key=lambda kv: kv[1].id):
-                live = set(maps.ring(meta.id, meta.ring_half, meta.ring_size))
-                bes = tuple(BackendSnapshot(e.name, maps.backend_stats(e.id), e.id in live)
-                            for e in sorted(backends.values(), key=lambda e: e.id) if e.vip_id == meta.id)
-                vips.append(VipSnapshot(key.name, maps.vip_stats(meta.id), bes))
+            vips = maps.vip_views()
             reasons = maps.reasons()
-            entries = maps.flow_count()   # walks the table: the expensive part of a scrape
+            entries = maps.flow_count()   # batched: 16 system calls for a full table
             capacity = maps.flow_map.info.max_entries
-        return Snapshot(inst.ifname, tuple(vips), reasons, entries, capacity,
+        return Snapshot(inst.ifname, vips, reasons, entries, capacity,
                         str(state.get("version", "")), str(state.get("mode", "")),
                         int(state.get("prog_id", 0) or 0), time.monotonic() - t0)
 

@@ -116,8 +116,7 @@ def _import_bcc() -> Any:
 
 def decode_types(schema: dict[str, dict[str, Any]]) -> dict[str, tuple[type, type]]:
     """ctypes (Key, Leaf) per map, from the type descriptions bcc produced when it compiled."""
-    BPF = _import_bcc().BPF
-    return {name: (BPF._decode_table_type(d["key"]), BPF._decode_table_type(d["leaf"]))
+    return {name: (bpfsys.ctype_from_desc(d["key"]), bpfsys.ctype_from_desc(d["leaf"]))
             for name, d in schema.items()}
 
 

@@ -102,6 +102,27 @@ class Stats:
     new_flows: int = 0
 
 
+@dataclass(frozen=True)
+class BackendView:
+    """One backend entry as status and the exporter show it."""
+
+    name: str            # '10.0.0.1:80' or '[fd00::1]:80'
+    stats: Stats
+    in_table: bool       # in the VIP's live selection table
+    id: int = 0
+    mac: str = ""
+
+
+@dataclass(frozen=True)
+class VipView:
+    name: str            # '10.0.0.1:80/tcp'
+    stats: Stats
+    backends: tuple[BackendView, ...] = ()
+    id: int = 0
+    mode: str = ""
+    scheduler: str = ""
+
+
 class Maps:
     """Typed access to one instance's maps (from a fresh compile or from the pins)."""
 
@@ -177,10 +198,12 @@ class Maps:
     def backends(self) -> dict[int, BackendEntry]:
         """Active backend entries by id."""
         out = {}
-        for i in range(1, self.max_backends):
-            b = self.be_map.lookup(i)
-            if b is not None and b.flags & abi.BE_F_ACTIVE:
-                out[i] = BackendEntry(i, b.vip_id, addr_from(b.addr, b.family), socket.ntohs(b.port), mac_str(b.mac))
+        for keys, values, n in self.be_map.batches():
+            for i in range(n):
+                b, bid = values[i], keys[i]  # an array of c_uint indexes as int
+                if bid and b.flags & abi.BE_F_ACTIVE:
+                    out[bid] = BackendEntry(bid, b.vip_id, addr_from(b.addr, b.family), socket.ntohs(b.port),
+                                            mac_str(b.mac))
         return out
 
     def put_backend(self, backend_id: int, vip_id: int, b: model.Backend, mac: str) -> None:
@@ -241,9 +264,21 @@ class Maps:
     def reset_backend_counters(self, backend_id: int) -> None:
         self.m[abi.Map.BE_STATS].zero(backend_id)
 
+    def vip_views(self) -> tuple[VipView, ...]:
+        """Every VIP with its backends and counters, read once (for status and the exporter)."""
+        backends = sorted(self.backends().values(), key=lambda e: e.id)
+        out = []
+        for key, meta in sorted(self.vips().items(), key=lambda kv: kv[1].id):
+            live = set(self.ring(meta.id, meta.ring_half, meta.ring_size))
+            bes = tuple(BackendView(e.name, self.backend_stats(e.id), e.id in live, e.id, e.mac)
+                        for e in backends if e.vip_id == meta.id)
+            out.append(VipView(key.name, self.vip_stats(meta.id), bes, meta.id, meta.mode.name.lower(),
+                               meta.sched.name.lower()))
+        return tuple(out)
+
     # --- connection table ----------------------------------------------------------------------
     def flows(self) -> Iterator[tuple[Any, Any]]:
         return self.flow_map.items()
 
     def flow_count(self) -> int:
-        return sum(1 for _ in self.flow_map.keys())
+        return self.flow_map.count()

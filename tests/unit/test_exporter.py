@@ -12,9 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lbxdp import abi
 from lbxdp.errors import LbxError
-from lbxdp.exporter import (BackendSnapshot, LbxCollector, Snapshot, VipSnapshot, make_registry,
+from lbxdp.exporter import (LbxCollector, Snapshot, make_registry,
                             parse_listen, serve)
-from lbxdp.maps import Stats
+from lbxdp.maps import BackendView, Stats, VipView
 from lbxdp.paths import Instance
 
 VIP = "10.112.0.10:8080/tcp"
@@ -24,11 +24,11 @@ BE1, BE2 = "10.111.0.11:8080", "10.111.0.12:8080"
 ETH0 = Snapshot(
     interface="eth0",
     vips=(
-        VipSnapshot(VIP, Stats(100, 6400, 10), (
-            BackendSnapshot(BE1, Stats(60, 3840, 6), True),
-            BackendSnapshot(BE2, Stats(40, 2560, 4), False),
+        VipView(VIP, Stats(100, 6400, 10), (
+            BackendView(BE1, Stats(60, 3840, 6), True),
+            BackendView(BE2, Stats(40, 2560, 4), False),
         )),
-        VipSnapshot(VIP6, Stats(7, 700, 7), ()),
+        VipView(VIP6, Stats(7, 700, 7), ()),
     ),
     reasons={abi.Reason.TX_FORWARD: (107, 7100), abi.Reason.PASS_NOT_VIP: (3, 180)},
     flow_entries=17, flow_capacity=65536, version="0.1.0", mode="generic", prog_id=42,
@@ -140,7 +140,7 @@ def test_maps_are_read_at_scrape_time_not_at_registration() -> None:
     list(reg.collect())
     assert source.reads == 2
     # New data in the source is what the next scrape shows: no cached copy.
-    source.snaps["eth0"] = Snapshot("eth0", (VipSnapshot(VIP, Stats(101, 6464, 10)),))
+    source.snaps["eth0"] = Snapshot("eth0", (VipView(VIP, Stats(101, 6464, 10)),))
     assert reg.get_sample_value("lbxdp_vip_packets_total", {"interface": "eth0", "vip": VIP}) == 101
 
 
