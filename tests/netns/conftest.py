@@ -9,11 +9,15 @@ checks that nothing of it is left.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
-from lbxdp.rig import Rig, RigSpec, Server
+from lbxdp.rig import HOST_IF, LB, Rig, RigSpec, Server
 
 
 def _assert_gone(rig: Rig, servers: list[Server]) -> None:
@@ -94,3 +98,25 @@ def native_peer(rig: Rig) -> Iterator[Rig]:
         yield rig
     finally:
         rig.detach_peer_stub()
+
+
+@pytest.fixture(scope="module")
+def attached(rig: Rig) -> Iterator[Rig]:
+    """The module's rig with lbxdp attached to lb's eth0 in generic mode, through the real command
+    (`python -m lbxdp --netns <lb> attach eth0 --config <rig config, rr>`).
+
+    Scope: module. Depends on: rig, root, bcc. Cleanup: `lbxdp detach` (program and pins
+    removed) and the temporary config file deleted, even if the module's tests failed.
+    (test_metrics.py has its own copy of this fixture.)
+    """
+    cmd = [sys.executable, "-m", "lbxdp", "--netns", rig.ns(LB)]
+    with tempfile.NamedTemporaryFile("w", prefix="lbxdp-", suffix=".toml", delete=False) as f:
+        f.write(rig.lb_config_toml(scheduler="rr", with_mac=False))
+    try:
+        proc = subprocess.run([*cmd, "attach", HOST_IF, "--config", f.name, "--mode", "generic"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        yield rig
+    finally:
+        subprocess.run([*cmd, "detach", HOST_IF], capture_output=True, timeout=60)
+        Path(f.name).unlink()
