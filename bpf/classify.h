@@ -28,7 +28,13 @@ static __always_inline struct vip_meta *classify(const struct pkt *pkt)
 		.proto = pkt->flow.proto,
 		.family = pkt->flow.family,
 	};
+	struct vip_meta *vip = lbx_vips.lookup(&key);
 
+	if (vip)
+		return vip;
+	/* An any-port VIP is keyed with port 0. Only traffic to a VIP address pays this second
+	 * lookup: may_be_vip() has already turned the rest away. */
+	key.port = 0;
 	return lbx_vips.lookup(&key);
 }
 

@@ -18,8 +18,10 @@
 #ifndef LBX_FLOW_CAPACITY
 #define LBX_FLOW_CAPACITY 65536
 #endif
-/* Slots in one VIP's selection table (one half of its double buffer). */
-#define LBX_RING_MAX 256
+/* Most slots one VIP's selection table may have (the Maglev default is 65537). */
+#define LBX_TABLE_MAX 1048576 /* 2^20 */
+/* Most backends one VIP may have. */
+#define LBX_VIP_BACKENDS_MAX 1024
 
 /*
  * The VIP address filter: a bitmap with one bit per hash of a destination address, so that
@@ -44,8 +46,9 @@ _Static_assert(LBX_VIP_FILTER_WORDS * 64 == 1 << LBX_VIP_FILTER_BITS, "filter wo
 
 /* Per-VIP scheduler: how a new flow picks a slot of the VIP's table. */
 enum lbx_sched {
-	LBX_SCHED_RR = 0,   /* per-CPU round robin over the table */
-	LBX_SCHED_HASH = 1, /* 5-tuple hash modulo the table size */
+	LBX_SCHED_RR = 0,     /* per-CPU round robin over the table (a weighted sequence) */
+	LBX_SCHED_HASH = 1,   /* 5-tuple hash modulo the table size (the same weighted sequence) */
+	LBX_SCHED_MAGLEV = 2, /* 5-tuple hash modulo the table size (a Maglev table: consistent) */
 };
 
 /* Per-VIP forwarding mode. */
@@ -90,15 +93,15 @@ struct vip_key {
 _Static_assert(sizeof(struct vip_key) == 20, "also update lbxdp/abi.py");
 
 struct vip_meta {
-	__u32 id;         /* index into lbx_vip_stats, lbx_rr and lbx_ring */
-	__u16 ring_size;  /* slots in use in the live half of the table; 0 = no backend */
-	__u8 ring_half;   /* live half of the double-buffered table: 0 or 1 */
-	__u8 sched;       /* enum lbx_sched */
-	__u8 mode;        /* enum lbx_fwd_mode */
+	__u32 id;          /* index into lbx_tables, lbx_vip_stats and lbx_rr */
+	__u32 table_size;  /* slots of the VIP's table in lbx_tables; 0 = no usable backend */
+	__u8 sched;        /* enum lbx_sched */
+	__u8 mode;         /* enum lbx_fwd_mode */
 	__u8 flags;
-	__u16 pad;
+	__u8 pad;
+	__u32 table_tag;   /* control plane only: fingerprint of what the table was built from */
 };
-_Static_assert(sizeof(struct vip_meta) == 12, "also update lbxdp/abi.py");
+_Static_assert(sizeof(struct vip_meta) == 16, "also update lbxdp/abi.py");
 
 struct backend {
 	struct lbx_addr addr;

@@ -26,12 +26,19 @@ BPF_TABLE_PINNED("array", __u32, struct backend, lbx_backends, LBX_MAX_BACKENDS,
 		 LBX_PIN_DIR "/lbx_backends");
 
 /*
- * (vip id * 2 + half) * LBX_RING_MAX + slot -> backend id. Each VIP owns two halves: the
- * control plane fills the idle half, then flips vip_meta.ring_half in one map write, so a
- * packet never sees a half-written table.
+ * Template of the per-VIP tables below; never used itself. BPF_F_INNER_MAP lets every VIP's
+ * table have its own size (a 65537-slot Maglev table beside a 3-slot round robin).
  */
-BPF_TABLE_PINNED("array", __u32, __u32, lbx_ring, LBX_MAX_VIPS * 2 * LBX_RING_MAX,
-		 LBX_PIN_DIR "/lbx_ring");
+BPF_TABLE_PINNED("array", __u32, __u32, lbx_table_tmpl, 1, LBX_PIN_DIR "/lbx_table_tmpl",
+		 BPF_F_INNER_MAP);
+
+/*
+ * vip id -> that VIP's table: slot -> backend id, built by lbxdp.ring (Maglev or a weighted
+ * sequence). Written by lbxdp.maps.Maps.write_table only: it builds a new table aside and swaps
+ * it in with one write of this map, so a packet never sees a half-written table.
+ */
+BPF_TABLE_PINNED("array_of_maps$lbx_table_tmpl", int, int, lbx_tables, LBX_MAX_VIPS,
+		 LBX_PIN_DIR "/lbx_tables");
 
 /*
  * flow 5-tuple -> (backend id, its generation). Written by the program when a flow starts, read for

@@ -47,16 +47,16 @@ static __always_inline __u32 pick_slot(const struct vip_meta *vip, const struct 
 {
 	__u32 *pos;
 
-	if (vip->sched == LBX_SCHED_HASH)
-		return flow_hash(&pkt->flow) % vip->ring_size;
-	/* Per-CPU position: no atomics on the hot path; CPUs interleave, shares stay even. */
 	__u32 slot;
 
+	if (vip->sched != LBX_SCHED_RR)
+		return flow_hash(&pkt->flow) % vip->table_size;
+	/* Per-CPU position: no atomics on the hot path; CPUs interleave, shares stay even. */
 	pos = lbx_rr.lookup((__u32 *)&vip->id);
 	if (!pos)
 		return 0;
 	/* The table may have shrunk since this CPU's last turn: wrap without a division. */
-	slot = *pos < vip->ring_size ? *pos : 0;
+	slot = *pos < vip->table_size ? *pos : 0;
 	*pos = slot + 1;
 	return slot;
 }
@@ -94,13 +94,17 @@ static __always_inline int select_backend(const struct vip_meta *vip, struct pkt
 					  struct selection *sel)
 {
 	struct flow_val fresh = {};
-	__u32 idx, *id;
+	__u32 slot, *id;
+	void *table;
 
-	if (vip->ring_size == 0)
+	if (vip->table_size == 0)
 		return LBX_R_DROP_NO_BACKEND;
-	idx = ((vip->id * 2 + (vip->ring_half & 1)) * LBX_RING_MAX) +
-	      (pick_slot(vip, pkt) & (LBX_RING_MAX - 1));
-	id = lbx_ring.lookup(&idx);
+	table = lbx_tables.lookup((int *)&vip->id);
+	if (!table)
+		return LBX_R_DROP_NO_BACKEND;
+	slot = pick_slot(vip, pkt);
+	/* An inner map's lookup is a call, not inlined: only new flows pay it. */
+	id = bpf_map_lookup_elem(table, &slot);
 	if (!id)
 		return LBX_R_DROP_BACKEND_GONE;
 	sel->be = backend_by_id(*id);

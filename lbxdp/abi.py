@@ -12,7 +12,8 @@ import enum
 MAX_VIPS = 1024          # LBX_MAX_VIPS (default; BuildConfig may override)
 MAX_BACKENDS = 4096      # LBX_MAX_BACKENDS
 FLOW_CAPACITY = 65536    # LBX_FLOW_CAPACITY
-RING_MAX = 256           # LBX_RING_MAX
+TABLE_MAX = 1048576     # LBX_TABLE_MAX
+VIP_BACKENDS_MAX = 1024  # LBX_VIP_BACKENDS_MAX
 VIP_FILTER_BITS = 16     # LBX_VIP_FILTER_BITS
 VIP_FILTER_WORDS = 1024  # LBX_VIP_FILTER_WORDS
 VIP_FILTER_MUL = 0x9E3779B1  # LBX_VIP_FILTER_MUL
@@ -31,6 +32,7 @@ class Sched(enum.IntEnum):
 
     RR = 0
     HASH = 1
+    MAGLEV = 2
 
 
 class FwdMode(enum.IntEnum):
@@ -79,7 +81,8 @@ class Map(str, enum.Enum):
     VIPS = "lbx_vips"
     VIP_FILTER = "lbx_vip_filter"
     BACKENDS = "lbx_backends"
-    RING = "lbx_ring"
+    TABLE_TMPL = "lbx_table_tmpl"
+    TABLES = "lbx_tables"
     FLOWS = "lbx_flows"
     RR = "lbx_rr"
     VIP_STATS = "lbx_vip_stats"

@@ -4,8 +4,10 @@ Order matters, so that a packet never sees a half-made state:
   0. backend entries of VIP ids that no longer exist (left by an apply that was interrupted) are
      deactivated, and the VIP address filter gets the bits of every VIP address, old and new;
   1. new or changed backend entries are written (they are unreachable until a table names them);
-  2. each VIP's new table is written into the idle half of its double buffer;
-  3. one write of the VIP's meta makes that half live (new VIPs appear here);
+  2. each VIP's new table is built aside (a new inner map) and swapped in with one map write;
+     its meta (size, scheduler) is written after the swap when the table grows and before it
+     when it shrinks, so a packet's slot is always inside the table it reads (new VIPs appear
+     with their meta, after their table);
   4. only then are VIPs deleted and backend entries that no table names any more deactivated,
      and the filter is cut down to the bits of the VIPs that remain.
 Capacity is checked before the first write, so a config that does not fit changes nothing.
@@ -13,11 +15,72 @@ Capacity is checked before the first write, so a config that does not fit change
 
 from __future__ import annotations
 
+import array
+import zlib
 from dataclasses import dataclass, field
+from typing import Mapping
 
-from . import abi, model
+from . import abi, model, ring
 from .errors import LbxError
 from .maps import BackendEntry, Maps, VipMeta
+
+BackendRef = tuple[model.VipKey, model.IPAddress, int]  # (VIP, backend address, backend port)
+WEIGHT_SCALE = 100   # weights are scaled so that a slow start can ramp in small steps
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What the config file does not say: backends being drained, and when each backend joined
+    its VIP (for slow start). Kept by lbxdp.control next to the applied config."""
+
+    draining: frozenset[BackendRef] = frozenset()
+    joined: Mapping[BackendRef, float] = field(default_factory=dict)
+    now: float = 0.0
+
+    def weight(self, vip: model.Vip, b: model.Backend) -> int:
+        """The backend's share of new flows now, scaled by WEIGHT_SCALE: 0 while draining, and
+        ramping from 0 to its weight over the VIP's slow_start after it joined."""
+        ref = (vip.key, b.address, b.port)
+        if ref in self.draining:
+            return 0
+        w = b.weight * WEIGHT_SCALE
+        if vip.slow_start > 0 and ref in self.joined:
+            frac = (self.now - self.joined[ref]) / vip.slow_start
+            if frac < 1:
+                return int(w * max(frac, 0.0))
+        return w
+
+    def ramping(self, vip: model.Vip) -> bool:
+        return vip.slow_start > 0 and any(
+            self.now - t < vip.slow_start for (k, _, _), t in self.joined.items() if k == vip.key)
+
+
+def usable(vip: model.Vip, rt: Runtime) -> list[tuple[int, int]]:
+    """(index into vip.backends, weight) of the backends that take new flows: the primaries with
+    a weight, or, while there is none, the backups with a weight."""
+    weighted = [(i, rt.weight(vip, b)) for i, b in enumerate(vip.backends)]
+    primaries = [(i, w) for i, w in weighted if w > 0 and not vip.backends[i].backup]
+    return primaries or [(i, w) for i, w in weighted if w > 0 and vip.backends[i].backup]
+
+
+def build_table(vip: model.Vip, ids: list[int], rt: Runtime) -> tuple["array.array[int]", int]:
+    """The VIP's table of backend entry ids, and a tag of what it was built from.
+
+    ids: the entry id of each of vip.backends. The tag lets apply() skip rebuilding a table whose
+    inputs did not change (a 65537-slot Maglev table costs milliseconds to build).
+    """
+    use = usable(vip, rt)
+    keyed = [(vip.backends[i].name, w) for i, w in use]
+    tag = zlib.crc32(repr((vip.scheduler.value, vip.table_size, [(k, w, ids[i]) for (k, w), (i, _) in
+                                                                  zip(keyed, use)])).encode())
+    if not use:
+        return array.array("I"), tag
+    if vip.scheduler is model.Scheduler.MAGLEV:
+        slots = ring.maglev(keyed, vip.table_size)
+    else:
+        slots = ring.weighted_rr(keyed)
+    lut = [ids[i] for i, _ in use]
+    return array.array("I", map(lut.__getitem__, slots)), tag
 
 
 @dataclass
@@ -25,6 +88,7 @@ class Diff:
     """What apply() changed, as lines for the user ('+ vip ...', '- backend ...')."""
 
     lines: list[str] = field(default_factory=list)
+    retired: list[int] = field(default_factory=list)   # backend entry ids deactivated
 
     def add(self, line: str) -> None:
         self.lines.append(line)
@@ -38,8 +102,9 @@ class Balancer:
     def __init__(self, maps: Maps):
         self.maps = maps
 
-    def apply(self, cfg: model.Config, macs: dict[model.IPAddress, str]) -> Diff:
-        """Make the maps hold cfg. macs: next-hop MAC of every backend whose config has none."""
+    def apply(self, cfg: model.Config, macs: dict[model.IPAddress, str], rt: Runtime = Runtime()) -> Diff:
+        """Make the maps hold cfg. macs: next-hop MAC of every backend whose config has none;
+        rt: drains and slow starts in progress."""
         current = self.maps.vips()
         entries = self.maps.backends()
         live_ids = {m.id for m in current.values()}
@@ -90,33 +155,38 @@ class Balancer:
                 if addr_port not in kept:
                     retired.append(e.id)
                     diff.add(f"- backend {e.name} from {vip.name}")
-            self._switch_table(vip, vip_id, meta, ids, diff)
+            self._switch_table(vip, vip_id, meta, ids, rt, diff)
         for key, meta in current.items():
             if key not in desired:
                 self.maps.delete_vip(key)
+                self.maps.delete_table(meta.id)
                 retired.extend(e.id for e in by_vip.get(meta.id, {}).values())
                 diff.add(f"- vip {key.name}")
         for bid in retired:
             self.maps.deactivate_backend(bid)
+        diff.retired = retired
         self.maps.reset_vip_filter({v.address for v in cfg.vips})
         return diff
 
     def _switch_table(self, vip: model.Vip, vip_id: int, meta: VipMeta | None, ids: list[int],
-                      diff: Diff) -> None:
+                      rt: Runtime, diff: Diff) -> None:
         sched, mode = vip.scheduler.abi, vip.mode.abi
-        if meta is not None:
-            live = self.maps.ring(vip_id, meta.ring_half, meta.ring_size)
-            if live == ids and meta.sched == sched and meta.mode == mode:
-                return
-            half = 1 - meta.ring_half
+        table, tag = build_table(vip, ids, rt)
+        if meta is not None and (meta.table_tag, meta.sched, meta.mode) == (tag, sched, mode):
+            return
+        new_meta = VipMeta(vip_id, len(table), sched, mode, tag)
+        if meta is not None and len(table) < meta.table_size:
+            self.maps.put_vip(vip.key, new_meta)   # shrink: the smaller size first
+            self.maps.write_table(vip_id, table)
         else:
-            half = 0
-        self.maps.write_ring(vip_id, half, ids)
-        self.maps.put_vip(vip.key, VipMeta(vip_id, len(ids), half, sched, mode))
+            self.maps.write_table(vip_id, table)   # grow (or new VIP): the bigger table first
+            self.maps.put_vip(vip.key, new_meta)
         if meta is None:
-            diff.add(f"+ vip {vip.name} ({vip.mode.value}, {vip.scheduler.value}, {len(ids)} backends)")
+            diff.add(f"+ vip {vip.name} ({vip.mode.value}, {vip.scheduler.value}, {len(vip.backends)} backends)")
         elif meta.sched != sched or meta.mode != mode:
             diff.add(f"~ vip {vip.name} ({vip.mode.value}, {vip.scheduler.value})")
+        else:
+            diff.add(f"~ vip {vip.name}: table rebuilt ({len(table)} slots)")
 
     def _check_capacity(self, cfg: model.Config, current: dict[model.VipKey, VipMeta],
                         by_vip: dict[int, dict[tuple[model.IPAddress, int], BackendEntry]],
@@ -126,8 +196,8 @@ class Balancer:
         for v in cfg.vips:
             have = by_vip.get(current[v.key].id, {}) if v.key in current else {}
             need_bes += sum(1 for b in v.backends if (b.address, b.port) not in have)
-            if len(v.backends) > abi.RING_MAX:
-                raise LbxError(f"{v.name}: {len(v.backends)} backends; at most {abi.RING_MAX} per VIP")
+            if len(v.backends) > abi.VIP_BACKENDS_MAX:
+                raise LbxError(f"{v.name}: {len(v.backends)} backends; at most {abi.VIP_BACKENDS_MAX} per VIP")
         if need_vips > free_vips or need_bes > free_bes:
             raise LbxError(f"the config needs {need_vips} new VIP and {need_bes} new backend entries; "
                            f"the maps have room for {free_vips} and {free_bes}",

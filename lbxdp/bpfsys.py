@@ -7,6 +7,7 @@ Nothing here imports bcc, so a CLI process can read pinned maps without compilin
 
 from __future__ import annotations
 
+import array
 import ctypes
 import ctypes.util
 import errno
@@ -56,6 +57,8 @@ def lib() -> ctypes.CDLL:
         "bpf_xdp_detach": [i, u32, vp],
         "bpf_xdp_query": [i, i, vp],
         "bpf_prog_get_fd_by_id": [u32],
+        "bpf_map_get_fd_by_id": [u32],
+        "bpf_map_create": [i, ctypes.c_char_p, u32, u32, u32, vp],
         "libbpf_num_possible_cpus": [],
     }.items():
         f = getattr(so, fn)
@@ -180,6 +183,59 @@ def prog_info(fd: int) -> ProgInfo:
     n = ctypes.c_uint32(ctypes.sizeof(info))
     _check(lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(n)), "program info")
     return ProgInfo(info.id, info.name.decode(), bytes(info.tag).hex(), info.xlated_prog_len)
+
+
+BPF_MAP_TYPE_ARRAY = 2
+
+
+def map_fd_by_id(map_id: int) -> int:
+    return _check(lib().bpf_map_get_fd_by_id(map_id), f"open map id {map_id}")
+
+
+BPF_F_INNER_MAP = 1 << 12
+
+
+class _MapCreateOpts(ctypes.Structure):
+    # struct bpf_map_create_opts (libbpf >= 0.7)
+    _fields_ = [("sz", ctypes.c_size_t), ("btf_fd", ctypes.c_uint32), ("btf_key_type_id", ctypes.c_uint32),
+                ("btf_value_type_id", ctypes.c_uint32), ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+                ("inner_map_fd", ctypes.c_uint32), ("map_flags", ctypes.c_uint32), ("map_extra", ctypes.c_uint64),
+                ("numa_node", ctypes.c_uint32), ("map_ifindex", ctypes.c_uint32)]
+
+
+def array_create(name: str, max_entries: int, value_size: int = 4, flags: int = 0) -> int:
+    """A new u32-keyed array map; the caller owns the returned fd (e.g. an inner map to swap in).
+
+    An inner map must have its template's flags: the kernel compares them when it is stored.
+    """
+    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags)
+    return _check(lib().bpf_map_create(BPF_MAP_TYPE_ARRAY, name.encode()[:15], 4, value_size, max_entries,
+                                       ctypes.byref(opts)),
+                  f"create array map {name} of {max_entries} entries")
+
+
+def array_fill(fd: int, values: "array.array[int]") -> None:
+    """Write values[i] at index i of a u32 array map, in one system call."""
+    n = len(values)
+    if not n:
+        return
+    keys = array.array("I", range(n))
+    count = ctypes.c_uint32(n)
+    _check(lib().bpf_map_update_batch(fd, (ctypes.c_uint32 * n).from_buffer(keys),
+                                      (ctypes.c_uint32 * n).from_buffer(values), ctypes.byref(count), None),
+           f"fill array map of {n} entries")
+
+
+def array_read(fd: int) -> "array.array[int]":
+    """All values of a u32 array map, in index order (batched reads)."""
+    m = Map(fd, ctypes.c_uint32, ctypes.c_uint32)
+    out = array.array("I", bytes(4 * m.info.max_entries))
+    base = out.buffer_info()[0]
+    for keys, values, n in m.batches(chunk=min(m.info.max_entries, 65536)):
+        # An array map's batches come in index order, without gaps.
+        assert keys[n - 1] - keys[0] == n - 1, "array batch out of order"
+        ctypes.memmove(base + 4 * keys[0], values, 4 * n)
+    return out
 
 
 def prog_fd_by_id(prog_id: int) -> int:

@@ -286,6 +286,38 @@ def rig_down(prefix: str | None) -> None:
         click.echo(f"rig {r.spec.prefix} removed")
 
 
+@cli.command()
+@click.argument("ifname", required=False)
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.1, 3600), metavar="SECONDS",
+              help="Refresh period; rates are over this period.")
+@click.option("--once", is_flag=True, help="Print one frame (rates over one interval) and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable: one JSON array of instances per "
+              "interval (with --once, just one).")
+@click.pass_context
+@needs_root
+def top(ctx: click.Context, ifname: str | None, interval: float, once: bool, as_json: bool) -> None:
+    """Live packets/s, bits/s and new flows/s per VIP and backend, and verdicts by reason.
+
+    Without IFNAME: every interface lbxdp is attached to (in this namespace). Reads what
+    `lbxdp status` reads, once per interval. q or Ctrl-C quits.
+
+    \b
+    Examples:
+      sudo lbxdp top eth0
+      sudo lbxdp top eth0 --once --interval 5 --json
+    """
+    from . import control
+    from . import top as live
+    netns = ctx.obj.get("netns")
+    insts = [instance(ctx, ifname)] if ifname else [i for i in Instance.all() if i.netns == netns]
+    if not insts:
+        raise LbxError("lbxdp is not attached to any interface here", "attach it: lbxdp attach IFNAME --config FILE")
+    live.run(lambda: [control.status(i) for i in insts], interval, once_=once, as_json=as_json)
+
+
+from . import cli_ops  # noqa: E402,F401 - registers vip, backend, run, reload on `cli`
+
+
 def main() -> None:
     """Entry point: LbxError becomes one clean error line and its exit code, never a traceback."""
     try:

@@ -3,16 +3,23 @@
 Every error names the key path and the bad value, e.g.
     vip[1].backend[0].address: '10.0.0.300' is not an IPv4 or IPv6 address
 
+    [metrics]
+    listen = "127.0.0.1:9842" # where `lbxdp run` serves /metrics (optional)
+
     [[vip]]
     address = "10.112.0.10"
-    port = 8080
+    port = 8080               # 0 = any port
     protocol = "tcp"          # tcp | udp
     mode = "dsr"              # dsr (L2 direct server return)
-    scheduler = "rr"          # rr | hash
+    scheduler = "maglev"      # maglev (default) | rr | hash
+    table_size = 65537        # maglev only: a prime, more than 100 x backends for even shares
+    slow_start = 0            # seconds over which a new backend's weight ramps up (`lbxdp run`)
       [[vip.backend]]
       address = "10.111.0.11"
       port = 8080             # optional; in dsr mode it must equal the VIP's port
       mac = "02:00:00:00:00:11"   # optional; else resolved from the neighbour table
+      weight = 1              # 0-1000; 0 = no new flows
+      backup = false          # true: new flows only while no primary is usable
 """
 
 from __future__ import annotations
@@ -24,14 +31,17 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from . import abi, model
+from . import abi, model, ring
 from .errors import LbxError
 
 T = TypeVar("T")
 
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-_VIP_KEYS = {"address", "port", "protocol", "mode", "scheduler", "backend"}
-_BACKEND_KEYS = {"address", "port", "mac"}
+_VIP_KEYS = {"address", "port", "protocol", "mode", "scheduler", "table_size", "slow_start", "backend"}
+_BACKEND_KEYS = {"address", "port", "mac", "weight", "backup"}
+_METRICS_KEYS = {"listen"}
+MAX_WEIGHT = 1000
+MAX_SLOW_START = 3600.0
 
 
 class ConfigError(LbxError):
@@ -70,7 +80,12 @@ def _show(v: Any) -> str:
 
 
 def _config(doc: dict[str, Any]) -> model.Config:
-    _no_unknown(doc, {"vip"}, "")
+    _no_unknown(doc, {"vip", "metrics"}, "")
+    metrics = doc.get("metrics", {})
+    if not isinstance(metrics, dict):
+        raise ConfigError("metrics", f"{_show(metrics)} must be a table: write [metrics]")
+    _no_unknown(metrics, _METRICS_KEYS, "metrics")
+    listen = _get(metrics, "listen", "metrics", _listen, None)
     vips_doc = doc.get("vip", [])
     if not isinstance(vips_doc, list):
         raise ConfigError("vip", f"{_show(vips_doc)} must be an array of tables: write [[vip]]")
@@ -82,7 +97,7 @@ def _config(doc: dict[str, Any]) -> model.Config:
         seen[v.key] = f"vip[{i}]"
     if len(vips) > abi.MAX_VIPS:
         raise ConfigError("vip", f"{len(vips)} VIPs; at most {abi.MAX_VIPS}")
-    return model.Config(vips)
+    return model.Config(vips, listen)
 
 
 def _no_unknown(d: dict[str, Any], known: set[str], path: str) -> None:
@@ -114,11 +129,54 @@ def _address(v: Any) -> model.IPAddress:
         raise ValueError("is not an IPv4 or IPv6 address") from None
 
 
-def _port(v: Any) -> int:
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise TypeError("is not an integer")
-    if not 1 <= v <= 65535:
-        raise ValueError("is out of range (1-65535)")
+def _int(lo: int, hi: int, what: str = "") -> Callable[[Any], int]:
+    def conv(v: Any) -> int:
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise TypeError("is not an integer")
+        if not lo <= v <= hi:
+            raise ValueError(f"is out of range ({lo}-{hi}{what})")
+        return v
+    return conv
+
+
+_port = _int(1, 65535)
+_vip_port = _int(0, 65535, "; 0 = any port")
+_weight = _int(0, MAX_WEIGHT)
+
+
+def _table_size(v: Any) -> int:
+    n = _int(2, abi.TABLE_MAX)(v)
+    if not ring.is_prime(n):
+        raise ValueError("is not prime (Maglev needs a prime table size, e.g. 65537, 16381, 4099, 1021)")
+    return n
+
+
+def _seconds(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError("is not a number of seconds")
+    if not 0 <= v <= MAX_SLOW_START:
+        raise ValueError(f"is out of range (0-{MAX_SLOW_START:.0f} seconds)")
+    return float(v)
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError("is not true or false")
+    return v
+
+
+def _listen(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError("is not a string like \"127.0.0.1:9842\"")
+    host, sep, port = v.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        ok = bool(sep) and 1 <= int(port) <= 65535
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError("is not ADDRESS:PORT, e.g. \"127.0.0.1:9842\" or \"[::1]:9842\"")
     return v
 
 
@@ -154,18 +212,23 @@ def _vip(d: Any, path: str) -> model.Vip:
     if not _is_unicast(address):
         raise ConfigError(f"{path}.address", f"{str(address)!r} cannot be a VIP "
                           "(multicast, broadcast, unspecified or loopback)")
-    port = _get(d, "port", path, _port)
+    port = _get(d, "port", path, _vip_port)
     protocol = _get(d, "protocol", path, _choice(model.Protocol))
     mode = _get(d, "mode", path, _choice(model.Mode), model.Mode.DSR)
-    scheduler = _get(d, "scheduler", path, _choice(model.Scheduler), model.Scheduler.RR)
+    scheduler = _get(d, "scheduler", path, _choice(model.Scheduler), model.Scheduler.MAGLEV)
+    if "table_size" in d and scheduler is not model.Scheduler.MAGLEV:
+        raise ConfigError(f"{path}.table_size", f"{_show(d['table_size'])}: table_size only applies to "
+                          f"scheduler \"maglev\" (this VIP's is {scheduler.value!r})")
+    table_size = _get(d, "table_size", path, _table_size, model.DEFAULT_TABLE_SIZE)
+    slow_start = _get(d, "slow_start", path, _seconds, 0.0)
     backends_doc = d.get("backend", [])
     if not isinstance(backends_doc, list):
         raise ConfigError(f"{path}.backend", f"{_show(backends_doc)} must be an array of tables: "
                           "write [[vip.backend]]")
     if not backends_doc:
         raise ConfigError(f"{path}.backend", "a VIP needs at least one backend ([[vip.backend]])")
-    if len(backends_doc) > abi.RING_MAX:
-        raise ConfigError(f"{path}.backend", f"{len(backends_doc)} backends; at most {abi.RING_MAX} per VIP")
+    if len(backends_doc) > abi.VIP_BACKENDS_MAX:
+        raise ConfigError(f"{path}.backend", f"{len(backends_doc)} backends; at most {abi.VIP_BACKENDS_MAX} per VIP")
     backends = []
     seen: dict[tuple[Any, int], int] = {}
     for j, bd in enumerate(backends_doc):
@@ -181,7 +244,12 @@ def _vip(d: Any, path: str) -> model.Vip:
             raise ConfigError(bpath, f"duplicate backend {b.name} (also backend[{seen[(b.address, b.port)]}])")
         seen[(b.address, b.port)] = j
         backends.append(b)
-    return model.Vip(address, port, protocol, mode, scheduler, tuple(backends))
+    if scheduler is model.Scheduler.MAGLEV and table_size < 100 * len(backends):
+        raise ConfigError(f"{path}.table_size", f"{table_size} is less than 100 x {len(backends)} backends: "
+                          "shares would be uneven; use a larger prime (65537 is the default)")
+    if not any(b.weight for b in backends):
+        raise ConfigError(f"{path}.backend", "every backend has weight 0: the VIP could take no flow")
+    return model.Vip(address, port, protocol, mode, scheduler, tuple(backends), table_size, slow_start)
 
 
 def _backend(d: Any, path: str, vip_port: int) -> model.Backend:
@@ -192,4 +260,32 @@ def _backend(d: Any, path: str, vip_port: int) -> model.Backend:
     if not _is_unicast(address):
         raise ConfigError(f"{path}.address", f"{str(address)!r} cannot be a backend "
                           "(multicast, broadcast, unspecified or loopback)")
-    return model.Backend(address, _get(d, "port", path, _port, vip_port), _get(d, "mac", path, _mac, None))
+    port = _get(d, "port", path, _vip_port if vip_port == 0 else _port, vip_port)
+    return model.Backend(address, port, _get(d, "mac", path, _mac, None), _get(d, "weight", path, _weight, 1),
+                         _get(d, "backup", path, _bool, False))
+
+
+def dump(cfg: model.Config) -> str:
+    """cfg as a config file that parse() reads back to an equal model (for the applied state)."""
+    out = []
+    if cfg.metrics_listen:
+        out += ["[metrics]", f"listen = {_q(cfg.metrics_listen)}", ""]
+    for v in cfg.vips:
+        out += ["[[vip]]", f"address = {_q(str(v.address))}", f"port = {v.port}",
+                f"protocol = {_q(v.protocol.value)}", f"mode = {_q(v.mode.value)}",
+                f"scheduler = {_q(v.scheduler.value)}"]
+        if v.scheduler is model.Scheduler.MAGLEV:
+            out.append(f"table_size = {v.table_size}")
+        out += [f"slow_start = {v.slow_start}", ""]
+        for b in v.backends:
+            out += ["  [[vip.backend]]", f"  address = {_q(str(b.address))}", f"  port = {b.port}",
+                    f"  weight = {b.weight}", f"  backup = {str(b.backup).lower()}"]
+            if b.mac:
+                out.append(f"  mac = {_q(b.mac)}")
+            out.append("")
+    return "\n".join(out)
+
+
+def _q(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+

@@ -11,12 +11,12 @@ import logging
 import os
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from . import __version__, bpfsys, config, loader, model, neigh
+from . import __version__, applied, bpfsys, config, loader, model, neigh
 from .balancer import Balancer, Diff
 from .errors import LbxError
 from .maps import Maps
@@ -60,12 +60,12 @@ def attach(inst: Instance, cfg: model.Config, mode: str = "auto", force: bool = 
     if foreign and not force:
         raise LbxError(f"{inst.label} already has an XDP program (id {foreign}) that lbxdp did not attach",
                        f"detach it first (ip link set dev {inst.ifname} xdp off) or pass --force to replace it")
-    macs = resolve_macs(inst.ifname, cfg)
+    resolve_macs(inst.ifname, cfg)   # fail on an unknown neighbour before compiling anything
     upgraded = inst.exists()
     prog = loader.compile_program(build or loader.BuildConfig(inst.pin_dir))
     try:
         loader.save_schema(inst, prog.schema)
-        diff = Balancer(Maps(prog.maps)).apply(cfg, macs)
+        diff = apply(inst, cfg, maps=Maps(prog.maps))
         used = loader.attach(inst.ifname, prog.fd, mode)
         if inst.prog_pin.exists():
             inst.prog_pin.unlink()
@@ -82,11 +82,48 @@ def attach(inst: Instance, cfg: model.Config, mode: str = "auto", force: bool = 
     return AttachResult(used, prog.info.id, diff, upgraded)
 
 
-def apply(inst: Instance, cfg: model.Config) -> Diff:
-    """Apply cfg to an attached instance's pinned maps (no compile, no attach)."""
-    macs = resolve_macs(inst.ifname, cfg)
-    with open_maps(inst) as maps:
-        return Balancer(maps).apply(cfg, macs)
+def apply(inst: Instance, cfg: model.Config | None = None, now: float | None = None,
+          maps: Maps | None = None) -> Diff:
+    """Make the instance hold cfg (None: what it was last told, e.g. for a slow-start step).
+
+    Drains past their deadline are finished here: the backend leaves its VIP and its
+    connection-table entries are removed.
+    """
+    with applied.locked(inst):
+        return _apply_locked(inst, applied.load(inst), cfg, now, maps)
+
+
+def edit(inst: Instance, change: Callable[[applied.State, float], model.Config]) -> Diff:
+    """Read what the instance was told, change it, validate the result like a config file, apply.
+
+    change(state, now) returns the new config and may set state.draining; used by the
+    `lbxdp vip|backend ...` verbs on a running balancer.
+    """
+    with applied.locked(inst):
+        st = applied.load(inst)
+        if not st.cfg.vips and not inst.exists():
+            raise LbxError(f"lbxdp is not attached to {inst.label}", f"attach it: lbxdp attach {inst.ifname} --config FILE")
+        now = time.time()
+        cfg = config.parse(config.dump(change(st, now)), source="the edited config")
+        return _apply_locked(inst, st, cfg, now, None)
+
+
+def _apply_locked(inst: Instance, st: applied.State, cfg: model.Config | None, now: float | None,
+                  maps: Maps | None) -> Diff:
+    now = time.time() if now is None else now
+    st = st.moved_to(st.cfg if cfg is None else cfg, now)
+    expired = st.expired_drains(now)
+    if expired:
+        st = st.moved_to(st.without(expired), now)
+    macs = resolve_macs(inst.ifname, st.cfg)
+    with (nullcontext(maps) if maps is not None else open_maps(inst)) as m:
+        diff = Balancer(m).apply(st.cfg, macs, st.runtime(now))
+        if diff.retired:
+            purged = m.purge_flows(diff.retired)
+            if purged:
+                diff.add(f"- {purged} connection-table entries of removed backends")
+    applied.save(inst, st)
+    return diff
 
 
 def detach(inst: Instance) -> bool:
@@ -145,7 +182,8 @@ def status(inst: Instance) -> dict[str, Any]:
     except LbxError:
         xdp["error"] = f"interface {inst.ifname} not found"
     with open_maps(inst) as maps:
-        vips = [{"vip": v.name, "id": v.id, "mode": v.mode, "scheduler": v.scheduler, **asdict(v.stats),
+        vips = [{"vip": v.name, "id": v.id, "mode": v.mode, "scheduler": v.scheduler,
+                 "table_size": v.table_size, **asdict(v.stats),
                  "backends": [{"backend": b.name, "id": b.id, "mac": b.mac, "in_table": b.in_table,
                                **asdict(b.stats)} for b in v.backends]}
                 for v in maps.vip_views()]

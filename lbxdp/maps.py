@@ -6,8 +6,10 @@ make() builds one and refuses field names the compiled C does not have.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import ipaddress
+import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -76,10 +78,10 @@ def mac_str(raw: Any) -> str:
 @dataclass(frozen=True)
 class VipMeta:
     id: int
-    ring_size: int
-    ring_half: int
+    table_size: int
     sched: abi.Sched
     mode: abi.FwdMode
+    table_tag: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class VipView:
     id: int = 0
     mode: str = ""
     scheduler: str = ""
+    table_size: int = 0
 
 
 class Maps:
@@ -131,7 +134,7 @@ class Maps:
         self.vip_map = maps[abi.Map.VIPS]
         self.filter_map = maps[abi.Map.VIP_FILTER]
         self.be_map = maps[abi.Map.BACKENDS]
-        self.ring_map = maps[abi.Map.RING]
+        self.tables_map = maps[abi.Map.TABLES]
         self.flow_map = maps[abi.Map.FLOWS]
 
     def close(self) -> None:
@@ -156,13 +159,13 @@ class Maps:
         for k, v in self.vip_map.items():
             proto = {6: model.Protocol.TCP, 17: model.Protocol.UDP}[k.proto]
             key = model.VipKey(addr_from(k.addr, k.family), socket.ntohs(k.port), proto)
-            out[key] = VipMeta(v.id, v.ring_size, v.ring_half, abi.Sched(v.sched), abi.FwdMode(v.mode))
+            out[key] = VipMeta(v.id, v.table_size, abi.Sched(v.sched), abi.FwdMode(v.mode), v.table_tag)
         return out
 
     def put_vip(self, key: model.VipKey, meta: VipMeta) -> None:
-        """One map write: this is the moment a new table becomes live for the VIP."""
-        leaf = make(self.vip_map.Leaf, id=meta.id, ring_size=meta.ring_size, ring_half=meta.ring_half,
-                    sched=int(meta.sched), mode=int(meta.mode))
+        """One map write: size, scheduler and mode of the VIP change together."""
+        leaf = make(self.vip_map.Leaf, id=meta.id, table_size=meta.table_size,
+                    sched=int(meta.sched), mode=int(meta.mode), table_tag=meta.table_tag)
         self.vip_map.update(self.vip_key(key), leaf)
 
     def delete_vip(self, key: model.VipKey) -> None:
@@ -225,16 +228,35 @@ class Maps:
         self.be_map.update(backend_id, make(self.be_map.Leaf, gen=old.gen if old is not None else 0))
 
     # --- selection tables ----------------------------------------------------------------------
-    @staticmethod
-    def ring_index(vip_id: int, half: int, slot: int) -> int:
-        return (vip_id * 2 + half) * abi.RING_MAX + slot
+    def write_table(self, vip_id: int, backend_ids: "array.array[int]") -> None:
+        """Build the VIP's new table aside (a new inner map), then swap it in with one write.
 
-    def write_ring(self, vip_id: int, half: int, backend_ids: list[int]) -> None:
-        keys = [self.ring_map.Key(self.ring_index(vip_id, half, s)) for s in range(len(backend_ids))]
-        self.ring_map.update_batch(keys, [self.ring_map.Leaf(i) for i in backend_ids])
+        The old table stays valid for packets already using it and is freed by the kernel when
+        the last reference goes. An empty table is not swapped in: a VIP with table_size 0 drops
+        new flows before it looks at its table.
+        """
+        if not len(backend_ids):
+            return
+        fd = bpfsys.array_create(f"lbx_t{vip_id}", len(backend_ids), flags=bpfsys.BPF_F_INNER_MAP)
+        try:
+            bpfsys.array_fill(fd, backend_ids)
+            self.tables_map.update(vip_id, self.tables_map.Leaf(fd))
+        finally:
+            os.close(fd)
 
-    def ring(self, vip_id: int, half: int, size: int) -> list[int]:
-        return [self.ring_map.lookup(self.ring_index(vip_id, half, s)).value for s in range(size)]
+    def table(self, vip_id: int) -> "array.array[int]":
+        """The VIP's live table (empty if it has none)."""
+        inner_id = self.tables_map.lookup(vip_id)  # the kernel answers with the inner map's id
+        if inner_id is None or not inner_id.value:
+            return array.array("I")
+        fd = bpfsys.map_fd_by_id(inner_id.value)
+        try:
+            return bpfsys.array_read(fd)
+        finally:
+            os.close(fd)
+
+    def delete_table(self, vip_id: int) -> None:
+        self.tables_map.delete(vip_id)
 
     # --- counters ------------------------------------------------------------------------------
     def _sum(self, name: str, key: int) -> Stats:
@@ -269,16 +291,23 @@ class Maps:
         backends = sorted(self.backends().values(), key=lambda e: e.id)
         out = []
         for key, meta in sorted(self.vips().items(), key=lambda kv: kv[1].id):
-            live = set(self.ring(meta.id, meta.ring_half, meta.ring_size))
+            live = set(self.table(meta.id)) if meta.table_size else set()
             bes = tuple(BackendView(e.name, self.backend_stats(e.id), e.id in live, e.id, e.mac)
                         for e in backends if e.vip_id == meta.id)
             out.append(VipView(key.name, self.vip_stats(meta.id), bes, meta.id, meta.mode.name.lower(),
-                               meta.sched.name.lower()))
+                               meta.sched.name.lower(), meta.table_size))
         return tuple(out)
 
     # --- connection table ----------------------------------------------------------------------
     def flows(self) -> Iterator[tuple[Any, Any]]:
         return self.flow_map.items()
+
+    def purge_flows(self, backend_ids: list[int]) -> int:
+        """Delete the connection-table entries of these backend entries; returns how many."""
+        ids, doomed = set(backend_ids), []
+        for keys, values, n in self.flow_map.batches():
+            doomed += [self.flow_map.Key.from_buffer_copy(keys[i]) for i in range(n) if values[i].backend_id in ids]
+        return sum(1 for k in doomed if self.flow_map.delete(k))
 
     def flow_count(self) -> int:
         return self.flow_map.count()

@@ -24,8 +24,9 @@ class Protocol(str, enum.Enum):
 
 
 class Scheduler(str, enum.Enum):
-    RR = "rr"
-    HASH = "hash"
+    MAGLEV = "maglev"  # consistent hashing (the default)
+    RR = "rr"          # weighted round robin
+    HASH = "hash"      # 5-tuple hash over the weighted sequence (not consistent)
 
     @property
     def abi(self) -> abi.Sched:
@@ -44,16 +45,22 @@ def family(addr: IPAddress) -> int:
     return abi.FAMILY_V4 if addr.version == 4 else abi.FAMILY_V6
 
 
+DEFAULT_TABLE_SIZE = 65537  # Maglev's M: prime, > 100 x backends keeps shares within 1%
+
+
 def endpoint(addr: IPAddress, port: int) -> str:
-    """'10.0.0.1:80' or '[fd00::1]:80'."""
-    return f"{addr}:{port}" if addr.version == 4 else f"[{addr}]:{port}"
+    """'10.0.0.1:80' or '[fd00::1]:80'; port 0 (any port) shows as '*'."""
+    p = port or "*"
+    return f"{addr}:{p}" if addr.version == 4 else f"[{addr}]:{p}"
 
 
 @dataclass(frozen=True)
 class Backend:
     address: IPAddress
-    port: int
+    port: int               # 0 on an any-port VIP: the packet keeps its port
     mac: str | None = None  # None: resolved from the kernel's neighbour table at apply time
+    weight: int = 1         # share of new flows, relative to the VIP's other backends; 0 = none
+    backup: bool = False    # gets new flows only while no primary is usable
 
     @property
     def name(self) -> str:
@@ -78,8 +85,10 @@ class Vip:
     port: int
     protocol: Protocol
     mode: Mode = Mode.DSR
-    scheduler: Scheduler = Scheduler.RR
+    scheduler: Scheduler = Scheduler.MAGLEV
     backends: tuple[Backend, ...] = field(default_factory=tuple)
+    table_size: int = DEFAULT_TABLE_SIZE  # Maglev only: slots of the lookup table (prime)
+    slow_start: float = 0.0               # seconds over which a new backend's weight ramps up
 
     @property
     def key(self) -> VipKey:
@@ -93,3 +102,4 @@ class Vip:
 @dataclass(frozen=True)
 class Config:
     vips: tuple[Vip, ...] = ()
+    metrics_listen: str | None = None  # [metrics] listen: where `lbxdp run` serves /metrics

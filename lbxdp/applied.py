@@ -1,0 +1,91 @@
+"""What an instance was last told: the applied config and the runtime state beside it.
+
+The maps say what the kernel does; this says why. `applied.toml` is the last config applied (by
+attach, by a reload of the daemon, or edited by `lbxdp vip|backend ...`), in the config file's own
+format; `runtime.json` holds what no config file says: backends being drained (with their
+deadline) and when each backend joined its VIP (for slow start). Every change goes through
+`locked()`, so the CLI and a running daemon never interleave their applies.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from . import config, model
+from .balancer import BackendRef, Runtime
+from .paths import Instance
+
+
+def ref_key(ref: BackendRef) -> str:
+    vip, addr, port = ref
+    return f"{vip.name}|{model.endpoint(addr, port)}"
+
+
+def refs(cfg: model.Config) -> dict[str, BackendRef]:
+    return {ref_key(r): r for r in ((v.key, b.address, b.port) for v in cfg.vips for b in v.backends)}
+
+
+@dataclass
+class State:
+    cfg: model.Config = field(default_factory=model.Config)
+    draining: dict[str, float] = field(default_factory=dict)   # ref key -> deadline (epoch seconds)
+    joined: dict[str, float] = field(default_factory=dict)     # ref key -> when it joined its VIP
+
+    def runtime(self, now: float) -> Runtime:
+        r = refs(self.cfg)
+        return Runtime(frozenset(r[k] for k in self.draining if k in r),
+                       {r[k]: t for k, t in self.joined.items() if k in r}, now)
+
+    def moved_to(self, cfg: model.Config, now: float) -> "State":
+        """The state for a new config: backends new to their VIP join now; gone ones are forgotten."""
+        old, new = refs(self.cfg), refs(cfg)
+        joined = {k: self.joined.get(k, now) if k in old else now for k in new}
+        return State(cfg, {k: d for k, d in self.draining.items() if k in new}, joined)
+
+    def expired_drains(self, now: float) -> list[str]:
+        return sorted(k for k, deadline in self.draining.items() if deadline <= now)
+
+    def without(self, keys: list[str]) -> model.Config:
+        """The config with these backends removed from their VIPs."""
+        gone = set(keys)
+        vips = []
+        for v in self.cfg.vips:
+            bes = tuple(b for b in v.backends if ref_key((v.key, b.address, b.port)) not in gone)
+            vips.append(model.Vip(v.address, v.port, v.protocol, v.mode, v.scheduler, bes, v.table_size,
+                                  v.slow_start))
+        return model.Config(tuple(vips), self.cfg.metrics_listen)
+
+
+def load(inst: Instance) -> State:
+    """The instance's applied state (an empty one if nothing was applied yet)."""
+    cfg_file, rt_file = inst.run_dir / "applied.toml", inst.run_dir / "runtime.json"
+    if not cfg_file.exists():
+        return State()
+    cfg = config.parse(cfg_file.read_text(), source=str(cfg_file))
+    rt = json.loads(rt_file.read_text()) if rt_file.exists() else {}
+    return State(cfg, dict(rt.get("draining", {})), dict(rt.get("joined", {})))
+
+
+def save(inst: Instance, st: State) -> None:
+    inst.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for name, text in (("applied.toml", config.dump(st.cfg)),
+                       ("runtime.json", json.dumps({"draining": st.draining, "joined": st.joined}, indent=1))):
+        tmp = inst.run_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(inst.run_dir / name)
+
+
+@contextmanager
+def locked(inst: Instance) -> Iterator[None]:
+    """Exclusive right to change the instance (its maps and its applied state)."""
+    inst.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(inst.run_dir / "lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -1,0 +1,349 @@
+"""The operator's verbs on a running balancer: vip and backend lifecycle, reload, the daemon.
+
+Registered on the `lbxdp` group by lbxdp.cli. Every edit reads what the instance was last told
+(lbxdp.applied), changes it, validates the result exactly like a config file, and applies it as
+a minimal diff; nothing is applied if the result is invalid.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import time
+from dataclasses import replace
+from typing import Any
+
+import click
+
+from . import model
+from .cli import cli, needs_root
+from .errors import LbxError
+from .paths import Instance
+
+IFACE_HELP = "Interface of the balancer (default: the only one lbxdp is attached to here)."
+
+
+def pick_instance(ctx: click.Context, ifname: str | None) -> Instance:
+    netns = ctx.obj.get("netns")
+    if ifname:
+        return Instance(ifname, netns)
+    found = [i for i in Instance.all() if i.netns == netns]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise LbxError("lbxdp is not attached to any interface here", "attach it: lbxdp attach IFNAME --config FILE")
+    raise LbxError(f"lbxdp is attached to {len(found)} interfaces here ({', '.join(i.ifname for i in found)})",
+                   "say which one with -i IFNAME")
+
+
+_ENDPOINT = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<v4>[^:/\[\]]+)):(?P<port>\d+|\*)$")
+
+
+def parse_endpoint(text: str, what: str) -> tuple[model.IPAddress, int]:
+    """'10.0.0.1:80', '[fd00::1]:80' or '10.0.0.1:*' (any port) -> (address, port)."""
+    m = _ENDPOINT.match(text)
+    try:
+        if not m:
+            raise ValueError
+        addr = ipaddress.ip_address(m["v6"] or m["v4"])
+        if (m["v6"] is not None) != (addr.version == 6):
+            raise ValueError
+        port = 0 if m["port"] == "*" else int(m["port"])
+        if not 0 <= port <= 65535:
+            raise ValueError
+    except ValueError:
+        raise LbxError(f"{what} {text!r} is not ADDRESS:PORT", "write it like 10.0.0.1:80 or [fd00::1]:80",
+                       exit_code=2) from None
+    return addr, port
+
+
+def parse_vip(text: str) -> model.VipKey:
+    """'10.0.0.1:80/tcp' -> VipKey (the same names status and the metrics use)."""
+    ep, _, proto = text.rpartition("/")
+    try:
+        protocol = model.Protocol(proto)
+    except ValueError:
+        raise LbxError(f"VIP {text!r} has no protocol", "write it like 10.0.0.1:80/tcp or [fd00::1]:53/udp",
+                       exit_code=2) from None
+    return model.VipKey(*parse_endpoint(ep, "VIP"), protocol)
+
+
+def find_vip(cfg: model.Config, key: model.VipKey) -> int:
+    for i, v in enumerate(cfg.vips):
+        if v.key == key:
+            return i
+    raise LbxError(f"no VIP {key.name} on this balancer", "list them: lbxdp vip ls", exit_code=2)
+
+
+def find_backend(vip: model.Vip, addr: model.IPAddress, port: int) -> int:
+    for i, b in enumerate(vip.backends):
+        if (b.address, b.port) == (addr, port):
+            return i
+    raise LbxError(f"{vip.name} has no backend {model.endpoint(addr, port)}",
+                   f"list them: lbxdp backend ls {vip.name}", exit_code=2)
+
+
+def with_vip(cfg: model.Config, i: int, vip: model.Vip | None) -> model.Config:
+    vips = list(cfg.vips)
+    if vip is None:
+        del vips[i]
+    else:
+        vips[i] = vip
+    return replace(cfg, vips=tuple(vips))
+
+
+def show_diff(diff: Any) -> None:
+    for line in diff.lines:
+        click.echo(f"  {line}")
+    if diff.empty:
+        click.echo("  (no change)")
+
+
+# --- vip -------------------------------------------------------------------------------------------
+
+@cli.group()
+def vip() -> None:
+    """Add, remove and list VIPs of a running balancer."""
+
+
+@vip.command("ls")
+@click.option("-i", "--interface", "ifname", help=IFACE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@needs_root
+def vip_ls(ctx: click.Context, ifname: str | None, as_json: bool) -> None:
+    """List the VIPs with their scheduler, table size and backends."""
+    from . import control
+    st = control.status(pick_instance(ctx, ifname))
+    rows = [{k: v[k] for k in ("vip", "mode", "scheduler", "table_size", "packets", "bytes", "new_flows")}
+            | {"backends": len(v["backends"])} for v in st["vips"]]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    fmt = "{:<34} {:<5} {:<7} {:>8} {:>9} {:>12} {:>10}"
+    click.echo(fmt.format("VIP", "mode", "sched", "slots", "backends", "packets", "new flows"))
+    for r in rows:
+        click.echo(fmt.format(r["vip"], r["mode"], r["scheduler"], r["table_size"], r["backends"], r["packets"],
+                              r["new_flows"]))
+
+
+@vip.command("add")
+@click.argument("vip_name", metavar="VIP")
+@click.option("-b", "--backend", "backends", multiple=True, required=True, metavar="ADDR:PORT",
+              help="A backend (repeat the option for more); weight 1. Add others with `backend add`.")
+@click.option("--scheduler", type=click.Choice([s.value for s in model.Scheduler]), default="maglev",
+              show_default=True)
+@click.option("--table-size", type=int, default=model.DEFAULT_TABLE_SIZE, show_default=True,
+              help="Maglev table slots (a prime).")
+@click.option("--slow-start", type=float, default=0.0, show_default=True, metavar="SECONDS")
+@click.option("-i", "--interface", "ifname", help=IFACE_HELP)
+@click.pass_context
+@needs_root
+def vip_add(ctx: click.Context, vip_name: str, backends: tuple[str, ...], scheduler: str, table_size: int,
+            slow_start: float, ifname: str | None) -> None:
+    """Add VIP (ADDR:PORT/PROTO) with its backends.
+
+    \b
+    Example: sudo lbxdp vip add 10.112.0.20:80/tcp -b 10.111.0.11:80 -b 10.111.0.12:80
+    """
+    from . import control
+    key = parse_vip(vip_name)
+    sched = model.Scheduler(scheduler)
+    bes = tuple(model.Backend(*parse_endpoint(b, "backend")) for b in backends)
+
+    def change(st: Any, now: float) -> model.Config:
+        if any(v.key == key for v in st.cfg.vips):
+            raise LbxError(f"VIP {key.name} exists already", "change it with `lbxdp backend ...`", exit_code=2)
+        new = model.Vip(key.address, key.port, key.protocol, model.Mode.DSR, sched, bes,
+                        table_size if sched is model.Scheduler.MAGLEV else model.DEFAULT_TABLE_SIZE, slow_start)
+        return replace(st.cfg, vips=st.cfg.vips + (new,))
+    show_diff(control.edit(pick_instance(ctx, ifname), change))
+
+
+@vip.command("del")
+@click.argument("vip_name", metavar="VIP")
+@click.option("-i", "--interface", "ifname", help=IFACE_HELP)
+@click.pass_context
+@needs_root
+def vip_del(ctx: click.Context, vip_name: str, ifname: str | None) -> None:
+    """Remove VIP: its traffic passes to the kernel from now on."""
+    from . import control
+    key = parse_vip(vip_name)
+    show_diff(control.edit(pick_instance(ctx, ifname), lambda st, now: with_vip(st.cfg, find_vip(st.cfg, key), None)))
+
+
+# --- backend ---------------------------------------------------------------------------------------
+
+@cli.group()
+def backend() -> None:
+    """Add, remove, weigh, drain and list backends of a running balancer."""
+
+
+@backend.command("ls")
+@click.argument("vip_name", metavar="[VIP]", required=False)
+@click.option("-i", "--interface", "ifname", help=IFACE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@needs_root
+def backend_ls(ctx: click.Context, vip_name: str | None, ifname: str | None, as_json: bool) -> None:
+    """List backends (of VIP, or of every VIP) with weight, state and counters."""
+    from . import applied, control
+    inst = pick_instance(ctx, ifname)
+    st = control.status(inst)
+    want = parse_vip(vip_name).name if vip_name else None
+    cfg = applied.load(inst)
+    rows = []
+    for v in st["vips"]:
+        if want and v["vip"] != want:
+            continue
+        conf = {b.name: b for cv in cfg.cfg.vips if cv.name == v["vip"] for b in cv.backends}
+        for b in v["backends"]:
+            c = conf.get(b["backend"])
+            key = f"{v['vip']}|{b['backend']}"
+            if key in cfg.draining:
+                state = "draining"
+            elif b["in_table"]:
+                state = "active"
+            else:
+                state = "standby" if c and c.backup else "no new flows"
+            rows.append({"vip": v["vip"], "backend": b["backend"], "weight": c.weight if c else None,
+                         "backup": bool(c and c.backup), "state": state,
+                         "drain_deadline": cfg.draining.get(key), "in_table": b["in_table"],
+                         "packets": b["packets"], "bytes": b["bytes"], "new_flows": b["new_flows"]})
+    if want and not any(v["vip"] == want for v in st["vips"]):
+        raise LbxError(f"no VIP {want} on this balancer", "list them: lbxdp vip ls", exit_code=2)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    fmt = "{:<26} {:<24} {:>6} {:<12} {:>12} {:>10}"
+    click.echo(fmt.format("VIP", "backend", "weight", "state", "packets", "new flows"))
+    for r in rows:
+        click.echo(fmt.format(r["vip"], r["backend"], str(r["weight"]), r["state"], r["packets"], r["new_flows"]))
+
+
+def _edit_backend(ctx: click.Context, ifname: str | None, vip_name: str, be: str, fn: Any) -> None:
+    from . import control
+    key = parse_vip(vip_name)
+    addr, port = parse_endpoint(be, "backend")
+
+    def change(st: Any, now: float) -> model.Config:
+        i = find_vip(st.cfg, key)
+        return with_vip(st.cfg, i, fn(st, now, st.cfg.vips[i], addr, port))
+    show_diff(control.edit(pick_instance(ctx, ifname), change))
+
+
+@backend.command("add")
+@click.argument("vip_name", metavar="VIP")
+@click.argument("be", metavar="BACKEND")
+@click.option("--weight", type=int, default=1, show_default=True)
+@click.option("--backup", is_flag=True, help="New flows only while no primary is usable.")
+@click.option("--mac", help="Next-hop MAC (default: from the neighbour table).")
+@click.option("-i", "--interface", "ifname", help=IFACE_HELP)
+@click.pass_context
+@needs_root
+def backend_add(ctx: click.Context, vip_name: str, be: str, weight: int, backup: bool, mac: str | None,
+                ifname: str | None) -> None:
+    """Add BACKEND (ADDR:PORT) to VIP; with slow start its weight ramps up.
+
+    \b
+    Example: sudo lbxdp backend add 10.112.0.10:8080/tcp 10.111.0.14:8080 --weight 2
+    """
+    def add(st: Any, now: float, v: model.Vip, addr: model.IPAddress, port: int) -> model.Vip:
+        if any((b.address, b.port) == (addr, port) for b in v.backends):
+            raise LbxError(f"{v.name} has backend {model.endpoint(addr, port)} already",
+                           "use `backend set-weight` to change it", exit_code=2)
+        return replace(v, backends=v.backends + (model.Backend(addr, port, mac, weight, backup),))
+    _edit_backend(ctx, ifname, vip_name, be, add)
+
+
+@backend.command("del")
+@click.argument("vip_name", metavar="VIP")
+@click.argument("be", metavar="BACKEND")
+@click.option("-i", "--interface", "ifname", help=IFACE_HELP)
+@click.pass_context
+@needs_root
+def backend_del(ctx: click.Context, vip_name: str, be: str, ifname: str | None) -> None:
+    """Remove BACKEND from VIP at once (its flows move on; `drain` lets them finish)."""
+    def delete(st: Any, now: float, v: model.Vip, addr: model.IPAddress, port: int) -> model.Vip:
+        i = find_backend(v, addr, port)
+        return replace(v, backends=v.backends[:i] + v.backends[i + 1:])
+    _edit_backend(ctx, ifname, vip_name, be, delete)
+
+
+@backend.command("set-weight")
+@click.argument("vip_name", metavar="VIP")
+@click.argument("be", metavar="BACKEND")
+@click.argument("weight", type=int)
+@click.option("-i", "--interface", "ifname", help=IFACE_HELP)
+@click.pass_context
+@needs_root
+def backend_set_weight(ctx: click.Context, vip_name: str, be: str, weight: int, ifname: str | None) -> None:
+    """Set BACKEND's WEIGHT on VIP (0: no new flows; established ones stay)."""
+    def set_weight(st: Any, now: float, v: model.Vip, addr: model.IPAddress, port: int) -> model.Vip:
+        i = find_backend(v, addr, port)
+        bes = list(v.backends)
+        bes[i] = replace(bes[i], weight=weight)
+        return replace(v, backends=tuple(bes))
+    _edit_backend(ctx, ifname, vip_name, be, set_weight)
+
+
+@backend.command("drain")
+@click.argument("vip_name", metavar="VIP")
+@click.argument("be", metavar="BACKEND")
+@click.option("--deadline", type=click.FloatRange(0, 86400), default=30.0, show_default=True, metavar="SECONDS",
+              help="Then its connection-table entries are removed and it leaves the VIP.")
+@click.option("--wait", is_flag=True, help="Stay until the deadline and finish the drain (without `lbxdp run`, "
+              "nothing else finishes it before the next change).")
+@click.option("-i", "--interface", "ifname", help=IFACE_HELP)
+@click.pass_context
+@needs_root
+def backend_drain(ctx: click.Context, vip_name: str, be: str, deadline: float, wait: bool,
+                  ifname: str | None) -> None:
+    """Drain BACKEND: no new flow goes to it; its established flows go on until --deadline."""
+    from . import control
+
+    def drain(st: Any, now: float, v: model.Vip, addr: model.IPAddress, port: int) -> model.Vip:
+        b = v.backends[find_backend(v, addr, port)]
+        st.draining[f"{v.name}|{b.name}"] = now + deadline
+        return v
+    _edit_backend(ctx, ifname, vip_name, be, drain)
+    if wait:
+        time.sleep(deadline)
+        show_diff(control.apply(pick_instance(ctx, ifname)))
+
+
+# --- daemon ----------------------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("ifname")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="TOML file; re-read on SIGHUP or `lbxdp reload`.")
+@click.option("--mode", type=click.Choice(["auto", "native", "generic"]), default="auto", show_default=True)
+@click.option("--metrics", metavar="ADDRESS:PORT", help="Serve Prometheus /metrics here (default: the config's "
+              "[metrics] listen, else none). 127.0.0.1:9842 is the usual choice.")
+@click.option("--keep-attached", is_flag=True, help="On SIGTERM, leave the program attached (it keeps forwarding).")
+@click.pass_context
+@needs_root
+def run(ctx: click.Context, ifname: str, config_path: str, mode: str, metrics: str | None,
+        keep_attached: bool) -> None:
+    """The daemon: attach (or adopt), apply the config, reload on SIGHUP, detach on SIGTERM.
+
+    Runs in the foreground and logs to stderr (systemd-friendly: see dist/lbxdp@.service).
+    Finishes drains at their deadline and steps slow starts. `kill -9` leaves forwarding
+    running; started again, it adopts the attached program and the pinned maps.
+    """
+    from . import daemon
+    daemon.Daemon(Instance(ifname, ctx.obj.get("netns")), config_path, mode, metrics, keep_attached).run()
+
+
+@cli.command()
+@click.option("-i", "--interface", "ifname", help=IFACE_HELP)
+@click.pass_context
+@needs_root
+def reload(ctx: click.Context, ifname: str | None) -> None:
+    """Ask the running `lbxdp run` daemon to re-read its config file (SIGHUP)."""
+    from . import daemon
+    inst = pick_instance(ctx, ifname)
+    pid = daemon.signal_daemon(inst)
+    click.echo(f"asked the daemon of {inst.label} (pid {pid}) to reload")
