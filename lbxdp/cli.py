@@ -58,6 +58,8 @@ def cli(ctx: click.Context, netns: str | None, verbose: int) -> None:
     ctx.ensure_object(dict)
     ctx.obj["netns"] = netns
     if netns and ctx.invoked_subcommand not in ("rig", "demo", "config"):
+        if ctx.invoked_subcommand == "detach" and not os.path.exists(f"/var/run/netns/{netns}"):
+            return  # the namespace is gone with its interface: detach only removes the pins
         enter_netns(netns)
 
 

@@ -31,7 +31,17 @@ TICK = 1.0
 
 
 def _event(name: str, **kv: Any) -> None:
-    log.warning("%s %s", name, " ".join(f"{k}={v}" for k, v in kv.items()))
+    log.info("%s %s", name, " ".join(f"{k}={v}" for k, v in kv.items()))
+
+
+def _log_to_stderr() -> None:
+    """One line per event on stderr, `lbxdp[pid]: event key=value ...` (journald adds the time)."""
+    if not log.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("lbxdp[%(process)d]: %(message)s"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def _pidfile(inst: Instance) -> Path:
@@ -39,10 +49,13 @@ def _pidfile(inst: Instance) -> Path:
 
 
 def _start_time(pid: int) -> str | None:
+    """The process's start time (to tell it from a later process with the same pid), or None if
+    there is no live process: a zombie (killed, not yet reaped) counts as gone."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 def running_pid(inst: Instance) -> int | None:
@@ -115,6 +128,7 @@ class Daemon:
 
     # --- the life ------------------------------------------------------------------------------
     def run(self) -> None:
+        _log_to_stderr()
         other = running_pid(self.inst)
         if other is not None and other != os.getpid():
             raise LbxError(f"a daemon already runs for {self.inst.label} (pid {other})",

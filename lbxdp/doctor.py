@@ -61,6 +61,10 @@ def run(inst: Instance | None, echo: Callable[[str], None]) -> bool:
     except OSError:
         lib_ok = False
     check("libbpf", lib_ok, "libbpf.so.1", "apt-get install libbpf1")
+    from . import ring
+    helper = ring.accelerator()
+    check("Maglev table builder", True, f"C helper {helper}" if helper else
+          "pure Python (about 15x slower per table; `sudo scripts/install.sh` builds the C helper)")
     if bcc_ok and check.ok:
         _compile(check)
     if inst is not None:

@@ -211,6 +211,17 @@ ROOT_COMMANDS = [
     pytest.param(["exporter", "eth0", "--listen", "127.0.0.1:9842"], id="exporter-listen"),
     pytest.param(["demo"], id="demo"),
     pytest.param(["demo", "--backends", "2"], id="demo-backends"),
+    pytest.param(["top", "--once"], id="top"),
+    pytest.param(["run", "eth0", "--config", "{good}"], id="run"),
+    pytest.param(["reload"], id="reload"),
+    pytest.param(["vip", "ls"], id="vip-ls"),
+    pytest.param(["vip", "add", "10.0.0.1:80/tcp", "-b", "10.0.1.1:80"], id="vip-add"),
+    pytest.param(["vip", "del", "10.0.0.1:80/tcp"], id="vip-del"),
+    pytest.param(["backend", "ls"], id="backend-ls"),
+    pytest.param(["backend", "add", "10.0.0.1:80/tcp", "10.0.1.2:80"], id="backend-add"),
+    pytest.param(["backend", "del", "10.0.0.1:80/tcp", "10.0.1.2:80"], id="backend-del"),
+    pytest.param(["backend", "set-weight", "10.0.0.1:80/tcp", "10.0.1.2:80", "3"], id="backend-set-weight"),
+    pytest.param(["backend", "drain", "10.0.0.1:80/tcp", "10.0.1.2:80"], id="backend-drain"),
 ]
 
 
