@@ -329,7 +329,7 @@ def run(ctx: click.Context, ifname: str, config_path: str, mode: str, metrics: s
         keep_attached: bool) -> None:
     """The daemon: attach (or adopt), apply the config, reload on SIGHUP, detach on SIGTERM.
 
-    Runs in the foreground and logs to stderr (systemd-friendly: see dist/lbxdp@.service).
+    Runs in the foreground and logs to stderr (systemd-friendly: see systemd/lbxdp@.service).
     Finishes drains at their deadline and steps slow starts. `kill -9` leaves forwarding
     running; started again, it adopts the attached program and the pinned maps.
     """
