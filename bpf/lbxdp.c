@@ -35,6 +35,8 @@ int lbxdp_ingress(struct xdp_md *ctx)
 		if (!vip)
 			return count(XDP_PASS, LBX_R_PASS_NOT_VIP, &pkt);
 		r = select_backend(vip, &pkt, &sel);    /* select.h: the VIP's table */
+		if (r == LBX_R_PASS_NO_BACKEND)
+			return count(XDP_PASS, r, &pkt);
 		if (r != LBX_R_OK)
 			return count(XDP_DROP, r, &pkt);
 	}

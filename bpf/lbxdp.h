@@ -41,6 +41,9 @@ _Static_assert(LBX_VIP_FILTER_WORDS * 64 == 1 << LBX_VIP_FILTER_BITS, "filter wo
 #define LBX_FAMILY_V4 4
 #define LBX_FAMILY_V6 6
 
+/* VIP flags. */
+#define LBX_VIP_F_PASS_NO_BACKEND 0x01 /* no usable backend: pass to the kernel instead of drop */
+
 /* Backend flags. */
 #define LBX_BE_F_ACTIVE 0x01 /* slot holds a backend; cleared when the backend is deleted */
 
@@ -72,6 +75,7 @@ enum lbx_reason {
 	LBX_R_PASS_FRAGMENT,      /* IPv4 fragment: later fragments carry no ports */
 	LBX_R_PASS_IP_OPTIONS,    /* IPv4 header with options */
 	LBX_R_PASS_IPV6_EXT,      /* IPv6 extension header before L4 */
+	LBX_R_PASS_NO_BACKEND,    /* the VIP has no usable backend and says pass (on_all_down) */
 	LBX_R_DROP_NO_BACKEND,    /* the VIP has no backend */
 	LBX_R_DROP_BACKEND_GONE,  /* a table slot names a deleted backend (control-plane race) */
 	LBX_R_ABORT_REWRITE,      /* the frame could not be rewritten */

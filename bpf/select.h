@@ -98,7 +98,7 @@ static __always_inline int select_backend(const struct vip_meta *vip, struct pkt
 	void *table;
 
 	if (vip->table_size == 0)
-		return LBX_R_DROP_NO_BACKEND;
+		return vip->flags & LBX_VIP_F_PASS_NO_BACKEND ? LBX_R_PASS_NO_BACKEND : LBX_R_DROP_NO_BACKEND;
 	table = lbx_tables.lookup((int *)&vip->id);
 	if (!table)
 		return LBX_R_DROP_NO_BACKEND;

@@ -22,6 +22,7 @@ FAMILY_V4 = 4            # LBX_FAMILY_V4
 FAMILY_V6 = 6            # LBX_FAMILY_V6
 
 BE_F_ACTIVE = 0x01       # LBX_BE_F_ACTIVE
+VIP_F_PASS_NO_BACKEND = 0x01  # LBX_VIP_F_PASS_NO_BACKEND
 
 PROGRAM = "lbxdp_ingress"
 STUB_PROGRAM = "xdp_stub"
@@ -54,10 +55,11 @@ class Reason(enum.IntEnum):
     PASS_FRAGMENT = 7
     PASS_IP_OPTIONS = 8
     PASS_IPV6_EXT = 9
-    DROP_NO_BACKEND = 10
-    DROP_BACKEND_GONE = 11
-    ABORT_REWRITE = 12
-    MAX = 13
+    PASS_NO_BACKEND = 10
+    DROP_NO_BACKEND = 11
+    DROP_BACKEND_GONE = 12
+    ABORT_REWRITE = 13
+    MAX = 14
 
     @property
     def verdict(self) -> str:

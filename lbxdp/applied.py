@@ -3,7 +3,8 @@
 The maps say what the kernel does; this says why. `applied.toml` is the last config applied (by
 attach, by a reload of the daemon, or edited by `lbxdp vip|backend ...`), in the config file's own
 format; `runtime.json` holds what no config file says: backends being drained (with their
-deadline) and when each backend joined its VIP (for slow start). Every change goes through
+deadline), when each backend joined its VIP (for slow start), the health of each checked backend
+(written by the daemon's checker) and manual health overrides (`lbxdp backend set-health`). Every change goes through
 `locked()`, so the CLI and a running daemon never interleave their applies.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 from . import config, model
@@ -34,17 +35,30 @@ class State:
     cfg: model.Config = field(default_factory=model.Config)
     draining: dict[str, float] = field(default_factory=dict)   # ref key -> deadline (epoch seconds)
     joined: dict[str, float] = field(default_factory=dict)     # ref key -> when it joined its VIP
+    health: dict[str, dict] = field(default_factory=dict)      # ref key -> {healthy, since, detail, latency, at}
+    overrides: dict[str, str] = field(default_factory=dict)    # ref key -> "up" | "down"
+
+    def is_down(self, key: str) -> bool:
+        """Forced down, or failed its check and not forced up."""
+        forced = self.overrides.get(key)
+        return forced == "down" or (forced != "up" and self.health.get(key, {}).get("healthy") is False)
 
     def runtime(self, now: float) -> Runtime:
         r = refs(self.cfg)
         return Runtime(frozenset(r[k] for k in self.draining if k in r),
-                       {r[k]: t for k, t in self.joined.items() if k in r}, now)
+                       {r[k]: t for k, t in self.joined.items() if k in r}, now,
+                       frozenset(ref for k, ref in r.items() if self.is_down(k)))
 
     def moved_to(self, cfg: model.Config, now: float) -> "State":
-        """The state for a new config: backends new to their VIP join now; gone ones are forgotten."""
+        """The state for a new config: backends new to their VIP join now; gone ones are forgotten.
+        A backend whose check changed forgets its health (the new check decides)."""
         old, new = refs(self.cfg), refs(cfg)
         joined = {k: self.joined.get(k, now) if k in old else now for k in new}
-        return State(cfg, {k: d for k, d in self.draining.items() if k in new}, joined)
+        checks = _checks(self.cfg)
+        new_checks = _checks(cfg)
+        health = {k: h for k, h in self.health.items() if k in new and checks.get(k) == new_checks.get(k)}
+        return State(cfg, {k: d for k, d in self.draining.items() if k in new}, joined, health,
+                     {k: o for k, o in self.overrides.items() if k in new})
 
     def expired_drains(self, now: float) -> list[str]:
         return sorted(k for k, deadline in self.draining.items() if deadline <= now)
@@ -55,9 +69,12 @@ class State:
         vips = []
         for v in self.cfg.vips:
             bes = tuple(b for b in v.backends if ref_key((v.key, b.address, b.port)) not in gone)
-            vips.append(model.Vip(v.address, v.port, v.protocol, v.mode, v.scheduler, bes, v.table_size,
-                                  v.slow_start))
+            vips.append(replace(v, backends=bes))
         return model.Config(tuple(vips), self.cfg.metrics_listen)
+
+
+def _checks(cfg: model.Config) -> dict[str, object]:
+    return {ref_key((v.key, b.address, b.port)): v.check_of(b) for v in cfg.vips for b in v.backends}
 
 
 def load(inst: Instance) -> State:
@@ -67,13 +84,15 @@ def load(inst: Instance) -> State:
         return State()
     cfg = config.parse(cfg_file.read_text(), source=str(cfg_file))
     rt = json.loads(rt_file.read_text()) if rt_file.exists() else {}
-    return State(cfg, dict(rt.get("draining", {})), dict(rt.get("joined", {})))
+    return State(cfg, dict(rt.get("draining", {})), dict(rt.get("joined", {})), dict(rt.get("health", {})),
+                 dict(rt.get("overrides", {})))
 
 
 def save(inst: Instance, st: State) -> None:
     inst.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     for name, text in (("applied.toml", config.dump(st.cfg)),
-                       ("runtime.json", json.dumps({"draining": st.draining, "joined": st.joined}, indent=1))):
+                       ("runtime.json", json.dumps({"draining": st.draining, "joined": st.joined, "health": st.health,
+                                                "overrides": st.overrides}, indent=1))):
         tmp = inst.run_dir / f".{name}.tmp"
         tmp.write_text(text)
         tmp.replace(inst.run_dir / name)

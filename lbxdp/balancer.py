@@ -4,10 +4,11 @@ Order matters, so that a packet never sees a half-made state:
   0. backend entries of VIP ids that no longer exist (left by an apply that was interrupted) are
      deactivated, and the VIP address filter gets the bits of every VIP address, old and new;
   1. new or changed backend entries are written (they are unreachable until a table names them);
-  2. each VIP's new table is built aside (a new inner map) and swapped in with one map write;
-     its meta (size, scheduler) is written after the swap when the table grows and before it
-     when it shrinks, so a packet's slot is always inside the table it reads (new VIPs appear
-     with their meta, after their table);
+  2. each changed VIP's new table is built aside (a new inner map) and swapped in, atomically
+     for the VIP (many VIPs share one map write: each write waits an RCU grace period); its
+     meta (size, scheduler) is written after the swap when the table grows and before it when
+     it shrinks, so a packet's slot is always inside the table it reads (new VIPs appear with
+     their meta, after their table);
   4. only then are VIPs deleted and backend entries that no table names any more deactivated,
      and the filter is cut down to the bits of the VIPs that remain.
 Capacity is checked before the first write, so a config that does not fit changes nothing.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import array
 import zlib
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 from . import abi, model, ring
 from .errors import LbxError
@@ -36,12 +37,13 @@ class Runtime:
     draining: frozenset[BackendRef] = frozenset()
     joined: Mapping[BackendRef, float] = field(default_factory=dict)
     now: float = 0.0
+    down: frozenset[BackendRef] = frozenset()   # failed their health check (or forced down)
 
     def weight(self, vip: model.Vip, b: model.Backend) -> int:
         """The backend's share of new flows now, scaled by WEIGHT_SCALE: 0 while draining, and
         ramping from 0 to its weight over the VIP's slow_start after it joined."""
         ref = (vip.key, b.address, b.port)
-        if ref in self.draining:
+        if ref in self.draining or ref in self.down:
             return 0
         w = b.weight * WEIGHT_SCALE
         if vip.slow_start > 0 and ref in self.joined:
@@ -63,24 +65,52 @@ def usable(vip: model.Vip, rt: Runtime) -> list[tuple[int, int]]:
     return primaries or [(i, w) for i, w in weighted if w > 0 and vip.backends[i].backup]
 
 
-def build_table(vip: model.Vip, ids: list[int], rt: Runtime) -> tuple["array.array[int]", int]:
-    """The VIP's table of backend entry ids, and a tag of what it was built from.
+@dataclass(frozen=True)
+class TablePlan:
+    """A VIP's next table: its size and tag now, its slots (backend entry ids) from build()."""
 
-    ids: the entry id of each of vip.backends. The tag lets apply() skip rebuilding a table whose
-    inputs did not change (a 65537-slot Maglev table costs milliseconds to build).
+    size: int
+    tag: int
+    build: Callable[[], "array.array[int]"]
+
+
+def plan_table(vip: model.Vip, ids: list[int], rt: Runtime) -> TablePlan:
+    """What the VIP's table is to be, built only when build() is called.
+
+    ids: the entry id of each of vip.backends. The tag fingerprints the inputs, so apply() skips
+    a table whose inputs did not change without building it (a 65537-slot Maglev table costs a
+    millisecond with the C helper, 13 in Python). A Maglev table is built when it is written, so
+    that a load of many VIPs holds one (256 KiB) at a time; a round-robin sequence is short.
     """
     use = usable(vip, rt)
     keyed = [(vip.backends[i].name, w) for i, w in use]
-    tag = zlib.crc32(repr((vip.scheduler.value, vip.table_size, [(k, w, ids[i]) for (k, w), (i, _) in
-                                                                  zip(keyed, use)])).encode())
-    if not use:
-        return array.array("I"), tag
-    if vip.scheduler is model.Scheduler.MAGLEV:
-        slots = ring.maglev(keyed, vip.table_size)
-    else:
-        slots = ring.weighted_rr(keyed)
     lut = [ids[i] for i, _ in use]
-    return array.array("I", map(lut.__getitem__, slots)), tag
+    tag = zlib.crc32(repr((vip.scheduler.value, vip.table_size, [(k, w, bid) for (k, w), bid in
+                                                                  zip(keyed, lut)])).encode())
+    if not use:
+        return TablePlan(0, tag, lambda: array.array("I"))
+    if vip.scheduler is model.Scheduler.MAGLEV:
+        return TablePlan(vip.table_size, tag, lambda: ring.maglev(keyed, vip.table_size, values=lut))
+    table = array.array("I", map(lut.__getitem__, ring.weighted_rr(keyed)))
+    return TablePlan(len(table), tag, lambda: table)
+
+
+def build_table(vip: model.Vip, ids: list[int], rt: Runtime) -> tuple["array.array[int]", int]:
+    """The VIP's table of backend entry ids, and its tag (see plan_table)."""
+    plan = plan_table(vip, ids, rt)
+    return plan.build(), plan.tag
+
+
+@dataclass(frozen=True)
+class _Switch:
+    key: model.VipKey
+    old: VipMeta | None
+    new: VipMeta
+    plan: TablePlan
+
+    @property
+    def shrinks(self) -> bool:
+        return self.old is not None and self.new.table_size < self.old.table_size
 
 
 @dataclass
@@ -119,7 +149,7 @@ class Balancer:
         free_vips.reverse()
         free_bes.reverse()
 
-        diff, retired = Diff(), []
+        diff, retired, switches = Diff(), [], []
         for e in orphans:
             # An established flow finds its backend without a VIP lookup: an entry must not
             # outlive its VIP (an id's next owner gets a new generation, but this one is active).
@@ -155,7 +185,10 @@ class Balancer:
                 if addr_port not in kept:
                     retired.append(e.id)
                     diff.add(f"- backend {e.name} from {vip.name}")
-            self._switch_table(vip, vip_id, meta, ids, rt, diff)
+            switch = self._plan_switch(vip, vip_id, meta, ids, rt, diff)
+            if switch is not None:
+                switches.append(switch)
+        self._switch_tables(switches)
         for key, meta in current.items():
             if key not in desired:
                 self.maps.delete_vip(key)
@@ -168,25 +201,34 @@ class Balancer:
         self.maps.reset_vip_filter({v.address for v in cfg.vips})
         return diff
 
-    def _switch_table(self, vip: model.Vip, vip_id: int, meta: VipMeta | None, ids: list[int],
-                      rt: Runtime, diff: Diff) -> None:
+    def _plan_switch(self, vip: model.Vip, vip_id: int, meta: VipMeta | None, ids: list[int],
+                     rt: Runtime, diff: Diff) -> _Switch | None:
         sched, mode = vip.scheduler.abi, vip.mode.abi
-        table, tag = build_table(vip, ids, rt)
-        if meta is not None and (meta.table_tag, meta.sched, meta.mode) == (tag, sched, mode):
-            return
-        new_meta = VipMeta(vip_id, len(table), sched, mode, tag)
-        if meta is not None and len(table) < meta.table_size:
-            self.maps.put_vip(vip.key, new_meta)   # shrink: the smaller size first
-            self.maps.write_table(vip_id, table)
-        else:
-            self.maps.write_table(vip_id, table)   # grow (or new VIP): the bigger table first
-            self.maps.put_vip(vip.key, new_meta)
+        plan = plan_table(vip, ids, rt)
+        flags = abi.VIP_F_PASS_NO_BACKEND if vip.on_all_down == "pass" else 0
+        if meta is not None and (meta.table_tag, meta.sched, meta.mode, meta.flags) == (plan.tag, sched, mode, flags):
+            return None
+        new_meta = VipMeta(vip_id, plan.size, sched, mode, plan.tag, flags)
         if meta is None:
             diff.add(f"+ vip {vip.name} ({vip.mode.value}, {vip.scheduler.value}, {len(vip.backends)} backends)")
         elif meta.sched != sched or meta.mode != mode:
             diff.add(f"~ vip {vip.name} ({vip.mode.value}, {vip.scheduler.value})")
         else:
-            diff.add(f"~ vip {vip.name}: table rebuilt ({len(table)} slots)")
+            diff.add(f"~ vip {vip.name}: table rebuilt ({plan.size} slots)")
+        return _Switch(vip.key, meta, new_meta, plan)
+
+    def _switch_tables(self, switches: list[_Switch]) -> None:
+        """Step 2: swap in the new tables, many per map write (Maps.write_tables: each write
+        waits an RCU grace period). A VIP's meta is written before its table swap when the table
+        shrinks and after it when it grows (or is new), so a packet's slot is always inside the
+        table it reads, whichever swap it sees. Tables are built one at a time as they are written."""
+        for s in switches:
+            if s.shrinks:
+                self.maps.put_vip(s.key, s.new)
+        self.maps.write_tables((s.new.id, s.plan.build()) for s in switches)
+        for s in switches:
+            if not s.shrinks:
+                self.maps.put_vip(s.key, s.new)
 
     def _check_capacity(self, cfg: model.Config, current: dict[model.VipKey, VipMeta],
                         by_vip: dict[int, dict[tuple[model.IPAddress, int], BackendEntry]],

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Any, Callable
 
 import click
@@ -140,6 +141,19 @@ def status(ctx: click.Context, ifname: str | None, as_json: bool) -> None:
         print_status(r)
 
 
+def _health_text(b: dict[str, Any]) -> str:
+    h = b.get("health", "unchecked")
+    if h == "unchecked":
+        return "-"
+    out = h + (" (forced)" if b.get("forced") else "")
+    if b.get("health_since"):
+        out += f" for {max(0, time.time() - b['health_since']):.0f}s"
+    if b.get("last_check"):
+        lat = b.get("check_latency")
+        out += f" ({b['last_check']}" + (f", {lat * 1000:.1f} ms)" if lat is not None else ")")
+    return out
+
+
 def print_status(r: dict[str, Any]) -> None:
     x, st = r["xdp"], r["state"]
     where = r["interface"] + (f" (netns {r['netns']})" if r["netns"] else "")
@@ -150,13 +164,14 @@ def print_status(r: dict[str, Any]) -> None:
         click.echo(f"{where}: maps pinned at {r['pin_dir']} but no XDP program is attached"
                    + (f" ({x['error']})" if x.get("error") else ""))
     click.echo(f"  connection table: {r['flows']['entries']} / {r['flows']['capacity']} entries")
-    row = "  {:<34} {:>6} {:>12} {:>14} {:>10}"
-    click.echo(row.format("VIP / backend", "sched", "packets", "bytes", "new flows"))
+    row = "  {:<34} {:>6} {:>12} {:>14} {:>10}  {}"
+    click.echo(row.format("VIP / backend", "sched", "packets", "bytes", "new flows", "health (last check)"))
     for v in r["vips"]:
-        click.echo(row.format(f"{v['vip']} ({v['mode']})", v["scheduler"], v["packets"], v["bytes"], v["new_flows"]))
+        click.echo(row.format(f"{v['vip']} ({v['mode']})", v["scheduler"], v["packets"], v["bytes"], v["new_flows"], ""))
         for b in v["backends"]:
             mark = "" if b["in_table"] else " (not in table)"
-            click.echo(row.format(f"  {b['backend']}{mark}", "", b["packets"], b["bytes"], b["new_flows"]))
+            click.echo(row.format(f"  {b['backend']}{mark}", "", b["packets"], b["bytes"], b["new_flows"],
+                                  _health_text(b)))
     click.echo("  verdicts by reason:")
     for reason in r["reasons"]:
         if reason["packets"]:

@@ -203,6 +203,8 @@ def backend_ls(ctx: click.Context, vip_name: str | None, ifname: str | None, as_
             key = f"{v['vip']}|{b['backend']}"
             if key in cfg.draining:
                 state = "draining"
+            elif b.get("health") == "down":
+                state = "down" + (" (forced)" if b.get("forced") else "")
             elif b["in_table"]:
                 state = "active"
             else:
@@ -210,6 +212,7 @@ def backend_ls(ctx: click.Context, vip_name: str | None, ifname: str | None, as_
             rows.append({"vip": v["vip"], "backend": b["backend"], "weight": c.weight if c else None,
                          "backup": bool(c and c.backup), "state": state,
                          "drain_deadline": cfg.draining.get(key), "in_table": b["in_table"],
+                         "health": b.get("health"), "last_check": b.get("last_check"),
                          "packets": b["packets"], "bytes": b["bytes"], "new_flows": b["new_flows"]})
     if want and not any(v["vip"] == want for v in st["vips"]):
         raise LbxError(f"no VIP {want} on this balancer", "list them: lbxdp vip ls", exit_code=2)
@@ -313,6 +316,25 @@ def backend_drain(ctx: click.Context, vip_name: str, be: str, deadline: float, w
         show_diff(control.apply(pick_instance(ctx, ifname)))
 
 
+@backend.command("set-health")
+@click.argument("vip_name", metavar="VIP")
+@click.argument("be", metavar="BACKEND")
+@click.argument("state", type=click.Choice(["up", "down", "auto"]))
+@click.option("-i", "--interface", "ifname", help=IFACE_HELP)
+@click.pass_context
+@needs_root
+def backend_set_health(ctx: click.Context, vip_name: str, be: str, state: str, ifname: str | None) -> None:
+    """Force BACKEND's health on VIP: up or down (for maintenance), or auto (its check decides).
+
+    \b
+    Example: sudo lbxdp backend set-health 10.112.0.10:8080/tcp 10.111.0.11:8080 down
+    """
+    from . import control
+    key = parse_vip(vip_name)
+    show_diff(control.set_override(pick_instance(ctx, ifname), f"{key.name}|{model.endpoint(*parse_endpoint(be, 'backend'))}",
+                                   state))
+
+
 # --- daemon ----------------------------------------------------------------------------------------
 
 @cli.command()
@@ -347,3 +369,122 @@ def reload(ctx: click.Context, ifname: str | None) -> None:
     inst = pick_instance(ctx, ifname)
     pid = daemon.signal_daemon(inst)
     click.echo(f"asked the daemon of {inst.label} (pid {pid}) to reload")
+
+
+# --- flows -----------------------------------------------------------------------------------------
+
+def flow_matcher(vip: model.VipKey | None, be: tuple[model.IPAddress, int] | None) -> Any:
+    """A predicate on maps.FlowEntry: the flow is of VIP and on backend BE (None: any).
+
+    A live entry knows its VIP and backend by its backend entry. An entry that is not live (its
+    backend entry was removed or reused) has no backend, so it matches no --backend; it matches a
+    VIP by its destination (address, protocol, and port unless the VIP is an any-port one).
+    """
+    be_name = model.endpoint(*be) if be is not None else None
+
+    def match(e: Any) -> bool:
+        if be_name is not None and e.backend != be_name:
+            return False
+        if vip is None:
+            return True
+        if e.live:
+            return e.vip == vip.name
+        return e.dst == vip.address and e.protocol == vip.protocol and vip.port in (0, e.dport)
+    return match
+
+
+def flow_row(e: Any) -> dict[str, Any]:
+    return {"src": str(e.src), "sport": e.sport, "dst": str(e.dst), "dport": e.dport,
+            "protocol": e.protocol.value, "backend_id": e.backend_id, "gen": e.gen, "live": e.live,
+            "backend": e.backend, "vip": e.vip}
+
+
+def flow_counts(entries: list[Any]) -> dict[str, Any]:
+    """Live entries per (VIP, backend) and the number of stale ones: what `flows count` prints."""
+    by: dict[tuple[str, str], int] = {}
+    for e in entries:
+        if e.live:
+            by[(e.vip, e.backend)] = by.get((e.vip, e.backend), 0) + 1
+    live = sum(by.values())
+    return {"entries": len(entries), "live": live, "stale": len(entries) - live,
+            "by_backend": [{"vip": v, "backend": b, "flows": n} for (v, b), n in sorted(by.items())]}
+
+
+@cli.group()
+def flows() -> None:
+    """Look into and flush the connection table (flow 5-tuple -> backend).
+
+    \b
+    Examples:
+      sudo lbxdp flows count
+      sudo lbxdp flows ls --limit 20
+      sudo lbxdp flows flush --backend 10.111.0.12:8080
+    """
+
+
+@flows.command("ls")
+@click.option("-i", "--interface", "ifname", help=IFACE_HELP)
+@click.option("--limit", type=click.IntRange(0), default=100, show_default=True, help="At most N entries; 0: all.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@needs_root
+def flows_ls(ctx: click.Context, ifname: str | None, limit: int, as_json: bool) -> None:
+    """List connection-table entries with their backend.
+
+    An entry is live while its backend entry is; a stale one's backend was removed (its next
+    packet is a new flow) and it waits for the LRU to evict it.
+    """
+    from . import control
+    with control.open_maps(pick_instance(ctx, ifname)) as m:
+        entries = m.flow_entries(limit or None)
+        total = m.flow_count() if limit and len(entries) >= limit else len(entries)
+    rows = [flow_row(e) for e in entries]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    fmt = "{:<62} {:<26} {}"
+    click.echo(fmt.format("flow", "backend", "state"))
+    for e in entries:
+        click.echo(fmt.format(e.name, e.backend or f"(id {e.backend_id})", "live" if e.live else "stale"))
+    if total > len(entries):
+        click.echo(f"({len(entries)} of {total} entries; --limit 0 lists all)")
+
+
+@flows.command("count")
+@click.option("-i", "--interface", "ifname", help=IFACE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@needs_root
+def flows_count(ctx: click.Context, ifname: str | None, as_json: bool) -> None:
+    """Count connection-table entries, in all and per VIP and backend."""
+    from . import control
+    with control.open_maps(pick_instance(ctx, ifname)) as m:
+        out = flow_counts(m.flow_entries()) | {"capacity": m.flow_map.info.max_entries}
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo(f"{out['entries']} / {out['capacity']} entries ({out['live']} live, {out['stale']} stale)")
+    for r in out["by_backend"]:
+        click.echo(f"  {r['vip']:<34} {r['backend']:<26} {r['flows']:>8}")
+
+
+@flows.command("flush")
+@click.option("-i", "--interface", "ifname", help=IFACE_HELP)
+@click.option("--vip", "vip_name", metavar="VIP", help="Only flows of VIP (ADDR:PORT/PROTO).")
+@click.option("--backend", "be", metavar="ADDR:PORT", help="Only flows on this backend (of any VIP, or of --vip).")
+@click.pass_context
+@needs_root
+def flows_flush(ctx: click.Context, ifname: str | None, vip_name: str | None, be: str | None) -> None:
+    """Delete connection-table entries: all, or those of --vip and/or --backend.
+
+    A flushed flow's next packet is a new flow: it goes where its VIP's table sends it now. An
+    established connection survives that only if the table still picks its backend (nothing
+    changed since it started); otherwise its new backend resets it.
+    """
+    from . import applied, control
+    match = flow_matcher(parse_vip(vip_name) if vip_name else None,
+                         parse_endpoint(be, "backend") if be else None)
+    inst = pick_instance(ctx, ifname)
+    with applied.locked(inst), control.open_maps(inst) as m:
+        n = m.delete_flows([e for e in m.flow_entries() if match(e)])
+    click.echo(f"flushed {n} connection-table entries")

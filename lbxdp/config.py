@@ -31,14 +31,19 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from . import abi, model, ring
+from . import abi, health, model, ring
 from .errors import LbxError
 
 T = TypeVar("T")
 
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-_VIP_KEYS = {"address", "port", "protocol", "mode", "scheduler", "table_size", "slow_start", "backend"}
-_BACKEND_KEYS = {"address", "port", "mac", "weight", "backup"}
+_VIP_KEYS = {"address", "port", "protocol", "mode", "scheduler", "table_size", "slow_start", "health",
+             "on_backend_down", "on_all_down", "backend"}
+_BACKEND_KEYS = {"address", "port", "mac", "weight", "backup", "health"}
+_HEALTH_KEYS = {"type", "port", "interval", "timeout", "rise", "fall", "method", "path", "status", "host",
+                "send", "expect"}
+_HEALTH_TYPES = ("tcp", "http", "udp")
+_HTTP_ONLY, _UDP_ONLY = {"method", "path", "status", "host"}, {"send", "expect"}
 _METRICS_KEYS = {"listen"}
 MAX_WEIGHT = 1000
 MAX_SLOW_START = 3600.0
@@ -221,6 +226,12 @@ def _vip(d: Any, path: str) -> model.Vip:
                           f"scheduler \"maglev\" (this VIP's is {scheduler.value!r})")
     table_size = _get(d, "table_size", path, _table_size, model.DEFAULT_TABLE_SIZE)
     slow_start = _get(d, "slow_start", path, _seconds, 0.0)
+    on_down = _get(d, "on_backend_down", path, _one_of("keep", "migrate"), "keep")
+    on_all_down = _get(d, "on_all_down", path, _one_of("drop", "pass"), "drop")
+    health_doc = d.get("health")
+    if health_doc is not None and not isinstance(health_doc, dict):
+        raise ConfigError(f"{path}.health", f"{_show(health_doc)} must be a table: write [vip.health]")
+    vip_health = _health(health_doc, f"{path}.health") if health_doc is not None else None
     backends_doc = d.get("backend", [])
     if not isinstance(backends_doc, list):
         raise ConfigError(f"{path}.backend", f"{_show(backends_doc)} must be an array of tables: "
@@ -233,7 +244,7 @@ def _vip(d: Any, path: str) -> model.Vip:
     seen: dict[tuple[Any, int], int] = {}
     for j, bd in enumerate(backends_doc):
         bpath = f"{path}.backend[{j}]"
-        b = _backend(bd, bpath, port)
+        b = _backend(bd, bpath, port, health_doc)
         if b.address.version != address.version:
             raise ConfigError(f"{bpath}.address", f"{str(b.address)!r} is IPv{b.address.version} but the VIP "
                               f"is IPv{address.version}; {mode.value} mode cannot cross address families")
@@ -249,10 +260,67 @@ def _vip(d: Any, path: str) -> model.Vip:
                           "shares would be uneven; use a larger prime (65537 is the default)")
     if not any(b.weight for b in backends):
         raise ConfigError(f"{path}.backend", "every backend has weight 0: the VIP could take no flow")
-    return model.Vip(address, port, protocol, mode, scheduler, tuple(backends), table_size, slow_start)
+    return model.Vip(address, port, protocol, mode, scheduler, tuple(backends), table_size, slow_start,
+                     vip_health, on_down, on_all_down)
 
 
-def _backend(d: Any, path: str, vip_port: int) -> model.Backend:
+def _one_of(*choices: str) -> Callable[[Any], str]:
+    def conv(v: Any) -> str:
+        if v not in choices:
+            raise ValueError(f"is not one of: {', '.join(choices)}")
+        return v
+    return conv
+
+
+def _positive_seconds(lo: float, hi: float) -> Callable[[Any], float]:
+    def conv(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError("is not a number of seconds")
+        if not lo <= v <= hi:
+            raise ValueError(f"is out of range ({lo:g}-{hi:g} seconds)")
+        return float(v)
+    return conv
+
+
+def _statuses(v: Any) -> tuple[int, ...]:
+    if not isinstance(v, list) or not v or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        raise TypeError("is not a list of HTTP status codes, e.g. [200, 204]")
+    if not all(100 <= x <= 599 for x in v):
+        raise ValueError("has a code outside 100-599")
+    return tuple(v)
+
+
+def _text(v: Any) -> str:
+    if not isinstance(v, str) or not v or any(c in v for c in "\r\n"):
+        raise TypeError("is not a one-line string")
+    return v
+
+
+def _health(d: dict[str, Any], path: str) -> health.HealthCheck:
+    """A [health] table (a backend's is merged over its VIP's before it gets here)."""
+    _no_unknown(d, _HEALTH_KEYS, path)
+    kind = _get(d, "type", path, _one_of(*_HEALTH_TYPES))
+    wrong = (_HTTP_ONLY if kind != "http" else set()) | (_UDP_ONLY if kind != "udp" else set())
+    for k in sorted(wrong & set(d)):
+        raise ConfigError(f"{path}.{k}", f"{_show(d[k])}: {k!r} does not apply to a {kind} check")
+    interval = _get(d, "interval", path, _positive_seconds(0.05, 3600), 2.0)
+    timeout = _get(d, "timeout", path, _positive_seconds(0.01, 3600), min(1.0, interval))
+    if timeout > interval:
+        raise ConfigError(f"{path}.timeout", f"{timeout:g} is longer than the interval {interval:g}: "
+                          "checks of one backend would overlap")
+    path_ = _get(d, "path", path, _text, "/")
+    if kind == "http" and not path_.startswith("/"):
+        raise ConfigError(f"{path}.path", f"{_show(path_)} does not start with '/'")
+    return health.HealthCheck(
+        type=kind, port=_get(d, "port", path, _port, None), interval=interval, timeout=timeout,
+        rise=_get(d, "rise", path, _int(1, 100), 2), fall=_get(d, "fall", path, _int(1, 100), 3),
+        http_method=_get(d, "method", path, _one_of("GET", "HEAD", "OPTIONS"), "GET"), http_path=path_,
+        http_status=_get(d, "status", path, _statuses, (200,)), http_host=_get(d, "host", path, _text, None),
+        udp_payload=_get(d, "send", path, _text, "ping").encode(),
+        udp_expect=(lambda e: e.encode() if e is not None else None)(_get(d, "expect", path, _text, None)))
+
+
+def _backend(d: Any, path: str, vip_port: int, vip_health: dict[str, Any] | None = None) -> model.Backend:
     if not isinstance(d, dict):
         raise ConfigError(path, f"{_show(d)} must be a table: write [[vip.backend]]")
     _no_unknown(d, _BACKEND_KEYS, path)
@@ -261,8 +329,14 @@ def _backend(d: Any, path: str, vip_port: int) -> model.Backend:
         raise ConfigError(f"{path}.address", f"{str(address)!r} cannot be a backend "
                           "(multicast, broadcast, unspecified or loopback)")
     port = _get(d, "port", path, _vip_port if vip_port == 0 else _port, vip_port)
+    own = d.get("health")
+    if own is not None and not isinstance(own, dict):
+        raise ConfigError(f"{path}.health", f"{_show(own)} must be a table: write [vip.backend.health]")
+    check = _health((vip_health or {}) | own, f"{path}.health") if own is not None else None
+    if (check or vip_health) and port == 0 and (check or _health(vip_health or {}, "")).port is None:
+        raise ConfigError(f"{path}.health.port", "is required: an any-port backend has no port to check")
     return model.Backend(address, port, _get(d, "mac", path, _mac, None), _get(d, "weight", path, _weight, 1),
-                         _get(d, "backup", path, _bool, False))
+                         _get(d, "backup", path, _bool, False), check)
 
 
 def dump(cfg: model.Config) -> str:
@@ -276,14 +350,36 @@ def dump(cfg: model.Config) -> str:
                 f"scheduler = {_q(v.scheduler.value)}"]
         if v.scheduler is model.Scheduler.MAGLEV:
             out.append(f"table_size = {v.table_size}")
-        out += [f"slow_start = {v.slow_start}", ""]
+        out += [f"slow_start = {v.slow_start}", f"on_backend_down = {_q(v.on_backend_down)}",
+                f"on_all_down = {_q(v.on_all_down)}", ""]
+        if v.health:
+            out += ["  [vip.health]", *_dump_health(v.health, "  "), ""]
         for b in v.backends:
             out += ["  [[vip.backend]]", f"  address = {_q(str(b.address))}", f"  port = {b.port}",
                     f"  weight = {b.weight}", f"  backup = {str(b.backup).lower()}"]
             if b.mac:
                 out.append(f"  mac = {_q(b.mac)}")
             out.append("")
+            if b.health:
+                out += ["    [vip.backend.health]", *_dump_health(b.health, "    "), ""]
     return "\n".join(out)
+
+
+def _dump_health(h: health.HealthCheck, indent: str) -> list[str]:
+    out = [f"type = {_q(h.type)}", f"interval = {h.interval}", f"timeout = {h.timeout}", f"rise = {h.rise}",
+           f"fall = {h.fall}"]
+    if h.port is not None:
+        out.append(f"port = {h.port}")
+    if h.type == "http":
+        out += [f"method = {_q(h.http_method)}", f"path = {_q(h.http_path)}",
+                f"status = [{', '.join(map(str, h.http_status))}]"]
+        if h.http_host:
+            out.append(f"host = {_q(h.http_host)}")
+    if h.type == "udp":
+        out.append(f"send = {_q(h.udp_payload.decode())}")
+        if h.udp_expect is not None:
+            out.append(f"expect = {_q(h.udp_expect.decode())}")
+    return [indent + line for line in out]
 
 
 def _q(s: str) -> str:

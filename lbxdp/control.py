@@ -108,9 +108,49 @@ def edit(inst: Instance, change: Callable[[applied.State, float], model.Config])
         return _apply_locked(inst, st, cfg, now, None)
 
 
+def health_changed(inst: Instance, changes: dict[str, dict[str, Any]] | None) -> Diff:
+    """Record health transitions (ref key -> {healthy, since, detail, latency}) and apply them;
+    None forgets every recorded verdict (a new checker starts all backends healthy).
+
+    Called by the daemon on its checker's transitions; a backend that went down on a VIP with
+    on_backend_down = "migrate" also loses its connection-table entries.
+    """
+    with applied.locked(inst):
+        st = applied.load(inst)
+        was_down = _down(st)        # before the change: what it takes down is what migrates
+        if changes is None:
+            st.health.clear()
+        else:
+            known = applied.refs(st.cfg)   # a late transition of a backend removed meanwhile is dropped
+            st.health.update({k: v for k, v in changes.items() if k in known})
+        return _apply_locked(inst, st, None, None, None, was_down)
+
+
+def set_override(inst: Instance, key: str, state: str) -> Diff:
+    """Force a backend's health "up" or "down", or hand it back to its check ("auto")."""
+    with applied.locked(inst):
+        st = applied.load(inst)
+        if key not in applied.refs(st.cfg):
+            raise LbxError(f"no backend {key.split('|')[1]} on VIP {key.split('|')[0]}",
+                           "list them: lbxdp backend ls", exit_code=2)
+        was_down = _down(st)
+        if state == "auto":
+            st.overrides.pop(key, None)
+        else:
+            st.overrides[key] = state
+        return _apply_locked(inst, st, None, None, None, was_down)
+
+
+def _down(st: applied.State) -> set[str]:
+    return {k for k in applied.refs(st.cfg) if st.is_down(k)}
+
+
 def _apply_locked(inst: Instance, st: applied.State, cfg: model.Config | None, now: float | None,
-                  maps: Maps | None) -> Diff:
+                  maps: Maps | None, was_down: set[str] | None = None) -> Diff:
+    """was_down: the backends that were down before the caller changed st's health or overrides
+    (default: those down in st); the ones down now and not then lose their flows on migrate VIPs."""
     now = time.time() if now is None else now
+    was_down = _down(st) if was_down is None else was_down
     st = st.moved_to(st.cfg if cfg is None else cfg, now)
     expired = st.expired_drains(now)
     if expired:
@@ -118,12 +158,32 @@ def _apply_locked(inst: Instance, st: applied.State, cfg: model.Config | None, n
     macs = resolve_macs(inst.ifname, st.cfg)
     with (nullcontext(maps) if maps is not None else open_maps(inst)) as m:
         diff = Balancer(m).apply(st.cfg, macs, st.runtime(now))
-        if diff.retired:
-            purged = m.purge_flows(diff.retired)
+        doomed = list(diff.retired)
+        newly_down = _down(st) - was_down
+        if newly_down:
+            doomed += _migrating_entries(m, st.cfg, newly_down)
+        if doomed:
+            purged = m.purge_flows(doomed)
             if purged:
-                diff.add(f"- {purged} connection-table entries of removed backends")
+                diff.add(f"- {purged} connection-table entries of removed or failed backends")
     applied.save(inst, st)
     return diff
+
+
+def _migrating_entries(m: Maps, cfg: model.Config, keys: set[str]) -> list[int]:
+    """Entry ids of these backends on VIPs whose flows leave a failed backend (migrate)."""
+    vip_ids = {k: meta.id for k, meta in m.vips().items()}
+    entries = {(e.vip_id, e.address, e.port): e.id for e in m.backends().values()}
+    out = []
+    for v in cfg.vips:
+        if v.on_backend_down != "migrate" or v.key not in vip_ids:
+            continue
+        for b in v.backends:
+            if applied.ref_key((v.key, b.address, b.port)) in keys:
+                eid = entries.get((vip_ids[v.key], b.address, b.port))
+                if eid is not None:
+                    out.append(eid)
+    return out
 
 
 def detach(inst: Instance) -> bool:
@@ -181,17 +241,38 @@ def status(inst: Instance) -> dict[str, Any]:
         xdp = {"attached": bool(q.prog_id), "prog_id": q.prog_id, "mode": q.mode}
     except LbxError:
         xdp["error"] = f"interface {inst.ifname} not found"
+    told = applied.load(inst)
+    try:
+        checks = json.loads((inst.run_dir / "checks.json").read_text())
+    except (OSError, ValueError):
+        checks = {}
     with open_maps(inst) as maps:
         vips = [{"vip": v.name, "id": v.id, "mode": v.mode, "scheduler": v.scheduler,
                  "table_size": v.table_size, **asdict(v.stats),
                  "backends": [{"backend": b.name, "id": b.id, "mac": b.mac, "in_table": b.in_table,
-                               **asdict(b.stats)} for b in v.backends]}
+                               **asdict(b.stats), **_health_of(told, checks, f"{v.name}|{b.name}")}
+                              for b in v.backends]}
                 for v in maps.vip_views()]
         reasons = [{"reason": r.label, "verdict": r.verdict, "packets": p, "bytes": b}
                    for r, (p, b) in maps.reasons().items()]
         flows = {"entries": maps.flow_count(), "capacity": maps.flow_map.info.max_entries}
     return {"interface": inst.ifname, "netns": inst.netns, "pin_dir": str(inst.pin_dir),
             "xdp": xdp, "state": state, "vips": vips, "reasons": reasons, "flows": flows}
+
+
+def _health_of(told: applied.State, checks: dict[str, Any], key: str) -> dict[str, Any]:
+    """A backend's health as status shows it: up/down/unchecked, forced or not, since when, and
+    the daemon's last check (result and latency)."""
+    forced = told.overrides.get(key)
+    rec, last = told.health.get(key, {}), checks.get(key, {})
+    if forced:
+        state = forced
+    elif key in checks or rec:
+        state = "down" if told.is_down(key) else "up"
+    else:
+        state = "unchecked"
+    return {"health": state, "forced": forced, "health_since": rec.get("since", last.get("since")),
+            "last_check": last.get("last"), "check_latency": last.get("latency")}
 
 
 def load_config(path: str | Path) -> model.Config:

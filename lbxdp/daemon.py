@@ -5,8 +5,9 @@ Life of a daemon:
            file stops it here, before anything changes); attach, which adopts the pinned maps of
            an earlier run (or of `lbxdp attach`) and replaces the program atomically;
   loop     SIGHUP (or `lbxdp reload`): re-read the file and apply it as a minimal diff; a bad
-           file is logged and changes nothing. Once a second: finish drains past their deadline
-           and step slow starts, if any are in progress;
+           file is logged and changes nothing. Health checks (lbxdp.health, in their own thread)
+           report transitions, which are applied at once. Once a second: finish drains past
+           their deadline, step slow starts, follow edits made with `lbxdp vip|backend ...`;
   SIGTERM  detach and remove the pins, unless --keep-attached. SIGKILL leaves the program
            attached and forwarding; the next `lbxdp run` adopts it without losing a flow.
 Every state change is one log line: `lbxdp: <event> key=value ...`.
@@ -14,8 +15,10 @@ Every state change is one log line: `lbxdp: <event> key=value ...`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import queue
 import signal
 import threading
 import time
@@ -86,6 +89,9 @@ class Daemon:
         self._hup = self._term = False
         self._server: Any = None
         self._m: dict[str, Any] = {}
+        self._checker: Any = None
+        self._events: queue.Queue[tuple[str, bool, Any]] = queue.Queue()
+        self._applied_mtime = -1.0
 
     # --- signals -------------------------------------------------------------------------------
     def _on_hup(self, *_: Any) -> None:
@@ -110,7 +116,11 @@ class Daemon:
             "apply": Histogram("lbxdp_apply_seconds", "Time to apply a config or a runtime step to the maps "
                                "(table builds and switches included).", ["interface"], registry=reg,
                                buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)),
+            "check": Histogram("lbxdp_health_check_seconds", "Time a health check took to reach its verdict.",
+                               ["interface", "vip", "backend", "result"], registry=reg,
+                               buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)),
         }
+        reg.register(_HealthCollector(self))
         addr, port = parse_listen(listen)
         try:
             self._server = start_http_server(port, addr, registry=reg)
@@ -125,6 +135,72 @@ class Daemon:
     def _count_reload(self, result: str) -> None:
         if self._m:
             self._m["reloads"].labels(self.inst.ifname, result).inc()
+
+    # --- the life ------------------------------------------------------------------------------
+    # --- health checks -------------------------------------------------------------------------
+    def _on_change(self, key: str, healthy: bool, result: Any) -> None:   # checker thread
+        self._events.put((key, healthy, result))
+        self._wake.set()
+
+    def _on_result(self, key: str, result: Any) -> None:                  # checker thread
+        if self._m:
+            vip, _, be = key.partition("|")
+            self._m["check"].labels(self.inst.ifname, vip, be, "ok" if result.ok else "fail").observe(result.latency)
+
+    def _start_health(self) -> None:
+        from .health import Checker
+        # A new checker starts every backend healthy (as HAProxy does): forget what an earlier
+        # daemon last saw, so the maps and the checker agree from the first transition on.
+        control.health_changed(self.inst, None)
+        self._checker = Checker(self._on_change, on_result=self._on_result)
+        self._checker.start()
+        self._sync_targets()
+
+    def _sync_targets(self) -> None:
+        """Give the checker the backends of what the instance was last told, when that changed."""
+        f = self.inst.run_dir / "applied.toml"
+        try:
+            mtime = f.stat().st_mtime
+        except OSError:
+            return
+        if mtime == self._applied_mtime or self._checker is None:
+            return
+        self._applied_mtime = mtime
+        from .health import Target
+        st = applied.load(self.inst)
+        targets = [Target(applied.ref_key((v.key, b.address, b.port)), str(b.address), check.port or b.port, check)
+                   for v in st.cfg.vips for b in v.backends if (check := v.check_of(b)) is not None]
+        self._checker.set_targets(targets)
+
+    def _apply_health_events(self) -> None:
+        changes: dict[str, dict[str, Any]] = {}
+        while True:
+            try:
+                key, healthy, r = self._events.get_nowait()
+            except queue.Empty:
+                break
+            changes[key] = {"healthy": healthy, "since": r.at, "detail": r.detail, "latency": r.latency}
+            vip, _, be = key.partition("|")
+            _event("backend-up" if healthy else "backend-down", vip=vip, backend=be, check=repr(r.detail),
+                   latency=f"{r.latency:.4f}")
+        if changes:
+            t = time.monotonic()
+            diff = control.health_changed(self.inst, changes)
+            self._observe(time.monotonic() - t)
+            for line in diff.lines:
+                _event("change", what=repr(line))
+
+    def _write_checks(self) -> None:
+        """Last result of every check, for `lbxdp status` (atomically replaced once a second)."""
+        if self._checker is None:
+            return
+        data = {k: {"healthy": s.healthy, "since": s.since, "checks": s.checks,
+                    "last": s.last.detail if s.last else None, "ok": s.last.ok if s.last else None,
+                    "latency": s.last.latency if s.last else None, "at": s.last.at if s.last else None}
+                for k, s in self._checker.states().items()}
+        tmp = self.inst.run_dir / ".checks.json.tmp"
+        tmp.write_text(json.dumps(data))
+        tmp.replace(self.inst.run_dir / "checks.json")
 
     # --- the life ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -147,8 +223,11 @@ class Daemon:
         try:
             if listen:
                 self._start_metrics(listen)
+            self._start_health()
             self._loop()
         finally:
+            if self._checker is not None:
+                self._checker.stop()
             if self._server is not None:
                 self._server[0].shutdown()
             self._stop()
@@ -159,11 +238,14 @@ class Daemon:
             self._wake.clear()
             if self._term:
                 break
+            self._apply_health_events()
             if self._hup:
                 self._hup = False
                 self.reload()
             else:
                 self.tick()
+            self._sync_targets()
+            self._write_checks()
 
     def reload(self) -> None:
         t = time.monotonic()
@@ -203,7 +285,25 @@ class Daemon:
         else:
             control.detach(self.inst)
             _event("stopped", attached="no (detached, pins removed)")
-        try:
-            _pidfile(self.inst).unlink()
-        except OSError:
-            pass
+        for f in (_pidfile(self.inst), self.inst.run_dir / "checks.json"):
+            try:
+                f.unlink()
+            except OSError:
+                pass
+
+
+class _HealthCollector:
+    """lbxdp_backend_healthy: the checker's verdict per backend, read at scrape time."""
+
+    def __init__(self, d: Daemon):
+        self.d = d
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+        g = GaugeMetricFamily("lbxdp_backend_healthy", "1 if the backend passes its health check (after rise/"
+                              "fall), 0 if not; only checked backends appear.", labels=["interface", "vip", "backend"])
+        if self.d._checker is not None:
+            for key, st in self.d._checker.states().items():
+                vip, _, be = key.partition("|")
+                g.add_metric([self.d.inst.ifname, vip, be], 1 if st.healthy else 0)
+        yield g

@@ -12,10 +12,15 @@ import ipaddress
 import os
 import socket
 import struct
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
 
 from . import abi, bpfsys, model
+
+
+TABLES_PER_SWAP = 256
+"""New tables swapped into lbx_tables per write (each write waits an RCU grace period); as
+many file descriptors are open at once."""
 
 
 def make(struct_t: type, **fields: Any) -> Any:
@@ -82,6 +87,7 @@ class VipMeta:
     sched: abi.Sched
     mode: abi.FwdMode
     table_tag: int = 0
+    flags: int = 0
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,33 @@ class BackendEntry:
     @property
     def name(self) -> str:
         return model.endpoint(self.address, self.port)
+
+
+@dataclass(frozen=True)
+class FlowEntry:
+    """One connection-table entry: a flow's 5-tuple and the backend entry it started on.
+
+    live: that backend entry is still active with the generation the flow recorded (what the
+    program checks, see established() in bpf/select.h); a flow that is not live starts over as a
+    new flow at its next packet. backend: the entry's ADDR:PORT and vip: its VIP's name, when live.
+    """
+
+    src: model.IPAddress
+    sport: int
+    dst: model.IPAddress
+    dport: int
+    protocol: model.Protocol
+    backend_id: int
+    gen: int
+    live: bool
+    backend: str | None = None
+    vip: str | None = None
+    key: bytes = field(default=b"", repr=False, compare=False)   # the map key as stored
+
+    @property
+    def name(self) -> str:
+        """'10.111.0.2:40000 -> 10.112.0.10:8080/tcp'"""
+        return f"{model.endpoint(self.src, self.sport)} -> {model.endpoint(self.dst, self.dport)}/{self.protocol.value}"
 
 
 @dataclass(frozen=True)
@@ -136,6 +169,9 @@ class Maps:
         self.be_map = maps[abi.Map.BACKENDS]
         self.tables_map = maps[abi.Map.TABLES]
         self.flow_map = maps[abi.Map.FLOWS]
+        # A new table must have its template's flags (the kernel compares them when it is
+        # stored); pins made before BPF_F_MMAPABLE was added are filled the slower way.
+        self.table_flags = maps[abi.Map.TABLE_TMPL].info.flags
 
     def close(self) -> None:
         for m in self.m.values():
@@ -156,16 +192,18 @@ class Maps:
 
     def vips(self) -> dict[model.VipKey, VipMeta]:
         out = {}
-        for k, v in self.vip_map.items():
-            proto = {6: model.Protocol.TCP, 17: model.Protocol.UDP}[k.proto]
-            key = model.VipKey(addr_from(k.addr, k.family), socket.ntohs(k.port), proto)
-            out[key] = VipMeta(v.id, v.table_size, abi.Sched(v.sched), abi.FwdMode(v.mode), v.table_tag)
+        for keys, values, n in self.vip_map.batches():
+            for k, v in zip(keys[:n], values[:n]):
+                proto = {6: model.Protocol.TCP, 17: model.Protocol.UDP}[k.proto]
+                key = model.VipKey(addr_from(k.addr, k.family), socket.ntohs(k.port), proto)
+                out[key] = VipMeta(v.id, v.table_size, abi.Sched(v.sched), abi.FwdMode(v.mode), v.table_tag,
+                                   v.flags)
         return out
 
     def put_vip(self, key: model.VipKey, meta: VipMeta) -> None:
         """One map write: size, scheduler and mode of the VIP change together."""
         leaf = make(self.vip_map.Leaf, id=meta.id, table_size=meta.table_size,
-                    sched=int(meta.sched), mode=int(meta.mode), table_tag=meta.table_tag)
+                    sched=int(meta.sched), mode=int(meta.mode), table_tag=meta.table_tag, flags=meta.flags)
         self.vip_map.update(self.vip_key(key), leaf)
 
     def delete_vip(self, key: model.VipKey) -> None:
@@ -174,12 +212,8 @@ class Maps:
     # --- the VIP address filter -----------------------------------------------------------------
     def vip_filter(self) -> dict[int, int]:
         """The filter's non-zero words: index -> 64 bits."""
-        out = {}
-        for i in range(self.filter_map.info.max_entries):
-            v = self.filter_map.lookup(i)
-            if v is not None and v.value:
-                out[i] = v.value
-        return out
+        # Arrays of c_uint32 / c_uint64 index as ints.
+        return {keys[i]: values[i] for keys, values, n in self.filter_map.batches() for i in range(n) if values[i]}
 
     def add_to_vip_filter(self, addrs: set[model.IPAddress]) -> None:
         """Set the bits of addrs, keeping every bit already set. Call before inserting their VIPs."""
@@ -229,20 +263,54 @@ class Maps:
 
     # --- selection tables ----------------------------------------------------------------------
     def write_table(self, vip_id: int, backend_ids: "array.array[int]") -> None:
-        """Build the VIP's new table aside (a new inner map), then swap it in with one write.
+        """write_tables() for one VIP."""
+        self.write_tables([(vip_id, backend_ids)])
 
-        The old table stays valid for packets already using it and is freed by the kernel when
+    def write_tables(self, tables: Iterable[tuple[int, "array.array[int]"]]) -> None:
+        """Build each VIP's new table aside (a new inner map), then swap them in, many per write.
+
+        Every write of lbx_tables costs an RCU grace period (about 10 ms here): the kernel waits
+        after each update of a map of maps, so that when the call returns no program still uses
+        the old tables. One batch write swaps up to TABLES_PER_SWAP tables for one wait. Each
+        swap is still atomic per VIP. `tables` is consumed one at a time (it may be a generator
+        that builds them): only the filled inner maps are held, by file descriptor.
+
+        An old table stays valid for packets already using it and is freed by the kernel when
         the last reference goes. An empty table is not swapped in: a VIP with table_size 0 drops
         new flows before it looks at its table.
         """
-        if not len(backend_ids):
-            return
-        fd = bpfsys.array_create(f"lbx_t{vip_id}", len(backend_ids), flags=bpfsys.BPF_F_INNER_MAP)
+        staged: dict[int, int] = {}   # vip id -> fd of its filled new table
         try:
-            bpfsys.array_fill(fd, backend_ids)
-            self.tables_map.update(vip_id, self.tables_map.Leaf(fd))
+            for vip_id, backend_ids in tables:
+                if not len(backend_ids):
+                    continue
+                if vip_id in staged:
+                    os.close(staged.pop(vip_id))
+                staged[vip_id] = self._new_table(vip_id, backend_ids)
+                if len(staged) >= TABLES_PER_SWAP:
+                    self._swap(staged)
+            self._swap(staged)
         finally:
+            for fd in staged.values():
+                os.close(fd)
+
+    def _new_table(self, vip_id: int, backend_ids: "array.array[int]") -> int:
+        fd = bpfsys.array_create(f"lbx_t{vip_id}", len(backend_ids), flags=self.table_flags)
+        try:
+            bpfsys.array_fill(fd, backend_ids, mmapable=bool(self.table_flags & bpfsys.BPF_F_MMAPABLE))
+        except BaseException:
             os.close(fd)
+            raise
+        return fd
+
+    def _swap(self, staged: dict[int, int]) -> None:
+        """Store the staged tables in lbx_tables (one write), close and forget their fds."""
+        if not staged:
+            return
+        vip_ids = list(staged)
+        self.tables_map.update_batch(vip_ids, [self.tables_map.Leaf(staged[v]) for v in vip_ids])
+        for v in vip_ids:
+            os.close(staged.pop(v))
 
     def table(self, vip_id: int) -> "array.array[int]":
         """The VIP's live table (empty if it has none)."""
@@ -311,3 +379,30 @@ class Maps:
 
     def flow_count(self) -> int:
         return self.flow_map.count()
+
+    def flow_entries(self, limit: int | None = None) -> list[FlowEntry]:
+        """The connection table (at most limit entries, in the kernel's order), each entry with
+        its backend and VIP resolved. A snapshot: the program adds and the LRU evicts meanwhile."""
+        gens = {}
+        for keys, values, n in self.be_map.batches():
+            gens.update({keys[i]: values[i].gen for i in range(n) if values[i].flags & abi.BE_F_ACTIVE})
+        active = self.backends()
+        vip_names = {m.id: k.name for k, m in self.vips().items()}
+        out: list[FlowEntry] = []
+        for keys, values, n in self.flow_map.batches():
+            for i in range(n):
+                if limit is not None and len(out) >= limit:
+                    return out
+                k, v = keys[i], values[i]
+                be = active.get(v.backend_id)
+                live = be is not None and gens.get(v.backend_id) == v.gen
+                proto = {6: model.Protocol.TCP, 17: model.Protocol.UDP}[k.proto]
+                out.append(FlowEntry(addr_from(k.src, k.family), socket.ntohs(k.sport), addr_from(k.dst, k.family),
+                                     socket.ntohs(k.dport), proto, v.backend_id, v.gen, live,
+                                     be.name if live else None, vip_names.get(be.vip_id) if live else None,
+                                     bytes(k)))
+        return out
+
+    def delete_flows(self, entries: list[FlowEntry]) -> int:
+        """Delete these connection-table entries; returns how many were still there."""
+        return sum(1 for e in entries if self.flow_map.delete(self.flow_map.Key.from_buffer_copy(e.key)))

@@ -10,6 +10,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from . import abi
+from .health import HealthCheck
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -61,6 +62,7 @@ class Backend:
     mac: str | None = None  # None: resolved from the kernel's neighbour table at apply time
     weight: int = 1         # share of new flows, relative to the VIP's other backends; 0 = none
     backup: bool = False    # gets new flows only while no primary is usable
+    health: HealthCheck | None = None   # its own check (the VIP's merged with its overrides)
 
     @property
     def name(self) -> str:
@@ -89,6 +91,12 @@ class Vip:
     backends: tuple[Backend, ...] = field(default_factory=tuple)
     table_size: int = DEFAULT_TABLE_SIZE  # Maglev only: slots of the lookup table (prime)
     slow_start: float = 0.0               # seconds over which a new backend's weight ramps up
+    health: HealthCheck | None = None     # how its backends are checked (None: not checked)
+    on_backend_down: str = "keep"         # keep: established flows stay; migrate: they move on
+    on_all_down: str = "drop"             # no usable backend at all: drop or pass (to the kernel)
+
+    def check_of(self, b: Backend) -> HealthCheck | None:
+        return b.health or self.health
 
     @property
     def key(self) -> VipKey:

@@ -659,6 +659,60 @@ class Rig:
         if errors:
             raise RigError("could not stop echo servers: " + "; ".join(errors))
 
+    def stop_server(self, role: str, timeout: float = 5.0) -> None:
+        """Stop one backend's echo server (SIGTERM, SIGKILL after `timeout`; by PID and start
+        time) and wait until it has exited: its sockets are closed when this returns, so the
+        backend answers TCP with RST and UDP with ICMP port unreachable. A no-op if not running."""
+        srv = self._servers.get(role)
+        if srv is None:
+            return
+        _terminate(srv, timeout)
+        del self._servers[role]
+
+    def start_server(self, role: str) -> Server:
+        """Start one backend's echo server (again, e.g. after stop_server) and wait until it
+        answers TCP and UDP on both its addresses; returns it (also in `servers`)."""
+        if role not in self.backends:
+            raise KeyError(f"{role!r} is no backend of rig {self.spec.prefix}")
+        if role in self._servers:
+            raise RigError(f"the echo server of {role} already runs (pid {self._servers[role].pid})")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / f"{role}.log", "ab") as logf:
+            popen = subprocess.Popen(
+                [*self.ns_cmd(role), sys.executable, "-m", "lbxdp.echo", "--name", role,
+                 "--port", str(self.spec.port)],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=self._server_env(),
+                close_fds=True, start_new_session=self._persistent,
+                preexec_fn=None if self._persistent else _set_pdeathsig)
+        start = _start_time(popen.pid)
+        if start is None:
+            popen.wait()
+            raise RigError(f"echo server for {role} died at once:\n{self._log_tail(role)}")
+        self._servers[role] = Server(popen.pid, start, popen)
+        self._wait_server(role)
+        return self._servers[role]
+
+    def tcp_hello(self, host, port: int | None = None, *, src: str = CLI, timeout: float = 1.0) -> str:
+        """One TCP connection to host:port made by this process from `src`'s namespace: the name
+        in the echo server's greeting. Raises OSError (refused, reset, timed out) or EOFError.
+
+        Cheap enough (no process per attempt) for a test that times every connection, e.g. to see
+        when new connections stop reaching a failed backend. Thread-safe."""
+        host = ipaddress.ip_address(host)
+        family = socket.AF_INET6 if host.version == 6 else socket.AF_INET
+        deadline = time.monotonic() + timeout
+        with _ns_socket(self.ns(src), family, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect((str(host), port or self.spec.port))
+            buf = b""
+            while b"\n" not in buf and len(buf) < 256:
+                s.settimeout(max(0.001, deadline - time.monotonic()))
+                chunk = s.recv(256)
+                if not chunk:
+                    raise EOFError(f"EOF before the greeting (got {buf!r})")
+                buf += chunk
+        return buf.split(b"\n", 1)[0].decode(errors="replace")
+
     # -- XDP peer stub ----------------------------------------------------------------------
 
     def attach_peer_stub(self) -> None:
@@ -701,16 +755,51 @@ class Rig:
                     out += [""]
         return "\n".join(out)
 
+    def endpoint(self, role: str, version: int = 4) -> str:
+        """A backend as lbxdp names it: '10.111.0.11:8080' or '[fd00:111::11]:8080'."""
+        return f"{self.addr4(role)}:{self.spec.port}" if version == 4 else f"[{self.addr6(role)}]:{self.spec.port}"
+
+    def role_of(self, endpoint: str) -> str:
+        """The backend role of an lbxdp backend name (the inverse of endpoint())."""
+        for role in self.backends:
+            if endpoint in (self.endpoint(role, 4), self.endpoint(role, 6)):
+                return role
+        raise KeyError(f"{endpoint!r} is no backend of rig {self.spec.prefix}")
+
+    def vip_name(self, version: int = 4, proto: str = "tcp") -> str:
+        """A VIP as lbxdp names it: '10.112.0.10:8080/tcp' or '[fd00:112::10]:8080/udp'."""
+        vip = self.spec.vip4 if version == 4 else f"[{self.spec.vip6}]"
+        return f"{vip}:{self.spec.port}/{proto}"
+
+    def vip_toml(self, version: int = 4, proto: str = "tcp", backends: list[str] | None = None,
+                 scheduler: str = "maglev", weights: dict[str, int] | None = None,
+                 backup: tuple[str, ...] | list[str] = ()) -> str:
+        """One [[vip]] of an lbxdp config: the rig's VIP of this family and protocol (DSR) with
+        these backend roles (default: all), weights (default 1) and backups. MACs are left out
+        (resolved from lb's neighbour table). Concatenate several for a config file."""
+        vip, addr = (self.spec.vip4, self.addr4) if version == 4 else (self.spec.vip6, self.addr6)
+        out = ["[[vip]]", f'address = "{vip}"', f"port = {self.spec.port}", f'protocol = "{proto}"',
+               'mode = "dsr"', f'scheduler = "{scheduler}"', ""]
+        for role in self.backends if backends is None else backends:
+            out += ["  [[vip.backend]]", f'  address = "{addr(role)}"']
+            if weights and role in weights:
+                out.append(f"  weight = {weights[role]}")
+            if role in backup:
+                out.append("  backup = true")
+            out.append("")
+        return "\n".join(out) + "\n"
+
     # -- client helpers --------------------------------------------------------------------
 
     def client(self, proto: str, host, port: int | None = None, count: int = 10,
                timeout: float = 30.0, *, src: str = CLI, try_timeout: float = 1.0,
                same_flow: bool = False, payload: str | None = None,
-               payload_size: int | None = None) -> dict:
+               payload_size: int | None = None, sport_base: int | None = None) -> dict:
         """Run `python -m lbxdp.echo client` in `src`'s namespace; return its JSON summary
         ({"names": {...}, "failed": n, "attempts": n, "errors": [...], "elapsed": s}).
         At most `count` attempts within `timeout` seconds. TCP with payload/payload_size: each
-        connection also sends that many bytes and checks they are echoed back whole."""
+        connection also sends that many bytes and checks they are echoed back whole. UDP with
+        sport_base: attempt i sends from port sport_base + i, and the summary has "flows"."""
         argv = [sys.executable, "-m", "lbxdp.echo", "client", proto, str(host),
                 str(port or self.spec.port), "--count", str(count), "--timeout", str(timeout),
                 "--try-timeout", str(try_timeout)]
@@ -720,6 +809,8 @@ class Rig:
             argv += ["--payload", payload]
         if payload_size is not None:
             argv += ["--payload-size", str(payload_size)]
+        if sport_base is not None:
+            argv += ["--sport-base", str(sport_base)]
         cmd = [*self.ns_cmd(src), *argv]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 15,
                               env=self._server_env())
@@ -739,6 +830,33 @@ class Rig:
         """Like tcp_names, one datagram per attempt, each from a fresh socket (a new source port,
         so a new flow) unless same_flow."""
         return self._names(self.client("udp", host, port, count, timeout, same_flow=same_flow, **kw))
+
+    def udp_flows(self, host, count: int, sport_base: int, port: int | None = None,
+                  timeout: float = 60.0, **kw) -> dict[int, str | None]:
+        """Which backend answered each of `count` UDP flows from source ports sport_base,
+        sport_base + 1, ... (one datagram each; None if unanswered). The same arguments make the
+        same 5-tuples, so a second call maps the same flows again."""
+        res = self.client("udp", host, port, count, timeout, sport_base=sport_base, **kw)
+        return {int(p): name for p, name in res["flows"].items()}
+
+    def hold(self, host, port: int | None = None, conns: int = 10, *, interval: float = 0.05,
+             duration: float = 60.0, try_timeout: float = 2.0, src: str = CLI) -> "HeldConns":
+        """Start `python -m lbxdp.echo hold tcp` in `src`'s namespace: `conns` long-lived
+        connections to host:port, each exchanging a numbered line every sweep until stopped.
+        Use it as a context manager (it kills the client by PID on exit if it still runs), call
+        wait_ready() before relying on the connections and stop() for the JSON summary."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        base = self.run_dir / f"hold-{secrets.token_hex(4)}"
+        files = {k: base.with_suffix(f".{k}") for k in ("stop", "ready", "out", "err")}
+        argv = [sys.executable, "-m", "lbxdp.echo", "hold", "tcp", str(host), str(port or self.spec.port),
+                "--conns", str(conns), "--interval", str(interval), "--duration", str(duration),
+                "--try-timeout", str(try_timeout), "--stop-file", str(files["stop"]),
+                "--ready-file", str(files["ready"])]
+        with open(files["out"], "wb") as out, open(files["err"], "wb") as err:
+            popen = subprocess.Popen([*self.ns_cmd(src), *argv], stdin=subprocess.DEVNULL, stdout=out,
+                                     stderr=err, env=self._server_env(), close_fds=True,
+                                     preexec_fn=_set_pdeathsig)
+        return HeldConns(popen, files)
 
     @staticmethod
     def _names(result: dict) -> Counter[str]:
@@ -824,6 +942,59 @@ class Rig:
         rig._namespaces = [rig.ns(r) for r in (SW, *rig.hosts) if r in roles]
         rig._owned = bool(rig._namespaces)
         return rig
+
+
+class HeldConns:
+    """A running `python -m lbxdp.echo hold` (see Rig.hold): its process and its files.
+
+    The process is ours (a Popen not yet reaped, so its PID cannot name anyone else); on exit
+    from the `with` block it is killed by that PID if it still runs, and its files are removed.
+    """
+
+    def __init__(self, popen: subprocess.Popen, files: dict[str, Path]) -> None:
+        self.popen, self.files = popen, files
+        self.stop_file, self.ready_file, self.out_file = files["stop"], files["ready"], files["out"]
+
+    def __enter__(self) -> "HeldConns":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+        for f in self.files.values():
+            f.unlink(missing_ok=True)
+
+    def _failed(self, what: str) -> RigError:
+        try:
+            err = self.files["err"].read_text(errors="replace")
+        except OSError:
+            err = ""
+        return RigError(f"hold client (pid {self.popen.pid}) {what}" + (f":\n{err[-2000:]}" if err else ""))
+
+    def wait_ready(self, timeout: float = 30.0) -> dict:
+        """Wait until every connection is open (or failed); returns {"open": n, "backends": {...}}."""
+        def ready():
+            if self.popen.poll() is not None:
+                raise self._failed(f"exited with {self.popen.returncode} before it was ready")
+            return json.loads(self.ready_file.read_text()) if self.ready_file.exists() else None
+        return _poll("the hold client to open its connections", ready, timeout=timeout, interval=0.05)
+
+    def stop(self, timeout: float = 30.0) -> dict:
+        """Ask it to stop (the stop file), wait for it, return its JSON summary."""
+        self.stop_file.touch()
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise RigError(f"hold client (pid {self.popen.pid}) did not stop within {timeout:.0f}s") from None
+        if self.popen.returncode != 0:
+            raise self._failed(f"exited with {self.popen.returncode}")
+        return json.loads(self.out_file.read_text())
+
+    def kill(self) -> None:
+        """SIGKILL by PID, if it still runs, and reap it."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(10)
 
 
 def _cmdline(pid: int) -> str:

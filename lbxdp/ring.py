@@ -1,8 +1,8 @@
 """A VIP's lookup table: which backend each slot sends new flows to.
 
 Pure functions, no kernel and no maps: (stable key, weight) pairs in, array('I') of indices into
-those pairs out. The balancer maps indices to backend ids and writes the table into the VIP's
-inner map (DESIGN.md, "select").
+those pairs out (maglev() can write given values, e.g. backend ids, instead). The balancer
+writes backend ids into the VIP's inner map (DESIGN.md, "select").
 
 maglev(): weighted Maglev consistent hashing (Eisenbud et al., "Maglev: A Fast and Reliable
   Software Network Load Balancer", NSDI 2016, section 3.4, pseudocode 1).
@@ -97,16 +97,20 @@ def is_prime(n: int) -> bool:
     return True
 
 
-def maglev(backends: Sequence[tuple[str, int]], size: int = DEFAULT_TABLE_SIZE) -> array.array:
+def maglev(backends: Sequence[tuple[str, int]], size: int = DEFAULT_TABLE_SIZE, *,
+           values: Sequence[int] | None = None) -> array.array:
     """Weighted Maglev lookup table of `size` (prime) slots.
 
     backends: (stable key, weight) pairs, key e.g. '10.0.0.1:80'. A backend's permutation depends
     only on its key, and turns go in key order, so the table is a function of the set of
-    (key, weight) pairs, not of their order. Entry = index into the original `backends`.
+    (key, weight) pairs, not of their order. Entry = index into the original `backends`, or
+    values[index] if values are given (u32s, one per backend: e.g. backend ids, written by the
+    fill itself, which spares mapping 65537 indices afterwards).
     Weight-0 backends get no slots (and change nothing); a backend whose share is under one
     slot (size * w / sum(w) < 1) may get none either. All weights 0, or no backends -> empty array.
     """
     pairs = _checked(backends)
+    vals = _checked_values(values, len(pairs)) if values is not None else range(len(pairs))
     live = sorted((key, w, i) for i, (key, w) in enumerate(pairs) if w > 0)
     _check_size(size, len(live))
     if not live:
@@ -115,11 +119,11 @@ def maglev(backends: Sequence[tuple[str, int]], size: int = DEFAULT_TABLE_SIZE) 
     offsets = [o for o, _ in perms]
     skips = [s for _, s in perms]
     weights = [w for _, w, _ in live]
-    values = [i for _, _, i in live]
+    slot_values = [vals[i] for _, _, i in live]
     lib = _lib()
     if lib is not None:
-        return _fill_c(lib, size, offsets, skips, weights, values)
-    return _fill_py(size, offsets, skips, weights, values)
+        return _fill_c(lib, size, offsets, skips, weights, slot_values)
+    return _fill_py(size, offsets, skips, weights, slot_values)
 
 
 def weighted_rr(backends: Sequence[tuple[str, int]], *, limit: int = RR_LIMIT) -> array.array:
@@ -215,6 +219,16 @@ def _checked(backends: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
         if not 0 <= w <= MAX_WEIGHT:
             raise ValueError(f"backend {key!r}: weight {w} is out of range 0..{MAX_WEIGHT}")
     return pairs
+
+
+def _checked_values(values: Sequence[int], n: int) -> list[int]:
+    vals = list(values)
+    if len(vals) != n:
+        raise ValueError(f"{len(vals)} values for {n} backends")
+    for v in vals:
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 0xFFFFFFFF:
+            raise ValueError(f"value {v!r} is not a u32")
+    return vals
 
 
 def _check_size(size: int, live: int) -> None:

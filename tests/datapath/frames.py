@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import struct
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
@@ -55,8 +56,9 @@ CHURN4 = vip("10.10.0.5", 80, TCP_, backends("10.10.5.", 4, 0x07)[:3])  # backen
 CHURN4_SPARE = backends("10.10.5.", 4, 0x07)[3]                         # added by churn tests
 STATS4 = vip("10.10.0.6", 80, TCP_, backends("10.10.6.", 2, 0x08))     # counters
 GONE4 = vip("10.10.0.7", 80, TCP_, backends("10.10.7.", 1, 0x09))      # control-plane race
+PASSEMPTY4 = dataclasses.replace(vip("10.10.0.20", 80, TCP_, ()), on_all_down="pass")  # no backend: pass
 
-BASE = model.Config(vips=(WEB4, DNS4, WEB6, DNS6, EMPTY4, HASH4, RR4, CHURN4, STATS4, GONE4))
+BASE = model.Config(vips=(WEB4, DNS4, WEB6, DNS6, EMPTY4, HASH4, RR4, CHURN4, STATS4, GONE4, PASSEMPTY4))
 
 
 def with_backends(cfg: model.Config, target: model.Vip, bes: tuple[model.Backend, ...]) -> model.Config:
@@ -86,6 +88,41 @@ def tcp(dst: str, dport: int, sport: int, *, src: str | None = None, flags: str 
 def udp(dst: str, dport: int, sport: int, *, src: str | None = None, payload: bytes = b"query",
         vlan: int | None = None, dst_mac: str = LB_MAC) -> Packet:
     return _l2(vlan, dst_mac) / _l3(src, dst) / UDP(sport=sport, dport=dport) / Raw(payload)
+
+
+def _csum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of data (even length)."""
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+TCP_FLAGS = {"S": 0x02, "A": 0x10, "PA": 0x18}
+
+
+def tcp_bytes(dst: str, dport: int, sport: int, src: str, flags: str = "S") -> bytes:
+    """bytes(tcp(dst, dport, sport, src=src, flags=flags)) for IPv4, built by hand: about 30
+    times faster than scapy, for tests that send thousands of flows (test_tables.py checks that
+    the two agree byte for byte)."""
+    s, d = ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed
+    seg = struct.pack("!HHIIBBHHH", sport, dport, 1000, 0, 5 << 4, TCP_FLAGS[flags], 8192, 0, 0)
+    seg = seg[:16] + struct.pack("!H", _csum(s + d + struct.pack("!BBH", 0, 6, len(seg)) + seg)) + seg[18:]
+    iph = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(seg), 1, 0, 64, 6, 0, s, d)
+    iph = iph[:10] + struct.pack("!H", _csum(iph)) + iph[12:]
+    return mac_bytes(LB_MAC) + mac_bytes(CLIENT_MAC) + b"\x08\x00" + iph + seg
+
+
+def new_flows(dst: str, dport: int, n: int, first: int = 0, flags: str = "S") -> list[bytes]:
+    """n segments to dst:dport from n distinct clients (64 source ports on each address of
+    100.64.0.0/10), numbered from `first`: disjoint ranges make disjoint flows, and the same
+    range with flags="A" makes the next segment of each of those flows."""
+    return [tcp_bytes(dst, dport, 20000 + i % 64, str(ipaddress.IPv4Address(0x64400000 + i // 64)), flags)
+            for i in range(first, first + n)]
+
+
+def mac_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
 
 
 def icmp_echo(dst: str) -> Packet:

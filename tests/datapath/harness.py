@@ -16,7 +16,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Packet
 
 from lbxdp import abi, bpfsys, loader, model
-from lbxdp.balancer import Balancer
+from lbxdp.balancer import Balancer, Runtime
 from lbxdp.maps import Maps
 
 from .frames import VERDICT_NAMES, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX
@@ -59,8 +59,9 @@ class Lb:
     def run(self, frame: Packet | bytes) -> bpfsys.TestRun:
         return self.runner.run(bytes(frame))
 
-    def apply(self, cfg: model.Config) -> None:
-        self.balancer.apply(cfg, macs={})
+    def apply(self, cfg: model.Config, rt: Runtime = Runtime()) -> None:
+        """Balancer.apply with every MAC in the config; rt: drains and slow starts."""
+        self.balancer.apply(cfg, macs={}, rt=rt)
 
     def vip_id(self, vip: model.Vip) -> int:
         return self.maps.vips()[vip.key].id

@@ -15,7 +15,7 @@ from scapy.packet import Raw
 
 from lbxdp import abi
 
-from .frames import (CLIENT4, CLIENT6, CLIENT_MAC, DNS4, DNS6, EMPTY4, LB_MAC, OTHER4, OTHER6, WEB4, WEB6,
+from .frames import (CLIENT4, CLIENT6, CLIENT_MAC, DNS4, DNS6, EMPTY4, PASSEMPTY4, LB_MAC, OTHER4, OTHER6, WEB4, WEB6,
                      XDP_DROP, XDP_PASS, XDP_TX, forwarded, icmp_echo, tcp, udp)
 from .harness import Case, Lb, check
 
@@ -120,6 +120,8 @@ CASES = [
     # --- dropped --------------------------------------------------------------------------------
     Case("a syn to a vip with no backend is dropped", tcp(str(EMPTY4.address), 80, 40601), XDP_DROP,
          reason=R.DROP_NO_BACKEND),
+    _pass("a syn to a vip with no backend and on_all_down = pass goes to the kernel",
+          tcp(str(PASSEMPTY4.address), 80, 40602), R.PASS_NO_BACKEND),
 ]
 
 

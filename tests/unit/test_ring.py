@@ -20,6 +20,7 @@ import array
 import hashlib
 import math
 import random
+import re
 import shutil
 from collections import Counter
 from fractions import Fraction
@@ -262,6 +263,24 @@ def test_shape_and_empty_inputs(fill):
 
 def test_one_backend_owns_everything(fill):
     assert set(ring.maglev([("a:1", 0), ("b:1", 5)], 101)) == {1}
+
+
+def test_values_fill_the_table_in_place_of_indices(fill):
+    """values= (the balancer passes backend ids) gives the index table mapped through values."""
+    backends = [("a:1", 3), ("b:1", 0), ("c:1", 1), ("d:1", 2)]
+    ids = [4095, 7, 2**32 - 1, 0]
+    assert ring.maglev(backends, 4099, values=ids) == array.array("I", (ids[i] for i in ring.maglev(backends, 4099)))
+
+
+@pytest.mark.parametrize("values, message", [
+    ([1, 2], "2 values for 3 backends"),
+    ([1, 2, -1], "value -1 is not a u32"),
+    ([1, 2, 2**32], "is not a u32"),
+    ([1, 2, True], "value True is not a u32"),
+])
+def test_bad_values(values, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ring.maglev(equal(3), 101, values=values)
 
 
 # ---------------------------------------------------------------- errors
