@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 
 MAX_VIPS = 1024          # LBX_MAX_VIPS (default; BuildConfig may override)
-MAX_BACKENDS = 4096      # LBX_MAX_BACKENDS
+MAX_BACKENDS = 16384     # LBX_MAX_BACKENDS
 FLOW_CAPACITY = 65536    # LBX_FLOW_CAPACITY
 TABLE_MAX = 1048576     # LBX_TABLE_MAX
 VIP_BACKENDS_MAX = 1024  # LBX_VIP_BACKENDS_MAX

@@ -103,24 +103,34 @@ class Daemon:
         self._wake.set()
 
     # --- metrics -------------------------------------------------------------------------------
-    def _start_metrics(self, listen: str) -> None:
-        from prometheus_client import Counter, Histogram, start_http_server
-        from prometheus_client.process_collector import ProcessCollector
-
-        from .exporter import PinnedMaps, make_registry, parse_listen
-        reg = make_registry(PinnedMaps(self.inst.netns, [self.inst.ifname]))
-        ProcessCollector(registry=reg)
-        self._m = {
+    def own_metrics(self, reg: Any) -> dict[str, Any]:
+        """The daemon's own metrics (beside the exporter's), registered on reg."""
+        from prometheus_client import Counter, Histogram
+        m = {
             "reloads": Counter("lbxdp_config_reloads_total", "Config reloads by result (ok or error).",
                                ["interface", "result"], registry=reg),
-            "apply": Histogram("lbxdp_apply_seconds", "Time to apply a config or a runtime step to the maps "
-                               "(table builds and switches included).", ["interface"], registry=reg,
+            "apply": Histogram("lbxdp_apply_seconds", "Time to apply a config, a health transition or a runtime "
+                               "step to the maps (table builds and switches included).", ["interface"], registry=reg,
                                buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)),
             "check": Histogram("lbxdp_health_check_seconds", "Time a health check took to reach its verdict.",
                                ["interface", "vip", "backend", "result"], registry=reg,
                                buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)),
         }
         reg.register(_HealthCollector(self))
+        # Series exist from the start (at 0), so that rate() and increase() have data at once.
+        for result in ("ok", "error"):
+            m["reloads"].labels(self.inst.ifname, result)
+        m["apply"].labels(self.inst.ifname)
+        return m
+
+    def _start_metrics(self, listen: str) -> None:
+        from prometheus_client import start_http_server
+        from prometheus_client.process_collector import ProcessCollector
+
+        from .exporter import PinnedMaps, make_registry, parse_listen
+        reg = make_registry(PinnedMaps(self.inst.netns, [self.inst.ifname]))
+        ProcessCollector(registry=reg)
+        self._m = self.own_metrics(reg)
         addr, port = parse_listen(listen)
         try:
             self._server = start_http_server(port, addr, registry=reg)
@@ -180,15 +190,18 @@ class Daemon:
             except queue.Empty:
                 break
             changes[key] = {"healthy": healthy, "since": r.at, "detail": r.detail, "latency": r.latency}
+        if not changes:
+            return
+        t = time.monotonic()
+        diff = control.health_changed(self.inst, changes)
+        self._observe(time.monotonic() - t)
+        # Logged once applied: when the line appears, the maps already say so.
+        for key, c in changes.items():
             vip, _, be = key.partition("|")
-            _event("backend-up" if healthy else "backend-down", vip=vip, backend=be, check=repr(r.detail),
-                   latency=f"{r.latency:.4f}")
-        if changes:
-            t = time.monotonic()
-            diff = control.health_changed(self.inst, changes)
-            self._observe(time.monotonic() - t)
-            for line in diff.lines:
-                _event("change", what=repr(line))
+            _event("backend-up" if c["healthy"] else "backend-down", vip=vip, backend=be, check=repr(c["detail"]),
+                   latency=f"{c['latency']:.4f}")
+        for line in diff.lines:
+            _event("change", what=repr(line))
 
     def _write_checks(self) -> None:
         """Last result of every check, for `lbxdp status` (atomically replaced once a second)."""
@@ -216,13 +229,15 @@ class Daemon:
         self.inst.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         t = time.monotonic()
         res = control.attach(self.inst, cfg, self.mode, config_path=os.path.abspath(self.config_path))
+        attach_seconds = time.monotonic() - t
         _pidfile(self.inst).write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
         _event("attached", interface=self.inst.label, mode=res.mode, prog_id=res.prog_id,
-               adopted=res.upgraded, changes=len(res.diff.lines), seconds=f"{time.monotonic() - t:.3f}")
+               adopted=res.upgraded, changes=len(res.diff.lines), seconds=f"{attach_seconds:.3f}")
         listen = self.metrics_arg or cfg.metrics_listen
         try:
             if listen:
                 self._start_metrics(listen)
+                self._observe(attach_seconds)
             self._start_health()
             self._loop()
         finally:

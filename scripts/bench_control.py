@@ -6,12 +6,12 @@ filled by lbxdp.balancer.Balancer.apply, exactly as `lbxdp attach`, a daemon rel
 `lbxdp backend ...` fill it; every time is wall-clock time around one apply().
 
   1. One change: one VIP with a 65537-slot Maglev table and --backends backends, default
-     build (4096 backend entries). --changes applies in a cycle: remove a backend, add it back,
+     build (16384 backend entries). --changes applies in a cycle: remove a backend, add it back,
      set its weight to 2, set it back to 1 (the next backend each cycle). Median and max, and the
      median split into phases (below).
   2. A cold load: --vips VIPs x --backends backends (Maglev 65537) applied to empty maps, on a
-     build with room for them (LBX_MAX_BACKENDS 16384: the default 4096 holds only 409 VIPs of 10;
-     LBX_MAX_VIPS stays at its default 1024). Then the kernel memory of the VIP tables (memlock
+     build with room for them (LBX_MAX_BACKENDS 16384, the default since the 4096 of the first
+     version held only 409 VIPs of 10; LBX_MAX_VIPS 1024). Then the kernel memory of the VIP tables (memlock
      of each inner map, from /proc/self/fdinfo), a no-op re-apply of the same config (the tables'
      tags say nothing changed) and one backend change re-applied with the whole config (what a
      daemon reload does).

@@ -94,29 +94,51 @@ def http(rig: Rig, url: str, params: dict[str, str] | None = None, check: bool =
 
 
 @pytest.fixture(scope="module")
-def exporter(attached: Rig) -> Iterator[str]:
-    """`lbxdp exporter eth0` in the balancer's namespace on a free port; yields 'host:port'.
+def daemon(rig: Rig) -> Iterator[tuple[Rig, str]]:
+    """`lbxdp run eth0 --metrics 127.0.0.1:<free port>` in the balancer's namespace: the daemon
+    attaches (generic mode), health-checks every backend over TCP and serves the exporter's
+    metrics plus its own (reloads, apply and check durations, backend health). Yields the rig and
+    the metrics target 'host:port'.
 
-    Scope: module. Depends on: attached. Cleanup: SIGTERM by PID (SIGKILL after 10 s); it must
-    exit 0.
+    Scope: module. Depends on: rig. Cleanup: SIGTERM by PID (SIGKILL after 10 s): the daemon
+    detaches and removes its pins; it must exit 0. The config file is removed.
     """
-    rig = attached
     port = rig.run(LB, sys.executable, "-c", FREE_PORT).stdout.strip()
     target = f"127.0.0.1:{port}"
-    proc = subprocess.Popen(lbxdp_cmd(rig, "exporter", HOST_IF, "--listen", target), stdin=subprocess.DEVNULL,
+    health = '  [vip.health]\n  type = "tcp"\n  interval = 0.5\n  timeout = 0.4\n\n'
+    text = rig.lb_config_toml(scheduler="rr", with_mac=False).replace('scheduler = "rr"\n',
+                                                                     'scheduler = "rr"\n' + health)
+    with tempfile.NamedTemporaryFile("w", prefix="lbxdp-", suffix=".toml", delete=False) as f:
+        f.write(text)
+    proc = subprocess.Popen(lbxdp_cmd(rig, "run", HOST_IF, "--config", f.name, "--mode", "generic",
+                                      "--metrics", target), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=_die_with_parent)
     try:
         def answers() -> bool:
             if proc.poll() is not None:
-                pytest.fail(f"exporter exited ({proc.returncode}): {proc.stderr.read()}")
-            return http(rig, f"http://{target}/metrics", check=False) is not None
-        wait_for("the exporter to answer", answers, timeout=30)
-        yield target
+                pytest.fail(f"lbxdp run exited ({proc.returncode}): {proc.stderr.read()}")
+            body = http(rig, f"http://{target}/metrics", check=False)
+            return body is not None and "lbxdp_backend_healthy{" in body
+        wait_for("the daemon's metrics (with health results)", answers, timeout=60)
+        yield rig, target
     finally:
         rc = stop(proc)
         _, err = proc.communicate()
-        assert rc == 0, f"exporter did not exit cleanly on SIGTERM (rc {rc}): {err}"
+        Path(f.name).unlink()
+        assert rc == 0, f"lbxdp run did not exit cleanly on SIGTERM (rc {rc}): {err}"
+
+
+@pytest.fixture(scope="module")
+def attached(daemon: tuple[Rig, str]) -> Rig:
+    """The rig, with lbxdp attached by the daemon (overrides conftest's `lbxdp attach` fixture)."""
+    return daemon[0]
+
+
+@pytest.fixture(scope="module")
+def exporter(daemon: tuple[Rig, str]) -> str:
+    """Where the daemon serves /metrics."""
+    return daemon[1]
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +244,10 @@ def traffic(attached: Rig, prometheus: str) -> dict[str, Any]:
         time.sleep(max(0.0, t_start + i * PERIOD - time.time()))
         for version, vip in ((4, rig.spec.vip4), (6, rig.spec.vip6)):
             for proto, n, send in (("udp", 9, rig.udp_names), ("tcp", 6, rig.tcp_names)):
-                names = send(vip, count=n, timeout=30)
+                # Every datagram from its own source port, across rounds too: a port the kernel
+                # handed out again would make a datagram part of an earlier flow, not a new one.
+                kw = {"sport_base": 31000 + 16 * (2 * i + (version == 6))} if proto == "udp" else {}
+                names = send(vip, count=n, timeout=30, **kw)
                 assert names[FAILED] == 0 and sum(names.values()) == n, (version, proto, names)
                 for role, k in names.items():
                     sent[(vip_label(rig, version, proto), backend_label(rig, role, version))] += k

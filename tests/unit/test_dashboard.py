@@ -76,6 +76,31 @@ def exporter_samples() -> dict[str, set[str]]:
     for fam in make_registry(Source(), CollectorRegistry()).collect():
         for s in fam.samples:
             names.setdefault(s.name, set()).update(s.labels)
+    return names | daemon_samples()
+
+
+def daemon_samples() -> dict[str, set[str]]:
+    """Sample name -> label names of what `lbxdp run` adds: reloads, apply and health-check
+    durations, backend health (one of each observed so that every sample appears)."""
+    from lbxdp.daemon import Daemon
+    from lbxdp.health import HealthCheck, TargetState
+
+    reg = CollectorRegistry()
+    d = Daemon(Instance("eth0"), "lb.toml")
+    m = d.own_metrics(reg)
+    m["reloads"].labels("eth0", "ok").inc()
+    m["apply"].labels("eth0").observe(0.01)
+    m["check"].labels("eth0", "10.112.0.10:8080/tcp", "10.111.0.11:8080", "ok").observe(0.001)
+
+    class Checker:
+        def states(self) -> dict[str, TargetState]:
+            return {"10.112.0.10:8080/tcp|10.111.0.11:8080": TargetState(True, 0.0, None, 0, 0, 0)}
+    d._checker = Checker()
+    assert HealthCheck("tcp")  # the engine the daemon feeds these from
+    names: dict[str, set[str]] = {}
+    for fam in reg.collect():
+        for s in fam.samples:
+            names.setdefault(s.name, set()).update(s.labels)
     return names
 
 
@@ -135,7 +160,8 @@ def test_every_metric_in_the_dashboard_is_one_the_exporter_defines(dashboard: di
     for name in ("lbxdp_vip_packets_total", "lbxdp_vip_bytes_total", "lbxdp_backend_packets_total",
                  "lbxdp_backend_bytes_total", "lbxdp_vip_new_flows_total", "lbxdp_backend_new_flows_total",
                  "lbxdp_verdict_packets_total", "lbxdp_flow_table_entries", "lbxdp_flow_table_capacity",
-                 "lbxdp_up", "lbxdp_scrape_duration_seconds"):
+                 "lbxdp_up", "lbxdp_scrape_duration_seconds", "lbxdp_backend_healthy",
+                 "lbxdp_health_check_seconds_bucket", "lbxdp_config_reloads_total", "lbxdp_apply_seconds_bucket"):
         assert name in used, f"no panel shows {name}"
 
 
