@@ -18,7 +18,7 @@ from collections import Counter
 from typing import Any, Callable
 
 from .errors import LbxError
-from .rig import CLI, FAILED, HOST_IF, LB, Rig, RigSpec
+from .rig import FAILED, HOST_IF, LB, Rig, RigSpec
 
 
 def lbxdp(*argv: str) -> subprocess.CompletedProcess[str]:

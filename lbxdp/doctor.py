@@ -47,10 +47,12 @@ def run(inst: Instance | None, echo: Callable[[str], None]) -> bool:
     check("kernel headers", (build / "include").is_dir(), str(build.resolve()) if build.exists() else "none",
           "sudo scripts/install.sh (installs Debian's linux-headers-amd64 and links it as "
           f"{build} and .../source)")
+    from .errors import LbxError
+    from .loader import _import_bcc
     try:
-        import bcc  # noqa: F401
+        _import_bcc()
         bcc_ok = True
-    except ImportError:
+    except LbxError:
         bcc_ok = False
     check("bcc imports", bcc_ok, "", "apt-get install python3-bpfcc, and use a venv made with "
           "/usr/bin/python3 -m venv --system-site-packages (scripts/install.sh)")

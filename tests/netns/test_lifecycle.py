@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,12 +35,12 @@ from typing import Callable, Iterator
 
 import pytest
 
-from lbxdp.paths import Instance
 from lbxdp.rig import FAILED, HOST_IF, LB, Rig, RigSpec
+
+from .daemon import Daemon, started_daemons
 
 BACKENDS = ["be1", "be2", "be3"]          # what the configs name; be4..be8 are spares
 SPARES = ["be4", "be5", "be6", "be7", "be8"]
-_EVENT = re.compile(r"^lbxdp\[(\d+)\]: (\S+) ?(.*)$")
 
 
 @pytest.fixture(scope="module")
@@ -73,88 +72,14 @@ def lbxdp_json(rig: Rig, *argv: str):
     return json.loads(lbxdp(rig, *argv, "--json"))
 
 
-class Daemon:
-    """One `lbxdp run` process in the balancer's namespace, logging to its own file.
-
-    The Popen's pid is lbxdp's own (it enters the namespace itself, no wrapper), so signals go
-    to exactly the process we started.
-    """
-
-    def __init__(self, rig: Rig, config: Path, log: Path) -> None:
-        self.log = log
-        with open(log, "wb") as f:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "lbxdp", "--netns", rig.ns(LB), "run", HOST_IF, "--config",
-                 str(config), "--mode", "generic"],
-                stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
-
-    def events(self, name: str) -> list[dict[str, str]]:
-        """Its log lines `lbxdp[pid]: NAME key=value ...` as dicts (values with spaces are cut)."""
-        out = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            m = _EVENT.match(line)
-            if m and m[2] == name:
-                out.append(dict(re.findall(r"(\w+)=(\S+)", m[3])))
-        return out
-
-    def wait_event(self, name: str, count: int = 1, timeout: float = 60.0) -> dict[str, str]:
-        """Poll the log until the count-th NAME event; returns it."""
-        deadline = time.monotonic() + timeout
-        while True:
-            got = self.events(name)
-            if len(got) >= count:
-                return got[count - 1]
-            assert self.popen.poll() is None, f"daemon exited ({self.popen.returncode}):\n{self.log.read_text()}"
-            assert time.monotonic() < deadline, f"no {name} event #{count} in {timeout:.0f}s:\n{self.log.read_text()}"
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        """SIGKILL (it gets no chance to detach) and reap."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGKILL)
-        self.popen.wait(10)
-
-    def stop(self) -> int:
-        """SIGTERM (it detaches and removes the pins), SIGKILL if it has not exited in 20 s."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                return self.popen.wait(20)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-        return self.popen.wait(10)
-
-
 @pytest.fixture
-def daemons(rig: Rig) -> Iterator[Callable[[Path], Daemon]]:
-    """start(config) -> a Daemon that has attached (its `attached` event logged).
+def daemons(rig: Rig, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """start(config path) -> an attached `lbxdp run` (tests/netns/daemon.py).
 
-    Scope: function. Depends on: rig, root, bcc. Cleanup, even if the test failed: every daemon
-    started is stopped by its PID (SIGTERM, then SIGKILL), then `lbxdp detach` removes whatever
-    a killed daemon left attached and pinned, and the logs are deleted.
+    Scope: function. Depends on: rig, root, bcc. Cleanup: see started_daemons (stopped by PID,
+    detached, no pin or run state left); logs in tmp_path.
     """
-    started: list[Daemon] = []
-    tmp = Path(tempfile.mkdtemp(prefix="lbxdp-lifecycle-"))
-
-    def start(config: Path) -> Daemon:
-        d = Daemon(rig, config, tmp / f"daemon{len(started)}.log")
-        started.append(d)
-        d.wait_event("attached")
-        return d
-
-    try:
-        yield start
-    finally:
-        for d in started:
-            d.stop()
-        subprocess.run([sys.executable, "-m", "lbxdp", "--netns", rig.ns(LB), "detach", HOST_IF],
-                       capture_output=True, timeout=60)
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
-        inst = Instance(HOST_IF, rig.ns(LB))
-        assert not inst.pin_dir.exists() and not inst.run_dir.exists(), "pins or run state left behind"
-        assert all(d.popen.poll() is not None for d in started)
+    yield from started_daemons(rig, tmp_path)
 
 
 @pytest.fixture
@@ -184,7 +109,7 @@ def test_long_lived_connections_survive_everything(rig: Rig, daemons, config_fil
     vip = rig.vip_name(4, "tcp")
     config_file.write_text(rig.vip_toml(4, "tcp", BACKENDS))
     d = daemons(config_file)
-    prog_ids = [int(d.events("attached")[0]["prog_id"])]
+    prog_ids = [int(d.events("attached")[0][1]["prog_id"])]
     t_start = time.monotonic()
 
     with rig.hold(rig.spec.vip4, conns=200, interval=0.05, duration=80, try_timeout=2.0) as held:
@@ -217,7 +142,7 @@ def test_long_lived_connections_survive_everything(rig: Rig, daemons, config_fil
         during = rig.tcp_names(rig.spec.vip4, count=30, timeout=20)
         d = daemons(config_file)
         t_up = time.time()
-        attached = d.events("attached")[0]
+        attached = d.events("attached")[0][1]
         assert attached["adopted"] == "True", attached
         prog_ids.append(int(attached["prog_id"]))
 

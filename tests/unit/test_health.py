@@ -9,7 +9,6 @@ and the flapping server's toggles.
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 import statistics
 import threading
