@@ -46,6 +46,7 @@ _Static_assert(LBX_VIP_FILTER_WORDS * 64 == 1 << LBX_VIP_FILTER_BITS, "filter wo
 
 /* Backend flags. */
 #define LBX_BE_F_ACTIVE 0x01 /* slot holds a backend; cleared when the backend is deleted */
+#define LBX_BE_F_IN_TABLE 0x02 /* control plane only: its VIP's live table names it (for readers) */
 
 /* Per-VIP scheduler: how a new flow picks a slot of the VIP's table. */
 enum lbx_sched {

@@ -72,6 +72,7 @@ class TablePlan:
     size: int
     tag: int
     build: Callable[[], "array.array[int]"]
+    members: frozenset[int] = frozenset()   # backend entry ids the table names
 
 
 def plan_table(vip: model.Vip, ids: list[int], rt: Runtime) -> TablePlan:
@@ -90,9 +91,9 @@ def plan_table(vip: model.Vip, ids: list[int], rt: Runtime) -> TablePlan:
     if not use:
         return TablePlan(0, tag, lambda: array.array("I"))
     if vip.scheduler is model.Scheduler.MAGLEV:
-        return TablePlan(vip.table_size, tag, lambda: ring.maglev(keyed, vip.table_size, values=lut))
+        return TablePlan(vip.table_size, tag, lambda: ring.maglev(keyed, vip.table_size, values=lut), frozenset(lut))
     table = array.array("I", map(lut.__getitem__, ring.weighted_rr(keyed)))
-    return TablePlan(len(table), tag, lambda: table)
+    return TablePlan(len(table), tag, lambda: table, frozenset(lut))
 
 
 def build_table(vip: model.Vip, ids: list[int], rt: Runtime) -> tuple["array.array[int]", int]:
@@ -107,6 +108,7 @@ class _Switch:
     old: VipMeta | None
     new: VipMeta
     plan: TablePlan
+    ids: tuple[int, ...] = ()   # the VIP's backend entry ids
 
     @property
     def shrinks(self) -> bool:
@@ -215,7 +217,7 @@ class Balancer:
             diff.add(f"~ vip {vip.name} ({vip.mode.value}, {vip.scheduler.value})")
         else:
             diff.add(f"~ vip {vip.name}: table rebuilt ({plan.size} slots)")
-        return _Switch(vip.key, meta, new_meta, plan)
+        return _Switch(vip.key, meta, new_meta, plan, tuple(ids))
 
     def _switch_tables(self, switches: list[_Switch]) -> None:
         """Step 2: swap in the new tables, many per map write (Maps.write_tables: each write
@@ -229,6 +231,9 @@ class Balancer:
         for s in switches:
             if not s.shrinks:
                 self.maps.put_vip(s.key, s.new)
+        for s in switches:
+            for bid in s.ids:
+                self.maps.mark_in_table(bid, bid in s.plan.members)
 
     def _check_capacity(self, cfg: model.Config, current: dict[model.VipKey, VipMeta],
                         by_vip: dict[int, dict[tuple[model.IPAddress, int], BackendEntry]],

@@ -358,7 +358,7 @@ class Map:
             yield nxt
             prev, nxt = nxt, self.Key()
 
-    def batches(self, chunk: int = 4096) -> Iterator[tuple[Any, Any, int]]:
+    def batches(self, chunk: int = 16384) -> Iterator[tuple[Any, Any, int]]:
         """(keys array, values array, n) per chunk: one system call per chunk, not per entry.
 
         For a map of tens of thousands of entries this is what makes a scrape cheap: walking

@@ -97,6 +97,7 @@ class BackendEntry:
     address: model.IPAddress
     port: int
     mac: str
+    in_table: bool = False
 
     @property
     def name(self) -> str:
@@ -240,7 +241,7 @@ class Maps:
                 b, bid = values[i], keys[i]  # an array of c_uint indexes as int
                 if bid and b.flags & abi.BE_F_ACTIVE:
                     out[bid] = BackendEntry(bid, b.vip_id, addr_from(b.addr, b.family), socket.ntohs(b.port),
-                                            mac_str(b.mac))
+                                            mac_str(b.mac), bool(b.flags & abi.BE_F_IN_TABLE))
         return out
 
     def put_backend(self, backend_id: int, vip_id: int, b: model.Backend, mac: str) -> None:
@@ -251,10 +252,20 @@ class Maps:
         same = (old is not None and old.flags & abi.BE_F_ACTIVE and old.vip_id == vip_id
                 and bytes(old.addr) == addr_bytes(b.address) and old.port == socket.htons(b.port))
         gen = old.gen if same else _next_gen(old.gen if old is not None else 0)
+        flags = abi.BE_F_ACTIVE | (old.flags & abi.BE_F_IN_TABLE if same else 0)
         leaf = make(self.be_map.Leaf, addr=addr_bytes(b.address), port=socket.htons(b.port),
-                    family=model.family(b.address), flags=abi.BE_F_ACTIVE, mac=mac_bytes(mac), gen=gen,
+                    family=model.family(b.address), flags=flags, mac=mac_bytes(mac), gen=gen,
                     vip_id=vip_id)
         self.be_map.update(backend_id, leaf)
+
+    def mark_in_table(self, backend_id: int, in_table: bool) -> None:
+        """Record in the entry whether its VIP's live table names it, so that readers (status, the
+        exporter) need not read the tables; the packet path ignores this flag."""
+        old = self.be_map.lookup(backend_id)
+        if old is None or not old.flags & abi.BE_F_ACTIVE or bool(old.flags & abi.BE_F_IN_TABLE) == in_table:
+            return
+        old.flags = (old.flags | abi.BE_F_IN_TABLE) if in_table else (old.flags & ~abi.BE_F_IN_TABLE)
+        self.be_map.update(backend_id, old)
 
     def deactivate_backend(self, backend_id: int) -> None:
         """Clear the entry but keep its generation (the next owner's must differ from it)."""
@@ -359,8 +370,9 @@ class Maps:
         backends = sorted(self.backends().values(), key=lambda e: e.id)
         out = []
         for key, meta in sorted(self.vips().items(), key=lambda kv: kv[1].id):
-            live = set(self.table(meta.id)) if meta.table_size else set()
-            bes = tuple(BackendView(e.name, self.backend_stats(e.id), e.id in live, e.id, e.mac)
+            # in_table from the entry's flag: reading a 65537-slot table per VIP per scrape is not
+            # affordable (100 VIPs: 1.5 s); the balancer sets the flag with every table switch.
+            bes = tuple(BackendView(e.name, self.backend_stats(e.id), e.in_table and meta.table_size > 0, e.id, e.mac)
                         for e in backends if e.vip_id == meta.id)
             out.append(VipView(key.name, self.vip_stats(meta.id), bes, meta.id, meta.mode.name.lower(),
                                meta.sched.name.lower(), meta.table_size))

@@ -49,7 +49,8 @@ TARGETS = {"tcp established v4": 2.0, "non-vip pass v4": 1.3}
 
 
 def config() -> model.Config:
-    """Two TCP VIPs (v4, v6) and a UDP one, 8 backends each, round robin."""
+    """Two TCP VIPs (v4, v6) and a UDP one, 8 backends each, Maglev (65537 slots, the default);
+    and a v4 TCP VIP on port 81 with round robin, to show what the scheduler costs a new flow."""
     def backends(prefix: str, tag: int) -> tuple[model.Backend, ...]:
         return tuple(model.Backend(ipaddress.ip_address(f"{prefix}{i + 1}"), 8080, mac=f"02:be:{tag:02x}:00:00:{i + 1:02x}")
                      for i in range(8))
@@ -58,6 +59,7 @@ def config() -> model.Config:
         model.Vip(ip(VIP4), 80, model.Protocol.TCP, backends=backends("10.99.1.", 1)),
         model.Vip(ip(VIP6), 80, model.Protocol.TCP, backends=backends("fd99:1::", 2)),
         model.Vip(ip(VIP4), 53, model.Protocol.UDP, backends=backends("10.99.2.", 3)),
+        model.Vip(ip(VIP4), 81, model.Protocol.TCP, scheduler=model.Scheduler.RR, backends=backends("10.99.3.", 4)),
     ))
 
 
@@ -90,11 +92,11 @@ def frame(src: str, dst: str, sport: int, dport: int, proto: int, payload: bytes
     return mac(LB_MAC.replace(":", "")) + mac(CLIENT_MAC.replace(":", "")) + struct.pack("!H", ethertype) + l3 + l4
 
 
-def new_flow_frames(n: int, dst: str, client: str) -> list[bytes]:
-    """n TCP SYNs to dst:80, each from its own (source address, source port)."""
+def new_flow_frames(n: int, dst: str, client: str, dport: int = 80) -> list[bytes]:
+    """n TCP SYNs to dst:dport, each from its own (source address, source port)."""
     base = int(ipaddress.ip_address(client))
     cls = type(ipaddress.ip_address(client))
-    return [frame(str(cls(base + (i >> 14))), dst, 1024 + (i & 0x3FFF), 80, 6) for i in range(n)]
+    return [frame(str(cls(base + (i >> 14))), dst, 1024 + (i & 0x3FFF), dport, 6) for i in range(n)]
 
 
 # --- measuring ------------------------------------------------------------------------------------
@@ -189,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         cases = [
             Case("floor: xdp_stub (XDP_PASS)", floor, [syn4], XDP_PASS),
             Case("tcp syn new flow v4", lb, new_flow_frames(n, VIP4, CLIENT4), XDP_TX, lambda: clear_flows(maps)),
+            Case("tcp syn new flow v4, rr", lb, new_flow_frames(n, VIP4, CLIENT4, 81), XDP_TX,
+                 lambda: clear_flows(maps)),
             Case("tcp established v4", lb, [syn4], XDP_TX),
             Case("tcp syn new flow v6", lb, new_flow_frames(n, VIP6, CLIENT6), XDP_TX, lambda: clear_flows(maps)),
             Case("udp established v4", lb, [frame(CLIENT4, VIP4, 999, 53, 17, b"query")], XDP_TX),
