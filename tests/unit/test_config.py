@@ -289,3 +289,13 @@ def test_source_prefixes_the_message() -> None:
         config.parse(vip(port="65536") + BE, source="lb.toml")
     assert ei.value.message.startswith("lb.toml: vip[0].port: ")
     assert ei.value.path == "vip[0].port"
+
+
+def test_the_readme_example_is_a_valid_config() -> None:
+    """The README's config example stays true to the parser."""
+    import re
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    [example] = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    cfg = config.parse(example)
+    assert cfg.metrics_listen and cfg.vips[0].health is not None and cfg.vips[0].health.type == "http"
