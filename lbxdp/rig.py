@@ -897,6 +897,8 @@ class Rig:
         shutil.rmtree(self.run_dir, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             self.state_path(self.spec.prefix).unlink()
+        with contextlib.suppress(OSError):   # the run root too, if nothing else is in it
+            paths.run_root().rmdir()
         if errors:
             raise RigError(f"rig {self.spec.prefix} teardown: " + "; ".join(errors))
         self._owned = False
