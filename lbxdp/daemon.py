@@ -10,7 +10,8 @@ Life of a daemon:
            their deadline, step slow starts, follow edits made with `lbxdp vip|backend ...`;
   SIGTERM  detach and remove the pins, unless --keep-attached. SIGKILL leaves the program
            attached and forwarding; the next `lbxdp run` adopts it without losing a flow.
-Every state change is one log line: `lbxdp: <event> key=value ...`.
+Every state change is one log line, `lbxdp[pid]: <event> key=value ...` (logfmt: a value with
+spaces is double-quoted).
 """
 
 from __future__ import annotations
@@ -33,8 +34,16 @@ log = logging.getLogger("lbxdp.daemon")
 TICK = 1.0
 
 
+def _logfmt(v: Any) -> str:
+    """A logfmt value: bare if it has no space, quote or '=', else double-quoted with escapes."""
+    s = str(v)
+    if s and not any(c in s for c in ' "=\\') and s.isprintable():
+        return s
+    return json.dumps(s)
+
+
 def _event(name: str, **kv: Any) -> None:
-    log.info("%s %s", name, " ".join(f"{k}={v}" for k, v in kv.items()))
+    log.info("%s %s", name, " ".join(f"{k}={_logfmt(v)}" for k, v in kv.items()))
 
 
 def _log_to_stderr() -> None:
@@ -198,10 +207,10 @@ class Daemon:
         # Logged once applied: when the line appears, the maps already say so.
         for key, c in changes.items():
             vip, _, be = key.partition("|")
-            _event("backend-up" if c["healthy"] else "backend-down", vip=vip, backend=be, check=repr(c["detail"]),
+            _event("backend-up" if c["healthy"] else "backend-down", vip=vip, backend=be, check=c["detail"],
                    latency=f"{c['latency']:.4f}")
         for line in diff.lines:
-            _event("change", what=repr(line))
+            _event("change", what=line)
 
     def _write_checks(self) -> None:
         """Last result of every check, for `lbxdp status` (atomically replaced once a second)."""
@@ -269,13 +278,13 @@ class Daemon:
             diff = control.apply(self.inst, cfg)
         except LbxError as e:
             self._count_reload("error")
-            _event("reload-failed", error=repr(e.message), kept="the running config")
+            _event("reload-failed", error=e.message, kept="the running config")
             return
         self._observe(time.monotonic() - t)
         self._count_reload("ok")
         _event("reloaded", changes=len(diff.lines), seconds=f"{time.monotonic() - t:.3f}")
         for line in diff.lines:
-            _event("change", what=repr(line))
+            _event("change", what=line)
 
     def tick(self) -> None:
         """Finish expired drains, step slow starts: only when there is something to do."""
@@ -288,11 +297,11 @@ class Daemon:
         try:
             diff = control.apply(self.inst, None, now)
         except LbxError as e:
-            _event("step-failed", error=repr(e.message))
+            _event("step-failed", error=e.message)
             return
         self._observe(time.monotonic() - t)
         for line in diff.lines:
-            _event("change", what=repr(line))
+            _event("change", what=line)
 
     def _stop(self) -> None:
         if self.keep_attached:

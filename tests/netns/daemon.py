@@ -4,6 +4,7 @@ its one-line events read back as they arrive, and the fixture that starts and al
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from lbxdp.rig import HOST_IF, LB, Rig
 
 REPO = Path(__file__).resolve().parents[2]
 _EVENT = re.compile(r"^lbxdp\[(\d+)\]: (\S+) ?(.*)$")
+_PAIR = re.compile(r'(\w+)=(?:("(?:[^"\\]|\\.)*")|(\S+))')
 
 
 class Daemon:
@@ -55,14 +57,14 @@ class Daemon:
 
     def events(self, name: str, **match: str) -> list[tuple[float, dict[str, str]]]:
         """(arrival time, {key: value}) of its `lbxdp[pid]: NAME key=value ...` lines whose
-        values include `match` (values with spaces are cut at the space)."""
+        values include `match` (logfmt: quoted values are unquoted)."""
         with self._lock:
             lines = list(self.lines)
         out = []
         for t, line in lines:
             m = _EVENT.match(line)
             if m and m[2] == name:
-                kv = dict(re.findall(r"(\w+)=(\S+)", m[3]))
+                kv = parse_logfmt(m[3])
                 if all(kv.get(k) == v for k, v in match.items()):
                     out.append((t, kv))
         return out
@@ -100,6 +102,11 @@ class Daemon:
         rc = self.popen.wait(10)
         self._reader.join(5)
         return rc
+
+
+def parse_logfmt(text: str) -> dict[str, str]:
+    """key=value pairs of a daemon log line; double-quoted values are JSON strings."""
+    return {k: json.loads(q) if q else bare for k, q, bare in _PAIR.findall(text)}
 
 
 def started_daemons(rig: Rig, logdir: Path) -> Iterator[Callable[..., Daemon]]:
