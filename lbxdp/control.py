@@ -272,7 +272,8 @@ def _health_of(told: applied.State, checks: dict[str, Any], key: str) -> dict[st
     else:
         state = "unchecked"
     return {"health": state, "forced": forced, "health_since": rec.get("since", last.get("since")),
-            "last_check": last.get("last"), "check_latency": last.get("latency")}
+            "last_check": last.get("last"), "check_latency": last.get("latency"),
+            "last_check_at": last.get("at"), "checks": last.get("checks")}
 
 
 def load_config(path: str | Path) -> model.Config:
