@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * lbxdp_ingress: the XDP program, one per attached interface. This file is the table of
- * contents: parse -> classify -> select -> rewrite -> emit, and every exit names its reason.
+ * contents: parse -> classify -> guard -> select -> rewrite -> emit, and every exit names its
+ * reason.
  * The order is cost-driven: most traffic for no VIP leaves after one bit of the VIP address
  * filter, and an established flow after one connection-table lookup (its backend entry names
  * its VIP); only a new flow pays for the VIP lookup too (docs/benchmarks.md has the figures).
@@ -14,6 +15,7 @@
 #include "maps.h"
 #include "parse.h"
 #include "classify.h"
+#include "guard.h"
 #include "select.h"
 #include "rewrite.h"
 #include "stats.h"
@@ -30,6 +32,11 @@ int lbxdp_ingress(struct xdp_md *ctx)
 		return count(XDP_PASS, r, &pkt);
 	if (!may_be_vip(&pkt))                          /* classify.h: one bit, no hash lookup */
 		return count(XDP_PASS, LBX_R_PASS_NOT_VIP, &pkt);
+	r = addressed_to_us(ctx);                       /* guard.h: lbx_ctl's MAC */
+	if (r != LBX_R_OK)
+		return count(XDP_PASS, r, &pkt);
+	if (plausible_source(&pkt) != LBX_R_OK)         /* guard.h: no martians */
+		return count(XDP_DROP, LBX_R_DROP_BAD_SOURCE, &pkt);
 	if (!established(&pkt, &sel)) {                 /* select.h: the connection table */
 		vip = classify(&pkt);                   /* classify.h: the VIP lookup */
 		if (!vip)

@@ -80,6 +80,19 @@ enum lbx_reason {
 	LBX_R_DROP_NO_BACKEND,    /* the VIP has no backend */
 	LBX_R_DROP_BACKEND_GONE,  /* a table slot names a deleted backend (control-plane race) */
 	LBX_R_ABORT_REWRITE,      /* the frame could not be rewritten */
+	/*
+	 * Frames for a VIP that lbxdp must not forward. Structurally malformed ones are passed: the
+	 * kernel validates them again and counts them in its own statistics. Impossible sources
+	 * are dropped: no reply could reach them, so they are spoofed.
+	 */
+	LBX_R_PASS_NOT_FOR_US,    /* destination MAC is not the interface's (broadcast, multicast, another host) */
+	LBX_R_PASS_NO_OWN_MAC,    /* lbx_ctl holds no MAC yet: fail closed, forward nothing */
+	LBX_R_PASS_BAD_IP_LEN,    /* IPv4 total length or IPv6 payload length disagrees with the frame (or is 0) */
+	LBX_R_PASS_BAD_TCP_LEN,   /* the TCP header (data offset) runs past the IP payload */
+	LBX_R_PASS_BAD_UDP_LEN,   /* UDP length < 8 or not the IP payload length */
+	LBX_R_PASS_TTL_ZERO,      /* IPv4 TTL or IPv6 hop limit 0 */
+	LBX_R_DROP_BAD_SOURCE,    /* source cannot be a client: 0/8, 127/8, 224/3, ::, ::1, ff00::/8,
+				   * ::ffff:0:0/96, or the destination itself */
 	LBX_R_MAX,
 };
 
@@ -150,6 +163,22 @@ struct lbx_stats {
 	__u64 new_flows;
 };
 _Static_assert(sizeof(struct lbx_stats) == 24, "also update lbxdp/abi.py");
+
+/* lbx_ctl flags. */
+#define LBX_CTL_F_MAC_SET 0x0001 /* mac holds the interface's MAC; without it nothing is forwarded */
+
+/*
+ * What the program knows about its own interface: one entry, written by the control plane at
+ * attach and whenever the interface's MAC changes. 64 bytes with the tail reserved (zero), so
+ * that fields added later (the balancer's own addresses, a gateway MAC) keep the map's value
+ * size and a re-attach reuses the pinned map.
+ */
+struct lbx_ctl {
+	__u8 mac[6];        /* the interface's MAC: only frames sent to it are forwarded */
+	__u16 flags;        /* LBX_CTL_F_* */
+	__u8 reserved[56];  /* zero */
+};
+_Static_assert(sizeof(struct lbx_ctl) == 64, "also update lbxdp/abi.py");
 
 /* Per-CPU counters of one reason. */
 struct lbx_count {

@@ -64,6 +64,9 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct lbx_stats, lbx_vip_stats, LBX_MAX
 BPF_TABLE_PINNED("percpu_array", __u32, struct lbx_stats, lbx_be_stats, LBX_MAX_BACKENDS,
 		 LBX_PIN_DIR "/lbx_be_stats");
 
+/* 0 -> struct lbx_ctl (the interface's MAC). Written by lbxdp.maps.Maps.set_ctl only. */
+BPF_TABLE_PINNED("array", __u32, struct lbx_ctl, lbx_ctl, 1, LBX_PIN_DIR "/lbx_ctl");
+
 /* enum lbx_reason -> packets and bytes that left the program for that reason. */
 BPF_TABLE_PINNED("percpu_array", __u32, struct lbx_count, lbx_reasons, LBX_R_MAX,
 		 LBX_PIN_DIR "/lbx_reasons");

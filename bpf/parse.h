@@ -22,12 +22,24 @@
 #define LBX_IP_MF 0x2000
 #define LBX_IP_OFFSET 0x1fff
 
+/*
+ * What parsing learnt about a frame, for the stages after it. The IP version is flow.family
+ * (LBX_FAMILY_V4 = 4, LBX_FAMILY_V6 = 6). The lengths are validated: l3_off + l3_len never
+ * exceeds the frame (anything after it is Ethernet padding), and l4_len is the IP payload, which
+ * holds the whole L4 header.
+ */
 struct pkt {
 	struct flow_key flow;
-	__u64 len;  /* frame length, counted as bytes */
+	__u64 len;     /* frame length, counted as bytes */
+	__u16 l3_off;  /* IP header, from the frame start */
+	__u16 l4_off;  /* TCP/UDP header, from the frame start */
+	__u16 l3_len;  /* IPv4 total length, or 40 + IPv6 payload length */
+	__u16 l4_len;  /* IP payload: L4 header and data */
+	__u8 ttl;      /* IPv4 TTL or IPv6 hop limit */
 };
 
 struct cursor {
+	void *start;
 	void *pos;
 	void *end;
 };
@@ -71,6 +83,14 @@ static __always_inline int parse_ipv4(struct cursor *c, struct pkt *pkt)
 	/* Non-first fragments carry no ports and first ones would be split from them. */
 	if (ip->frag_off & bpf_htons(LBX_IP_MF | LBX_IP_OFFSET))
 		return LBX_R_PASS_FRAGMENT;
+	/* Shorter than the frame is legal (Ethernet pads short frames to 60 bytes); longer is not,
+	 * and neither is shorter than the header itself. */
+	pkt->l3_len = bpf_ntohs(ip->tot_len);
+	if (pkt->l3_len < sizeof(*ip) || (void *)ip + pkt->l3_len > c->end)
+		return LBX_R_PASS_BAD_IP_LEN;
+	if (ip->ttl == 0)
+		return LBX_R_PASS_TTL_ZERO;
+	pkt->l4_len = pkt->l3_len - sizeof(*ip);
 	pkt->flow.family = LBX_FAMILY_V4;
 	pkt->flow.proto = ip->protocol;
 	pkt->flow.src.w[0] = ip->saddr;
@@ -106,6 +126,13 @@ static __always_inline int parse_ipv6(struct cursor *c, struct pkt *pkt)
 	/* Walking extension headers costs a bounded loop per packet; real VIP traffic has none. */
 	if (is_ipv6_ext(ip6->nexthdr))
 		return LBX_R_PASS_IPV6_EXT;
+	/* Payload length 0 means a jumbogram, which needs a hop-by-hop header (refused above). */
+	pkt->l4_len = bpf_ntohs(ip6->payload_len);
+	if (pkt->l4_len == 0 || (void *)(ip6 + 1) + pkt->l4_len > c->end)
+		return LBX_R_PASS_BAD_IP_LEN;
+	if (ip6->hop_limit == 0)
+		return LBX_R_PASS_TTL_ZERO;
+	pkt->l3_len = sizeof(*ip6) + pkt->l4_len;
 	pkt->flow.family = LBX_FAMILY_V6;
 	pkt->flow.proto = ip6->nexthdr;
 	__builtin_memcpy(&pkt->flow.src, &ip6->saddr, sizeof(pkt->flow.src));
@@ -124,6 +151,8 @@ static __always_inline int parse_l4(struct cursor *c, struct pkt *pkt)
 			return LBX_R_PASS_TRUNCATED;
 		if (tcp->doff < 5)
 			return LBX_R_PASS_BAD_HEADER;
+		if (tcp->doff * 4 > pkt->l4_len)
+			return LBX_R_PASS_BAD_TCP_LEN;
 		pkt->flow.sport = tcp->source;
 		pkt->flow.dport = tcp->dest;
 		return LBX_R_OK;
@@ -131,6 +160,10 @@ static __always_inline int parse_l4(struct cursor *c, struct pkt *pkt)
 	if (pkt->flow.proto == IPPROTO_UDP) {
 		if ((void *)(udp + 1) > c->end)
 			return LBX_R_PASS_TRUNCATED;
+		/* Stricter than the kernel (which trims a datagram shorter than its IP payload):
+		 * whatever disagrees is left to the kernel's judgement. */
+		if (bpf_ntohs(udp->len) != pkt->l4_len)
+			return LBX_R_PASS_BAD_UDP_LEN;
 		pkt->flow.sport = udp->source;
 		pkt->flow.dport = udp->dest;
 		return LBX_R_OK;
@@ -142,6 +175,7 @@ static __always_inline int parse_l4(struct cursor *c, struct pkt *pkt)
 static __always_inline int parse_packet(struct xdp_md *ctx, struct pkt *pkt)
 {
 	struct cursor c = {
+		.start = (void *)(long)ctx->data,
 		.pos = (void *)(long)ctx->data,
 		.end = (void *)(long)ctx->data_end,
 	};
@@ -152,6 +186,7 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct pkt *pkt)
 	r = parse_eth(&c, &proto);
 	if (r != LBX_R_OK)
 		return r;
+	pkt->l3_off = c.pos - c.start;
 	if (proto == bpf_htons(ETH_P_IP))
 		r = parse_ipv4(&c, pkt);
 	else if (proto == bpf_htons(ETH_P_IPV6))
@@ -160,6 +195,7 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct pkt *pkt)
 		return LBX_R_PASS_NOT_IP;
 	if (r != LBX_R_OK)
 		return r;
+	pkt->l4_off = c.pos - c.start;
 	return parse_l4(&c, pkt);
 }
 

@@ -12,7 +12,7 @@
 
 /*
  * DSR on a shared L2 segment: only the MACs change. The frame reached us addressed to our own
- * MAC, so that address becomes the source: no per-interface configuration, no lookup. IP and
+ * MAC (addressed_to_us() in guard.h made sure), so that address becomes the source: no lookup. IP and
  * L4 are untouched, so no checksum changes; the backend holds the VIP on its loopback.
  */
 static __always_inline int rewrite_dsr(struct xdp_md *ctx, const struct backend *be)

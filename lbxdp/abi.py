@@ -24,6 +24,8 @@ FAMILY_V6 = 6            # LBX_FAMILY_V6
 BE_F_ACTIVE = 0x01       # LBX_BE_F_ACTIVE
 BE_F_IN_TABLE = 0x02     # LBX_BE_F_IN_TABLE
 VIP_F_PASS_NO_BACKEND = 0x01  # LBX_VIP_F_PASS_NO_BACKEND
+CTL_F_MAC_SET = 0x0001   # LBX_CTL_F_MAC_SET
+CTL_SIZE = 64            # sizeof(struct lbx_ctl)
 
 PROGRAM = "lbxdp_ingress"
 STUB_PROGRAM = "xdp_stub"
@@ -60,7 +62,14 @@ class Reason(enum.IntEnum):
     DROP_NO_BACKEND = 11
     DROP_BACKEND_GONE = 12
     ABORT_REWRITE = 13
-    MAX = 14
+    PASS_NOT_FOR_US = 14
+    PASS_NO_OWN_MAC = 15
+    PASS_BAD_IP_LEN = 16
+    PASS_BAD_TCP_LEN = 17
+    PASS_BAD_UDP_LEN = 18
+    PASS_TTL_ZERO = 19
+    DROP_BAD_SOURCE = 20
+    MAX = 21
 
     @property
     def verdict(self) -> str:
@@ -91,3 +100,4 @@ class Map(str, enum.Enum):
     VIP_STATS = "lbx_vip_stats"
     BE_STATS = "lbx_be_stats"
     REASONS = "lbx_reasons"
+    CTL = "lbx_ctl"

@@ -65,7 +65,9 @@ def attach(inst: Instance, cfg: model.Config, mode: str = "auto", force: bool = 
     prog = loader.compile_program(build or loader.BuildConfig(inst.pin_dir))
     try:
         loader.save_schema(inst, prog.schema)
-        diff = apply(inst, cfg, maps=Maps(prog.maps))
+        maps = Maps(prog.maps)
+        maps.set_own_mac(loader.hwaddr(inst.ifname))   # until then it forwards nothing
+        diff = apply(inst, cfg, maps=maps)
         used = loader.attach(inst.ifname, prog.fd, mode)
         if inst.prog_pin.exists():
             inst.prog_pin.unlink()
@@ -80,6 +82,14 @@ def attach(inst: Instance, cfg: model.Config, mode: str = "auto", force: bool = 
     finally:
         prog.close()
     return AttachResult(used, prog.info.id, diff, upgraded)
+
+
+def sync_own_mac(inst: Instance) -> tuple[str | None, str] | None:
+    """Give the program the interface's current MAC: (old, new) if it changed, else None."""
+    mac = loader.hwaddr(inst.ifname)
+    with open_maps(inst) as m:
+        old = m.own_mac()
+        return (old, mac) if m.set_own_mac(mac) else None
 
 
 def apply(inst: Instance, cfg: model.Config | None = None, now: float | None = None,

@@ -287,7 +287,14 @@ class Daemon:
             _event("change", what=line)
 
     def tick(self) -> None:
-        """Finish expired drains, step slow starts: only when there is something to do."""
+        """Follow the interface's MAC; finish expired drains, step slow starts: only when there is
+        something to do."""
+        try:
+            moved = control.sync_own_mac(self.inst)
+            if moved:
+                _event("own-mac-changed", old=moved[0] or "none", new=moved[1])
+        except LbxError as e:
+            _event("own-mac-check-failed", error=e.message)
         now = time.time()
         st = applied.load(self.inst)
         rt = st.runtime(now)

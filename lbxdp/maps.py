@@ -170,6 +170,9 @@ class Maps:
         self.be_map = maps[abi.Map.BACKENDS]
         self.tables_map = maps[abi.Map.TABLES]
         self.flow_map = maps[abi.Map.FLOWS]
+        # None only for pins of an older version (re-attach creates it) or a program built from
+        # older sources (the scripts' --bpf-dir).
+        self.ctl_map = maps.get(abi.Map.CTL)
         # A new table must have its template's flags (the kernel compares them when it is
         # stored); pins made before BPF_F_MMAPABLE was added are filled the slower way.
         self.table_flags = maps[abi.Map.TABLE_TMPL].info.flags
@@ -185,6 +188,22 @@ class Maps:
     @property
     def max_backends(self) -> int:
         return self.be_map.info.max_entries
+
+    # --- the interface -------------------------------------------------------------------------
+    def own_mac(self) -> str | None:
+        """The MAC the program forwards frames for (lbx_ctl), or None if it has none."""
+        ctl = self.ctl_map.lookup(0) if self.ctl_map is not None else None
+        return mac_str(ctl.mac) if ctl is not None and ctl.flags & abi.CTL_F_MAC_SET else None
+
+    def set_own_mac(self, mac: str | None) -> bool:
+        """Tell the program the interface's MAC; None (or all zeros) makes it forward nothing.
+        Returns whether the map changed."""
+        if self.ctl_map is None or self.own_mac() == mac:
+            return False
+        raw = mac_bytes(mac) if mac else bytes(6)
+        flags = abi.CTL_F_MAC_SET if any(raw) else 0
+        self.ctl_map.update(0, make(self.ctl_map.Leaf, mac=raw, flags=flags))
+        return True
 
     # --- VIPs ----------------------------------------------------------------------------------
     def vip_key(self, key: model.VipKey) -> Any:

@@ -18,7 +18,7 @@ import pytest
 
 from lbxdp import loader
 
-from .frames import BASE
+from .frames import BASE, LB_MAC
 from .harness import Lb
 
 
@@ -49,12 +49,14 @@ def compiled_lb() -> Iterator[Lb]:
 
 @pytest.fixture
 def lb(compiled_lb: Lb) -> Lb:
-    """The session's program, reset for one test: BASE applied, no flows, rr positions at zero.
+    """The session's program, reset for one test: BASE applied, its own MAC frames.LB_MAC, no flows,
+    rr positions at zero.
 
     Scope: function. Depends on: compiled_lb. Cleanup: none needed; the next test resets again
     (so a test that applies another config, or fails half-way, cannot leak into the next one).
     """
     compiled_lb.apply(BASE)
+    compiled_lb.maps.set_own_mac(LB_MAC)
     compiled_lb.clear_flows()
     for meta in compiled_lb.maps.vips().values():
         compiled_lb.maps.reset_vip_counters(meta.id)

@@ -19,7 +19,7 @@ from lbxdp import abi, bpfsys, loader, model
 from lbxdp.balancer import Balancer, Runtime
 from lbxdp.maps import Maps
 
-from .frames import VERDICT_NAMES, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX
+from .frames import LB_MAC, VERDICT_NAMES, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX
 
 _VERDICT_OF_REASON = {"tx": XDP_TX, "pass": XDP_PASS, "drop": XDP_DROP, "abort": XDP_ABORTED}
 
@@ -55,6 +55,7 @@ class Lb:
         self.maps = Maps(prog.maps)
         self.balancer = Balancer(self.maps)
         self.runner = bpfsys.TestRunner(prog.fd)
+        self.maps.set_own_mac(LB_MAC)   # what control.attach does with the interface's MAC
 
     def run(self, frame: Packet | bytes) -> bpfsys.TestRun:
         return self.runner.run(bytes(frame))

@@ -38,6 +38,17 @@ def _eth(ethertype: int) -> Ether:
     return Ether(src=CLIENT_MAC, dst=LB_MAC, type=ethertype)
 
 
+def _padded(pkt, n: int = 6) -> bytes:
+    """pkt followed by n bytes of Ethernet padding (legal: short frames are padded to 60 bytes)."""
+    return bytes(pkt) + bytes(n)
+
+
+def _drop_source(desc: str, src: str, dst: str, sport: int) -> Case:
+    """A SYN (v4) or a UDP datagram (v6) to a VIP from a source that cannot be a client."""
+    pkt = tcp(dst, 80, sport, src=src) if ":" not in dst else udp(dst, 53, sport, src=src)
+    return Case(desc, pkt, XDP_DROP, reason=R.DROP_BAD_SOURCE)
+
+
 def _truncated_tcp(n: int) -> Ether:
     """A v4 packet to the TCP VIP that carries only the first n bytes of its TCP header."""
     return Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=CLIENT4, dst=V4, proto=6) / \
@@ -56,8 +67,11 @@ CASES = [
         TCP(sport=40006, dport=80, flags="S"), WEB4),
     _tx("a mid-stream segment with no table entry starts a flow (no tcp state is kept)",
         tcp(V4, 80, 40007, flags="PA", payload=b"GET / HTTP/1.1\r\n\r\n"), WEB4),
-    _tx("the source mac becomes the mac the frame was sent to",
-        tcp(V4, 80, 40008, dst_mac="02:aa:bb:cc:dd:ee"), WEB4),
+    _tx("ethernet padding after a v4 packet is forwarded with it", _padded(tcp(V4, 80, 40009)), WEB4),
+    _tx("ethernet padding after a v4 udp datagram is forwarded with it", _padded(udp(V4, 53, 40010, payload=b"q")), DNS4),
+    _tx("ethernet padding after a v6 packet is forwarded with it",
+        _padded(tcp(V6, 80, 40011), 8), WEB6),
+    _tx("a ttl of 1 is forwarded (dsr does not decrement it)", tcp(V4, 80, 40012, ttl=1), WEB4),
     # --- not for a vip --------------------------------------------------------------------------
     _pass("tcp to a v4 address that is no vip passes", tcp(OTHER4, 80, 40101), R.PASS_NOT_VIP),
     _pass("tcp to a v6 address that is no vip passes", tcp(OTHER6, 80, 40102), R.PASS_NOT_VIP),
@@ -117,6 +131,54 @@ CASES = [
           _eth(0x86DD) / IP(src=CLIENT4, dst=V4) / TCP(sport=40503, dport=80, flags="S"), R.PASS_BAD_HEADER),
     _pass("tcp with data offset < 5 passes", Ether(src=CLIENT_MAC, dst=LB_MAC) /
           IP(src=CLIENT4, dst=V4) / TCP(sport=40504, dport=80, flags="S", dataofs=4), R.PASS_BAD_HEADER),
+    # --- not addressed to the balancer (bpf/guard.h: addressed_to_us) ---------------------------
+    _pass("a vip frame to the broadcast mac passes", tcp(V4, 80, 40701, dst_mac="ff:ff:ff:ff:ff:ff"),
+          R.PASS_NOT_FOR_US),
+    _pass("a vip frame to a v4 multicast mac passes", udp(V4, 53, 40702, dst_mac="01:00:5e:00:00:01"),
+          R.PASS_NOT_FOR_US),
+    _pass("a vip frame to a v6 multicast mac passes", tcp(V6, 80, 40703, dst_mac="33:33:00:00:00:01"),
+          R.PASS_NOT_FOR_US),
+    _pass("a vip frame to another host's unicast mac passes", tcp(V4, 80, 40704, dst_mac="02:aa:bb:cc:dd:ee"),
+          R.PASS_NOT_FOR_US),
+    _pass("a vip frame to a mac differing from ours in its last byte passes",
+          tcp(V6, 80, 40705, dst_mac="02:00:00:00:00:03"), R.PASS_NOT_FOR_US),
+    _pass("a tagged vip frame to another host's mac passes",
+          tcp(V4, 80, 40706, vlan=42, dst_mac="02:aa:bb:cc:dd:ee"), R.PASS_NOT_FOR_US),
+    # --- lengths that disagree with the frame (bpf/parse.h) -------------------------------------
+    _pass("v4 total length past the end of the frame passes", tcp(V4, 80, 40801, len=100), R.PASS_BAD_IP_LEN),
+    _pass("v4 total length smaller than the ip header passes", tcp(V4, 80, 40802, len=19), R.PASS_BAD_IP_LEN),
+    _pass("v4 total length 0 passes", tcp(V4, 80, 40803, len=0), R.PASS_BAD_IP_LEN),
+    _pass("v6 payload length past the end of the frame passes",
+          Ether(src=CLIENT_MAC, dst=LB_MAC) / IPv6(src=CLIENT6, dst=V6, plen=21) / TCP(sport=40804, dport=80),
+          R.PASS_BAD_IP_LEN),
+    _pass("v6 payload length 0 (a jumbogram without its hop-by-hop header) passes",
+          Ether(src=CLIENT_MAC, dst=LB_MAC) / IPv6(src=CLIENT6, dst=V6, plen=0) / TCP(sport=40805, dport=80),
+          R.PASS_BAD_IP_LEN),
+    _pass("v4 total length that leaves no room for the tcp header passes (the rest is padding)",
+          tcp(V4, 80, 40806, len=30), R.PASS_BAD_TCP_LEN),
+    _pass("tcp data offset past the ip payload passes",
+          Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=CLIENT4, dst=V4) / TCP(sport=40807, dport=80, dataofs=15),
+          R.PASS_BAD_TCP_LEN),
+    _pass("v6 tcp data offset past the ip payload passes",
+          Ether(src=CLIENT_MAC, dst=LB_MAC) / IPv6(src=CLIENT6, dst=V6) / TCP(sport=40808, dport=80, dataofs=6),
+          R.PASS_BAD_TCP_LEN),
+    _pass("udp length < 8 passes", Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=CLIENT4, dst=V4) /
+          UDP(sport=40809, dport=53, len=7) / Raw(b"query"), R.PASS_BAD_UDP_LEN),
+    _pass("udp length longer than the ip payload passes", Ether(src=CLIENT_MAC, dst=LB_MAC) /
+          IP(src=CLIENT4, dst=V4) / UDP(sport=40810, dport=53, len=100) / Raw(b"query"), R.PASS_BAD_UDP_LEN),
+    _pass("udp length shorter than the ip payload passes", Ether(src=CLIENT_MAC, dst=LB_MAC) /
+          IP(src=CLIENT4, dst=V4) / UDP(sport=40811, dport=53, len=9) / Raw(b"query"), R.PASS_BAD_UDP_LEN),
+    _pass("v6 udp length inconsistent with the payload length passes", Ether(src=CLIENT_MAC, dst=LB_MAC) /
+          IPv6(src=CLIENT6, dst=V6) / UDP(sport=40812, dport=53, len=12) / Raw(b"query"), R.PASS_BAD_UDP_LEN),
+    _pass("v4 ttl 0 passes", tcp(V4, 80, 40813, ttl=0), R.PASS_TTL_ZERO),
+    _pass("v6 hop limit 0 passes", Ether(src=CLIENT_MAC, dst=LB_MAC) / IPv6(src=CLIENT6, dst=V6, hlim=0) /
+          UDP(sport=40814, dport=53) / Raw(b"query"), R.PASS_TTL_ZERO),
+    # --- sources that cannot be a client (bpf/guard.h: plausible_source) ------------------------
+    *[_drop_source(f"a vip frame from {src} is dropped", src, dst, 40900 + i) for i, (src, dst) in enumerate([
+        ("0.0.0.0", V4), ("0.1.2.3", V4), ("127.0.0.1", V4), ("127.255.0.9", V4), ("255.255.255.255", V4),
+        ("224.0.0.1", V4), ("239.1.2.3", V4), ("240.0.0.1", V4), (V4, V4),
+        ("::", V6), ("::1", V6), ("ff02::1", V6), ("ff0e::9", V6), ("::ffff:192.0.2.10", V6), (V6, V6),
+    ])],
     # --- dropped --------------------------------------------------------------------------------
     Case("a syn to a vip with no backend is dropped", tcp(str(EMPTY4.address), 80, 40601), XDP_DROP,
          reason=R.DROP_NO_BACKEND),
@@ -128,6 +190,32 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c.desc for c in CASES])
 def test_case(lb: Lb, case: Case) -> None:
     check(lb, case)
+    if case.verdict != XDP_TX:  # a frame that is not forwarded never creates flow state
+        assert lb.maps.flow_count() == 0, f"{case.desc}: inserted a connection-table entry"
+
+
+def test_unset_own_mac_forwards_nothing(lb: Lb) -> None:
+    """Before the control plane has written lbx_ctl (or after it cleared it) nothing is forwarded,
+    not even a frame to an all-zero MAC: fail closed."""
+    lb.maps.set_own_mac(None)
+    assert lb.maps.own_mac() is None
+    for case in (_pass("a syn to a vip while the program knows no own mac passes", tcp(V4, 80, 41001),
+                       R.PASS_NO_OWN_MAC),
+                 _pass("a frame to the all-zero mac while the program knows no own mac passes",
+                       udp(V6, 53, 41002, dst_mac="00:00:00:00:00:00"), R.PASS_NO_OWN_MAC)):
+        check(lb, case)
+    assert lb.maps.flow_count() == 0
+    lb.maps.set_own_mac("00:00:00:00:00:00")   # an all-zero MAC is no MAC
+    assert lb.maps.own_mac() is None
+    check(lb, _pass("still nothing with an all-zero mac", tcp(V4, 80, 41003), R.PASS_NO_OWN_MAC))
+    lb.maps.set_own_mac(LB_MAC)
+    check(lb, _tx("forwarded again once the mac is set", tcp(V4, 80, 41004), WEB4))
+
+
+def test_forwarded_frame_leaves_from_our_mac(lb: Lb) -> None:
+    """The source MAC of a forwarded frame is the balancer's own (the one lbx_ctl holds)."""
+    out = check(lb, _tx("syn", tcp(V4, 80, 41101), WEB4))
+    assert out[6:12] == bytes.fromhex(LB_MAC.replace(":", ""))
 
 
 # Exits that no frame can reach while the maps hold what the control plane writes.
@@ -140,8 +228,12 @@ UNREACHABLE_FROM_A_FRAME = {
 }
 
 
+# Exits covered by a test of their own instead of a row (they need other map contents).
+OUTSIDE_THE_TABLE = {R.PASS_NO_OWN_MAC: "test_unset_own_mac_forwards_nothing"}
+
+
 def test_every_exit_reason_has_a_row() -> None:
-    covered = {c.reason for c in CASES}
+    covered = {c.reason for c in CASES} | OUTSIDE_THE_TABLE.keys()
     assert not covered & UNREACHABLE_FROM_A_FRAME.keys(), "a reason listed as unreachable has a row"
     missing = set(R.exits()) - covered - UNREACHABLE_FROM_A_FRAME.keys()
     assert not missing, f"exit reasons with no table row: {sorted(r.name for r in missing)}"

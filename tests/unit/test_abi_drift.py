@@ -42,7 +42,11 @@ DEFINES = {
     "LBX_VIP_FILTER_BITS": "VIP_FILTER_BITS",
     "LBX_VIP_FILTER_WORDS": "VIP_FILTER_WORDS",
     "LBX_VIP_FILTER_MUL": "VIP_FILTER_MUL",
+    "LBX_CTL_F_MAC_SET": "CTL_F_MAC_SET",
 }
+
+# struct -> the abi constant that mirrors its pinned size
+SIZES = {"lbx_ctl": "CTL_SIZE"}
 
 
 # --- the parser -------------------------------------------------------------------------------
@@ -147,6 +151,10 @@ def drift(header_text: str) -> list[str]:
             problems.append(f"#define {c_name} is not in the header (abi.{py_name} mirrors it)")
         elif defines[c_name] != getattr(abi, py_name):
             problems.append(f"#define {c_name} {defines[c_name]} != abi.{py_name} {getattr(abi, py_name)}")
+    _, pins = parse_structs(header_text)
+    for s, py_name in SIZES.items():
+        if pins.get(s) != getattr(abi, py_name):
+            problems.append(f"sizeof(struct {s}) pinned at {pins.get(s)} != abi.{py_name} {getattr(abi, py_name)}")
     return problems
 
 
@@ -257,6 +265,12 @@ MUTATIONS = [
                  "LBX_BE_F_ACTIVE", id="hex-define-changed"),
     pytest.param(lambda t: re.sub(r"#define LBX_FAMILY_V6 6\n", "", t),
                  "LBX_FAMILY_V6", id="define-removed"),
+    pytest.param(lambda t: t.replace("sizeof(struct lbx_ctl) == 64", "sizeof(struct lbx_ctl) == 72", 1),
+                 "lbx_ctl", id="ctl-size-changed"),
+    pytest.param(lambda t: t.replace("LBX_CTL_F_MAC_SET 0x0001", "LBX_CTL_F_MAC_SET 0x0002", 1),
+                 "LBX_CTL_F_MAC_SET", id="ctl-flag-changed"),
+    pytest.param(lambda t: _insert_after(t, "LBX_R_PASS_NOT_FOR_US,", "LBX_R_PASS_OTHER,"),
+                 "lbx_reason", id="guard-reason-inserted"),
 ]
 
 
