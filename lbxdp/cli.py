@@ -17,7 +17,7 @@ import click
 
 from . import __version__
 from .errors import LbxError
-from .paths import Instance
+from .paths import Instance, check_netns
 
 log = logging.getLogger("lbxdp")
 
@@ -58,6 +58,8 @@ def cli(ctx: click.Context, netns: str | None, verbose: int) -> None:
                         format="lbxdp: %(levelname)s: %(message)s")
     ctx.ensure_object(dict)
     ctx.obj["netns"] = netns
+    if netns is not None:
+        check_netns(netns)   # before it becomes part of a path
     if netns and ctx.invoked_subcommand not in ("rig", "demo", "config"):
         if ctx.invoked_subcommand == "detach" and not os.path.exists(f"/var/run/netns/{netns}"):
             return  # the namespace is gone with its interface: detach only removes the pins
@@ -94,12 +96,17 @@ def attach(ctx: click.Context, ifname: str, config_path: str, mode: str, force: 
     Example: sudo lbxdp attach eth0 --config lb.toml --mode native
     """
     from . import config, control
+    inst = instance(ctx, ifname)   # a bad name is refused before anything is read
     cfg = config.load(config_path)
-    inst = instance(ctx, ifname)
     res = control.attach(inst, cfg, mode, force, config_path=os.path.abspath(config_path))
     for line in res.diff.lines:
         click.echo(f"  {line}")
-    verb = "re-attached (maps kept)" if res.upgraded else "attached"
+    if not res.upgraded:
+        verb = "attached"
+    elif res.recreated:
+        verb = f"re-attached (maps recreated, their entries lost: {', '.join(res.recreated)})"
+    else:
+        verb = "re-attached (maps kept)"
     click.echo(f"{verb} to {inst.label} ({res.mode}, program id {res.prog_id}); "
                f"{len(cfg.vips)} VIPs, {sum(len(v.backends) for v in cfg.vips)} backends")
 

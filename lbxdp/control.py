@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from . import __version__, applied, bpfsys, config, loader, model, neigh
+from . import __version__, abi, applied, bpfsys, config, loader, model, neigh
 from .balancer import Balancer, Diff
 from .errors import LbxError
 from .maps import Maps
-from .paths import Instance, pin_root, run_root
+from .paths import Instance, private_dirs
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,22 @@ class AttachResult:
     prog_id: int
     diff: Diff
     upgraded: bool
+    recreated: tuple[str, ...] = ()   # maps pinned before this attach that it could not keep
+
+
+def pinned_map_ids(inst: Instance) -> dict[str, int]:
+    """Id of every map pinned for the instance (to tell, after a compile, which were kept)."""
+    ids = {}
+    for name in (m.value for m in abi.Map):
+        try:
+            fd = bpfsys.obj_get(inst.pin_dir / name)
+        except OSError:
+            continue
+        try:
+            ids[name] = bpfsys.map_info(fd).id
+        finally:
+            os.close(fd)
+    return ids
 
 
 def resolve_macs(ifname: str, cfg: model.Config) -> dict[model.IPAddress, str]:
@@ -55,14 +71,20 @@ def _foreign_program(inst: Instance, state: bpfsys.XdpState) -> int | None:
 def attach(inst: Instance, cfg: model.Config, mode: str = "auto", force: bool = False,
            config_path: str | None = None, build: loader.BuildConfig | None = None) -> AttachResult:
     """Compile, load, fill the maps with cfg, attach, pin. Re-attaching upgrades in place."""
+    private_dirs(inst)
     idx = loader.ifindex(inst.ifname)
     foreign = _foreign_program(inst, bpfsys.xdp_query(idx))
     if foreign and not force:
         raise LbxError(f"{inst.label} already has an XDP program (id {foreign}) that lbxdp did not attach",
                        f"detach it first (ip link set dev {inst.ifname} xdp off) or pass --force to replace it")
     resolve_macs(inst.ifname, cfg)   # fail on an unknown neighbour before compiling anything
+    loader.ensure_bpffs()
+    private_dirs(inst, create=True)  # the roots and instance directories: root's, mode 0700
     upgraded = inst.exists()
+    before = pinned_map_ids(inst) if upgraded else {}
     prog = loader.compile_program(build or loader.BuildConfig(inst.pin_dir))
+    recreated = tuple(n for n, i in before.items() if n not in prog.maps or prog.maps[n].info.id != i)
+    recreated += tuple(n for n in prog.maps if upgraded and n not in before)
     try:
         loader.save_schema(inst, prog.schema)
         maps = Maps(prog.maps)
@@ -81,7 +103,7 @@ def attach(inst: Instance, cfg: model.Config, mode: str = "auto", force: bool = 
         raise
     finally:
         prog.close()
-    return AttachResult(used, prog.info.id, diff, upgraded)
+    return AttachResult(used, prog.info.id, diff, upgraded, recreated)
 
 
 def sync_own_mac(inst: Instance) -> tuple[str | None, str] | None:
@@ -99,6 +121,7 @@ def apply(inst: Instance, cfg: model.Config | None = None, now: float | None = N
     Drains past their deadline are finished here: the backend leaves its VIP and its
     connection-table entries are removed.
     """
+    private_dirs(inst)
     with applied.locked(inst):
         return _apply_locked(inst, applied.load(inst), cfg, now, maps)
 
@@ -109,6 +132,7 @@ def edit(inst: Instance, change: Callable[[applied.State, float], model.Config])
     change(state, now) returns the new config and may set state.draining; used by the
     `lbxdp vip|backend ...` verbs on a running balancer.
     """
+    private_dirs(inst)
     with applied.locked(inst):
         st = applied.load(inst)
         if not st.cfg.vips and not inst.exists():
@@ -125,6 +149,7 @@ def health_changed(inst: Instance, changes: dict[str, dict[str, Any]] | None) ->
     Called by the daemon on its checker's transitions; a backend that went down on a VIP with
     on_backend_down = "migrate" also loses its connection-table entries.
     """
+    private_dirs(inst)
     with applied.locked(inst):
         st = applied.load(inst)
         was_down = _down(st)        # before the change: what it takes down is what migrates
@@ -138,6 +163,7 @@ def health_changed(inst: Instance, changes: dict[str, dict[str, Any]] | None) ->
 
 def set_override(inst: Instance, key: str, state: str) -> Diff:
     """Force a backend's health "up" or "down", or hand it back to its check ("auto")."""
+    private_dirs(inst)
     with applied.locked(inst):
         st = applied.load(inst)
         if key not in applied.refs(st.cfg):
@@ -198,6 +224,7 @@ def _migrating_entries(m: Maps, cfg: model.Config, keys: set[str]) -> list[int]:
 
 def detach(inst: Instance) -> bool:
     """Remove the program from the interface and the pins; False if nothing was attached."""
+    _removable(inst)   # before anything: a symlinked or escaping directory stops it here
     was = inst.exists()
     try:
         idx = loader.ifindex(inst.ifname)
@@ -209,12 +236,30 @@ def detach(inst: Instance) -> bool:
     return was
 
 
+def _removable(inst: Instance) -> list[tuple[Path, Path]]:
+    """(root, instance directory) pairs that may be removed: each directory must lie inside its
+    root once every symlink is resolved, strictly below it, and not be a symlink itself (paths.
+    Instance already refused names like '..' or ''; this holds even if a directory was swapped)."""
+    for root, d in inst.dirs():
+        real_root = root.resolve()
+        if not d.exists() and not d.is_symlink():
+            continue
+        if d.is_symlink() or not d.resolve().is_relative_to(real_root) or d.resolve() == real_root \
+                or d.resolve() != real_root / d.relative_to(root):
+            raise LbxError(f"{d} is a symlink or leads outside {root}: lbxdp will not remove it",
+                           f"look at it (ls -la {d.parent}) and remove it by hand if it is not yours", exit_code=2)
+    return inst.dirs()
+
+
 def _remove_files(inst: Instance) -> None:
-    shutil.rmtree(inst.pin_dir, ignore_errors=True)
-    shutil.rmtree(inst.run_dir, ignore_errors=True)
+    pairs = _removable(inst)
+    for _, d in pairs:
+        if d.is_dir() and not d.is_symlink():
+            shutil.rmtree(d, ignore_errors=True)
     # Remove now-empty parents (netns/<name>/, then the root itself), never above the roots.
-    for d, root in ((inst.pin_dir.parent, pin_root()), (inst.run_dir.parent, run_root())):
-        while d.is_dir() and d.is_relative_to(root) and not any(d.iterdir()):
+    for root, d in pairs:
+        d = d.parent
+        while d.is_relative_to(root) and d.is_dir() and not d.is_symlink() and not any(d.iterdir()):
             d.rmdir()
             d = d.parent
 
@@ -244,6 +289,7 @@ def open_maps(inst: Instance) -> Iterator[Maps]:
 
 def status(inst: Instance) -> dict[str, Any]:
     """Everything `lbxdp status` shows, as plain data (also its --json output)."""
+    private_dirs(inst)
     state = read_state(inst)
     xdp: dict[str, Any] = {"attached": False}
     try:

@@ -22,7 +22,7 @@ from typing import Any
 
 from . import abi, bpfsys
 from .errors import LbxError
-from .paths import BPFFS, Instance
+from .paths import BPFFS, Instance, private_dirs
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +77,20 @@ def render(entry: Path, _seen: set[Path] | None = None) -> str:
 
 
 def ensure_bpffs() -> None:
-    """Mount bpffs on /sys/fs/bpf if nothing is mounted there."""
+    """Mount bpffs on /sys/fs/bpf (mode 0700, as systemd does) if nothing is mounted there.
+
+    A bpffs already mounted is left as it is, whatever its mode: lbxdp's own directories under
+    it are made 0700 and checked to be root's (paths.private_dirs), which is what protects the pins.
+    """
     if _is_bpffs(BPFFS):
         return
     try:
-        subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], check=True, capture_output=True, text=True)
+        subprocess.run(["mount", "-t", "bpf", "-o", "mode=0700", "bpf", str(BPFFS)], check=True,
+                       capture_output=True, text=True)
     except (OSError, subprocess.CalledProcessError) as e:
         raise LbxError(f"bpffs is not mounted on {BPFFS} and mounting it failed",
-                       f"mount it: mount -t bpf bpf {BPFFS}") from e
-    log.warning("mounted bpffs on %s", BPFFS)
+                       f"mount it: mount -t bpf -o mode=0700 bpf {BPFFS}") from e
+    log.warning("mounted bpffs on %s (mode 0700)", BPFFS)
 
 
 def _is_bpffs(path: Path) -> bool:
@@ -180,6 +185,7 @@ def save_schema(inst: Instance, schema: dict[str, Any]) -> None:
 
 def open_pinned_maps(inst: Instance) -> dict[str, bpfsys.Map]:
     """The maps of an attached instance, typed from the schema its loader saved."""
+    private_dirs(inst)
     if not inst.exists():
         raise LbxError(f"lbxdp is not attached to {inst.label}",
                        f"attach it: lbxdp attach {inst.ifname} --config FILE")
