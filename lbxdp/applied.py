@@ -12,13 +12,28 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 from . import config, model
 from .balancer import BackendRef, Runtime
+from .errors import LbxError
 from .paths import Instance
+
+log = logging.getLogger(__name__)
+
+
+class Unreadable(LbxError):
+    """The applied state cannot be read back (damaged, or written by a version with a bug).
+    Status and edits stop with this; an attach or reload with a config replaces it."""
+
+    def __init__(self, inst: Instance, why: str):
+        netns = f" --netns {inst.netns}" if inst.netns else ""
+        super().__init__(f"lbxdp's record of what {inst.label} was last told is unreadable ({why})",
+                         f"re-attach with a config to replace it: lbxdp{netns} attach {inst.ifname} --config FILE "
+                         "(the maps and the connection table are kept)")
 
 
 def ref_key(ref: BackendRef) -> str:
@@ -78,14 +93,46 @@ def _checks(cfg: model.Config) -> dict[str, object]:
 
 
 def load(inst: Instance) -> State:
-    """The instance's applied state (an empty one if nothing was applied yet)."""
-    cfg_file, rt_file = inst.run_dir / "applied.toml", inst.run_dir / "runtime.json"
+    """The instance's applied state (an empty one if nothing was applied yet); Unreadable if it
+    cannot be read back."""
+    cfg_file = inst.run_dir / "applied.toml"
     if not cfg_file.exists():
         return State()
-    cfg = config.parse(cfg_file.read_text(), source=str(cfg_file))
-    rt = json.loads(rt_file.read_text()) if rt_file.exists() else {}
-    return State(cfg, dict(rt.get("draining", {})), dict(rt.get("joined", {})), dict(rt.get("health", {})),
-                 dict(rt.get("overrides", {})))
+    try:
+        cfg = config.parse(cfg_file.read_text(), source="applied state")
+    except (OSError, ValueError, LbxError) as e:   # ValueError: UnicodeDecodeError
+        raise Unreadable(inst, _why(e)) from None
+    return _with_runtime(inst, cfg)
+
+
+def load_to_replace(inst: Instance) -> State:
+    """The state a full config is about to replace (attach, reload): like load(), but an
+    unreadable one is logged and replaced, never an obstacle. The maps (and so the connection
+    table) are what the new config is diffed against; they are kept either way."""
+    try:
+        return load(inst)
+    except Unreadable as e:
+        log.warning("%s; replacing it with the new config (kept: the maps and the connection table; "
+                    "slow starts and health verdicts start over)", e.message)
+    try:
+        return _with_runtime(inst, model.Config())
+    except Unreadable:
+        return State()
+
+
+def _with_runtime(inst: Instance, cfg: model.Config) -> State:
+    rt_file = inst.run_dir / "runtime.json"
+    try:
+        rt = json.loads(rt_file.read_text()) if rt_file.exists() else {}
+        return State(cfg, dict(rt.get("draining", {})), dict(rt.get("joined", {})), dict(rt.get("health", {})),
+                     dict(rt.get("overrides", {})))
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise Unreadable(inst, f"runtime.json: {_why(e)}") from None
+
+
+def _why(e: BaseException) -> str:
+    text = e.message if isinstance(e, LbxError) else (getattr(e, "strerror", None) or str(e))
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def save(inst: Instance, st: State) -> None:

@@ -26,17 +26,21 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any, Callable, TypeVar
+
+import tomli_w
 
 from . import abi, health, model, ring
 from .errors import LbxError
 
 T = TypeVar("T")
 
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")   # re.fullmatch: no trailing newline slips through
 _VIP_KEYS = {"address", "port", "protocol", "mode", "scheduler", "table_size", "slow_start", "health",
              "on_backend_down", "on_all_down", "backend"}
 _BACKEND_KEYS = {"address", "port", "mac", "weight", "backup", "health"}
@@ -47,6 +51,9 @@ _HTTP_ONLY, _UDP_ONLY = {"method", "path", "status", "host"}, {"send", "expect"}
 _METRICS_KEYS = {"listen"}
 MAX_WEIGHT = 1000
 MAX_SLOW_START = 3600.0
+MAX_BYTES = 4 * 1024 * 1024   # a config file larger than this is refused before it is read
+# Every (VIP, backend) pair takes one backend entry; entry 0 is never used (balancer.apply).
+MAX_BACKEND_ENTRIES = abi.MAX_BACKENDS - 1
 
 
 class ConfigError(LbxError):
@@ -59,12 +66,50 @@ class ConfigError(LbxError):
 
 def load(path: str | Path) -> model.Config:
     """Read and validate a config file."""
-    p = Path(path)
+    return parse(read_text(path), source=str(path))
+
+
+def read_text(path: str | Path) -> str:
+    """A config file's text, read so that it cannot block or run away: only a regular file (a
+    FIFO, a device like /dev/zero, a directory are refused after an O_NONBLOCK open, before any
+    read), at most MAX_BYTES (checked on the size before reading), and UTF-8."""
+    p = str(path)
+
+    def fail(why: str, hint: str = "check the path") -> LbxError:
+        return LbxError(f"cannot read config {p}: {why}", hint, exit_code=2)
     try:
-        text = p.read_text()
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as e:
-        raise LbxError(f"cannot read config {p}: {e.strerror}", "check the path", exit_code=2) from e
-    return parse(text, source=str(p))
+        raise fail(e.strerror or str(e)) from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise fail("it is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise fail("not a regular file (a FIFO, device or socket)", "write the config to a regular file")
+        too_big = fail(f"larger than {MAX_BYTES // (1024 * 1024)} MiB", "a config is at most 4 MiB")
+        if st.st_size > MAX_BYTES:
+            raise too_big
+        chunks, n = [], 0
+        while n <= MAX_BYTES:        # the file may grow while we read: never past the limit
+            chunk = os.read(fd, min(1 << 20, MAX_BYTES + 1 - n))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            n += len(chunk)
+        if n > MAX_BYTES:
+            raise too_big
+    except OSError as e:
+        raise fail(e.strerror or str(e)) from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise fail(f"not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} (line {line})",
+                   "save the file as UTF-8") from None
 
 
 def parse(text: str, source: str | None = None) -> model.Config:
@@ -72,10 +117,27 @@ def parse(text: str, source: str | None = None) -> model.Config:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("(file)", f"not valid TOML: {e}", source) from e
+    except (RecursionError, MemoryError):
+        raise ConfigError("(file)", "nested too deeply (arrays or inline tables inside each other)",
+                          source) from None
     try:
         return _config(doc)
     except ConfigError as e:
         raise ConfigError(e.path, e.detail, source) from None
+    except (RecursionError, MemoryError):
+        raise ConfigError("(file)", "nested too deeply (arrays or inline tables inside each other)",
+                          source) from None
+
+
+def warnings(cfg: model.Config) -> list[str]:
+    """What is valid but probably not meant, as 'key path: message' lines (the CLI prints each
+    as `lbxdp: warning: ...`; nothing is refused for them)."""
+    out = []
+    for i, v in enumerate(cfg.vips):
+        if v.backends and all(b.backup for b in v.backends):
+            out.append(f"vip[{i}].backend: every backend of {v.name} is a backup: backups take new flows only "
+                       "while no primary is usable, so they all take them; set backup = false on some")
+    return out
 
 
 def _show(v: Any) -> str:
@@ -102,7 +164,36 @@ def _config(doc: dict[str, Any]) -> model.Config:
         seen[v.key] = f"vip[{i}]"
     if len(vips) > abi.MAX_VIPS:
         raise ConfigError("vip", f"{len(vips)} VIPs; at most {abi.MAX_VIPS}")
+    total = sum(len(v.backends) for v in vips)
+    if total > MAX_BACKEND_ENTRIES:
+        raise ConfigError("vip", f"{total} backends in all (counting each VIP's); the maps hold at most "
+                          f"{MAX_BACKEND_ENTRIES}")
     return model.Config(vips, listen)
+
+
+def validated_edit(cfg: model.Config, what: str) -> model.Config:
+    """A config changed by an edit verb (`lbxdp backend add`, ...), validated exactly like a file;
+    its errors name the verb and the VIP/backend, not a file the user never wrote."""
+    try:
+        return parse(dump(cfg))
+    except ConfigError as e:
+        raise LbxError(f"{what}: {describe_path(cfg, e.path)}: {e.detail}", "nothing was applied",
+                       exit_code=2) from None
+
+
+def describe_path(cfg: model.Config, path: str) -> str:
+    """A key path of dump(cfg) in the user's terms: 'vip[0].backend[1].weight' ->
+    'VIP 10.0.0.1:80/tcp backend 10.0.1.1:80 weight' (for errors of edits, which have no file)."""
+    m = re.fullmatch(r"vip\[(\d+)\](?:\.backend\[(\d+)\])?(?:\.(.+))?", path)
+    if not m or int(m[1]) >= len(cfg.vips):
+        return path
+    v = cfg.vips[int(m[1])]
+    out = f"VIP {v.name}"
+    if m[2] is not None and int(m[2]) < len(v.backends):
+        out += f" backend {v.backends[int(m[2])].name}"
+    elif m[2] is not None:
+        out += f" backend[{m[2]}]"
+    return f"{out} {m[3]}" if m[3] else out
 
 
 def _no_unknown(d: dict[str, Any], known: set[str], path: str) -> None:
@@ -128,10 +219,17 @@ def _get(d: dict[str, Any], key: str, path: str, conv: Callable[[Any], T], defau
 def _address(v: Any) -> model.IPAddress:
     if not isinstance(v, str):
         raise TypeError("is not a string")
+    if "%" in v:
+        # A zone id names a link, not an address: fe80::1%eth0 and fe80::1 would be two
+        # spellings of one backend. The balancer works on one link anyway, so it is refused.
+        raise ValueError("has an IPv6 zone id (%...); write the address without it")
     try:
-        return ipaddress.ip_address(v)
+        a = ipaddress.ip_address(v)
     except ValueError:
         raise ValueError("is not an IPv4 or IPv6 address") from None
+    if a.version == 6 and a.ipv4_mapped is not None:
+        raise ValueError(f"is an IPv4-mapped IPv6 address; write the IPv4 address {a.ipv4_mapped}")
+    return a
 
 
 def _int(lo: int, hi: int, what: str = "") -> Callable[[Any], int]:
@@ -173,16 +271,15 @@ def _bool(v: Any) -> bool:
 def _listen(v: Any) -> str:
     if not isinstance(v, str):
         raise TypeError("is not a string like \"127.0.0.1:9842\"")
-    host, sep, port = v.rpartition(":")
-    host = host.strip("[]")
-    try:
-        ipaddress.ip_address(host)
-        ok = bool(sep) and 1 <= int(port) <= 65535
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ValueError("is not ADDRESS:PORT, e.g. \"127.0.0.1:9842\" or \"[::1]:9842\"")
+    model.parse_listen(v)   # the daemon's own parser: what passes here, `lbxdp run` can use
     return v
+
+
+def _protocol(v: Any) -> model.Protocol:
+    try:
+        return model.Protocol.parse(v)
+    except ValueError:
+        raise ValueError("is not a protocol; use tcp or udp") from None
 
 
 def _choice(enum_t: type[T]) -> Callable[[Any], T]:
@@ -195,18 +292,23 @@ def _choice(enum_t: type[T]) -> Callable[[Any], T]:
 
 
 def _mac(v: Any) -> str:
-    if not isinstance(v, str) or not _MAC.match(v.lower()):
+    if not isinstance(v, str) or not _MAC.fullmatch(v.lower()):
         raise ValueError("is not a MAC address like 02:00:00:00:00:01")
     if v.lower() == "00:00:00:00:00:00" or int(v.split(":")[0], 16) & 1:
         raise ValueError("is not a unicast MAC address")
     return v.lower()
 
 
+_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
+
+
 def _is_unicast(a: model.IPAddress) -> bool:
-    """An address a packet on the wire can be for: not multicast, broadcast, 0.0.0.0/:: or loopback
-    (the kernel drops loopback sources and destinations arriving on a NIC as martians)."""
+    """An address a packet on the wire can be for: not multicast, broadcast, 0.0.0.0/8 ("this
+    network", never a destination), :: or loopback (the kernel drops loopback sources and
+    destinations arriving on a NIC as martians)."""
     broadcast = a == ipaddress.IPv4Address("255.255.255.255")
-    return not (a.is_multicast or a.is_unspecified or a.is_loopback or broadcast)
+    this_net = a.version == 4 and a in _THIS_NETWORK
+    return not (a.is_multicast or a.is_unspecified or a.is_loopback or broadcast or this_net)
 
 
 def _vip(d: Any, path: str) -> model.Vip:
@@ -216,9 +318,9 @@ def _vip(d: Any, path: str) -> model.Vip:
     address = _get(d, "address", path, _address)
     if not _is_unicast(address):
         raise ConfigError(f"{path}.address", f"{str(address)!r} cannot be a VIP "
-                          "(multicast, broadcast, unspecified or loopback)")
+                          "(multicast, broadcast, unspecified, 0.0.0.0/8 or loopback)")
     port = _get(d, "port", path, _vip_port)
-    protocol = _get(d, "protocol", path, _choice(model.Protocol))
+    protocol = _get(d, "protocol", path, _protocol)
     mode = _get(d, "mode", path, _choice(model.Mode), model.Mode.DSR)
     scheduler = _get(d, "scheduler", path, _choice(model.Scheduler), model.Scheduler.MAGLEV)
     if "table_size" in d and scheduler is not model.Scheduler.MAGLEV:
@@ -245,6 +347,9 @@ def _vip(d: Any, path: str) -> model.Vip:
     for j, bd in enumerate(backends_doc):
         bpath = f"{path}.backend[{j}]"
         b = _backend(bd, bpath, port, health_doc)
+        if b.address == address:
+            raise ConfigError(f"{bpath}.address", f"{str(b.address)!r} is the VIP's own address: a VIP cannot "
+                              "be its own backend (its packets would come back to the balancer)")
         if b.address.version != address.version:
             raise ConfigError(f"{bpath}.address", f"{str(b.address)!r} is IPv{b.address.version} but the VIP "
                               f"is IPv{address.version}; {mode.value} mode cannot cross address families")
@@ -291,8 +396,20 @@ def _statuses(v: Any) -> tuple[int, ...]:
 
 
 def _text(v: Any) -> str:
-    if not isinstance(v, str) or not v or any(c in v for c in "\r\n"):
-        raise TypeError("is not a one-line string")
+    """A UDP check's send/expect: any non-empty text (control characters included: the
+    applied state is written by tomli-w, which escapes them), sent as UTF-8."""
+    if not isinstance(v, str) or not v:
+        raise TypeError("is not a non-empty string")
+    return v
+
+
+def _http_word(v: Any) -> str:
+    """An HTTP check's path or host: it goes into the request line or a header, so one word of
+    printable ASCII (no space, control character or non-ASCII; percent-encode those in a path)."""
+    if not isinstance(v, str) or not v:
+        raise TypeError("is not a non-empty string")
+    if not re.fullmatch(r"[\x21-\x7e]+", v):
+        raise ValueError("holds a space, a control character or non-ASCII (percent-encode them in a path)")
     return v
 
 
@@ -308,16 +425,31 @@ def _health(d: dict[str, Any], path: str) -> health.HealthCheck:
     if timeout > interval:
         raise ConfigError(f"{path}.timeout", f"{timeout:g} is longer than the interval {interval:g}: "
                           "checks of one backend would overlap")
-    path_ = _get(d, "path", path, _text, "/")
+    path_ = _get(d, "path", path, _http_word, "/")
     if kind == "http" and not path_.startswith("/"):
         raise ConfigError(f"{path}.path", f"{_show(path_)} does not start with '/'")
-    return health.HealthCheck(
-        type=kind, port=_get(d, "port", path, _port, None), interval=interval, timeout=timeout,
-        rise=_get(d, "rise", path, _int(1, 100), 2), fall=_get(d, "fall", path, _int(1, 100), 3),
-        http_method=_get(d, "method", path, _one_of("GET", "HEAD", "OPTIONS"), "GET"), http_path=path_,
-        http_status=_get(d, "status", path, _statuses, (200,)), http_host=_get(d, "host", path, _text, None),
-        udp_payload=_get(d, "send", path, _text, "ping").encode(),
-        udp_expect=(lambda e: e.encode() if e is not None else None)(_get(d, "expect", path, _text, None)))
+    try:
+        return health.HealthCheck(
+            type=kind, port=_get(d, "port", path, _port, None), interval=interval, timeout=timeout,
+            rise=_get(d, "rise", path, _int(1, 100), 2), fall=_get(d, "fall", path, _int(1, 100), 3),
+            http_method=_get(d, "method", path, _one_of("GET", "HEAD", "OPTIONS"), "GET"), http_path=path_,
+            http_status=_get(d, "status", path, _statuses, (200,)),
+            http_host=_get(d, "host", path, _http_word, None),
+            udp_payload=_get(d, "send", path, _text, "ping").encode(),
+            udp_expect=(lambda e: e.encode() if e is not None else None)(_get(d, "expect", path, _text, None)))
+    except ValueError as e:   # HealthCheck's own checks: a safety net, the converters above come first
+        raise ConfigError(path, str(e)) from None
+
+
+def _merged_check(vip_health: dict[str, Any] | None, own: dict[str, Any]) -> dict[str, Any]:
+    """A backend's [health] over its VIP's. A backend that changes the check's type keeps only
+    the VIP's keys that apply to its own type (a tcp override of an http VIP check drops path,
+    host, ...); keys it sets itself are checked against its own type as usual."""
+    base = dict(vip_health or {})
+    if "type" in own and own["type"] != base.get("type"):
+        for k in _HTTP_ONLY | _UDP_ONLY:
+            base.pop(k, None)
+    return base | own
 
 
 def _backend(d: Any, path: str, vip_port: int, vip_health: dict[str, Any] | None = None) -> model.Backend:
@@ -327,12 +459,12 @@ def _backend(d: Any, path: str, vip_port: int, vip_health: dict[str, Any] | None
     address = _get(d, "address", path, _address)
     if not _is_unicast(address):
         raise ConfigError(f"{path}.address", f"{str(address)!r} cannot be a backend "
-                          "(multicast, broadcast, unspecified or loopback)")
+                          "(multicast, broadcast, unspecified, 0.0.0.0/8 or loopback)")
     port = _get(d, "port", path, _vip_port if vip_port == 0 else _port, vip_port)
     own = d.get("health")
     if own is not None and not isinstance(own, dict):
         raise ConfigError(f"{path}.health", f"{_show(own)} must be a table: write [vip.backend.health]")
-    check = _health((vip_health or {}) | own, f"{path}.health") if own is not None else None
+    check = _health(_merged_check(vip_health, own), f"{path}.health") if own is not None else None
     if (check or vip_health) and port == 0 and (check or _health(vip_health or {}, "")).port is None:
         raise ConfigError(f"{path}.health.port", "is required: an any-port backend has no port to check")
     return model.Backend(address, port, _get(d, "mac", path, _mac, None), _get(d, "weight", path, _weight, 1),
@@ -340,48 +472,46 @@ def _backend(d: Any, path: str, vip_port: int, vip_health: dict[str, Any] | None
 
 
 def dump(cfg: model.Config) -> str:
-    """cfg as a config file that parse() reads back to an equal model (for the applied state)."""
-    out = []
+    """cfg as a config file that parse() reads back to an equal model (for the applied state).
+    Written by tomli-w, which escapes whatever a string holds (quotes, backslashes, control
+    characters): tests/unit/test_config.py checks parse(dump(cfg)) == cfg on generated configs."""
+    doc: dict[str, Any] = {}
     if cfg.metrics_listen:
-        out += ["[metrics]", f"listen = {_q(cfg.metrics_listen)}", ""]
+        doc["metrics"] = {"listen": cfg.metrics_listen}
+    vips = []
     for v in cfg.vips:
-        out += ["[[vip]]", f"address = {_q(str(v.address))}", f"port = {v.port}",
-                f"protocol = {_q(v.protocol.value)}", f"mode = {_q(v.mode.value)}",
-                f"scheduler = {_q(v.scheduler.value)}"]
+        d: dict[str, Any] = {"address": str(v.address), "port": v.port, "protocol": v.protocol.value,
+                             "mode": v.mode.value, "scheduler": v.scheduler.value}
         if v.scheduler is model.Scheduler.MAGLEV:
-            out.append(f"table_size = {v.table_size}")
-        out += [f"slow_start = {v.slow_start}", f"on_backend_down = {_q(v.on_backend_down)}",
-                f"on_all_down = {_q(v.on_all_down)}", ""]
+            d["table_size"] = v.table_size
+        d |= {"slow_start": v.slow_start, "on_backend_down": v.on_backend_down, "on_all_down": v.on_all_down}
         if v.health:
-            out += ["  [vip.health]", *_dump_health(v.health, "  "), ""]
+            d["health"] = _health_doc(v.health)
+        backends = []
         for b in v.backends:
-            out += ["  [[vip.backend]]", f"  address = {_q(str(b.address))}", f"  port = {b.port}",
-                    f"  weight = {b.weight}", f"  backup = {str(b.backup).lower()}"]
+            bd: dict[str, Any] = {"address": str(b.address), "port": b.port, "weight": b.weight, "backup": b.backup}
             if b.mac:
-                out.append(f"  mac = {_q(b.mac)}")
-            out.append("")
+                bd["mac"] = b.mac
             if b.health:
-                out += ["    [vip.backend.health]", *_dump_health(b.health, "    "), ""]
-    return "\n".join(out)
+                bd["health"] = _health_doc(b.health)
+            backends.append(bd)
+        d["backend"] = backends
+        vips.append(d)
+    if vips:
+        doc["vip"] = vips
+    return tomli_w.dumps(doc)
 
 
-def _dump_health(h: health.HealthCheck, indent: str) -> list[str]:
-    out = [f"type = {_q(h.type)}", f"interval = {h.interval}", f"timeout = {h.timeout}", f"rise = {h.rise}",
-           f"fall = {h.fall}"]
+def _health_doc(h: health.HealthCheck) -> dict[str, Any]:
+    d: dict[str, Any] = {"type": h.type, "interval": h.interval, "timeout": h.timeout, "rise": h.rise, "fall": h.fall}
     if h.port is not None:
-        out.append(f"port = {h.port}")
+        d["port"] = h.port
     if h.type == "http":
-        out += [f"method = {_q(h.http_method)}", f"path = {_q(h.http_path)}",
-                f"status = [{', '.join(map(str, h.http_status))}]"]
+        d |= {"method": h.http_method, "path": h.http_path, "status": list(h.http_status)}
         if h.http_host:
-            out.append(f"host = {_q(h.http_host)}")
+            d["host"] = h.http_host
     if h.type == "udp":
-        out.append(f"send = {_q(h.udp_payload.decode())}")
+        d["send"] = h.udp_payload.decode()
         if h.udp_expect is not None:
-            out.append(f"expect = {_q(h.udp_expect.decode())}")
-    return [indent + line for line in out]
-
-
-def _q(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
+            d["expect"] = h.udp_expect.decode()
+    return d

@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Protocol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from . import __version__, abi
+from . import __version__, abi, model
 from .errors import LbxError
 from .maps import VipView
 from .paths import Instance
@@ -181,11 +181,10 @@ def make_registry(source: Source, registry: CollectorRegistry | None = None) -> 
 
 def parse_listen(listen: str) -> tuple[str, int]:
     """'127.0.0.1:9842', '[::1]:9842', ':9842' (all addresses, explicitly) -> (addr, port)."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise LbxError(f"--listen {listen!r} is not ADDRESS:PORT", f"for example --listen {DEFAULT_LISTEN}")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    return host or "0.0.0.0", int(port)
+    try:
+        return model.parse_listen(listen)   # the same parser as the config's [metrics] listen
+    except ValueError as e:
+        raise LbxError(f"--listen {listen!r} {e}", f"for example --listen {DEFAULT_LISTEN}", exit_code=2) from None
 
 
 def serve(source: Source, listen: str = DEFAULT_LISTEN, echo: Callable[[str], None] = print,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from dataclasses import dataclass, field
 
 from . import abi
@@ -22,6 +23,14 @@ class Protocol(str, enum.Enum):
     @property
     def number(self) -> int:
         return {"tcp": 6, "udp": 17}[self.value]
+
+    @classmethod
+    def parse(cls, text: object) -> "Protocol":
+        """'tcp' or 'udp'; anything else: ValueError naming it (config files and VIP arguments)."""
+        try:
+            return cls(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a protocol; use tcp or udp") from None
 
 
 class Scheduler(str, enum.Enum):
@@ -53,6 +62,31 @@ def endpoint(addr: IPAddress, port: int) -> str:
     """'10.0.0.1:80' or '[fd00::1]:80'; port 0 (any port) shows as '*'."""
     p = port or "*"
     return f"{addr}:{p}" if addr.version == 4 else f"[{addr}]:{p}"
+
+
+_LISTEN = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[0-9A-Fa-f:.]*)):(?P<port>[0-9]{1,5})")
+
+
+def parse_listen(text: object) -> tuple[str, int]:
+    """Where to serve /metrics: '127.0.0.1:9842', '[::1]:9842' or ':9842' (all addresses) ->
+    (address, port). The one parser of [metrics] listen, --metrics and the exporter's --listen,
+    so what a config check accepts the daemon can bind. ValueError says what is wrong."""
+    m = _LISTEN.fullmatch(text) if isinstance(text, str) else None
+    bad = ValueError("is not ADDRESS:PORT, e.g. \"127.0.0.1:9842\", \"[::1]:9842\" or \":9842\" (all addresses)")
+    if not m:
+        raise bad
+    host = m["v6"] if m["v6"] is not None else m["host"]
+    if not 1 <= int(m["port"]) <= 65535:
+        raise ValueError("has a port out of range (1-65535)")
+    if host == "":
+        return "0.0.0.0", int(m["port"])
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise bad from None
+    if m["v6"] is not None and addr.version != 6:
+        raise bad
+    return str(addr), int(m["port"])
 
 
 @dataclass(frozen=True)
