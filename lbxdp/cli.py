@@ -42,6 +42,12 @@ def needs_root(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def print_warnings(warnings: list[str]) -> None:
+    """Valid but probably not meant (config.warnings): one `lbxdp: warning: ...` line each."""
+    for w in warnings:
+        click.echo(f"lbxdp: warning: {w}", err=True)
+
+
 def instance(ctx: click.Context, ifname: str) -> Instance:
     return Instance(ifname, ctx.obj.get("netns"))
 
@@ -84,9 +90,11 @@ def enter_netns(name: str) -> None:
 @click.option("--mode", type=click.Choice(["auto", "native", "generic"]), default="auto", show_default=True,
               help="XDP mode; auto tries native and falls back to generic with a warning.")
 @click.option("--force", is_flag=True, help="Replace an XDP program that lbxdp did not attach.")
+@click.option("--allow-empty", is_flag=True, help="Let a config without [[vip]] remove all VIPs of an attached "
+              "instance (without it, such a config is refused: a truncated file must not clear the balancer).")
 @click.pass_context
 @needs_root
-def attach(ctx: click.Context, ifname: str, config_path: str, mode: str, force: bool) -> None:
+def attach(ctx: click.Context, ifname: str, config_path: str, mode: str, force: bool, allow_empty: bool) -> None:
     """Compile the XDP program, attach it to IFNAME, and load the VIPs of --config.
 
     Maps are pinned under /sys/fs/bpf/lbxdp/IFNAME/; attaching again upgrades the program in
@@ -98,7 +106,8 @@ def attach(ctx: click.Context, ifname: str, config_path: str, mode: str, force: 
     from . import config, control
     inst = instance(ctx, ifname)   # a bad name is refused before anything is read
     cfg = config.load(config_path)
-    res = control.attach(inst, cfg, mode, force, config_path=os.path.abspath(config_path))
+    print_warnings(config.warnings(cfg))
+    res = control.attach(inst, cfg, mode, force, config_path=os.path.abspath(config_path), allow_empty=allow_empty)
     for line in res.diff.lines:
         click.echo(f"  {line}")
     if not res.upgraded:
@@ -219,6 +228,7 @@ def config_check(path: str) -> None:
     """Validate a config file without touching anything."""
     from . import config
     cfg = config.load(path)
+    print_warnings(config.warnings(cfg))
     click.echo(f"{path}: ok, {len(cfg.vips)} VIPs, {sum(len(v.backends) for v in cfg.vips)} backends")
 
 

@@ -60,12 +60,13 @@ def parse_endpoint(text: str, what: str) -> tuple[model.IPAddress, int]:
 
 def parse_vip(text: str) -> model.VipKey:
     """'10.0.0.1:80/tcp' -> VipKey (the same names status and the metrics use)."""
-    ep, _, proto = text.rpartition("/")
+    ep, slash, proto = text.rpartition("/")
     try:
-        protocol = model.Protocol(proto)
-    except ValueError:
-        raise LbxError(f"VIP {text!r} has no protocol", "write it like 10.0.0.1:80/tcp or [fd00::1]:53/udp",
-                       exit_code=2) from None
+        protocol = model.Protocol.parse(proto)
+    except ValueError as e:
+        why = str(e) if slash else "has no protocol"
+        raise LbxError(f"VIP {text!r}: {why}" if slash else f"VIP {text!r} {why}",
+                       "write it like 10.0.0.1:80/tcp or [fd00::1]:53/udp", exit_code=2) from None
     return model.VipKey(*parse_endpoint(ep, "VIP"), protocol)
 
 
@@ -158,7 +159,7 @@ def vip_add(ctx: click.Context, vip_name: str, backends: tuple[str, ...], schedu
         new = model.Vip(key.address, key.port, key.protocol, model.Mode.DSR, sched, bes,
                         table_size if sched is model.Scheduler.MAGLEV else model.DEFAULT_TABLE_SIZE, slow_start)
         return replace(st.cfg, vips=st.cfg.vips + (new,))
-    show_diff(control.edit(pick_instance(ctx, ifname), change))
+    show_diff(control.edit(pick_instance(ctx, ifname), change, "vip add"))
 
 
 @vip.command("del")
@@ -170,7 +171,8 @@ def vip_del(ctx: click.Context, vip_name: str, ifname: str | None) -> None:
     """Remove VIP: its traffic passes to the kernel from now on."""
     from . import control
     key = parse_vip(vip_name)
-    show_diff(control.edit(pick_instance(ctx, ifname), lambda st, now: with_vip(st.cfg, find_vip(st.cfg, key), None)))
+    show_diff(control.edit(pick_instance(ctx, ifname), lambda st, now: with_vip(st.cfg, find_vip(st.cfg, key), None),
+                           "vip del"))
 
 
 # --- backend ---------------------------------------------------------------------------------------
@@ -225,7 +227,7 @@ def backend_ls(ctx: click.Context, vip_name: str | None, ifname: str | None, as_
         click.echo(fmt.format(r["vip"], r["backend"], str(r["weight"]), r["state"], r["packets"], r["new_flows"]))
 
 
-def _edit_backend(ctx: click.Context, ifname: str | None, vip_name: str, be: str, fn: Any) -> None:
+def _edit_backend(ctx: click.Context, ifname: str | None, vip_name: str, be: str, fn: Any, what: str) -> None:
     from . import control
     key = parse_vip(vip_name)
     addr, port = parse_endpoint(be, "backend")
@@ -233,7 +235,7 @@ def _edit_backend(ctx: click.Context, ifname: str | None, vip_name: str, be: str
     def change(st: Any, now: float) -> model.Config:
         i = find_vip(st.cfg, key)
         return with_vip(st.cfg, i, fn(st, now, st.cfg.vips[i], addr, port))
-    show_diff(control.edit(pick_instance(ctx, ifname), change))
+    show_diff(control.edit(pick_instance(ctx, ifname), change, what))
 
 
 @backend.command("add")
@@ -257,7 +259,7 @@ def backend_add(ctx: click.Context, vip_name: str, be: str, weight: int, backup:
             raise LbxError(f"{v.name} has backend {model.endpoint(addr, port)} already",
                            "use `backend set-weight` to change it", exit_code=2)
         return replace(v, backends=v.backends + (model.Backend(addr, port, mac, weight, backup),))
-    _edit_backend(ctx, ifname, vip_name, be, add)
+    _edit_backend(ctx, ifname, vip_name, be, add, "backend add")
 
 
 @backend.command("del")
@@ -271,10 +273,12 @@ def backend_del(ctx: click.Context, vip_name: str, be: str, ifname: str | None) 
     def delete(st: Any, now: float, v: model.Vip, addr: model.IPAddress, port: int) -> model.Vip:
         i = find_backend(v, addr, port)
         return replace(v, backends=v.backends[:i] + v.backends[i + 1:])
-    _edit_backend(ctx, ifname, vip_name, be, delete)
+    _edit_backend(ctx, ifname, vip_name, be, delete, "backend del")
 
 
-@backend.command("set-weight")
+# ignore_unknown_options: a negative WEIGHT (-1) is an argument that validation refuses as out of
+# range, not an unknown option.
+@backend.command("set-weight", context_settings={"ignore_unknown_options": True})
 @click.argument("vip_name", metavar="VIP")
 @click.argument("be", metavar="BACKEND")
 @click.argument("weight", type=int)
@@ -288,7 +292,7 @@ def backend_set_weight(ctx: click.Context, vip_name: str, be: str, weight: int, 
         bes = list(v.backends)
         bes[i] = replace(bes[i], weight=weight)
         return replace(v, backends=tuple(bes))
-    _edit_backend(ctx, ifname, vip_name, be, set_weight)
+    _edit_backend(ctx, ifname, vip_name, be, set_weight, "backend set-weight")
 
 
 @backend.command("drain")
@@ -310,7 +314,7 @@ def backend_drain(ctx: click.Context, vip_name: str, be: str, deadline: float, w
         b = v.backends[find_backend(v, addr, port)]
         st.draining[f"{v.name}|{b.name}"] = now + deadline
         return v
-    _edit_backend(ctx, ifname, vip_name, be, drain)
+    _edit_backend(ctx, ifname, vip_name, be, drain, "backend drain")
     if wait:
         time.sleep(deadline)
         show_diff(control.apply(pick_instance(ctx, ifname)))
@@ -345,10 +349,12 @@ def backend_set_health(ctx: click.Context, vip_name: str, be: str, state: str, i
 @click.option("--metrics", metavar="ADDRESS:PORT", help="Serve Prometheus /metrics here (default: the config's "
               "[metrics] listen, else none). 127.0.0.1:9842 is the usual choice.")
 @click.option("--keep-attached", is_flag=True, help="On SIGTERM, leave the program attached (it keeps forwarding).")
+@click.option("--allow-empty", is_flag=True, help="Let a config without [[vip]] (at start or on a reload) remove "
+              "all VIPs of the running instance; without it such a config is refused.")
 @click.pass_context
 @needs_root
 def run(ctx: click.Context, ifname: str, config_path: str, mode: str, metrics: str | None,
-        keep_attached: bool) -> None:
+        keep_attached: bool, allow_empty: bool) -> None:
     """The daemon: attach (or adopt), apply the config, reload on SIGHUP, detach on SIGTERM.
 
     Runs in the foreground and logs to stderr (systemd-friendly: see systemd/lbxdp@.service).
@@ -356,7 +362,8 @@ def run(ctx: click.Context, ifname: str, config_path: str, mode: str, metrics: s
     running; started again, it adopts the attached program and the pinned maps.
     """
     from . import daemon
-    daemon.Daemon(Instance(ifname, ctx.obj.get("netns")), config_path, mode, metrics, keep_attached).run()
+    daemon.Daemon(Instance(ifname, ctx.obj.get("netns")), config_path, mode, metrics, keep_attached,
+                  allow_empty).run()
 
 
 @cli.command()

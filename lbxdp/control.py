@@ -69,8 +69,10 @@ def _foreign_program(inst: Instance, state: bpfsys.XdpState) -> int | None:
 
 
 def attach(inst: Instance, cfg: model.Config, mode: str = "auto", force: bool = False,
-           config_path: str | None = None, build: loader.BuildConfig | None = None) -> AttachResult:
-    """Compile, load, fill the maps with cfg, attach, pin. Re-attaching upgrades in place."""
+           config_path: str | None = None, build: loader.BuildConfig | None = None,
+           allow_empty: bool = False) -> AttachResult:
+    """Compile, load, fill the maps with cfg, attach, pin. Re-attaching upgrades in place.
+    A config with no VIP over an instance that has some is refused unless allow_empty."""
     private_dirs(inst)
     idx = loader.ifindex(inst.ifname)
     foreign = _foreign_program(inst, bpfsys.xdp_query(idx))
@@ -78,6 +80,13 @@ def attach(inst: Instance, cfg: model.Config, mode: str = "auto", force: bool = 
         raise LbxError(f"{inst.label} already has an XDP program (id {foreign}) that lbxdp did not attach",
                        f"detach it first (ip link set dev {inst.ifname} xdp off) or pass --force to replace it")
     resolve_macs(inst.ifname, cfg)   # fail on an unknown neighbour before compiling anything
+    if not allow_empty and not cfg.vips and inst.exists():
+        try:                           # refuse before compiling anything (apply checks again)
+            with open_maps(inst) as m:
+                n = len(m.vips())
+        except (LbxError, OSError):
+            n = 0
+        refuse_empty(inst, cfg, n, config_path)
     loader.ensure_bpffs()
     private_dirs(inst, create=True)  # the roots and instance directories: root's, mode 0700
     upgraded = inst.exists()
@@ -89,7 +98,7 @@ def attach(inst: Instance, cfg: model.Config, mode: str = "auto", force: bool = 
         loader.save_schema(inst, prog.schema)
         maps = Maps(prog.maps)
         maps.set_own_mac(loader.hwaddr(inst.ifname))   # until then it forwards nothing
-        diff = apply(inst, cfg, maps=maps)
+        diff = apply(inst, cfg, maps=maps, allow_empty=allow_empty, source=config_path)
         used = loader.attach(inst.ifname, prog.fd, mode)
         if inst.prog_pin.exists():
             inst.prog_pin.unlink()
@@ -115,22 +124,38 @@ def sync_own_mac(inst: Instance) -> tuple[str | None, str] | None:
 
 
 def apply(inst: Instance, cfg: model.Config | None = None, now: float | None = None,
-          maps: Maps | None = None) -> Diff:
+          maps: Maps | None = None, allow_empty: bool = False, source: str | None = None) -> Diff:
     """Make the instance hold cfg (None: what it was last told, e.g. for a slow-start step).
 
     Drains past their deadline are finished here: the backend leaves its VIP and its
-    connection-table entries are removed.
+    connection-table entries are removed. A cfg replaces the applied state even if that is
+    unreadable (logged); a cfg with no VIP is refused while the instance has VIPs, unless
+    allow_empty (source: the config file, for the message).
     """
     private_dirs(inst)
     with applied.locked(inst):
-        return _apply_locked(inst, applied.load(inst), cfg, now, maps)
+        if cfg is None:
+            return _apply_locked(inst, applied.load(inst), None, now, maps)
+        st = applied.load_to_replace(inst)
+        if not allow_empty and not cfg.vips:
+            with (nullcontext(maps) if maps is not None else open_maps(inst)) as m:
+                refuse_empty(inst, cfg, len(m.vips()), source)
+        return _apply_locked(inst, st, cfg, now, maps)
 
 
-def edit(inst: Instance, change: Callable[[applied.State, float], model.Config]) -> Diff:
+def refuse_empty(inst: Instance, cfg: model.Config, n: int, source: str | None) -> None:
+    """An empty (e.g. truncated) config would remove all n VIPs: refuse that unless asked."""
+    if not cfg.vips and n:
+        raise LbxError(f"{source or 'the config'} has no [[vip]]; it would remove all {n} VIPs of {inst.label}; "
+                       "pass --allow-empty to do that", "nothing was changed", exit_code=2)
+
+
+def edit(inst: Instance, change: Callable[[applied.State, float], model.Config], what: str = "edit") -> Diff:
     """Read what the instance was told, change it, validate the result like a config file, apply.
 
     change(state, now) returns the new config and may set state.draining; used by the
-    `lbxdp vip|backend ...` verbs on a running balancer.
+    `lbxdp vip|backend ...` verbs on a running balancer; `what` (e.g. "backend add") starts
+    the message of an invalid result.
     """
     private_dirs(inst)
     with applied.locked(inst):
@@ -138,7 +163,7 @@ def edit(inst: Instance, change: Callable[[applied.State, float], model.Config])
         if not st.cfg.vips and not inst.exists():
             raise LbxError(f"lbxdp is not attached to {inst.label}", f"attach it: lbxdp attach {inst.ifname} --config FILE")
         now = time.time()
-        cfg = config.parse(config.dump(change(st, now)), source="the edited config")
+        cfg = config.validated_edit(change(st, now), what)
         return _apply_locked(inst, st, cfg, now, None)
 
 

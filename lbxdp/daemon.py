@@ -91,8 +91,9 @@ def signal_daemon(inst: Instance, sig: int = signal.SIGHUP) -> int:
 
 class Daemon:
     def __init__(self, inst: Instance, config_path: str, mode: str = "auto", metrics: str | None = None,
-                 keep_attached: bool = False):
+                 keep_attached: bool = False, allow_empty: bool = False):
         self.inst, self.config_path, self.mode = inst, config_path, mode
+        self.allow_empty = allow_empty   # a config without VIPs may remove all (start and reloads)
         self.metrics_arg, self.keep_attached = metrics, keep_attached
         self._wake = threading.Event()
         self._hup = self._term = False
@@ -237,7 +238,8 @@ class Daemon:
         signal.signal(signal.SIGINT, self._on_term)
         self.inst.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         t = time.monotonic()
-        res = control.attach(self.inst, cfg, self.mode, config_path=os.path.abspath(self.config_path))
+        res = control.attach(self.inst, cfg, self.mode, config_path=os.path.abspath(self.config_path),
+                             allow_empty=self.allow_empty)
         attach_seconds = time.monotonic() - t
         _pidfile(self.inst).write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
         _event("attached", interface=self.inst.label, mode=res.mode, prog_id=res.prog_id,
@@ -275,7 +277,7 @@ class Daemon:
         t = time.monotonic()
         try:
             cfg = config.load(self.config_path)
-            diff = control.apply(self.inst, cfg)
+            diff = control.apply(self.inst, cfg, allow_empty=self.allow_empty, source=self.config_path)
         except LbxError as e:
             self._count_reload("error")
             _event("reload-failed", error=e.message, kept="the running config")

@@ -330,3 +330,87 @@ def test_self_check_tripwire_fires(run_main, monkeypatch: pytest.MonkeyPatch, tr
     with pytest.raises(AssertionError, match="lbxdp.control.detach was used"):
         run_main("detach", "eth0")
     assert tripwires["control"].touched == ["detach"]
+
+
+# --- issue 8: edits validated like a file, in the verb's words -----------------------------------
+
+@pytest.fixture
+def fake_edit(monkeypatch: pytest.MonkeyPatch):
+    """lbxdp.control with only edit(): the change is made on GOOD's config and validated exactly
+    as control.edit does (config.validated_edit), without an attached instance."""
+    from lbxdp import applied, config
+    fake = types.ModuleType("lbxdp.control")
+    seen: list[object] = []
+
+    def edit(inst, change, what="edit"):
+        st = applied.State(config.parse(GOOD))
+        seen.append(config.validated_edit(change(st, 0.0), what))
+        from lbxdp.balancer import Diff
+        return Diff()
+    fake.edit = edit  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "lbxdp.control", fake)
+    monkeypatch.setattr(lbxdp, "control", fake, raising=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    return seen
+
+
+def test_set_weight_negative_says_out_of_range(run_main, fake_edit) -> None:
+    r = run_main("backend", "set-weight", "-i", "eth0", "10.112.0.10:8080/tcp", "10.111.0.11:8080", "-1")
+    assert r.code == 2, r.err
+    assert r.err.splitlines()[0] == ("lbxdp: error: backend set-weight: VIP 10.112.0.10:8080/tcp backend "
+                                     "10.111.0.11:8080 weight: -1 is out of range (0-1000)")
+    assert "No such option" not in r.err and fake_edit == []
+
+
+def test_set_weight_in_range_passes_validation(run_main, fake_edit) -> None:
+    r = run_main("backend", "set-weight", "-i", "eth0", "10.112.0.10:8080/tcp", "10.111.0.11:8080", "7")
+    assert r.code == 0, r.err
+    [cfg] = fake_edit
+    assert cfg.vips[0].backends[0].weight == 7
+
+
+def test_backend_add_bad_mac_names_the_verb_not_a_document(run_main, fake_edit) -> None:
+    r = run_main("backend", "add", "-i", "eth0", "10.112.0.10:8080/tcp", "10.111.0.19:8080", "--mac", "02:00:00:00:00:01\n")
+    assert r.code == 2
+    assert r.err.startswith("lbxdp: error: backend add: VIP 10.112.0.10:8080/tcp backend 10.111.0.19:8080 mac: ")
+    assert "edited config" not in r.err and "applied.toml" not in r.err and "vip[0]" not in r.err
+
+
+def test_vip_with_unknown_protocol_names_it(run_main, fake_edit) -> None:
+    r = run_main("vip", "add", "-i", "eth0", "10.0.0.1:80/sctp", "-b", "10.0.1.1:80")
+    assert r.code == 2
+    assert r.err.splitlines()[0] == "lbxdp: error: VIP '10.0.0.1:80/sctp': 'sctp' is not a protocol; use tcp or udp"
+
+
+def test_config_check_prints_warnings(run_main, tmp_path: Path) -> None:
+    f = tmp_path / "lb.toml"
+    f.write_text(GOOD.replace('address = "fd00:111::11"', 'address = "fd00:111::11"\n  backup = true'))
+    r = run_main("config", "check", f)
+    assert r.code == 0
+    assert r.err.splitlines() == [
+        "lbxdp: warning: vip[1].backend: every backend of [fd00:112::10]:53/udp is a backup: backups take new "
+        "flows only while no primary is usable, so they all take them; set backup = false on some"]
+    assert r.out.endswith("ok, 2 VIPs, 3 backends\n")
+
+
+@pytest.mark.parametrize("content, expect", [
+    (b"# \xff\n", "not UTF-8: byte 0xff at offset 2"),
+    (b"a = " + b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+])
+def test_config_check_bad_bytes_are_one_line(run_main, tmp_path: Path, content: bytes, expect: str) -> None:
+    f = tmp_path / "lb.toml"
+    f.write_bytes(content)
+    r = run_main("config", "check", f)
+    assert r.code == 2 and expect in r.err and "Traceback" not in r.err
+    assert len(r.err.splitlines()) == 2   # the error and its hint
+
+
+def test_config_check_dev_zero(run_main) -> None:
+    r = run_main("config", "check", "/dev/zero")
+    assert r.code == 2 and "not a regular file" in r.err
+
+
+def test_attach_and_run_take_allow_empty() -> None:
+    for cmd in (["attach", "--help"], ["run", "--help"]):
+        r = CliRunner().invoke(cli_mod.cli, cmd)
+        assert "--allow-empty" in r.output
