@@ -98,6 +98,12 @@ def _interface(check: Check, inst: Instance) -> None:
         check(f"interface {inst.ifname}", False, e.message, e.hint or "")
         return
     state = bpfsys.xdp_query(idx)
+    from . import veth
+    trap = veth.native_warning(inst.ifname)
+    if trap is not None:
+        fine = state.mode == "generic"
+        check(f"veth peer of {inst.ifname}", fine,
+              trap + ("; lbxdp is attached in generic mode, which is not affected" if fine else ""), veth.FIX)
     if state.prog_id:
         check(f"XDP on {inst.ifname}", True, f"a program is attached (id {state.prog_id}, {state.mode}); "
               "native support not probed")

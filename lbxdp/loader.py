@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import abi, bpfsys
+from . import abi, bpfsys, veth
 from .errors import LbxError
 from .paths import BPFFS, Instance, private_dirs
 
@@ -233,13 +233,20 @@ MODES = ("auto", "native", "generic")
 def attach(ifname: str, prog_fd: int, mode: str, replace: bool = True) -> str:
     """Attach prog_fd to ifname; returns the mode used ('native' or 'generic').
 
-    auto tries native and falls back to generic with a warning. An lbxdp program already there
+    auto tries native and falls back to generic with a warning; on a veth whose peer has no XDP
+    program it picks generic (lbxdp.veth says why), and native warns. An lbxdp program already there
     in the same mode is replaced atomically (the kernel swaps the pointer: no packet misses a
     program); one in the other mode is detached first.
     """
     idx = ifindex(ifname)
     current = bpfsys.xdp_query(idx)
     tries = {"auto": ["native", "generic"], "native": ["native"], "generic": ["generic"]}[mode]
+    trap = veth.native_warning(ifname) if mode != "generic" else None
+    if trap and mode == "auto":
+        log.warning("%s; using generic mode (attach an XDP program to the peer to use native)", trap)
+        tries = ["generic"]
+    elif trap:
+        log.warning("%s; attaching in native mode as asked (--mode native). Fix: %s", trap, veth.FIX)
     last: Exception | None = None
     for m in tries:
         flag = bpfsys.XDP_FLAGS_DRV_MODE if m == "native" else bpfsys.XDP_FLAGS_SKB_MODE
