@@ -1,15 +1,20 @@
 """`lbxdp run`: the daemon. Foreground, logs to stderr, one instance (interface) per process.
 
 Life of a daemon:
-  start    refuse if another daemon runs for the instance; read and validate the config (a bad
-           file stops it here, before anything changes); attach, which adopts the pinned maps of
-           an earlier run (or of `lbxdp attach`) and replaces the program atomically;
+  start    refuse if another daemon runs for the instance; read and validate the config and
+           bind the metrics port (a bad file or an unusable port stops it here, before anything
+           changes); attach, which adopts the pinned maps of an earlier run (or of `lbxdp
+           attach`) and replaces the program atomically;
   loop     SIGHUP (or `lbxdp reload`): re-read the file and apply it as a minimal diff; a bad
-           file is logged and changes nothing. Health checks (lbxdp.health, in their own thread)
-           report transitions, which are applied at once. Once a second: finish drains past
-           their deadline, step slow starts, follow edits made with `lbxdp vip|backend ...`;
-  SIGTERM  detach and remove the pins, unless --keep-attached. SIGKILL leaves the program
-           attached and forwarding; the next `lbxdp run` adopts it without losing a flow.
+           file, or any error while applying it, is logged (`reload-failed`) and the running
+           config stays. Health checks (lbxdp.health, in their own thread) report transitions,
+           which are applied at once. Once a second: put back the run directory if it was
+           deleted, finish drains past their deadline, step slow starts, follow edits made with
+           `lbxdp vip|backend ...`; a step that fails is logged and the loop goes on;
+  SIGTERM  (or SIGINT) detach and remove the pins, unless --keep-attached. Anything else that
+           ends the daemon (a crash, SIGKILL) leaves the program attached and forwarding, with its
+           pins (one `left-attached` line says so); the next `lbxdp run` adopts it without losing
+           a flow, and `lbxdp detach` removes it.
 Every state change is one log line, `lbxdp[pid]: <event> key=value ...` (logfmt: a value with
 spaces is double-quoted).
 """
@@ -28,7 +33,7 @@ from typing import Any
 
 from . import applied, config, control
 from .errors import LbxError
-from .paths import Instance
+from .paths import Instance, private_dirs
 
 log = logging.getLogger("lbxdp.daemon")
 TICK = 1.0
@@ -102,6 +107,9 @@ class Daemon:
         self._checker: Any = None
         self._events: queue.Queue[tuple[str, bool, Any]] = queue.Queue()
         self._applied_mtime = -1.0
+        self._last_applied: applied.State | None = None   # to put back a deleted run directory
+        self._kept: dict[str, str] = {}                   # file name -> text, likewise
+        self._failing: dict[str, tuple[str, float]] = {}  # step -> (error, when last logged)
 
     # --- signals -------------------------------------------------------------------------------
     def _on_hup(self, *_: Any) -> None:
@@ -144,8 +152,9 @@ class Daemon:
         addr, port = parse_listen(listen)
         try:
             self._server = start_http_server(port, addr, registry=reg)
-        except OSError as e:
-            raise LbxError(f"cannot serve metrics on {listen}: {e.strerror}", "pick another --metrics ADDRESS:PORT") from e
+        except (OSError, ValueError, OverflowError) as e:
+            raise LbxError(f"cannot serve metrics on {listen}: {getattr(e, 'strerror', None) or e}",
+                           "pick another --metrics ADDRESS:PORT (or [metrics] listen)") from e
         _event("metrics", listen=listen)
 
     def _observe(self, seconds: float) -> None:
@@ -169,6 +178,7 @@ class Daemon:
 
     def _start_health(self) -> None:
         from .health import Checker
+        self._restore_run_dir()
         # A new checker starts every backend healthy (as HAProxy does): forget what an earlier
         # daemon last saw, so the maps and the checker agree from the first transition on.
         control.health_changed(self.inst, None)
@@ -188,6 +198,7 @@ class Daemon:
         self._applied_mtime = mtime
         from .health import Target
         st = applied.load(self.inst)
+        self._last_applied = st
         targets = [Target(applied.ref_key((v.key, b.address, b.port)), str(b.address), check.port or b.port, check)
                    for v in st.cfg.vips for b in v.backends if (check := v.check_of(b)) is not None]
         self._checker.set_targets(targets)
@@ -236,27 +247,58 @@ class Daemon:
         signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
-        self.inst.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        t = time.monotonic()
-        res = control.attach(self.inst, cfg, self.mode, config_path=os.path.abspath(self.config_path),
-                             allow_empty=self.allow_empty)
-        attach_seconds = time.monotonic() - t
-        _pidfile(self.inst).write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
-        _event("attached", interface=self.inst.label, mode=res.mode, prog_id=res.prog_id,
-               adopted=res.upgraded, changes=len(res.diff.lines), seconds=f"{attach_seconds:.3f}")
-        listen = self.metrics_arg or cfg.metrics_listen
+        clean = False
         try:
+            private_dirs(self.inst)
+            # The port first: one that cannot be used stops the start before anything changes
+            # (an attached program, adopted or not, keeps forwarding untouched).
+            listen = self.metrics_arg or cfg.metrics_listen
             if listen:
                 self._start_metrics(listen)
-                self._observe(attach_seconds)
+            t = time.monotonic()
+            res = control.attach(self.inst, cfg, self.mode, config_path=os.path.abspath(self.config_path),
+                             allow_empty=self.allow_empty)
+            attach_seconds = time.monotonic() - t
+            self._observe(attach_seconds)
+            self._keep_run_files()
+            _pidfile(self.inst).write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
             self._start_health()
+            _event("attached", interface=self.inst.label, mode=res.mode, prog_id=res.prog_id,
+                   adopted=res.upgraded, changes=len(res.diff.lines), seconds=f"{attach_seconds:.3f}",
+                   **({"recreated": ",".join(res.recreated)} if res.recreated else {}))
             self._loop()
+            clean = True
+        except LbxError as e:
+            self._left_attached(e)
+            raise
+        except Exception as e:
+            self._left_attached(e)
+            logging.getLogger("lbxdp").debug("the daemon's traceback", exc_info=True)   # -vv shows it
+            raise LbxError(f"the daemon stopped on an unexpected error: {type(e).__name__}: {e}",
+                           "the program stays attached and forwarding; `lbxdp run` adopts it again "
+                           f"(`lbxdp detach {self.inst.ifname}` removes it); run with -vv for the traceback") from e
         finally:
             if self._checker is not None:
                 self._checker.stop()
             if self._server is not None:
                 self._server[0].shutdown()
-            self._stop()
+            if clean:
+                self._stop()
+            else:
+                _unlink(_pidfile(self.inst))
+
+    def _left_attached(self, e: BaseException) -> None:
+        """One line when the daemon ends on an error: what it leaves in place (never a detach)."""
+        error = e.message if isinstance(e, LbxError) else f"{type(e).__name__}: {e}"
+        try:
+            attached = self.inst.exists()
+        except OSError:
+            attached = False
+        if attached:
+            _event("left-attached", interface=self.inst.label, pins=self.inst.pin_dir, error=error,
+                   hint=f"it keeps forwarding; lbxdp run adopts it, lbxdp detach {self.inst.ifname} removes it")
+        else:
+            _event("start-failed", interface=self.inst.label, error=error, attached="no (nothing was changed)")
 
     def _loop(self) -> None:
         while not self._term:
@@ -264,23 +306,66 @@ class Daemon:
             self._wake.clear()
             if self._term:
                 break
-            self._apply_health_events()
+            self._step("run-dir", self._restore_run_dir)
+            self._step("health", self._apply_health_events)
             if self._hup:
                 self._hup = False
                 self.reload()
             else:
-                self.tick()
-            self._sync_targets()
-            self._write_checks()
+                self._step("tick", self.tick)
+            self._step("sync-targets", self._sync_targets)
+            self._step("write-checks", self._write_checks)
+
+    def _step(self, name: str, fn: Any) -> None:
+        """Run one step of the loop; an error is logged (once, then once a minute while it
+        repeats) and the loop goes on: the data path does not depend on the daemon."""
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - whatever it is, the program keeps forwarding
+            error = e.message if isinstance(e, LbxError) else f"{type(e).__name__}: {e}"
+            last = self._failing.get(name)
+            if last is None or last[0] != error or time.monotonic() - last[1] > 60:
+                _event("step-failed", step=name, error=error, type=type(e).__name__)
+                self._failing[name] = (error, time.monotonic())
+            return
+        if self._failing.pop(name, None) is not None:
+            _event("step-recovered", step=name)
+
+    def _keep_run_files(self) -> None:
+        """Keep in memory what the run directory holds that only attach writes."""
+        for f in (self.inst.schema_file, self.inst.state_file):
+            self._kept[f.name] = f.read_text()
+
+    def _restore_run_dir(self) -> None:
+        """Put back what a deleted run directory held: the schema (or no command could read the
+        maps), the pid file (or `lbxdp reload` would not find us) and the applied state (or the
+        next change would start from an empty config and remove every VIP)."""
+        d = self.inst.run_dir
+        missing = [f for f in (self.inst.schema_file, self.inst.state_file, _pidfile(self.inst), d / "applied.toml")
+                   if not f.exists()]
+        if not missing:
+            return
+        private_dirs(self.inst, create=True)
+        with applied.locked(self.inst):
+            for name, text in self._kept.items():
+                if not (d / name).exists():
+                    (d / name).write_text(text)
+            if not (d / "applied.toml").exists() and self._last_applied is not None:
+                applied.save(self.inst, self._last_applied)
+        if not _pidfile(self.inst).exists():
+            _pidfile(self.inst).write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
+        self._applied_mtime = -1.0    # have the checker's targets re-read
+        _event("run-dir-restored", dir=d, files=",".join(f.name for f in missing))
 
     def reload(self) -> None:
         t = time.monotonic()
         try:
             cfg = config.load(self.config_path)
             diff = control.apply(self.inst, cfg, allow_empty=self.allow_empty, source=self.config_path)
-        except LbxError as e:
+        except Exception as e:  # noqa: BLE001 - any error: the running config and data path stay
             self._count_reload("error")
-            _event("reload-failed", error=e.message, kept="the running config")
+            _event("reload-failed", error=e.message if isinstance(e, LbxError) else f"{type(e).__name__}: {e}",
+                   type=type(e).__name__, kept="the running config")
             return
         self._observe(time.monotonic() - t)
         self._count_reload("ok")
@@ -319,10 +404,14 @@ class Daemon:
             control.detach(self.inst)
             _event("stopped", attached="no (detached, pins removed)")
         for f in (_pidfile(self.inst), self.inst.run_dir / "checks.json"):
-            try:
-                f.unlink()
-            except OSError:
-                pass
+            _unlink(f)
+
+
+def _unlink(f: Path) -> None:
+    try:
+        f.unlink()
+    except OSError:
+        pass
 
 
 class _HealthCollector:
