@@ -162,7 +162,7 @@ static __always_inline int parse_l4(struct cursor *c, struct pkt *pkt)
 			return LBX_R_PASS_TRUNCATED;
 		/* Stricter than the kernel (which trims a datagram shorter than its IP payload):
 		 * whatever disagrees is left to the kernel's judgement. */
-		if (bpf_ntohs(udp->len) != pkt->l4_len)
+		if (bpf_ntohs(udp->len) != pkt->l4_len || pkt->l4_len < sizeof(*udp))
 			return LBX_R_PASS_BAD_UDP_LEN;
 		pkt->flow.sport = udp->source;
 		pkt->flow.dport = udp->dest;

@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flow-capacity", type=int, default=abi.FLOW_CAPACITY,
                     help=f"connection table size ({abi.FLOW_CAPACITY}, the default build); the new-flow "
                          "cases insert --calls flows, so a smaller table evicts")
+    ap.add_argument("--bpf-dir", type=Path, default=None,
+                    help="compile the C sources in this directory instead (e.g. an older bpf/ from git show)")
     ap.add_argument("--max-seconds", type=float, default=900.0, help="give up after this long (900)")
     args = ap.parse_args(argv)
     if not 1_000 <= args.calls <= 5_000_000 or not 1 <= args.reps <= 20:
@@ -181,10 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     prog = stub = None
     deadline = time.monotonic() + args.max_seconds
     try:
-        prog = loader.compile_program(loader.BuildConfig(pin_dir=pin_dir, flow_capacity=args.flow_capacity))
+        prog = loader.compile_program(loader.BuildConfig(pin_dir=pin_dir, flow_capacity=args.flow_capacity,
+                                                         src_dir=args.bpf_dir))
         stub, stub_fd = loader.compile_stub()
         maps = Maps(prog.maps)
         Balancer(maps).apply(config(), macs={})
+        maps.set_own_mac(LB_MAC)   # what attach does with the interface's MAC (no-op for older sources)
         lb, floor = bpfsys.TestRunner(prog.fd), bpfsys.TestRunner(stub_fd)
         n = args.calls + WARMUP
         syn4 = frame(CLIENT4, VIP4, 999, 80, 6)

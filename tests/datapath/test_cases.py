@@ -170,6 +170,8 @@ CASES = [
           IP(src=CLIENT4, dst=V4) / UDP(sport=40811, dport=53, len=9) / Raw(b"query"), R.PASS_BAD_UDP_LEN),
     _pass("v6 udp length inconsistent with the payload length passes", Ether(src=CLIENT_MAC, dst=LB_MAC) /
           IPv6(src=CLIENT6, dst=V6) / UDP(sport=40812, dport=53, len=12) / Raw(b"query"), R.PASS_BAD_UDP_LEN),
+    _pass("udp length 0 in a v4 packet whose total length leaves no payload passes",
+          tcp(V4, 53, 40815, proto=17, len=20), R.PASS_BAD_UDP_LEN),  # found by scripts/fuzz_datapath.py
     _pass("v4 ttl 0 passes", tcp(V4, 80, 40813, ttl=0), R.PASS_TTL_ZERO),
     _pass("v6 hop limit 0 passes", Ether(src=CLIENT_MAC, dst=LB_MAC) / IPv6(src=CLIENT6, dst=V6, hlim=0) /
           UDP(sport=40814, dport=53) / Raw(b"query"), R.PASS_TTL_ZERO),
