@@ -192,3 +192,46 @@ def test_a_rig_whose_builder_was_killed_can_be_adopted_and_removed():
         Rig.adopt(spec.prefix).down()
     assert Rig.adopt(spec.prefix).leftovers() == []
     assert not [s.pid for s in servers if s.alive()]
+
+
+def test_rig_commands_never_pick_a_rig_by_themselves(tmp_path):
+    """`lbxdp rig`: up takes --prefix (checked: syntax, not in use); down needs a PREFIX or --all;
+    exec and config refuse to pick when several rigs are up. Two persistent rigs, state kept
+    under this test's own run root. Cleanup: `rig down --all` there, then nothing of either left."""
+    import secrets
+    env = dict(os.environ, LBXDP_RUN_ROOT=str(tmp_path / "run"))
+    p1, p2 = (f"t{secrets.token_hex(3)[:5]}{i}" for i in (1, 2))
+
+    def lbxdp(*argv):
+        return subprocess.run([sys.executable, "-m", "lbxdp", "rig", *argv], capture_output=True, text=True,
+                              timeout=120, env=env)
+
+    try:
+        for p in (p1, p2):
+            up = lbxdp("up", "--backends", "1", "--prefix", p)
+            assert up.returncode == 0, up.stderr
+            assert f"rig {p} is up" in up.stdout and f"rig exec --prefix {p} cli" in up.stdout
+            assert f"rig down {p}" in up.stdout and "sudo" not in up.stdout
+        taken = lbxdp("up", "--backends", "1", "--prefix", p1)
+        assert taken.returncode == 2 and "is in use" in taken.stderr, taken.stderr
+        for bad in ("X1", "a", "a-b", "abcdefghijklm", "1ab"):
+            r = lbxdp("up", "--prefix", bad)
+            assert r.returncode == 2 and "not 2-12 characters" in r.stderr, (bad, r.stderr)
+
+        down = lbxdp("down")
+        assert down.returncode == 2 and p1 in down.stderr and p2 in down.stderr and "--all" in down.stderr
+        for argv in (["exec", "cli", "--", "true"], ["config"]):
+            r = lbxdp(*argv)
+            assert r.returncode == 2 and "say which" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert all(Rig.adopt(p).leftovers() for p in (p1, p2)), "a refused command removed a rig"
+
+        r = lbxdp("exec", "--prefix", p1, "cli", "--", "ip", "-br", "addr", "show", "dev", "eth0")
+        assert r.returncode == 0 and "10.111.0.2/24" in r.stdout, r
+        assert lbxdp("down", p1).returncode == 0
+        assert Rig.adopt(p1).leftovers() == [] and Rig.adopt(p2).leftovers()
+        r = lbxdp("exec", "cli", "--", "true")      # one rig left: it is the one
+        assert r.returncode == 0, r.stderr
+        assert lbxdp("down", "--all").returncode == 0
+    finally:
+        lbxdp("down", "--all")
+    assert Rig.adopt(p1).leftovers() == [] and Rig.adopt(p2).leftovers() == []
