@@ -30,12 +30,13 @@ class Daemon:
     the process we started.
     """
 
-    def __init__(self, rig: Rig, config: Path, log: Path, metrics: str | None = None) -> None:
+    def __init__(self, rig: Rig, config: Path, log: Path, metrics: str | None = None,
+                 args: tuple[str, ...] = ()) -> None:
         self.log = log
         self.lines: list[tuple[float, str]] = []
         self._lock = threading.Lock()
         argv = [sys.executable, "-m", "lbxdp", "--netns", rig.ns(LB), "run", HOST_IF, "--config", str(config),
-                "--mode", "generic", *(["--metrics", metrics] if metrics else [])]
+                "--mode", "generic", *(["--metrics", metrics] if metrics else []), *args]
         self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, cwd=REPO)
         self._reader = threading.Thread(target=self._read, name="daemon-log", daemon=True)
@@ -110,7 +111,7 @@ def parse_logfmt(text: str) -> dict[str, str]:
 
 
 def started_daemons(rig: Rig, logdir: Path) -> Iterator[Callable[..., Daemon]]:
-    """Generator behind the `daemons` fixture: yields start(config, metrics=None) -> a Daemon
+    """Generator behind the `daemons` fixture: yields start(config, metrics=None, args=()) -> a Daemon
     that has attached (its `attached` event logged); config is a path, or TOML text to write.
 
     Cleanup, even if the test failed: every daemon started is stopped by its PID (SIGTERM, then
@@ -119,12 +120,12 @@ def started_daemons(rig: Rig, logdir: Path) -> Iterator[Callable[..., Daemon]]:
     """
     started: list[Daemon] = []
 
-    def start(config: Path | str, metrics: str | None = None) -> Daemon:
+    def start(config: Path | str, metrics: str | None = None, args: tuple[str, ...] = ()) -> Daemon:
         if isinstance(config, str):
             path = logdir / f"lbxdp{len(started)}.toml"
             path.write_text(config)
             config = path
-        d = Daemon(rig, config, logdir / f"daemon{len(started)}.log", metrics)
+        d = Daemon(rig, config, logdir / f"daemon{len(started)}.log", metrics, args)
         started.append(d)
         d.wait_event("attached", timeout=120)
         return d
