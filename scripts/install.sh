@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # lbxdp installer: system packages, kernel headers for bcc, bpffs, the venv and the `lbxdp` command.
 #
-#   sudo bash scripts/install.sh [--no-prometheus]
+#   bash scripts/install.sh [--no-prometheus]        (as root; or: sudo bash scripts/install.sh)
 #
 # Supported: Debian 12 (tested) and Ubuntu (best effort), amd64 and arm64.
 # Idempotent: a second run changes nothing and only prints "already ..." lines.
@@ -9,7 +9,7 @@ set -euo pipefail
 
 usage() {
     cat <<'EOF'
-usage: sudo bash scripts/install.sh [--no-prometheus]
+usage: bash scripts/install.sh [--no-prometheus]   (as root, or with sudo)
 
   --no-prometheus   do not install Debian's Prometheus server (only some tests use it)
 EOF
@@ -28,7 +28,7 @@ for arg in "$@"; do
     esac
 done
 
-[ "$(id -u)" -eq 0 ] || die "must run as root: sudo bash $0"
+[ "$(id -u)" -eq 0 ] || die "must run as root (as root: bash $0; or sudo bash $0)"
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 VENV="$REPO/.venv"
@@ -176,12 +176,28 @@ else
 fi
 
 # ---------------------------------------------------------------- bpffs
+# Mounted 0700 as systemd does (without mode=, bpffs is world-writable). One already mounted is
+# left alone, but lbxdp's own directory in it must be root's and 0700: lbxdp refuses it otherwise.
 if awk '$2 == "/sys/fs/bpf" && $3 == "bpf" {found=1} END {exit !found}' /proc/mounts; then
     say "bpffs already mounted at /sys/fs/bpf"
 else
     mkdir -p /sys/fs/bpf
-    mount -t bpf bpf /sys/fs/bpf || die "could not mount bpffs at /sys/fs/bpf"
-    say "mounted bpffs at /sys/fs/bpf (not persistent across reboots; rerun this script after one)"
+    mount -t bpf -o mode=0700 bpf /sys/fs/bpf || die "could not mount bpffs at /sys/fs/bpf"
+    say "mounted bpffs at /sys/fs/bpf, mode 0700 (not persistent across reboots; rerun this script after one)"
+fi
+PIN_ROOT=/sys/fs/bpf/lbxdp
+if [ -L "$PIN_ROOT" ] || { [ -e "$PIN_ROOT" ] && [ ! -d "$PIN_ROOT" ]; }; then
+    die "$PIN_ROOT is not a directory: remove it (rm $PIN_ROOT) and rerun"
+elif [ ! -e "$PIN_ROOT" ]; then
+    mkdir -m 0700 "$PIN_ROOT"
+    say "created $PIN_ROOT (root's, mode 0700)"
+elif [ "$(stat -c %u "$PIN_ROOT")" != 0 ]; then
+    die "$PIN_ROOT is owned by uid $(stat -c %u "$PIN_ROOT"), not root: remove it (rm -r $PIN_ROOT) if nothing of yours is pinned there, and rerun"
+elif [ "$(stat -c %a "$PIN_ROOT")" != 700 ]; then
+    chmod 0700 "$PIN_ROOT"
+    say "made $PIN_ROOT mode 0700"
+else
+    say "$PIN_ROOT is root's, mode 0700"
 fi
 
 # ---------------------------------------------------------------- venv
@@ -326,7 +342,7 @@ else
 fi
 
 if [ -L "$LINK" ] && [ "$(readlink "$LINK")" = "$TARGET" ]; then
-    say "ok — run: sudo lbxdp demo   (tests: cd $REPO && sudo .venv/bin/python -m pytest tests)"
+    say "ok — run as root: lbxdp demo   (tests: cd $REPO && .venv/bin/python -m pytest tests; prefix sudo if not root)"
 else
-    say "ok — run: cd $REPO && sudo .venv/bin/lbxdp demo   (tests: sudo .venv/bin/python -m pytest tests)"
+    say "ok — run as root: cd $REPO && .venv/bin/lbxdp demo   (tests: .venv/bin/python -m pytest tests; prefix sudo if not root)"
 fi

@@ -160,3 +160,15 @@ def test_instances_with_names_lbxdp_would_not_make_are_skipped(layout: Layout) -
     (layout.pins / "netns" / "ns1" / "a b").mkdir()
     (layout.pins / "netns" / "ns1" / "a b" / "prog").write_text("x")
     assert Instance.all() == [Instance("keep0"), Instance("keep1", "ns1")]
+
+
+def test_bpffs_is_mounted_private(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without mode=, bpffs is mounted world-writable (1777): anyone could pre-create lbxdp's
+    pin directory. The loader mounts it 0700 as systemd does (the mount itself is faked here)."""
+    from lbxdp import loader
+    calls = []
+    monkeypatch.setattr(loader, "_is_bpffs", lambda path: False)
+    monkeypatch.setattr(loader.subprocess, "run", lambda argv, **kw: calls.append(argv))
+    loader.ensure_bpffs()
+    assert calls == [["mount", "-t", "bpf", "-o", "mode=0700", "bpf", "/sys/fs/bpf"]]
+    assert "mode=0700" in (Path(__file__).resolve().parents[2] / "scripts" / "install.sh").read_text()
