@@ -97,6 +97,10 @@ def load(inst: Instance) -> State:
     cannot be read back."""
     cfg_file = inst.run_dir / "applied.toml"
     if not cfg_file.exists():
+        # Attached but no record (the run directory was removed by hand, or a crash lost it):
+        # an empty state here would make the next edit or health step remove every VIP.
+        if inst.exists():
+            raise Unreadable(inst, "it is missing, though the program is attached")
         return State()
     try:
         cfg = config.parse(cfg_file.read_text(), source="applied state")

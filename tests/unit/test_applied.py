@@ -65,3 +65,15 @@ def test_unreadable_state_is_replaced_by_a_full_config(inst: Instance, caplog: p
     assert "unreadable" in rec.getMessage() and "kept: the maps and the connection table" in rec.getMessage()
     (inst.run_dir / "runtime.json").write_text("{")
     assert applied.load_to_replace(inst).cfg.vips == ()
+
+
+def test_missing_state_of_an_attached_instance_is_unreadable_not_empty(inst: Instance) -> None:
+    """A removed run directory must not read as "told nothing": the next edit or health step
+    would then apply an empty config and remove every VIP of a forwarding program."""
+    assert applied.load(inst).cfg.vips == ()          # never attached: empty is the truth
+    inst.prog_pin.parent.mkdir(parents=True)
+    inst.prog_pin.write_text("")                     # attached (a pinned program)
+    with pytest.raises(applied.Unreadable) as ei:
+        applied.load(inst)
+    assert "missing" in ei.value.message
+    assert applied.load_to_replace(inst).cfg.vips == ()   # a full config still replaces it
