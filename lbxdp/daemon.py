@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import applied, config, control
+from . import applied, config, control, model
 from .errors import LbxError
 from .paths import Instance, private_dirs
 
@@ -49,6 +49,12 @@ def _logfmt(v: Any) -> str:
 
 def _event(name: str, **kv: Any) -> None:
     log.info("%s %s", name, " ".join(f"{k}={_logfmt(v)}" for k, v in kv.items()))
+
+
+def _warn(cfg: model.Config) -> None:
+    """Valid but probably not meant (config.warnings): one config-warning event each."""
+    for w in config.warnings(cfg):
+        _event("config-warning", warning=w)
 
 
 def _log_to_stderr() -> None:
@@ -149,7 +155,7 @@ class Daemon:
         reg = make_registry(PinnedMaps(self.inst.netns, [self.inst.ifname]))
         ProcessCollector(registry=reg)
         self._m = self.own_metrics(reg)
-        addr, port = parse_listen(listen)
+        addr, port = parse_listen(listen, "--metrics" if self.metrics_arg else "[metrics] listen")
         try:
             self._server = start_http_server(port, addr, registry=reg)
         except (OSError, ValueError, OverflowError) as e:
@@ -244,6 +250,7 @@ class Daemon:
             raise LbxError(f"a daemon already runs for {self.inst.label} (pid {other})",
                            "stop it first, or send it `lbxdp reload`")
         cfg = config.load(self.config_path)
+        _warn(cfg)
         signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
@@ -372,6 +379,7 @@ class Daemon:
         _event("reloaded", changes=len(diff.lines), seconds=f"{time.monotonic() - t:.3f}")
         for line in diff.lines:
             _event("change", what=line)
+        _warn(cfg)
 
     def tick(self) -> None:
         """Follow the interface's MAC; finish expired drains, step slow starts: only when there is

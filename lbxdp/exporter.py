@@ -179,12 +179,13 @@ def make_registry(source: Source, registry: CollectorRegistry | None = None) -> 
     return reg
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    """'127.0.0.1:9842', '[::1]:9842', ':9842' (all addresses, explicitly) -> (addr, port)."""
+def parse_listen(listen: str, option: str = "--listen") -> tuple[str, int]:
+    """'127.0.0.1:9842', '[::1]:9842', ':9842' (all addresses, explicitly) -> (addr, port).
+    option: how the user gave it (--listen, --metrics), for the error."""
     try:
         return model.parse_listen(listen)   # the same parser as the config's [metrics] listen
     except ValueError as e:
-        raise LbxError(f"--listen {listen!r} {e}", f"for example --listen {DEFAULT_LISTEN}", exit_code=2) from None
+        raise LbxError(f"{option} {listen!r} {e}", f"for example {option} {DEFAULT_LISTEN}", exit_code=2) from None
 
 
 def serve(source: Source, listen: str = DEFAULT_LISTEN, echo: Callable[[str], None] = print,

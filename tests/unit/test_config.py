@@ -8,11 +8,17 @@ ConfigError (exit code 2) whose message starts with "<key path>: ".
 from __future__ import annotations
 
 import ipaddress
+import logging
+import os
+import random
+import time
 from textwrap import dedent
 
 import pytest
+import tomli_w
 
-from lbxdp import abi, config, model
+from lbxdp import abi, config, exporter, model
+from lbxdp.errors import LbxError
 from lbxdp.model import Backend, Mode, Protocol, Scheduler, Vip
 
 GOOD = """
@@ -346,15 +352,6 @@ def test_the_readme_example_is_a_valid_config() -> None:
 
 # --- issue 8: what is accepted reads back; bad files fail fast and in one line ----------------
 
-import os  # noqa: E402
-import random  # noqa: E402
-import time  # noqa: E402
-
-import tomli_w  # noqa: E402
-
-from lbxdp import exporter  # noqa: E402
-from lbxdp.errors import LbxError  # noqa: E402
-
 # Strings chosen to break hand-written TOML: quotes, backslashes, TOML syntax, control
 # characters (NUL, ESC, DEL, CR/LF), unicode line separators, BOM, astral plane.
 AWKWARD = ['"', "\\", "'", '"""', "'''", "\\n", "#", "=", "[x]", "{}", "\n", "\r\n", "\t", "\x00", "\x01",
@@ -625,3 +622,19 @@ def test_edit_errors_name_the_verb_and_the_backend() -> None:
                                 "-1 is out of range (0-1000)")
     assert ei.value.exit_code == 2
     assert "edited config" not in ei.value.message and "applied" not in ei.value.message
+
+
+def test_the_daemon_logs_each_warning_as_an_event(caplog: pytest.LogCaptureFixture) -> None:
+    """`lbxdp run` has no terminal to print `lbxdp: warning:` on: it logs config-warning events."""
+    from lbxdp import daemon
+    cfg = config.parse(VIP + be(backup="true"))
+    with caplog.at_level(logging.INFO, logger="lbxdp.daemon"):
+        daemon._warn(cfg)
+    [msg] = [r.getMessage() for r in caplog.records]
+    assert msg.startswith('config-warning warning="vip[0].backend: every backend of 10.0.0.1:80/tcp is a backup')
+
+
+def test_errors_name_the_option_the_user_gave() -> None:
+    with pytest.raises(LbxError) as ei:
+        exporter.parse_listen("localhost:9842", "--metrics")
+    assert ei.value.message.startswith("--metrics 'localhost:9842'") and "--metrics" in ei.value.hint
