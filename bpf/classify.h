@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * Classification: is this parsed packet for a VIP? may_be_vip() answers "certainly not" for
- * most other traffic from one bit of the VIP address filter (lbxdp.h); classify() is the exact
+ * most other traffic from one bit of the VIP address filter (abi.h); classify() is the exact
  * answer, one hash lookup. Nothing here writes a map.
  */
 #ifndef LBX_CLASSIFY_H

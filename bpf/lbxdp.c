@@ -11,7 +11,7 @@
  * rewrites map calls such as lbx_vips.lookup() in its main file) with #line markers, so
  * compiler and verifier messages still name the header and line.
  */
-#include "lbxdp.h"
+#include "abi.h"
 #include "maps.h"
 #include "parse.h"
 #include "classify.h"

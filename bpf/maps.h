@@ -7,7 +7,7 @@
 #ifndef LBX_MAPS_H
 #define LBX_MAPS_H
 
-#include "lbxdp.h"
+#include "abi.h"
 
 #ifndef LBX_PIN_DIR
 #error "LBX_PIN_DIR must be defined by the loader"
@@ -17,7 +17,7 @@
 BPF_TABLE_PINNED("hash", struct vip_key, struct vip_meta, lbx_vips, LBX_MAX_VIPS,
 		 LBX_PIN_DIR "/lbx_vips");
 
-/* address-hash bit / 64 -> 64 bits of the VIP address filter (lbxdp.h). Written by lbxdp.maps only. */
+/* address-hash bit / 64 -> 64 bits of the VIP address filter (abi.h). Written by lbxdp.maps only. */
 BPF_TABLE_PINNED("array", __u32, __u64, lbx_vip_filter, LBX_VIP_FILTER_WORDS,
 		 LBX_PIN_DIR "/lbx_vip_filter");
 

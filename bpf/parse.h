@@ -17,7 +17,7 @@
 #include <linux/udp.h>
 #include <linux/in.h>
 
-#include "lbxdp.h"
+#include "abi.h"
 
 #define LBX_IP_MF 0x2000
 #define LBX_IP_OFFSET 0x1fff

@@ -8,7 +8,7 @@
 
 #include <linux/if_ether.h>
 
-#include "lbxdp.h"
+#include "abi.h"
 
 /*
  * DSR on a shared L2 segment: only the MACs change. The frame reached us addressed to our own

@@ -1,4 +1,4 @@
-"""The Python face of bpf/lbxdp.h: its enums and constants, nothing else.
+"""The Python face of bpf/abi.h: its enums and constants, nothing else.
 
 Struct layouts are never re-declared here: bcc compiles them and lbxdp.loader turns its type
 descriptions into ctypes. tests/unit/test_abi_drift.py parses the header and fails when a name

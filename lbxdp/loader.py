@@ -41,7 +41,7 @@ def bpf_dir() -> Path:
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """Everything that changes the compiled program. Capacities default to bpf/lbxdp.h's."""
+    """Everything that changes the compiled program. Capacities default to bpf/abi.h's."""
 
     pin_dir: Path
     max_vips: int = abi.MAX_VIPS

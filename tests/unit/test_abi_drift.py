@@ -1,4 +1,4 @@
-"""bpf/lbxdp.h and bpf/maps.h against lbxdp/abi.py: fail as soon as the C and the Python drift.
+"""bpf/abi.h and bpf/maps.h against lbxdp/abi.py: fail as soon as the C and the Python drift.
 
 The header is parsed with regular expressions (no compiler, no kernel): comments are stripped,
 then `enum lbx_* {...}` bodies are numbered the way C numbers them (an implicit member is the
@@ -17,7 +17,7 @@ import pytest
 from lbxdp import abi
 
 BPF = Path(__file__).resolve().parents[2] / "bpf"
-HEADER = BPF / "lbxdp.h"
+HEADER = BPF / "abi.h"
 MAPS_H = BPF / "maps.h"
 
 # C enum -> (prefix of its members in C, the IntEnum that mirrors it without the prefix)
@@ -167,7 +167,7 @@ def header() -> str:
 
 def test_header_and_abi_agree(header: str) -> None:
     problems = drift(header)
-    assert not problems, "bpf/lbxdp.h and lbxdp/abi.py drifted:\n" + "\n".join(problems)
+    assert not problems, "bpf/abi.h and lbxdp/abi.py drifted:\n" + "\n".join(problems)
 
 
 @pytest.mark.parametrize("c_name", ENUMS)

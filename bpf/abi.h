@@ -5,8 +5,8 @@
  * lbxdp/abi.py mirrors the enums and constants below; tests/unit/test_abi_drift.py fails when the
  * two drift. Byte order is in the type (__be*) and every struct has a size pin.
  */
-#ifndef LBXDP_H
-#define LBXDP_H
+#ifndef LBX_ABI_H
+#define LBX_ABI_H
 
 /* Map capacities. The defaults here can be overridden by the loader's BuildConfig (-D...). */
 #ifndef LBX_MAX_VIPS
@@ -187,4 +187,4 @@ struct lbx_count {
 };
 _Static_assert(sizeof(struct lbx_count) == 16, "also update lbxdp/abi.py");
 
-#endif /* LBXDP_H */
+#endif /* LBX_ABI_H */
