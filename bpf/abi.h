@@ -55,9 +55,14 @@ enum lbx_sched {
 	LBX_SCHED_MAGLEV = 2, /* 5-tuple hash modulo the table size (a Maglev table: consistent) */
 };
 
-/* Per-VIP forwarding mode. */
+/*
+ * Forwarding mode of a VIP, copied into each of its backend entries (struct backend.mode), so
+ * that an established flow knows how to forward without a VIP lookup. forward() (forward.h)
+ * switches on it; a value it does not know is LBX_R_DROP_UNKNOWN_MODE, never a fallback.
+ * Planned: LBX_MODE_IPIP, LBX_MODE_GUE (encap.h, issue 10), LBX_MODE_NAT (nat.h, issue 12).
+ */
 enum lbx_fwd_mode {
-	LBX_MODE_DSR = 0, /* L2 direct server return: rewrite the destination MAC, XDP_TX */
+	LBX_MODE_DSR = 0, /* L2 direct server return: rewrite the destination MAC, XDP_TX (dsr.h) */
 };
 
 /*
@@ -93,6 +98,9 @@ enum lbx_reason {
 	LBX_R_PASS_TTL_ZERO,      /* IPv4 TTL or IPv6 hop limit 0 */
 	LBX_R_DROP_BAD_SOURCE,    /* source cannot be a client: 0/8, 127/8, 224/3, ::, ::1, ff00::/8,
 				   * ::ffff:0:0/96, or the destination itself */
+	/* Values the program does not know (a control plane newer or broken): counted, never guessed. */
+	LBX_R_DROP_UNKNOWN_MODE,  /* the backend entry's mode is no enum lbx_fwd_mode */
+	LBX_R_DROP_UNKNOWN_SCHED, /* the VIP's scheduler is no enum lbx_sched */
 	LBX_R_MAX,
 };
 
@@ -114,23 +122,36 @@ struct vip_meta {
 	__u32 id;          /* index into lbx_tables, lbx_vip_stats and lbx_rr */
 	__u32 table_size;  /* slots of the VIP's table in lbx_tables; 0 = no usable backend */
 	__u8 sched;        /* enum lbx_sched */
-	__u8 mode;         /* enum lbx_fwd_mode */
+	__u8 mode;         /* enum lbx_fwd_mode; the program reads struct backend.mode, this is for readers */
 	__u8 flags;
 	__u8 pad;
 	__u32 table_tag;   /* control plane only: fingerprint of what the table was built from */
 };
 _Static_assert(sizeof(struct vip_meta) == 16, "also update lbxdp/abi.py");
 
+/*
+ * One backend of one VIP: what an established flow needs to forward, without a VIP lookup.
+ * The reserved tail is zero today; it holds the per-backend fields the planned modes need, so
+ * that adding them changes no map layout (see lbxdp/migrate.py for what a layout change costs):
+ *   encap (issue 10): __be16 encap_port (GUE destination port), __u8 encap_flags (e.g. an
+ *     RSS-friendly outer source), __u16 mtu (largest inner packet before ICMP frag-needed);
+ *   nat (issue 12): __u8 nat_flags (SNAT), __u16 nat_pool (index of the SNAT address/port pool);
+ *   scheduling (issue 13): __u32 max_conns (connection cap); 3 bytes spare.
+ * mac is the next hop: the backend's own MAC on the segment (dsr, an on-link encap backend) or
+ * the gateway's (a routed encap backend).
+ */
 struct backend {
 	struct lbx_addr addr;
 	__be16 port;      /* network order */
 	__u8 family;      /* LBX_FAMILY_V4 or LBX_FAMILY_V6 */
 	__u8 flags;       /* LBX_BE_F_* */
-	__u8 mac[6];      /* next hop on the shared segment (dsr) */
+	__u8 mac[6];      /* next hop (dsr: the backend itself on the shared segment) */
 	__u16 gen;        /* bumped each time the id is given to a new (VIP, backend); kept while inactive */
 	__u32 vip_id;     /* the VIP this backend entry serves: one entry per (VIP, backend) */
+	__u8 mode;        /* enum lbx_fwd_mode: its VIP's, written by the control plane with the entry */
+	__u8 reserved[15]; /* zero; planned use above */
 };
-_Static_assert(sizeof(struct backend) == 32, "also update lbxdp/abi.py");
+_Static_assert(sizeof(struct backend) == 48, "also update lbxdp/abi.py");
 
 /* The 5-tuple as seen on the wire; also the key of the connection table. */
 struct flow_key {
@@ -168,15 +189,21 @@ _Static_assert(sizeof(struct lbx_stats) == 24, "also update lbxdp/abi.py");
 #define LBX_CTL_F_MAC_SET 0x0001 /* mac holds the interface's MAC; without it nothing is forwarded */
 
 /*
- * What the program knows about its own interface: one entry, written by the control plane at
- * attach and whenever the interface's MAC changes. 64 bytes with the tail reserved (zero), so
- * that fields added later (the balancer's own addresses, a gateway MAC) keep the map's value
- * size and a re-attach reuses the pinned map.
+ * Per-instance data the program reads (Katran's ctl_array): one entry, written by the control
+ * plane at attach and whenever the interface's MAC changes. The routed modes' fields are laid
+ * out now, zero and unread, so that the layout is final and the pinned map is kept across the
+ * upgrades that start using them: the balancer's own addresses (the outer source of IPIP/GUE,
+ * issue 10; the SNAT source and the address NAT replies come back to, issue 12) and the
+ * gateway's MAC per family (the next hop of NAT replies towards clients, issue 12).
  */
 struct lbx_ctl {
-	__u8 mac[6];        /* the interface's MAC: only frames sent to it are forwarded */
-	__u16 flags;        /* LBX_CTL_F_* */
-	__u8 reserved[56];  /* zero */
+	__u8 mac[6];          /* the interface's MAC: only frames sent to it are forwarded */
+	__u16 flags;          /* LBX_CTL_F_* */
+	__be32 own_v4;        /* unused yet: the balancer's IPv4 address on this interface */
+	struct lbx_addr own_v6; /* unused yet: its IPv6 address */
+	__u8 gw_mac_v4[6];    /* unused yet: the IPv4 default gateway's MAC */
+	__u8 gw_mac_v6[6];    /* unused yet: the IPv6 default gateway's MAC */
+	__u8 reserved[24];    /* zero */
 };
 _Static_assert(sizeof(struct lbx_ctl) == 64, "also update lbxdp/abi.py");
 

@@ -1,11 +1,12 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * lbxdp_ingress: the XDP program, one per attached interface. This file is the table of
- * contents: parse -> classify -> guard -> select -> rewrite -> emit, and every exit names its
- * reason.
+ * contents: parse -> return path -> VIP prefilter -> guards -> connection table, or classify
+ * and select -> forward (by the backend entry's mode) -> account; every exit names its reason.
  * The order is cost-driven: most traffic for no VIP leaves after one bit of the VIP address
  * filter, and an established flow after one connection-table lookup (its backend entry names
- * its VIP); only a new flow pays for the VIP lookup too (docs/benchmarks.md has the figures).
+ * its VIP and its mode); only a new flow pays for the VIP lookup too (docs/benchmarks.md has
+ * the figures).
  *
  * Compiled by bcc through lbxdp/loader.py, which inlines the local headers below (bcc only
  * rewrites map calls such as lbx_vips.lookup() in its main file) with #line markers, so
@@ -14,10 +15,11 @@
 #include "abi.h"
 #include "maps.h"
 #include "parse.h"
+#include "return_path.h"
 #include "classify.h"
 #include "guard.h"
 #include "select.h"
-#include "rewrite.h"
+#include "forward.h"
 #include "stats.h"
 
 int lbxdp_ingress(struct xdp_md *ctx)
@@ -25,11 +27,14 @@ int lbxdp_ingress(struct xdp_md *ctx)
 	struct pkt pkt = {};
 	struct selection sel = {};
 	struct vip_meta *vip;
-	int r;
+	int r, verdict;
 
 	r = parse_packet(ctx, &pkt);                    /* parse.h: bounds checks, no maps */
 	if (r != LBX_R_OK)
 		return count(XDP_PASS, r, &pkt);
+	r = return_path(ctx, &pkt, &verdict);           /* return_path.h: flows' replies, ICMP errors */
+	if (r != LBX_R_OK)
+		return count(verdict, r, &pkt);
 	if (!may_be_vip(&pkt))                          /* classify.h: one bit, no hash lookup */
 		return count(XDP_PASS, LBX_R_PASS_NOT_VIP, &pkt);
 	r = addressed_to_us(ctx);                       /* guard.h: lbx_ctl's MAC */
@@ -41,14 +46,15 @@ int lbxdp_ingress(struct xdp_md *ctx)
 		vip = classify(&pkt);                   /* classify.h: the VIP lookup */
 		if (!vip)
 			return count(XDP_PASS, LBX_R_PASS_NOT_VIP, &pkt);
-		r = select_backend(vip, &pkt, &sel);    /* select.h: the VIP's table */
+		r = select_backend(vip, &pkt, &sel);    /* select.h: the VIP's table, by its scheduler */
 		if (r == LBX_R_PASS_NO_BACKEND)
 			return count(XDP_PASS, r, &pkt);
 		if (r != LBX_R_OK)
 			return count(XDP_DROP, r, &pkt);
 	}
-	if (rewrite_dsr(ctx, sel.be) < 0)               /* rewrite.h */
-		return count(XDP_ABORTED, LBX_R_ABORT_REWRITE, &pkt);
+	r = forward(ctx, &pkt, sel.be);                 /* forward.h: by the entry's mode */
+	if (r != LBX_R_OK)
+		return count(forward_verdict(r), r, &pkt);
 	account(&sel, &pkt);                            /* stats.h */
 	return count(XDP_TX, LBX_R_TX_FORWARD, &pkt);
 }

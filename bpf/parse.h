@@ -22,11 +22,16 @@
 #define LBX_IP_MF 0x2000
 #define LBX_IP_OFFSET 0x1fff
 
+/* struct pkt flags: how the flow key was obtained. Defined for issue 10, not set yet. */
+#define LBX_PKT_F_ICMP_ERR 0x01 /* flow key taken from an ICMP error's quoted header, reversed:
+				 * the frame is an error about that flow, not a packet of it */
+
 /*
- * What parsing learnt about a frame, for the stages after it. The IP version is flow.family
- * (LBX_FAMILY_V4 = 4, LBX_FAMILY_V6 = 6). The lengths are validated: l3_off + l3_len never
- * exceeds the frame (anything after it is Ethernet padding), and l4_len is the IP payload, which
- * holds the whole L4 header.
+ * What parsing learnt about a frame, for the stages after it. The IP version is flow.family,
+ * whose values are the version numbers (asserted below): one field, so the flow key and the
+ * packet cannot disagree about it. The lengths are validated: l3_off + l3_len never exceeds the
+ * frame (anything after it is Ethernet padding), and l4_len is the IP payload, which holds the
+ * whole L4 header.
  */
 struct pkt {
 	struct flow_key flow;
@@ -36,7 +41,9 @@ struct pkt {
 	__u16 l3_len;  /* IPv4 total length, or 40 + IPv6 payload length */
 	__u16 l4_len;  /* IP payload: L4 header and data */
 	__u8 ttl;      /* IPv4 TTL or IPv6 hop limit */
+	__u8 flags;    /* LBX_PKT_F_* */
 };
+_Static_assert(LBX_FAMILY_V4 == 4 && LBX_FAMILY_V6 == 6, "pkt.flow.family is the IP version");
 
 struct cursor {
 	void *start;

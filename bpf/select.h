@@ -2,7 +2,7 @@
 /*
  * Selection: which backend gets this packet. established() finds a known flow's backend in the
  * connection table; select_backend() gives a new flow (or one whose backend entry is gone) a
- * slot of its VIP's table, by round robin or by a hash of its 5-tuple, and records it.
+ * slot of its VIP's table, by its scheduler (round robin or a hash of its 5-tuple), and records it.
  */
 #ifndef LBX_SELECT_H
 #define LBX_SELECT_H
@@ -43,22 +43,36 @@ static __always_inline __u32 flow_hash(const struct flow_key *f)
 	return mix32(h);
 }
 
-static __always_inline __u32 pick_slot(const struct vip_meta *vip, const struct pkt *pkt)
+/* Per-CPU position: no atomics on the hot path; CPUs interleave, shares stay even. */
+static __always_inline __u32 next_rr_slot(const struct vip_meta *vip)
 {
-	__u32 *pos;
-
+	__u32 *pos = lbx_rr.lookup((__u32 *)&vip->id);
 	__u32 slot;
 
-	if (vip->sched != LBX_SCHED_RR)
-		return flow_hash(&pkt->flow) % vip->table_size;
-	/* Per-CPU position: no atomics on the hot path; CPUs interleave, shares stay even. */
-	pos = lbx_rr.lookup((__u32 *)&vip->id);
 	if (!pos)
 		return 0;
 	/* The table may have shrunk since this CPU's last turn: wrap without a division. */
 	slot = *pos < vip->table_size ? *pos : 0;
 	*pos = slot + 1;
 	return slot;
+}
+
+/*
+ * The slot of the VIP's table a new flow takes, by its scheduler: LBX_R_OK with *slot set, or
+ * LBX_R_DROP_UNKNOWN_SCHED for a scheduler this program does not know (never a guess).
+ */
+static __always_inline int pick_slot(const struct vip_meta *vip, const struct pkt *pkt, __u32 *slot)
+{
+	switch (vip->sched) {
+	case LBX_SCHED_RR:
+		*slot = next_rr_slot(vip);
+		return LBX_R_OK;
+	case LBX_SCHED_HASH:
+	case LBX_SCHED_MAGLEV:
+		*slot = flow_hash(&pkt->flow) % vip->table_size;
+		return LBX_R_OK;
+	}
+	return LBX_R_DROP_UNKNOWN_SCHED;
 }
 
 static __always_inline struct backend *backend_by_id(__u32 id)
@@ -96,13 +110,16 @@ static __always_inline int select_backend(const struct vip_meta *vip, struct pkt
 	struct flow_val fresh = {};
 	__u32 slot, *id;
 	void *table;
+	int r;
 
 	if (vip->table_size == 0)
 		return vip->flags & LBX_VIP_F_PASS_NO_BACKEND ? LBX_R_PASS_NO_BACKEND : LBX_R_DROP_NO_BACKEND;
 	table = lbx_tables.lookup((int *)&vip->id);
 	if (!table)
 		return LBX_R_DROP_NO_BACKEND;
-	slot = pick_slot(vip, pkt);
+	r = pick_slot(vip, pkt, &slot);
+	if (r != LBX_R_OK)
+		return r;
 	/* An inner map's lookup is a call, not inlined: only new flows pay it. */
 	id = bpf_map_lookup_elem(table, &slot);
 	if (!id)

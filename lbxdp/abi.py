@@ -26,6 +26,7 @@ BE_F_IN_TABLE = 0x02     # LBX_BE_F_IN_TABLE
 VIP_F_PASS_NO_BACKEND = 0x01  # LBX_VIP_F_PASS_NO_BACKEND
 CTL_F_MAC_SET = 0x0001   # LBX_CTL_F_MAC_SET
 CTL_SIZE = 64            # sizeof(struct lbx_ctl)
+BACKEND_SIZE = 48        # sizeof(struct backend)
 
 PROGRAM = "lbxdp_ingress"
 STUB_PROGRAM = "xdp_stub"
@@ -69,7 +70,9 @@ class Reason(enum.IntEnum):
     PASS_BAD_UDP_LEN = 18
     PASS_TTL_ZERO = 19
     DROP_BAD_SOURCE = 20
-    MAX = 21
+    DROP_UNKNOWN_MODE = 21
+    DROP_UNKNOWN_SCHED = 22
+    MAX = 23
 
     @property
     def verdict(self) -> str:

@@ -25,7 +25,6 @@ from . import abi, model, ring
 from .errors import LbxError
 from .maps import BackendEntry, Maps, VipMeta
 
-BackendRef = tuple[model.VipKey, model.IPAddress, int]  # (VIP, backend address, backend port)
 WEIGHT_SCALE = 100   # weights are scaled so that a slow start can ramp in small steps
 
 
@@ -34,15 +33,15 @@ class Runtime:
     """What the config file does not say: backends being drained, and when each backend joined
     its VIP (for slow start). Kept by lbxdp.control next to the applied config."""
 
-    draining: frozenset[BackendRef] = frozenset()
-    joined: Mapping[BackendRef, float] = field(default_factory=dict)
+    draining: frozenset[model.BackendId] = frozenset()
+    joined: Mapping[model.BackendId, float] = field(default_factory=dict)
     now: float = 0.0
-    down: frozenset[BackendRef] = frozenset()   # failed their health check (or forced down)
+    down: frozenset[model.BackendId] = frozenset()   # failed their health check (or forced down)
 
     def weight(self, vip: model.Vip, b: model.Backend) -> int:
         """The backend's share of new flows now, scaled by WEIGHT_SCALE: 0 while draining, and
         ramping from 0 to its weight over the VIP's slow_start after it joined."""
-        ref = (vip.key, b.address, b.port)
+        ref = vip.id_of(b)
         if ref in self.draining or ref in self.down:
             return 0
         w = b.weight * WEIGHT_SCALE
@@ -54,7 +53,7 @@ class Runtime:
 
     def ramping(self, vip: model.Vip) -> bool:
         return vip.slow_start > 0 and any(
-            self.now - t < vip.slow_start for (k, _, _), t in self.joined.items() if k == vip.key)
+            self.now - t < vip.slow_start for k, t in self.joined.items() if k.vip == vip.key)
 
 
 def usable(vip: model.Vip, rt: Runtime) -> list[tuple[int, int]]:
@@ -168,18 +167,20 @@ class Balancer:
                 vip_id = meta.id
             have = by_vip.get(vip_id, {}) if meta is not None else {}
             ids = []
+            mode = vip.mode.abi   # every entry carries its VIP's mode: established flows read it there
             for b in vip.backends:
                 mac = b.mac or macs[b.address]
                 old = have.get((b.address, b.port))
                 if old is None:
                     bid = free_bes.pop()
                     self.maps.reset_backend_counters(bid)
-                    self.maps.put_backend(bid, vip_id, b, mac)
+                    self.maps.put_backend(bid, vip_id, b, mac, mode)
                     diff.add(f"+ backend {b.name} ({mac}) on {vip.name}")
                 else:
                     bid = old.id
+                    if old.mac != mac or old.mode != mode:
+                        self.maps.put_backend(bid, vip_id, b, mac, mode)
                     if old.mac != mac:
-                        self.maps.put_backend(bid, vip_id, b, mac)
                         diff.add(f"~ backend {b.name} mac {old.mac} -> {mac} on {vip.name}")
                 ids.append(bid)
             kept = {(b.address, b.port) for b in vip.backends}
@@ -207,7 +208,7 @@ class Balancer:
                      rt: Runtime, diff: Diff) -> _Switch | None:
         sched, mode = vip.scheduler.abi, vip.mode.abi
         plan = plan_table(vip, ids, rt)
-        flags = abi.VIP_F_PASS_NO_BACKEND if vip.on_all_down == "pass" else 0
+        flags = abi.VIP_F_PASS_NO_BACKEND if vip.on_all_down is model.OnAllDown.PASS else 0
         if meta is not None and (meta.table_tag, meta.sched, meta.mode, meta.flags) == (plan.tag, sched, mode, flags):
             return None
         new_meta = VipMeta(vip_id, plan.size, sched, mode, plan.tag, flags)

@@ -98,6 +98,7 @@ class BackendEntry:
     port: int
     mac: str
     in_table: bool = False
+    mode: int = abi.FwdMode.DSR   # enum lbx_fwd_mode as stored (an int: a raw write may hold any value)
 
     @property
     def name(self) -> str:
@@ -260,22 +261,26 @@ class Maps:
                 b, bid = values[i], keys[i]  # an array of c_uint indexes as int
                 if bid and b.flags & abi.BE_F_ACTIVE:
                     out[bid] = BackendEntry(bid, b.vip_id, addr_from(b.addr, b.family), socket.ntohs(b.port),
-                                            mac_str(b.mac), bool(b.flags & abi.BE_F_IN_TABLE))
+                                            mac_str(b.mac), bool(b.flags & abi.BE_F_IN_TABLE),
+                                            getattr(b, "mode", abi.FwdMode.DSR))
         return out
 
-    def put_backend(self, backend_id: int, vip_id: int, b: model.Backend, mac: str) -> None:
-        """Write a backend entry. Giving the id to another (VIP, backend) bumps its generation, so
-        flows that started on the id's previous owner start over instead of following the id;
-        rewriting the same (VIP, backend), e.g. with a new MAC, keeps it and keeps its flows."""
+    def put_backend(self, backend_id: int, vip_id: int, b: model.Backend, mac: str,
+                    mode: abi.FwdMode = abi.FwdMode.DSR) -> None:
+        """Write a backend entry; mode is its VIP's (the program forwards by the entry's mode).
+        Giving the id to another (VIP, backend) bumps its generation, so flows that started on
+        the id's previous owner start over instead of following the id; rewriting the same (VIP,
+        backend), e.g. with a new MAC or mode, keeps it and keeps its flows."""
         old = self.be_map.lookup(backend_id)
         same = (old is not None and old.flags & abi.BE_F_ACTIVE and old.vip_id == vip_id
                 and bytes(old.addr) == addr_bytes(b.address) and old.port == socket.htons(b.port))
         gen = old.gen if same else _next_gen(old.gen if old is not None else 0)
         flags = abi.BE_F_ACTIVE | (old.flags & abi.BE_F_IN_TABLE if same else 0)
-        leaf = make(self.be_map.Leaf, addr=addr_bytes(b.address), port=socket.htons(b.port),
-                    family=model.family(b.address), flags=flags, mac=mac_bytes(mac), gen=gen,
-                    vip_id=vip_id)
-        self.be_map.update(backend_id, leaf)
+        fields = dict(addr=addr_bytes(b.address), port=socket.htons(b.port), family=model.family(b.address),
+                      flags=flags, mac=mac_bytes(mac), gen=gen, vip_id=vip_id, mode=int(mode))
+        if mode == abi.FwdMode.DSR and not hasattr(self.be_map.Leaf, "mode"):
+            del fields["mode"]   # a program built from older sources (the scripts' --bpf-dir): DSR only
+        self.be_map.update(backend_id, make(self.be_map.Leaf, **fields))
 
     def mark_in_table(self, backend_id: int, in_table: bool) -> None:
         """Record in the entry whether its VIP's live table names it, so that readers (status, the

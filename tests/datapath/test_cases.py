@@ -15,7 +15,7 @@ from scapy.packet import Raw
 
 from lbxdp import abi
 
-from .frames import (CLIENT4, CLIENT6, CLIENT_MAC, DNS4, DNS6, EMPTY4, PASSEMPTY4, LB_MAC, OTHER4, OTHER6, WEB4, WEB6,
+from .frames import (BASE, CLIENT4, CLIENT6, CLIENT_MAC, DNS4, DNS6, EMPTY4, PASSEMPTY4, LB_MAC, OTHER4, OTHER6, WEB4, WEB6,
                      XDP_DROP, XDP_PASS, XDP_TX, forwarded, icmp_echo, tcp, udp)
 from .harness import Case, Lb, check
 
@@ -220,18 +220,60 @@ def test_forwarded_frame_leaves_from_our_mac(lb: Lb) -> None:
     assert out[6:12] == bytes.fromhex(LB_MAC.replace(":", ""))
 
 
+def test_unknown_mode_is_dropped_and_counted(lb: Lb) -> None:
+    """A backend entry whose mode this program does not know drops the frame under its own reason,
+    for a new flow and for an established one, instead of forwarding it as DSR. The value is
+    written raw (the model cannot produce it): what a newer or broken control plane could leave."""
+    check(lb, _tx("established first", tcp(V4, 80, 41201), WEB4))
+    ids = [lb.backend_id(WEB4, b) for b in WEB4.backends]
+    for bid in ids:
+        entry = lb.maps.be_map.lookup(bid)
+        entry.mode = 200
+        lb.maps.be_map.update(bid, entry)
+    check(lb, Case("the established flow's entry has an unknown mode", tcp(V4, 80, 41201), XDP_DROP,
+                   reason=R.DROP_UNKNOWN_MODE))
+    lb.clear_flows()
+    check(lb, Case("a new flow to an entry with an unknown mode", tcp(V4, 80, 41202), XDP_DROP,
+                   reason=R.DROP_UNKNOWN_MODE))
+    lb.apply(BASE)   # the control plane writes the VIP's mode again
+    assert {lb.maps.backends()[bid].mode for bid in ids} == {abi.FwdMode.DSR}
+    lb.clear_flows()
+    lb.maps.reset_vip_counters(lb.vip_id(WEB4))   # round robin back at slot 0
+    check(lb, _tx("forwarded again once the entry holds a known mode", tcp(V4, 80, 41203), WEB4))
+
+
+def test_unknown_scheduler_is_dropped_and_counted(lb: Lb) -> None:
+    """A VIP whose scheduler this program does not know drops new flows under their own reason
+    (before this, any value other than round robin hashed). Written raw, like the mode above."""
+    key = lb.maps.vip_key(WEB4.key)
+    meta = lb.maps.vip_map.lookup(key)
+    good = meta.sched
+    meta.sched = 77
+    lb.maps.vip_map.update(key, meta)
+    try:
+        check(lb, Case("a new flow to a vip with an unknown scheduler", tcp(V4, 80, 41301), XDP_DROP,
+                       reason=R.DROP_UNKNOWN_SCHED))
+        assert lb.maps.flow_count() == 0
+    finally:
+        meta.sched = good
+        lb.maps.vip_map.update(key, meta)
+    check(lb, _tx("forwarded again with its scheduler back", tcp(V4, 80, 41302), WEB4))
+
+
 # Exits that no frame can reach while the maps hold what the control plane writes.
 UNREACHABLE_FROM_A_FRAME = {
     R.DROP_BACKEND_GONE: "needs a live table slot naming a deactivated backend: only in the instant "
                          "between two of the control plane's map writes (provoked on purpose in "
                          "test_flows.py::test_slot_naming_a_deleted_backend_drops)",
-    R.ABORT_REWRITE: "rewrite_dsr() re-checks the Ethernet header bounds that parse_packet() has "
+    R.ABORT_REWRITE: "forward_dsr() re-checks the Ethernet header bounds that parse_packet() has "
                      "already checked for every frame that gets this far",
 }
 
 
 # Exits covered by a test of their own instead of a row (they need other map contents).
-OUTSIDE_THE_TABLE = {R.PASS_NO_OWN_MAC: "test_unset_own_mac_forwards_nothing"}
+OUTSIDE_THE_TABLE = {R.PASS_NO_OWN_MAC: "test_unset_own_mac_forwards_nothing",
+                     R.DROP_UNKNOWN_MODE: "test_unknown_mode_is_dropped_and_counted",
+                     R.DROP_UNKNOWN_SCHED: "test_unknown_scheduler_is_dropped_and_counted"}
 
 
 def test_every_exit_reason_has_a_row() -> None:

@@ -46,7 +46,7 @@ DEFINES = {
 }
 
 # struct -> the abi constant that mirrors its pinned size
-SIZES = {"lbx_ctl": "CTL_SIZE"}
+SIZES = {"lbx_ctl": "CTL_SIZE", "backend": "BACKEND_SIZE"}
 
 
 # --- the parser -------------------------------------------------------------------------------
@@ -267,6 +267,8 @@ MUTATIONS = [
                  "LBX_FAMILY_V6", id="define-removed"),
     pytest.param(lambda t: t.replace("sizeof(struct lbx_ctl) == 64", "sizeof(struct lbx_ctl) == 72", 1),
                  "lbx_ctl", id="ctl-size-changed"),
+    pytest.param(lambda t: t.replace("sizeof(struct backend) == 48", "sizeof(struct backend) == 56", 1),
+                 "backend", id="backend-size-changed"),
     pytest.param(lambda t: t.replace("LBX_CTL_F_MAC_SET 0x0001", "LBX_CTL_F_MAC_SET 0x0002", 1),
                  "LBX_CTL_F_MAC_SET", id="ctl-flag-changed"),
     pytest.param(lambda t: _insert_after(t, "LBX_R_PASS_NOT_FOR_US,", "LBX_R_PASS_OTHER,"),

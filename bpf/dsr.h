@@ -1,10 +1,11 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * Rewrite: make the frame leave for the chosen backend. Returns 0, or -1 if the frame cannot
- * be rewritten (the caller aborts).
+ * LBX_MODE_DSR: make the frame leave for the chosen backend on the shared segment. Called by
+ * forward() only. Returns LBX_R_OK, or LBX_R_ABORT_REWRITE if the frame cannot be rewritten.
+ * DSR changes no IP or L4 byte, so it needs no checksum helper (csum.h comes with encap.h).
  */
-#ifndef LBX_REWRITE_H
-#define LBX_REWRITE_H
+#ifndef LBX_DSR_H
+#define LBX_DSR_H
 
 #include <linux/if_ether.h>
 
@@ -15,17 +16,17 @@
  * MAC (addressed_to_us() in guard.h made sure), so that address becomes the source: no lookup. IP and
  * L4 are untouched, so no checksum changes; the backend holds the VIP on its loopback.
  */
-static __always_inline int rewrite_dsr(struct xdp_md *ctx, const struct backend *be)
+static __always_inline int forward_dsr(struct xdp_md *ctx, const struct backend *be)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
 
 	if ((void *)(eth + 1) > data_end)
-		return -1;
+		return LBX_R_ABORT_REWRITE;
 	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
 	__builtin_memcpy(eth->h_dest, be->mac, ETH_ALEN);
-	return 0;
+	return LBX_R_OK;
 }
 
-#endif /* LBX_REWRITE_H */
+#endif /* LBX_DSR_H */

@@ -1,0 +1,35 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Forwarding: make the frame leave for the selected backend, the way its entry's mode says.
+ * One header per mode (dsr.h now; encap.h and nat.h with issues 10 and 12, sharing a csum.h),
+ * each with one entry point that takes the frame and the backend entry and returns LBX_R_OK or
+ * the reason the frame cannot be forwarded. The mode is read from the backend entry, not the
+ * VIP, so an established flow forwards without a VIP lookup.
+ */
+#ifndef LBX_FORWARD_H
+#define LBX_FORWARD_H
+
+#include "abi.h"
+#include "parse.h"
+#include "dsr.h"
+
+/*
+ * LBX_R_OK, or why not: a mode this program does not know (an entry written by a newer or
+ * broken control plane) is dropped and counted, never forwarded as some other mode.
+ */
+static __always_inline int forward(struct xdp_md *ctx, const struct pkt *pkt, const struct backend *be)
+{
+	switch (be->mode) {
+	case LBX_MODE_DSR:
+		return forward_dsr(ctx, be);
+	}
+	return LBX_R_DROP_UNKNOWN_MODE;
+}
+
+/* The verdict of forward()'s failure reasons. */
+static __always_inline int forward_verdict(int reason)
+{
+	return reason == LBX_R_ABORT_REWRITE ? XDP_ABORTED : XDP_DROP;
+}
+
+#endif /* LBX_FORWARD_H */
