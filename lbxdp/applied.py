@@ -4,7 +4,8 @@ The maps say what the kernel does; this says why. `applied.toml` is the last con
 attach, by a reload of the daemon, or edited by `lbxdp vip|backend ...`), in the config file's own
 format; `runtime.json` holds what no config file says: backends being drained (with their
 deadline), when each backend joined its VIP (for slow start), the health of each checked backend
-(written by the daemon's checker) and manual health overrides (`lbxdp backend set-health`). Every change goes through
+(written by the daemon's checker) and manual health overrides (`lbxdp backend set-health`), each
+by its backend's model.BackendId (its `.key` string in the file). Every change goes through
 `locked()`, so the CLI and a running daemon never interleave their applies.
 """
 
@@ -13,14 +14,18 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from . import config, model
-from .balancer import BackendRef, Runtime
+from .balancer import Runtime
 from .errors import LbxError
-from .paths import Instance
+from .model import BackendId, HealthOverride
+from .paths import Instance, atomic_write
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -36,38 +41,32 @@ class Unreadable(LbxError):
                          "(the maps and the connection table are kept)")
 
 
-def ref_key(ref: BackendRef) -> str:
-    vip, addr, port = ref
-    return f"{vip.name}|{model.endpoint(addr, port)}"
-
-
-def refs(cfg: model.Config) -> dict[str, BackendRef]:
-    return {ref_key(r): r for r in ((v.key, b.address, b.port) for v in cfg.vips for b in v.backends)}
-
-
 @dataclass
 class State:
     cfg: model.Config = field(default_factory=model.Config)
-    draining: dict[str, float] = field(default_factory=dict)   # ref key -> deadline (epoch seconds)
-    joined: dict[str, float] = field(default_factory=dict)     # ref key -> when it joined its VIP
-    health: dict[str, dict] = field(default_factory=dict)      # ref key -> {healthy, since, detail, latency, at}
-    overrides: dict[str, str] = field(default_factory=dict)    # ref key -> "up" | "down"
+    draining: dict[BackendId, float] = field(default_factory=dict)   # -> deadline (epoch seconds)
+    joined: dict[BackendId, float] = field(default_factory=dict)     # -> when it joined its VIP
+    health: dict[BackendId, dict] = field(default_factory=dict)      # -> {healthy, since, detail, latency, at}
+    overrides: dict[BackendId, HealthOverride] = field(default_factory=dict)   # -> UP | DOWN
 
-    def is_down(self, key: str) -> bool:
+    def is_down(self, bid: BackendId) -> bool:
         """Forced down, or failed its check and not forced up."""
-        forced = self.overrides.get(key)
-        return forced == "down" or (forced != "up" and self.health.get(key, {}).get("healthy") is False)
+        forced = self.overrides.get(bid)
+        return forced is HealthOverride.DOWN or (forced is not HealthOverride.UP
+                                                 and self.health.get(bid, {}).get("healthy") is False)
+
+    def down(self) -> set[BackendId]:
+        return {k for k in self.cfg.backends() if self.is_down(k)}
 
     def runtime(self, now: float) -> Runtime:
-        r = refs(self.cfg)
-        return Runtime(frozenset(r[k] for k in self.draining if k in r),
-                       {r[k]: t for k, t in self.joined.items() if k in r}, now,
-                       frozenset(ref for k, ref in r.items() if self.is_down(k)))
+        r = self.cfg.backends()
+        return Runtime(frozenset(k for k in self.draining if k in r),
+                       {k: t for k, t in self.joined.items() if k in r}, now, frozenset(self.down()))
 
     def moved_to(self, cfg: model.Config, now: float) -> "State":
         """The state for a new config: backends new to their VIP join now; gone ones are forgotten.
         A backend whose check changed forgets its health (the new check decides)."""
-        old, new = refs(self.cfg), refs(cfg)
+        old, new = self.cfg.backends(), cfg.backends()
         joined = {k: self.joined.get(k, now) if k in old else now for k in new}
         checks = _checks(self.cfg)
         new_checks = _checks(cfg)
@@ -75,27 +74,25 @@ class State:
         return State(cfg, {k: d for k, d in self.draining.items() if k in new}, joined, health,
                      {k: o for k, o in self.overrides.items() if k in new})
 
-    def expired_drains(self, now: float) -> list[str]:
-        return sorted(k for k, deadline in self.draining.items() if deadline <= now)
+    def expired_drains(self, now: float) -> list[BackendId]:
+        return sorted((k for k, deadline in self.draining.items() if deadline <= now), key=str)
 
-    def without(self, keys: list[str]) -> model.Config:
+    def without(self, ids: list[BackendId]) -> model.Config:
         """The config with these backends removed from their VIPs."""
-        gone = set(keys)
-        vips = []
-        for v in self.cfg.vips:
-            bes = tuple(b for b in v.backends if ref_key((v.key, b.address, b.port)) not in gone)
-            vips.append(replace(v, backends=bes))
-        return model.Config(tuple(vips), self.cfg.metrics_listen)
+        gone = set(ids)
+        vips = tuple(replace(v, backends=tuple(b for b in v.backends if v.id_of(b) not in gone))
+                     for v in self.cfg.vips)
+        return replace(self.cfg, vips=vips)
 
 
-def _checks(cfg: model.Config) -> dict[str, object]:
-    return {ref_key((v.key, b.address, b.port)): v.check_of(b) for v in cfg.vips for b in v.backends}
+def _checks(cfg: model.Config) -> dict[BackendId, object]:
+    return {k: v.check_of(b) for k, (v, b) in cfg.backends().items()}
 
 
 def load(inst: Instance) -> State:
     """The instance's applied state (an empty one if nothing was applied yet); Unreadable if it
     cannot be read back."""
-    cfg_file = inst.run_dir / "applied.toml"
+    cfg_file = inst.applied_file
     if not cfg_file.exists():
         # Attached but no record (the run directory was removed by hand, or a crash lost it):
         # an empty state here would make the next edit or health step remove every VIP.
@@ -125,13 +122,27 @@ def load_to_replace(inst: Instance) -> State:
 
 
 def _with_runtime(inst: Instance, cfg: model.Config) -> State:
-    rt_file = inst.run_dir / "runtime.json"
+    rt_file = inst.runtime_file
     try:
         rt = json.loads(rt_file.read_text()) if rt_file.exists() else {}
-        return State(cfg, dict(rt.get("draining", {})), dict(rt.get("joined", {})), dict(rt.get("health", {})),
-                     dict(rt.get("overrides", {})))
+        return State(cfg, _by_id(rt.get("draining", {}), float), _by_id(rt.get("joined", {}), float),
+                     _by_id(rt.get("health", {}), dict), _by_id(rt.get("overrides", {}), HealthOverride))
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise Unreadable(inst, f"runtime.json: {_why(e)}") from None
+
+
+def _by_id(d: dict[str, Any], conv: Callable[[Any], T]) -> dict[BackendId, T]:
+    """A runtime.json table (backend key -> value) by BackendId. A key that names no backend
+    (the file is only ever written from BackendIds) is skipped: no VIP could have it."""
+    out = {}
+    for k, v in dict(d).items():
+        try:
+            bid = BackendId.parse(k)
+        except ValueError:
+            log.debug("runtime.json: skipped %r, which names no backend", k)
+            continue
+        out[bid] = conv(v)
+    return out
 
 
 def _why(e: BaseException) -> str:
@@ -141,19 +152,18 @@ def _why(e: BaseException) -> str:
 
 def save(inst: Instance, st: State) -> None:
     inst.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for name, text in (("applied.toml", config.dump(st.cfg)),
-                       ("runtime.json", json.dumps({"draining": st.draining, "joined": st.joined, "health": st.health,
-                                                "overrides": st.overrides}, indent=1))):
-        tmp = inst.run_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(inst.run_dir / name)
+    atomic_write(inst.applied_file, config.dump(st.cfg))
+    runtime = {"draining": st.draining, "joined": st.joined, "health": st.health,
+               "overrides": {k: o.value for k, o in st.overrides.items()}}
+    atomic_write(inst.runtime_file, json.dumps({name: {k.key: v for k, v in table.items()}
+                                                for name, table in runtime.items()}, indent=1))
 
 
 @contextmanager
 def locked(inst: Instance) -> Iterator[None]:
     """Exclusive right to change the instance (its maps and its applied state)."""
     inst.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with open(inst.run_dir / "lock", "w") as f:
+    with open(os.open(inst.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)) as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

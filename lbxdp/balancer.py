@@ -53,7 +53,7 @@ class Runtime:
 
     def ramping(self, vip: model.Vip) -> bool:
         return vip.slow_start > 0 and any(
-            self.now - t < vip.slow_start for k, t in self.joined.items() if k.vip == vip.key)
+            self.now - t < vip.slow_start for (k, _, _), t in self.joined.items() if k == vip.key)
 
 
 def usable(vip: model.Vip, rt: Runtime) -> list[tuple[int, int]]:

@@ -17,6 +17,7 @@ import click
 
 from . import __version__
 from .errors import LbxError
+from .model import XdpMode
 from .paths import Instance, check_netns
 
 log = logging.getLogger("lbxdp")
@@ -87,7 +88,7 @@ def enter_netns(name: str) -> None:
 @click.argument("ifname")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="TOML file with the VIPs and backends.")
-@click.option("--mode", type=click.Choice(["auto", "native", "generic"]), default="auto", show_default=True,
+@click.option("--mode", type=click.Choice([m.value for m in XdpMode]), default=XdpMode.AUTO.value, show_default=True,
               help="XDP mode; auto tries native and falls back to generic with a warning.")
 @click.option("--force", is_flag=True, help="Replace an XDP program that lbxdp did not attach.")
 @click.option("--allow-empty", is_flag=True, help="Let a config without [[vip]] remove all VIPs of an attached "
@@ -107,7 +108,8 @@ def attach(ctx: click.Context, ifname: str, config_path: str, mode: str, force: 
     inst = instance(ctx, ifname)   # a bad name is refused before anything is read
     cfg = config.load(config_path)
     print_warnings(config.warnings(cfg))
-    res = control.attach(inst, cfg, mode, force, config_path=os.path.abspath(config_path), allow_empty=allow_empty)
+    res = control.attach(inst, cfg, XdpMode(mode), force, config_path=os.path.abspath(config_path),
+                         allow_empty=allow_empty)
     for line in res.diff.lines:
         click.echo(f"  {line}")
     if not res.upgraded:

@@ -1,24 +1,23 @@
 """The operator's verbs on a running balancer: vip and backend lifecycle, reload, the daemon.
 
-Registered on the `lbxdp` group by lbxdp.cli. Every edit reads what the instance was last told
-(lbxdp.applied), changes it, validates the result exactly like a config file, and applies it as
-a minimal diff; nothing is applied if the result is invalid.
+Registered on the `lbxdp` group by lbxdp.cli. Every edit verb parses its arguments and hands
+one function of lbxdp.edits to control.edit(), which reads what the instance was last told
+(lbxdp.applied), changes it, validates the result with the model's rules (as a config file is)
+and applies it as a minimal diff; nothing is applied if the result is invalid.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
-import re
 import time
-from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import click
 
-from . import model
+from . import edits, model
 from .cli import cli, needs_root
 from .errors import LbxError
+from .model import BackendId, HealthOverride, XdpMode
 from .paths import Instance
 
 IFACE_HELP = "Interface of the balancer (default: the only one lbxdp is attached to here)."
@@ -37,25 +36,13 @@ def pick_instance(ctx: click.Context, ifname: str | None) -> Instance:
                    "say which one with -i IFNAME")
 
 
-_ENDPOINT = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<v4>[^:/\[\]]+)):(?P<port>\d+|\*)$")
-
-
 def parse_endpoint(text: str, what: str) -> tuple[model.IPAddress, int]:
     """'10.0.0.1:80', '[fd00::1]:80' or '10.0.0.1:*' (any port) -> (address, port)."""
-    m = _ENDPOINT.match(text)
     try:
-        if not m:
-            raise ValueError
-        addr = ipaddress.ip_address(m["v6"] or m["v4"])
-        if (m["v6"] is not None) != (addr.version == 6):
-            raise ValueError
-        port = 0 if m["port"] == "*" else int(m["port"])
-        if not 0 <= port <= 65535:
-            raise ValueError
+        return model.parse_endpoint(text)
     except ValueError:
         raise LbxError(f"{what} {text!r} is not ADDRESS:PORT", "write it like 10.0.0.1:80 or [fd00::1]:80",
                        exit_code=2) from None
-    return addr, port
 
 
 def parse_vip(text: str) -> model.VipKey:
@@ -70,28 +57,16 @@ def parse_vip(text: str) -> model.VipKey:
     return model.VipKey(*parse_endpoint(ep, "VIP"), protocol)
 
 
-def find_vip(cfg: model.Config, key: model.VipKey) -> int:
-    for i, v in enumerate(cfg.vips):
-        if v.key == key:
-            return i
-    raise LbxError(f"no VIP {key.name} on this balancer", "list them: lbxdp vip ls", exit_code=2)
+def parse_backend_id(vip_name: str, be: str) -> BackendId:
+    """VIP and BACKEND arguments -> the backend's identity."""
+    return BackendId(parse_vip(vip_name), *parse_endpoint(be, "backend"))
 
 
-def find_backend(vip: model.Vip, addr: model.IPAddress, port: int) -> int:
-    for i, b in enumerate(vip.backends):
-        if (b.address, b.port) == (addr, port):
-            return i
-    raise LbxError(f"{vip.name} has no backend {model.endpoint(addr, port)}",
-                   f"list them: lbxdp backend ls {vip.name}", exit_code=2)
-
-
-def with_vip(cfg: model.Config, i: int, vip: model.Vip | None) -> model.Config:
-    vips = list(cfg.vips)
-    if vip is None:
-        del vips[i]
-    else:
-        vips[i] = vip
-    return replace(cfg, vips=tuple(vips))
+def run_edit(ctx: click.Context, ifname: str | None, what: str,
+             change: Callable[[model.Config, float], edits.Change]) -> None:
+    """Apply one lbxdp.edits function to the instance and print the diff."""
+    from . import control
+    show_diff(control.edit(pick_instance(ctx, ifname), change, what))
 
 
 def show_diff(diff: Any) -> None:
@@ -133,8 +108,8 @@ def vip_ls(ctx: click.Context, ifname: str | None, as_json: bool) -> None:
 @click.argument("vip_name", metavar="VIP")
 @click.option("-b", "--backend", "backends", multiple=True, required=True, metavar="ADDR:PORT",
               help="A backend (repeat the option for more); weight 1. Add others with `backend add`.")
-@click.option("--scheduler", type=click.Choice([s.value for s in model.Scheduler]), default="maglev",
-              show_default=True)
+@click.option("--scheduler", type=click.Choice([s.value for s in model.Scheduler]),
+              default=model.Scheduler.MAGLEV.value, show_default=True)
 @click.option("--table-size", type=int, default=model.DEFAULT_TABLE_SIZE, show_default=True,
               help="Maglev table slots (a prime).")
 @click.option("--slow-start", type=float, default=0.0, show_default=True, metavar="SECONDS")
@@ -148,18 +123,10 @@ def vip_add(ctx: click.Context, vip_name: str, backends: tuple[str, ...], schedu
     \b
     Example: sudo lbxdp vip add 10.112.0.20:80/tcp -b 10.111.0.11:80 -b 10.111.0.12:80
     """
-    from . import control
     key = parse_vip(vip_name)
-    sched = model.Scheduler(scheduler)
     bes = tuple(model.Backend(*parse_endpoint(b, "backend")) for b in backends)
-
-    def change(st: Any, now: float) -> model.Config:
-        if any(v.key == key for v in st.cfg.vips):
-            raise LbxError(f"VIP {key.name} exists already", "change it with `lbxdp backend ...`", exit_code=2)
-        new = model.Vip(key.address, key.port, key.protocol, model.Mode.DSR, sched, bes,
-                        table_size if sched is model.Scheduler.MAGLEV else model.DEFAULT_TABLE_SIZE, slow_start)
-        return replace(st.cfg, vips=st.cfg.vips + (new,))
-    show_diff(control.edit(pick_instance(ctx, ifname), change, "vip add"))
+    run_edit(ctx, ifname, "vip add",
+             lambda cfg, now: edits.vip_add(cfg, key, bes, model.Scheduler(scheduler), table_size, slow_start))
 
 
 @vip.command("del")
@@ -169,10 +136,8 @@ def vip_add(ctx: click.Context, vip_name: str, backends: tuple[str, ...], schedu
 @needs_root
 def vip_del(ctx: click.Context, vip_name: str, ifname: str | None) -> None:
     """Remove VIP: its traffic passes to the kernel from now on."""
-    from . import control
     key = parse_vip(vip_name)
-    show_diff(control.edit(pick_instance(ctx, ifname), lambda st, now: with_vip(st.cfg, find_vip(st.cfg, key), None),
-                           "vip del"))
+    run_edit(ctx, ifname, "vip del", lambda cfg, now: edits.vip_del(cfg, key))
 
 
 # --- backend ---------------------------------------------------------------------------------------
@@ -202,7 +167,7 @@ def backend_ls(ctx: click.Context, vip_name: str | None, ifname: str | None, as_
         conf = {b.name: b for cv in cfg.cfg.vips if cv.name == v["vip"] for b in cv.backends}
         for b in v["backends"]:
             c = conf.get(b["backend"])
-            key = f"{v['vip']}|{b['backend']}"
+            key = parse_backend_id(v["vip"], b["backend"])
             if key in cfg.draining:
                 state = "draining"
             elif b.get("health") == "down":
@@ -227,17 +192,6 @@ def backend_ls(ctx: click.Context, vip_name: str | None, ifname: str | None, as_
         click.echo(fmt.format(r["vip"], r["backend"], str(r["weight"]), r["state"], r["packets"], r["new_flows"]))
 
 
-def _edit_backend(ctx: click.Context, ifname: str | None, vip_name: str, be: str, fn: Any, what: str) -> None:
-    from . import control
-    key = parse_vip(vip_name)
-    addr, port = parse_endpoint(be, "backend")
-
-    def change(st: Any, now: float) -> model.Config:
-        i = find_vip(st.cfg, key)
-        return with_vip(st.cfg, i, fn(st, now, st.cfg.vips[i], addr, port))
-    show_diff(control.edit(pick_instance(ctx, ifname), change, what))
-
-
 @backend.command("add")
 @click.argument("vip_name", metavar="VIP")
 @click.argument("be", metavar="BACKEND")
@@ -254,12 +208,9 @@ def backend_add(ctx: click.Context, vip_name: str, be: str, weight: int, backup:
     \b
     Example: sudo lbxdp backend add 10.112.0.10:8080/tcp 10.111.0.14:8080 --weight 2
     """
-    def add(st: Any, now: float, v: model.Vip, addr: model.IPAddress, port: int) -> model.Vip:
-        if any((b.address, b.port) == (addr, port) for b in v.backends):
-            raise LbxError(f"{v.name} has backend {model.endpoint(addr, port)} already",
-                           "use `backend set-weight` to change it", exit_code=2)
-        return replace(v, backends=v.backends + (model.Backend(addr, port, mac, weight, backup),))
-    _edit_backend(ctx, ifname, vip_name, be, add, "backend add")
+    bid = parse_backend_id(vip_name, be)
+    new = model.Backend(bid.address, bid.port, mac, weight, backup)
+    run_edit(ctx, ifname, "backend add", lambda cfg, now: edits.backend_add(cfg, bid.vip, new))
 
 
 @backend.command("del")
@@ -270,10 +221,8 @@ def backend_add(ctx: click.Context, vip_name: str, be: str, weight: int, backup:
 @needs_root
 def backend_del(ctx: click.Context, vip_name: str, be: str, ifname: str | None) -> None:
     """Remove BACKEND from VIP at once (its flows move on; `drain` lets them finish)."""
-    def delete(st: Any, now: float, v: model.Vip, addr: model.IPAddress, port: int) -> model.Vip:
-        i = find_backend(v, addr, port)
-        return replace(v, backends=v.backends[:i] + v.backends[i + 1:])
-    _edit_backend(ctx, ifname, vip_name, be, delete, "backend del")
+    bid = parse_backend_id(vip_name, be)
+    run_edit(ctx, ifname, "backend del", lambda cfg, now: edits.backend_del(cfg, bid))
 
 
 # ignore_unknown_options: a negative WEIGHT (-1) is an argument that validation refuses as out of
@@ -287,12 +236,8 @@ def backend_del(ctx: click.Context, vip_name: str, be: str, ifname: str | None) 
 @needs_root
 def backend_set_weight(ctx: click.Context, vip_name: str, be: str, weight: int, ifname: str | None) -> None:
     """Set BACKEND's WEIGHT on VIP (0: no new flows; established ones stay)."""
-    def set_weight(st: Any, now: float, v: model.Vip, addr: model.IPAddress, port: int) -> model.Vip:
-        i = find_backend(v, addr, port)
-        bes = list(v.backends)
-        bes[i] = replace(bes[i], weight=weight)
-        return replace(v, backends=tuple(bes))
-    _edit_backend(ctx, ifname, vip_name, be, set_weight, "backend set-weight")
+    bid = parse_backend_id(vip_name, be)
+    run_edit(ctx, ifname, "backend set-weight", lambda cfg, now: edits.backend_set_weight(cfg, bid, weight))
 
 
 @backend.command("drain")
@@ -309,12 +254,8 @@ def backend_drain(ctx: click.Context, vip_name: str, be: str, deadline: float, w
                   ifname: str | None) -> None:
     """Drain BACKEND: no new flow goes to it; its established flows go on until --deadline."""
     from . import control
-
-    def drain(st: Any, now: float, v: model.Vip, addr: model.IPAddress, port: int) -> model.Vip:
-        b = v.backends[find_backend(v, addr, port)]
-        st.draining[f"{v.name}|{b.name}"] = now + deadline
-        return v
-    _edit_backend(ctx, ifname, vip_name, be, drain, "backend drain")
+    bid = parse_backend_id(vip_name, be)
+    run_edit(ctx, ifname, "backend drain", lambda cfg, now: edits.backend_drain(cfg, bid, now + deadline))
     if wait:
         time.sleep(deadline)
         show_diff(control.apply(pick_instance(ctx, ifname)))
@@ -323,7 +264,7 @@ def backend_drain(ctx: click.Context, vip_name: str, be: str, deadline: float, w
 @backend.command("set-health")
 @click.argument("vip_name", metavar="VIP")
 @click.argument("be", metavar="BACKEND")
-@click.argument("state", type=click.Choice(["up", "down", "auto"]))
+@click.argument("state", type=click.Choice([s.value for s in HealthOverride]))
 @click.option("-i", "--interface", "ifname", help=IFACE_HELP)
 @click.pass_context
 @needs_root
@@ -333,10 +274,9 @@ def backend_set_health(ctx: click.Context, vip_name: str, be: str, state: str, i
     \b
     Example: sudo lbxdp backend set-health 10.112.0.10:8080/tcp 10.111.0.11:8080 down
     """
-    from . import control
-    key = parse_vip(vip_name)
-    show_diff(control.set_override(pick_instance(ctx, ifname), f"{key.name}|{model.endpoint(*parse_endpoint(be, 'backend'))}",
-                                   state))
+    bid = parse_backend_id(vip_name, be)
+    run_edit(ctx, ifname, "backend set-health",
+             lambda cfg, now: edits.backend_set_health(cfg, bid, HealthOverride(state)))
 
 
 # --- daemon ----------------------------------------------------------------------------------------
@@ -345,7 +285,7 @@ def backend_set_health(ctx: click.Context, vip_name: str, be: str, state: str, i
 @click.argument("ifname")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="TOML file; re-read on SIGHUP or `lbxdp reload`.")
-@click.option("--mode", type=click.Choice(["auto", "native", "generic"]), default="auto", show_default=True)
+@click.option("--mode", type=click.Choice([m.value for m in XdpMode]), default=XdpMode.AUTO.value, show_default=True)
 @click.option("--metrics", metavar="ADDRESS:PORT", help="Serve Prometheus /metrics here (default: the config's "
               "[metrics] listen, else none). 127.0.0.1:9842 is the usual choice.")
 @click.option("--keep-attached", is_flag=True, help="On SIGTERM, leave the program attached (it keeps forwarding).")
@@ -362,7 +302,7 @@ def run(ctx: click.Context, ifname: str, config_path: str, mode: str, metrics: s
     running; started again, it adopts the attached program and the pinned maps.
     """
     from . import daemon
-    daemon.Daemon(Instance(ifname, ctx.obj.get("netns")), config_path, mode, metrics, keep_attached,
+    daemon.Daemon(Instance(ifname, ctx.obj.get("netns")), config_path, XdpMode(mode), metrics, keep_attached,
                   allow_empty).run()
 
 

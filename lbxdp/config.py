@@ -1,6 +1,10 @@
-"""TOML config file -> model.Config, validating everything before anything touches a map.
+"""TOML config file <-> model.Config: nothing touches a map before the whole file is valid.
 
-Every error names the key path and the bad value, e.g.
+This module converts: types, shapes, unknown keys and the syntax of values (addresses, enum
+names); then it asks the model (model.Config.problems()) for every rule about what the values
+mean together (families, the dsr port rule, table sizes, weights, duplicates, ...), so a file, an
+edit and a model built in code get the same errors. Every error names the key path and the bad
+value, e.g.
     vip[1].backend[0].address: '10.0.0.300' is not an IPv4 or IPv6 address
 
     [metrics]
@@ -35,25 +39,20 @@ from typing import Any, Callable, TypeVar
 
 import tomli_w
 
-from . import abi, health, model, ring
+from . import abi, health, model
 from .errors import LbxError
 
 T = TypeVar("T")
 
-_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")   # re.fullmatch: no trailing newline slips through
 _VIP_KEYS = {"address", "port", "protocol", "mode", "scheduler", "table_size", "slow_start", "health",
              "on_backend_down", "on_all_down", "backend"}
 _BACKEND_KEYS = {"address", "port", "mac", "weight", "backup", "health"}
 _HEALTH_KEYS = {"type", "port", "interval", "timeout", "rise", "fall", "method", "path", "status", "host",
                 "send", "expect"}
-_HEALTH_TYPES = ("tcp", "http", "udp")
 _HTTP_ONLY, _UDP_ONLY = {"method", "path", "status", "host"}, {"send", "expect"}
 _METRICS_KEYS = {"listen"}
-MAX_WEIGHT = 1000
-MAX_SLOW_START = 3600.0
+MAX_WEIGHT, MAX_SLOW_START, MAX_BACKEND_ENTRIES = model.MAX_WEIGHT, model.MAX_SLOW_START, model.MAX_BACKEND_ENTRIES
 MAX_BYTES = 4 * 1024 * 1024   # a config file larger than this is refused before it is read
-# Every (VIP, backend) pair takes one backend entry; entry 0 is never used (balancer.apply).
-MAX_BACKEND_ENTRIES = abi.MAX_BACKENDS - 1
 
 
 class ConfigError(LbxError):
@@ -121,7 +120,10 @@ def parse(text: str, source: str | None = None) -> model.Config:
         raise ConfigError("(file)", "nested too deeply (arrays or inline tables inside each other)",
                           source) from None
     try:
-        return _config(doc)
+        cfg = _config(doc)
+        for p in cfg.problems()[:1]:
+            raise ConfigError(p.path, p.message)
+        return cfg
     except ConfigError as e:
         raise ConfigError(e.path, e.detail, source) from None
     except (RecursionError, MemoryError):
@@ -130,20 +132,12 @@ def parse(text: str, source: str | None = None) -> model.Config:
 
 
 def warnings(cfg: model.Config) -> list[str]:
-    """What is valid but probably not meant, as 'key path: message' lines (the CLI prints each
-    as `lbxdp: warning: ...`; nothing is refused for them)."""
-    out = []
-    for i, v in enumerate(cfg.vips):
-        if v.backends and all(b.backup for b in v.backends):
-            out.append(f"vip[{i}].backend: every backend of {v.name} is a backup: backups take new flows only "
-                       "while no primary is usable, so they all take them; set backup = false on some")
-    return out
+    """What is valid but probably not meant (model.Config.warnings()), as 'key path: message'
+    lines (the CLI prints each as `lbxdp: warning: ...`; nothing is refused for them)."""
+    return [str(w) for w in cfg.warnings()]
 
 
-def _show(v: Any) -> str:
-    """The bad value as the error shows it: its repr, cut short if long."""
-    r = repr(v)
-    return r if len(r) <= 60 else r[:57] + "..."
+_show = model.show
 
 
 def _config(doc: dict[str, Any]) -> model.Config:
@@ -156,44 +150,7 @@ def _config(doc: dict[str, Any]) -> model.Config:
     vips_doc = doc.get("vip", [])
     if not isinstance(vips_doc, list):
         raise ConfigError("vip", f"{_show(vips_doc)} must be an array of tables: write [[vip]]")
-    vips = tuple(_vip(v, f"vip[{i}]") for i, v in enumerate(vips_doc))
-    seen: dict[model.VipKey, str] = {}
-    for i, v in enumerate(vips):
-        if v.key in seen:
-            raise ConfigError(f"vip[{i}]", f"duplicate VIP {v.name} (also {seen[v.key]})")
-        seen[v.key] = f"vip[{i}]"
-    if len(vips) > abi.MAX_VIPS:
-        raise ConfigError("vip", f"{len(vips)} VIPs; at most {abi.MAX_VIPS}")
-    total = sum(len(v.backends) for v in vips)
-    if total > MAX_BACKEND_ENTRIES:
-        raise ConfigError("vip", f"{total} backends in all (counting each VIP's); the maps hold at most "
-                          f"{MAX_BACKEND_ENTRIES}")
-    return model.Config(vips, listen)
-
-
-def validated_edit(cfg: model.Config, what: str) -> model.Config:
-    """A config changed by an edit verb (`lbxdp backend add`, ...), validated exactly like a file;
-    its errors name the verb and the VIP/backend, not a file the user never wrote."""
-    try:
-        return parse(dump(cfg))
-    except ConfigError as e:
-        raise LbxError(f"{what}: {describe_path(cfg, e.path)}: {e.detail}", "nothing was applied",
-                       exit_code=2) from None
-
-
-def describe_path(cfg: model.Config, path: str) -> str:
-    """A key path of dump(cfg) in the user's terms: 'vip[0].backend[1].weight' ->
-    'VIP 10.0.0.1:80/tcp backend 10.0.1.1:80 weight' (for errors of edits, which have no file)."""
-    m = re.fullmatch(r"vip\[(\d+)\](?:\.backend\[(\d+)\])?(?:\.(.+))?", path)
-    if not m or int(m[1]) >= len(cfg.vips):
-        return path
-    v = cfg.vips[int(m[1])]
-    out = f"VIP {v.name}"
-    if m[2] is not None and int(m[2]) < len(v.backends):
-        out += f" backend {v.backends[int(m[2])].name}"
-    elif m[2] is not None:
-        out += f" backend[{m[2]}]"
-    return f"{out} {m[3]}" if m[3] else out
+    return model.Config(tuple(_vip(v, f"vip[{i}]") for i, v in enumerate(vips_doc)), listen)
 
 
 def _no_unknown(d: dict[str, Any], known: set[str], path: str) -> None:
@@ -233,6 +190,7 @@ def _address(v: Any) -> model.IPAddress:
 
 
 def _int(lo: int, hi: int, what: str = "") -> Callable[[Any], int]:
+    """An integer in [lo, hi] (the health check's ranges; the model checks the others')."""
     def conv(v: Any) -> int:
         if not isinstance(v, int) or isinstance(v, bool):
             raise TypeError("is not an integer")
@@ -242,23 +200,19 @@ def _int(lo: int, hi: int, what: str = "") -> Callable[[Any], int]:
     return conv
 
 
+def _integer(v: Any) -> int:
+    """An integer; its range is the model's rule (model.Config.problems)."""
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError("is not an integer")
+    return v
+
+
 _port = _int(1, 65535)
-_vip_port = _int(0, 65535, "; 0 = any port")
-_weight = _int(0, MAX_WEIGHT)
-
-
-def _table_size(v: Any) -> int:
-    n = _int(2, abi.TABLE_MAX)(v)
-    if not ring.is_prime(n):
-        raise ValueError("is not prime (Maglev needs a prime table size, e.g. 65537, 16381, 4099, 1021)")
-    return n
 
 
 def _seconds(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError("is not a number of seconds")
-    if not 0 <= v <= MAX_SLOW_START:
-        raise ValueError(f"is out of range (0-{MAX_SLOW_START:.0f} seconds)")
     return float(v)
 
 
@@ -271,8 +225,7 @@ def _bool(v: Any) -> bool:
 def _listen(v: Any) -> str:
     if not isinstance(v, str):
         raise TypeError("is not a string like \"127.0.0.1:9842\"")
-    model.parse_listen(v)   # the daemon's own parser: what passes here, `lbxdp run` can use
-    return v
+    return v    # checked by the model with the daemon's own parser (model.parse_listen)
 
 
 def _protocol(v: Any) -> model.Protocol:
@@ -292,23 +245,10 @@ def _choice(enum_t: type[T]) -> Callable[[Any], T]:
 
 
 def _mac(v: Any) -> str:
-    if not isinstance(v, str) or not _MAC.fullmatch(v.lower()):
-        raise ValueError("is not a MAC address like 02:00:00:00:00:01")
-    if v.lower() == "00:00:00:00:00:00" or int(v.split(":")[0], 16) & 1:
-        raise ValueError("is not a unicast MAC address")
-    return v.lower()
-
-
-_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
-
-
-def _is_unicast(a: model.IPAddress) -> bool:
-    """An address a packet on the wire can be for: not multicast, broadcast, 0.0.0.0/8 ("this
-    network", never a destination), :: or loopback (the kernel drops loopback sources and
-    destinations arriving on a NIC as martians)."""
-    broadcast = a == ipaddress.IPv4Address("255.255.255.255")
-    this_net = a.version == 4 and a in _THIS_NETWORK
-    return not (a.is_multicast or a.is_unspecified or a.is_loopback or broadcast or this_net)
+    """Stored lower case; what makes a MAC valid is the model's rule."""
+    if not isinstance(v, str):
+        raise TypeError("is not a MAC address like 02:00:00:00:00:01")
+    return v.lower() if model.MAC.fullmatch(v.lower()) else v
 
 
 def _vip(d: Any, path: str) -> model.Vip:
@@ -316,20 +256,17 @@ def _vip(d: Any, path: str) -> model.Vip:
         raise ConfigError(path, f"{_show(d)} must be a table: write [[vip]]")
     _no_unknown(d, _VIP_KEYS, path)
     address = _get(d, "address", path, _address)
-    if not _is_unicast(address):
-        raise ConfigError(f"{path}.address", f"{str(address)!r} cannot be a VIP "
-                          "(multicast, broadcast, unspecified, 0.0.0.0/8 or loopback)")
-    port = _get(d, "port", path, _vip_port)
+    port = _get(d, "port", path, _integer)
     protocol = _get(d, "protocol", path, _protocol)
     mode = _get(d, "mode", path, _choice(model.Mode), model.Mode.DSR)
     scheduler = _get(d, "scheduler", path, _choice(model.Scheduler), model.Scheduler.MAGLEV)
     if "table_size" in d and scheduler is not model.Scheduler.MAGLEV:
         raise ConfigError(f"{path}.table_size", f"{_show(d['table_size'])}: table_size only applies to "
                           f"scheduler \"maglev\" (this VIP's is {scheduler.value!r})")
-    table_size = _get(d, "table_size", path, _table_size, model.DEFAULT_TABLE_SIZE)
+    table_size = _get(d, "table_size", path, _integer, model.DEFAULT_TABLE_SIZE)
     slow_start = _get(d, "slow_start", path, _seconds, 0.0)
-    on_down = _get(d, "on_backend_down", path, _one_of("keep", "migrate"), "keep")
-    on_all_down = _get(d, "on_all_down", path, _one_of("drop", "pass"), "drop")
+    on_down = _get(d, "on_backend_down", path, _choice(model.OnBackendDown), model.OnBackendDown.KEEP)
+    on_all_down = _get(d, "on_all_down", path, _choice(model.OnAllDown), model.OnAllDown.DROP)
     health_doc = d.get("health")
     if health_doc is not None and not isinstance(health_doc, dict):
         raise ConfigError(f"{path}.health", f"{_show(health_doc)} must be a table: write [vip.health]")
@@ -338,34 +275,10 @@ def _vip(d: Any, path: str) -> model.Vip:
     if not isinstance(backends_doc, list):
         raise ConfigError(f"{path}.backend", f"{_show(backends_doc)} must be an array of tables: "
                           "write [[vip.backend]]")
-    if not backends_doc:
-        raise ConfigError(f"{path}.backend", "a VIP needs at least one backend ([[vip.backend]])")
-    if len(backends_doc) > abi.VIP_BACKENDS_MAX:
+    if len(backends_doc) > abi.VIP_BACKENDS_MAX:   # before converting a huge array
         raise ConfigError(f"{path}.backend", f"{len(backends_doc)} backends; at most {abi.VIP_BACKENDS_MAX} per VIP")
-    backends = []
-    seen: dict[tuple[Any, int], int] = {}
-    for j, bd in enumerate(backends_doc):
-        bpath = f"{path}.backend[{j}]"
-        b = _backend(bd, bpath, port, health_doc)
-        if b.address == address:
-            raise ConfigError(f"{bpath}.address", f"{str(b.address)!r} is the VIP's own address: a VIP cannot "
-                              "be its own backend (its packets would come back to the balancer)")
-        if b.address.version != address.version:
-            raise ConfigError(f"{bpath}.address", f"{str(b.address)!r} is IPv{b.address.version} but the VIP "
-                              f"is IPv{address.version}; {mode.value} mode cannot cross address families")
-        if mode is model.Mode.DSR and b.port != port:
-            raise ConfigError(f"{bpath}.port", f"{b.port} differs from the VIP port {port}; dsr mode "
-                              "cannot rewrite ports (the backend answers the client directly)")
-        if (b.address, b.port) in seen:
-            raise ConfigError(bpath, f"duplicate backend {b.name} (also backend[{seen[(b.address, b.port)]}])")
-        seen[(b.address, b.port)] = j
-        backends.append(b)
-    if scheduler is model.Scheduler.MAGLEV and table_size < 100 * len(backends):
-        raise ConfigError(f"{path}.table_size", f"{table_size} is less than 100 x {len(backends)} backends: "
-                          "shares would be uneven; use a larger prime (65537 is the default)")
-    if not any(b.weight for b in backends):
-        raise ConfigError(f"{path}.backend", "every backend has weight 0: the VIP could take no flow")
-    return model.Vip(address, port, protocol, mode, scheduler, tuple(backends), table_size, slow_start,
+    backends = tuple(_backend(bd, f"{path}.backend[{j}]", port, health_doc) for j, bd in enumerate(backends_doc))
+    return model.Vip(address, port, protocol, mode, scheduler, backends, table_size, slow_start,
                      vip_health, on_down, on_all_down)
 
 
@@ -416,17 +329,15 @@ def _http_word(v: Any) -> str:
 def _health(d: dict[str, Any], path: str) -> health.HealthCheck:
     """A [health] table (a backend's is merged over its VIP's before it gets here)."""
     _no_unknown(d, _HEALTH_KEYS, path)
-    kind = _get(d, "type", path, _one_of(*_HEALTH_TYPES))
-    wrong = (_HTTP_ONLY if kind != "http" else set()) | (_UDP_ONLY if kind != "udp" else set())
+    kind = _get(d, "type", path, _choice(health.CheckType))
+    wrong = ((_HTTP_ONLY if kind is not health.CheckType.HTTP else set())
+             | (_UDP_ONLY if kind is not health.CheckType.UDP else set()))
     for k in sorted(wrong & set(d)):
-        raise ConfigError(f"{path}.{k}", f"{_show(d[k])}: {k!r} does not apply to a {kind} check")
+        raise ConfigError(f"{path}.{k}", f"{_show(d[k])}: {k!r} does not apply to a {kind.value} check")
     interval = _get(d, "interval", path, _positive_seconds(0.05, 3600), 2.0)
     timeout = _get(d, "timeout", path, _positive_seconds(0.01, 3600), min(1.0, interval))
-    if timeout > interval:
-        raise ConfigError(f"{path}.timeout", f"{timeout:g} is longer than the interval {interval:g}: "
-                          "checks of one backend would overlap")
     path_ = _get(d, "path", path, _http_word, "/")
-    if kind == "http" and not path_.startswith("/"):
+    if kind is health.CheckType.HTTP and not path_.startswith("/"):
         raise ConfigError(f"{path}.path", f"{_show(path_)} does not start with '/'")
     try:
         return health.HealthCheck(
@@ -457,17 +368,12 @@ def _backend(d: Any, path: str, vip_port: int, vip_health: dict[str, Any] | None
         raise ConfigError(path, f"{_show(d)} must be a table: write [[vip.backend]]")
     _no_unknown(d, _BACKEND_KEYS, path)
     address = _get(d, "address", path, _address)
-    if not _is_unicast(address):
-        raise ConfigError(f"{path}.address", f"{str(address)!r} cannot be a backend "
-                          "(multicast, broadcast, unspecified, 0.0.0.0/8 or loopback)")
-    port = _get(d, "port", path, _vip_port if vip_port == 0 else _port, vip_port)
+    port = _get(d, "port", path, _integer, vip_port)
     own = d.get("health")
     if own is not None and not isinstance(own, dict):
         raise ConfigError(f"{path}.health", f"{_show(own)} must be a table: write [vip.backend.health]")
     check = _health(_merged_check(vip_health, own), f"{path}.health") if own is not None else None
-    if (check or vip_health) and port == 0 and (check or _health(vip_health or {}, "")).port is None:
-        raise ConfigError(f"{path}.health.port", "is required: an any-port backend has no port to check")
-    return model.Backend(address, port, _get(d, "mac", path, _mac, None), _get(d, "weight", path, _weight, 1),
+    return model.Backend(address, port, _get(d, "mac", path, _mac, None), _get(d, "weight", path, _integer, 1),
                          _get(d, "backup", path, _bool, False), check)
 
 
@@ -484,7 +390,8 @@ def dump(cfg: model.Config) -> str:
                              "mode": v.mode.value, "scheduler": v.scheduler.value}
         if v.scheduler is model.Scheduler.MAGLEV:
             d["table_size"] = v.table_size
-        d |= {"slow_start": v.slow_start, "on_backend_down": v.on_backend_down, "on_all_down": v.on_all_down}
+        d |= {"slow_start": v.slow_start, "on_backend_down": v.on_backend_down.value,
+              "on_all_down": v.on_all_down.value}
         if v.health:
             d["health"] = _health_doc(v.health)
         backends = []
@@ -503,14 +410,14 @@ def dump(cfg: model.Config) -> str:
 
 
 def _health_doc(h: health.HealthCheck) -> dict[str, Any]:
-    d: dict[str, Any] = {"type": h.type, "interval": h.interval, "timeout": h.timeout, "rise": h.rise, "fall": h.fall}
+    d: dict[str, Any] = {"type": h.type.value, "interval": h.interval, "timeout": h.timeout, "rise": h.rise, "fall": h.fall}
     if h.port is not None:
         d["port"] = h.port
-    if h.type == "http":
+    if h.type is health.CheckType.HTTP:
         d |= {"method": h.http_method, "path": h.http_path, "status": list(h.http_status)}
         if h.http_host:
             d["host"] = h.http_host
-    if h.type == "udp":
+    if h.type is health.CheckType.UDP:
         d["send"] = h.udp_payload.decode()
         if h.udp_expect is not None:
             d["expect"] = h.udp_expect.decode()

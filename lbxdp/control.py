@@ -16,11 +16,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from . import __version__, abi, applied, bpfsys, config, loader, model, neigh
+from . import __version__, abi, applied, bpfsys, edits, loader, model, neigh
 from .balancer import Balancer, Diff
 from .errors import LbxError
 from .maps import Maps
-from .paths import Instance, private_dirs
+from .model import BackendId, HealthOverride
+from .paths import Instance, atomic_write, private_dirs
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def _foreign_program(inst: Instance, state: bpfsys.XdpState) -> int | None:
     return state.prog_id
 
 
-def attach(inst: Instance, cfg: model.Config, mode: str = "auto", force: bool = False,
+def attach(inst: Instance, cfg: model.Config, mode: model.XdpMode = model.XdpMode.AUTO, force: bool = False,
            config_path: str | None = None, build: loader.BuildConfig | None = None,
            allow_empty: bool = False) -> AttachResult:
     """Compile, load, fill the maps with cfg, attach, pin. Re-attaching upgrades in place.
@@ -150,12 +151,13 @@ def refuse_empty(inst: Instance, cfg: model.Config, n: int, source: str | None) 
                        "pass --allow-empty to do that", "nothing was changed", exit_code=2)
 
 
-def edit(inst: Instance, change: Callable[[applied.State, float], model.Config], what: str = "edit") -> Diff:
-    """Read what the instance was told, change it, validate the result like a config file, apply.
+def edit(inst: Instance, change: Callable[[model.Config, float], edits.Change], what: str = "edit") -> Diff:
+    """Read what the instance was told, change it, validate the result (edits.validated), apply.
 
-    change(state, now) returns the new config and may set state.draining; used by the
-    `lbxdp vip|backend ...` verbs on a running balancer; `what` (e.g. "backend add") starts
-    the message of an invalid result.
+    change(cfg, now) is one of lbxdp.edits (e.g. `lambda cfg, now: edits.vip_del(cfg, key)`);
+    its drains and health overrides are recorded beside the config; `what` (e.g. "backend add")
+    starts the message of an invalid result. A backend it forces down loses its flows on a VIP
+    with on_backend_down = "migrate".
     """
     private_dirs(inst)
     with applied.locked(inst):
@@ -163,12 +165,20 @@ def edit(inst: Instance, change: Callable[[applied.State, float], model.Config],
         if not st.cfg.vips and not inst.exists():
             raise LbxError(f"lbxdp is not attached to {inst.label}", f"attach it: lbxdp attach {inst.ifname} --config FILE")
         now = time.time()
-        cfg = config.validated_edit(change(st, now), what)
-        return _apply_locked(inst, st, cfg, now, None)
+        ch = change(st.cfg, now)
+        cfg = edits.validated(ch.cfg, what)
+        was_down = st.down()
+        st.draining.update(ch.drain)
+        for bid, forced in ch.health.items():
+            if forced is HealthOverride.AUTO:
+                st.overrides.pop(bid, None)
+            else:
+                st.overrides[bid] = forced
+        return _apply_locked(inst, st, cfg, now, None, was_down)
 
 
-def health_changed(inst: Instance, changes: dict[str, dict[str, Any]] | None) -> Diff:
-    """Record health transitions (ref key -> {healthy, since, detail, latency}) and apply them;
+def health_changed(inst: Instance, changes: dict[BackendId, dict[str, Any]] | None) -> Diff:
+    """Record health transitions (backend -> {healthy, since, detail, latency}) and apply them;
     None forgets every recorded verdict (a new checker starts all backends healthy).
 
     Called by the daemon on its checker's transitions; a backend that went down on a VIP with
@@ -177,41 +187,21 @@ def health_changed(inst: Instance, changes: dict[str, dict[str, Any]] | None) ->
     private_dirs(inst)
     with applied.locked(inst):
         st = applied.load(inst)
-        was_down = _down(st)        # before the change: what it takes down is what migrates
+        was_down = st.down()        # before the change: what it takes down is what migrates
         if changes is None:
             st.health.clear()
         else:
-            known = applied.refs(st.cfg)   # a late transition of a backend removed meanwhile is dropped
+            known = st.cfg.backends()   # a late transition of a backend removed meanwhile is dropped
             st.health.update({k: v for k, v in changes.items() if k in known})
         return _apply_locked(inst, st, None, None, None, was_down)
 
 
-def set_override(inst: Instance, key: str, state: str) -> Diff:
-    """Force a backend's health "up" or "down", or hand it back to its check ("auto")."""
-    private_dirs(inst)
-    with applied.locked(inst):
-        st = applied.load(inst)
-        if key not in applied.refs(st.cfg):
-            raise LbxError(f"no backend {key.split('|')[1]} on VIP {key.split('|')[0]}",
-                           "list them: lbxdp backend ls", exit_code=2)
-        was_down = _down(st)
-        if state == "auto":
-            st.overrides.pop(key, None)
-        else:
-            st.overrides[key] = state
-        return _apply_locked(inst, st, None, None, None, was_down)
-
-
-def _down(st: applied.State) -> set[str]:
-    return {k for k in applied.refs(st.cfg) if st.is_down(k)}
-
-
 def _apply_locked(inst: Instance, st: applied.State, cfg: model.Config | None, now: float | None,
-                  maps: Maps | None, was_down: set[str] | None = None) -> Diff:
+                  maps: Maps | None, was_down: set[BackendId] | None = None) -> Diff:
     """was_down: the backends that were down before the caller changed st's health or overrides
     (default: those down in st); the ones down now and not then lose their flows on migrate VIPs."""
     now = time.time() if now is None else now
-    was_down = _down(st) if was_down is None else was_down
+    was_down = st.down() if was_down is None else was_down
     st = st.moved_to(st.cfg if cfg is None else cfg, now)
     expired = st.expired_drains(now)
     if expired:
@@ -220,7 +210,7 @@ def _apply_locked(inst: Instance, st: applied.State, cfg: model.Config | None, n
     with (nullcontext(maps) if maps is not None else open_maps(inst)) as m:
         diff = Balancer(m).apply(st.cfg, macs, st.runtime(now))
         doomed = list(diff.retired)
-        newly_down = _down(st) - was_down
+        newly_down = st.down() - was_down
         if newly_down:
             doomed += _migrating_entries(m, st.cfg, newly_down)
         if doomed:
@@ -231,19 +221,16 @@ def _apply_locked(inst: Instance, st: applied.State, cfg: model.Config | None, n
     return diff
 
 
-def _migrating_entries(m: Maps, cfg: model.Config, keys: set[str]) -> list[int]:
+def _migrating_entries(m: Maps, cfg: model.Config, ids: set[BackendId]) -> list[int]:
     """Entry ids of these backends on VIPs whose flows leave a failed backend (migrate)."""
     vip_ids = {k: meta.id for k, meta in m.vips().items()}
     entries = {(e.vip_id, e.address, e.port): e.id for e in m.backends().values()}
     out = []
-    for v in cfg.vips:
-        if v.on_backend_down != "migrate" or v.key not in vip_ids:
-            continue
-        for b in v.backends:
-            if applied.ref_key((v.key, b.address, b.port)) in keys:
-                eid = entries.get((vip_ids[v.key], b.address, b.port))
-                if eid is not None:
-                    out.append(eid)
+    for bid, (v, _) in cfg.backends().items():
+        if bid in ids and v.on_backend_down is model.OnBackendDown.MIGRATE and v.key in vip_ids:
+            eid = entries.get((vip_ids[v.key], bid.address, bid.port))
+            if eid is not None:
+                out.append(eid)
     return out
 
 
@@ -291,9 +278,7 @@ def _remove_files(inst: Instance) -> None:
 
 def _write_state(inst: Instance, state: dict[str, Any]) -> None:
     inst.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = inst.state_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(inst.state_file)
+    atomic_write(inst.state_file, json.dumps(state, indent=2))
 
 
 def read_state(inst: Instance) -> dict[str, Any]:
@@ -324,14 +309,14 @@ def status(inst: Instance) -> dict[str, Any]:
         xdp["error"] = f"interface {inst.ifname} not found"
     told = applied.load(inst)
     try:
-        checks = json.loads((inst.run_dir / "checks.json").read_text())
+        checks = json.loads(inst.checks_file.read_text())
     except (OSError, ValueError):
         checks = {}
     with open_maps(inst) as maps:
         vips = [{"vip": v.name, "id": v.id, "mode": v.mode, "scheduler": v.scheduler,
                  "table_size": v.table_size, **asdict(v.stats),
                  "backends": [{"backend": b.name, "id": b.id, "mac": b.mac, "in_table": b.in_table,
-                               **asdict(b.stats), **_health_of(told, checks, f"{v.name}|{b.name}")}
+                               **asdict(b.stats), **_health_of(told, checks, _backend_id(v.name, b.name))}
                               for b in v.backends]}
                 for v in maps.vip_views()]
         reasons = [{"reason": r.label, "verdict": r.verdict, "packets": p, "bytes": b}
@@ -341,22 +326,22 @@ def status(inst: Instance) -> dict[str, Any]:
             "xdp": xdp, "state": state, "vips": vips, "reasons": reasons, "flows": flows}
 
 
-def _health_of(told: applied.State, checks: dict[str, Any], key: str) -> dict[str, Any]:
+def _backend_id(vip: str, backend: str) -> BackendId:
+    """The identity of a backend entry the maps show by its names ('10.0.0.1:80/tcp', '10.0.1.1:80')."""
+    return BackendId(model.VipKey.parse(vip), *model.parse_endpoint(backend))
+
+
+def _health_of(told: applied.State, checks: dict[str, Any], bid: BackendId) -> dict[str, Any]:
     """A backend's health as status shows it: up/down/unchecked, forced or not, since when, and
-    the daemon's last check (result and latency)."""
-    forced = told.overrides.get(key)
-    rec, last = told.health.get(key, {}), checks.get(key, {})
+    the daemon's last check (result and latency; checks.json is by backend key)."""
+    forced = told.overrides.get(bid)
+    rec, last = told.health.get(bid, {}), checks.get(bid.key, {})
     if forced:
-        state = forced
-    elif key in checks or rec:
-        state = "down" if told.is_down(key) else "up"
+        state = forced.value
+    elif bid.key in checks or rec:
+        state = "down" if told.is_down(bid) else "up"
     else:
         state = "unchecked"
-    return {"health": state, "forced": forced, "health_since": rec.get("since", last.get("since")),
+    return {"health": state, "forced": forced.value if forced else None, "health_since": rec.get("since", last.get("since")),
             "last_check": last.get("last"), "check_latency": last.get("latency"),
             "last_check_at": last.get("at"), "checks": last.get("checks")}
-
-
-def load_config(path: str | Path) -> model.Config:
-    return config.load(path)
-

@@ -33,7 +33,8 @@ from typing import Any
 
 from . import applied, config, control, model
 from .errors import LbxError
-from .paths import Instance, private_dirs
+from .model import BackendId, XdpMode
+from .paths import Instance, atomic_write, private_dirs
 
 log = logging.getLogger("lbxdp.daemon")
 TICK = 1.0
@@ -67,10 +68,6 @@ def _log_to_stderr() -> None:
         log.propagate = False
 
 
-def _pidfile(inst: Instance) -> Path:
-    return inst.run_dir / "daemon.pid"
-
-
 def _start_time(pid: int) -> str | None:
     """The process's start time (to tell it from a later process with the same pid), or None if
     there is no live process: a zombie (killed, not yet reaped) counts as gone."""
@@ -84,7 +81,7 @@ def _start_time(pid: int) -> str | None:
 def running_pid(inst: Instance) -> int | None:
     """The pid of the live daemon of this instance, if any (checked against its start time)."""
     try:
-        pid_s, started = _pidfile(inst).read_text().split()
+        pid_s, started = inst.pid_file.read_text().split()
         pid = int(pid_s)
     except (OSError, ValueError):
         return None
@@ -101,7 +98,7 @@ def signal_daemon(inst: Instance, sig: int = signal.SIGHUP) -> int:
 
 
 class Daemon:
-    def __init__(self, inst: Instance, config_path: str, mode: str = "auto", metrics: str | None = None,
+    def __init__(self, inst: Instance, config_path: str, mode: XdpMode = XdpMode.AUTO, metrics: str | None = None,
                  keep_attached: bool = False, allow_empty: bool = False):
         self.inst, self.config_path, self.mode = inst, config_path, mode
         self.allow_empty = allow_empty   # a config without VIPs may remove all (start and reloads)
@@ -111,10 +108,10 @@ class Daemon:
         self._server: Any = None
         self._m: dict[str, Any] = {}
         self._checker: Any = None
-        self._events: queue.Queue[tuple[str, bool, Any]] = queue.Queue()
+        self._events: queue.Queue[tuple[BackendId, bool, Any]] = queue.Queue()
         self._applied_mtime = -1.0
         self._last_applied: applied.State | None = None   # to put back a deleted run directory
-        self._kept: dict[str, str] = {}                   # file name -> text, likewise
+        self._kept: dict[Path, str] = {}                  # file -> text, likewise
         self._failing: dict[str, tuple[str, float]] = {}  # step -> (error, when last logged)
 
     # --- signals -------------------------------------------------------------------------------
@@ -173,14 +170,14 @@ class Daemon:
 
     # --- the life ------------------------------------------------------------------------------
     # --- health checks -------------------------------------------------------------------------
-    def _on_change(self, key: str, healthy: bool, result: Any) -> None:   # checker thread
-        self._events.put((key, healthy, result))
+    def _on_change(self, bid: BackendId, healthy: bool, result: Any) -> None:   # checker thread
+        self._events.put((bid, healthy, result))
         self._wake.set()
 
-    def _on_result(self, key: str, result: Any) -> None:                  # checker thread
+    def _on_result(self, bid: BackendId, result: Any) -> None:                  # checker thread
         if self._m:
-            vip, _, be = key.partition("|")
-            self._m["check"].labels(self.inst.ifname, vip, be, "ok" if result.ok else "fail").observe(result.latency)
+            self._m["check"].labels(self.inst.ifname, bid.vip.name, bid.name,
+                                    "ok" if result.ok else "fail").observe(result.latency)
 
     def _start_health(self) -> None:
         from .health import Checker
@@ -194,9 +191,8 @@ class Daemon:
 
     def _sync_targets(self) -> None:
         """Give the checker the backends of what the instance was last told, when that changed."""
-        f = self.inst.run_dir / "applied.toml"
         try:
-            mtime = f.stat().st_mtime
+            mtime = self.inst.applied_file.stat().st_mtime
         except OSError:
             return
         if mtime == self._applied_mtime or self._checker is None:
@@ -205,27 +201,26 @@ class Daemon:
         from .health import Target
         st = applied.load(self.inst)
         self._last_applied = st
-        targets = [Target(applied.ref_key((v.key, b.address, b.port)), str(b.address), check.port or b.port, check)
-                   for v in st.cfg.vips for b in v.backends if (check := v.check_of(b)) is not None]
+        targets = [Target(bid, str(b.address), check.port or b.port, check)
+                   for bid, (v, b) in st.cfg.backends().items() if (check := v.check_of(b)) is not None]
         self._checker.set_targets(targets)
 
     def _apply_health_events(self) -> None:
-        changes: dict[str, dict[str, Any]] = {}
+        changes: dict[BackendId, dict[str, Any]] = {}
         while True:
             try:
-                key, healthy, r = self._events.get_nowait()
+                bid, healthy, r = self._events.get_nowait()
             except queue.Empty:
                 break
-            changes[key] = {"healthy": healthy, "since": r.at, "detail": r.detail, "latency": r.latency}
+            changes[bid] = {"healthy": healthy, "since": r.at, "detail": r.detail, "latency": r.latency}
         if not changes:
             return
         t = time.monotonic()
         diff = control.health_changed(self.inst, changes)
         self._observe(time.monotonic() - t)
         # Logged once applied: when the line appears, the maps already say so.
-        for key, c in changes.items():
-            vip, _, be = key.partition("|")
-            _event("backend-up" if c["healthy"] else "backend-down", vip=vip, backend=be, check=c["detail"],
+        for bid, c in changes.items():
+            _event("backend-up" if c["healthy"] else "backend-down", vip=bid.vip.name, backend=bid.name, check=c["detail"],
                    latency=f"{c['latency']:.4f}")
         for line in diff.lines:
             _event("change", what=line)
@@ -234,13 +229,11 @@ class Daemon:
         """Last result of every check, for `lbxdp status` (atomically replaced once a second)."""
         if self._checker is None:
             return
-        data = {k: {"healthy": s.healthy, "since": s.since, "checks": s.checks,
+        data = {k.key: {"healthy": s.healthy, "since": s.since, "checks": s.checks,
                     "last": s.last.detail if s.last else None, "ok": s.last.ok if s.last else None,
                     "latency": s.last.latency if s.last else None, "at": s.last.at if s.last else None}
                 for k, s in self._checker.states().items()}
-        tmp = self.inst.run_dir / ".checks.json.tmp"
-        tmp.write_text(json.dumps(data))
-        tmp.replace(self.inst.run_dir / "checks.json")
+        atomic_write(self.inst.checks_file, json.dumps(data))
 
     # --- the life ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -268,7 +261,7 @@ class Daemon:
             attach_seconds = time.monotonic() - t
             self._observe(attach_seconds)
             self._keep_run_files()
-            _pidfile(self.inst).write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
+            self._write_pid()
             self._start_health()
             _event("attached", interface=self.inst.label, mode=res.mode, prog_id=res.prog_id,
                    adopted=res.upgraded, changes=len(res.diff.lines), seconds=f"{attach_seconds:.3f}",
@@ -292,7 +285,7 @@ class Daemon:
             if clean:
                 self._stop()
             else:
-                _unlink(_pidfile(self.inst))
+                _unlink(self.inst.pid_file)
 
     def _left_attached(self, e: BaseException) -> None:
         """One line when the daemon ends on an error: what it leaves in place (never a detach)."""
@@ -338,31 +331,33 @@ class Daemon:
         if self._failing.pop(name, None) is not None:
             _event("step-recovered", step=name)
 
+    def _write_pid(self) -> None:
+        atomic_write(self.inst.pid_file, f"{os.getpid()} {_start_time(os.getpid())}\n")
+
     def _keep_run_files(self) -> None:
         """Keep in memory what the run directory holds that only attach writes."""
         for f in (self.inst.schema_file, self.inst.state_file):
-            self._kept[f.name] = f.read_text()
+            self._kept[f] = f.read_text()
 
     def _restore_run_dir(self) -> None:
         """Put back what a deleted run directory held: the schema (or no command could read the
         maps), the pid file (or `lbxdp reload` would not find us) and the applied state (or the
         next change would start from an empty config and remove every VIP)."""
-        d = self.inst.run_dir
-        missing = [f for f in (self.inst.schema_file, self.inst.state_file, _pidfile(self.inst), d / "applied.toml")
-                   if not f.exists()]
+        inst = self.inst
+        missing = [f for f in (inst.schema_file, inst.state_file, inst.pid_file, inst.applied_file) if not f.exists()]
         if not missing:
             return
-        private_dirs(self.inst, create=True)
-        with applied.locked(self.inst):
-            for name, text in self._kept.items():
-                if not (d / name).exists():
-                    (d / name).write_text(text)
-            if not (d / "applied.toml").exists() and self._last_applied is not None:
-                applied.save(self.inst, self._last_applied)
-        if not _pidfile(self.inst).exists():
-            _pidfile(self.inst).write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
+        private_dirs(inst, create=True)
+        with applied.locked(inst):
+            for f, text in self._kept.items():
+                if not f.exists():
+                    atomic_write(f, text)
+            if not inst.applied_file.exists() and self._last_applied is not None:
+                applied.save(inst, self._last_applied)
+        if not inst.pid_file.exists():
+            self._write_pid()
         self._applied_mtime = -1.0    # have the checker's targets re-read
-        _event("run-dir-restored", dir=d, files=",".join(f.name for f in missing))
+        _event("run-dir-restored", dir=inst.run_dir, files=",".join(f.name for f in missing))
 
     def reload(self) -> None:
         t = time.monotonic()
@@ -411,7 +406,7 @@ class Daemon:
         else:
             control.detach(self.inst)
             _event("stopped", attached="no (detached, pins removed)")
-        for f in (_pidfile(self.inst), self.inst.run_dir / "checks.json"):
+        for f in (self.inst.pid_file, self.inst.checks_file):
             _unlink(f)
 
 
@@ -433,7 +428,6 @@ class _HealthCollector:
         g = GaugeMetricFamily("lbxdp_backend_healthy", "1 if the backend passes its health check (after rise/"
                               "fall), 0 if not; only checked backends appear.", labels=["interface", "vip", "backend"])
         if self.d._checker is not None:
-            for key, st in self.d._checker.states().items():
-                vip, _, be = key.partition("|")
-                g.add_metric([self.d.inst.ifname, vip, be], 1 if st.healthy else 0)
+            for bid, st in self.d._checker.states().items():
+                g.add_metric([self.d.inst.ifname, bid.vip.name, bid.name], 1 if st.healthy else 0)
         yield g

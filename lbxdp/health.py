@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import ipaddress
 import logging
 import random
@@ -52,18 +53,25 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterable
+from typing import Awaitable, Callable, Hashable, Iterable
 
 log = logging.getLogger(__name__)
 
-TYPES = ("tcp", "http", "udp")
+
+
+class CheckType(str, enum.Enum):
+    TCP = "tcp"     # the connection is established
+    HTTP = "http"   # the status line's code is in http_status
+    UDP = "udp"     # a reply arrives (containing udp_expect, when set)
+
+
 USER_AGENT = "lbxdp-health"
 _MAX_STATUS_LINE = 4096
 
 
 @dataclass(frozen=True)
 class HealthCheck:
-    type: str                               # "tcp" | "http" | "udp"
+    type: CheckType                         # a string ("tcp") is taken as its CheckType
     port: int | None = None                 # None: the backend's port
     interval: float = 2.0                   # seconds between the starts of two checks
     timeout: float = 1.0                    # seconds one check may take
@@ -78,8 +86,11 @@ class HealthCheck:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "http_status", tuple(self.http_status))
+        if self.type in tuple(CheckType):
+            object.__setattr__(self, "type", CheckType(self.type))
         problems = [
-            (self.type not in TYPES, f"type {self.type!r} is not one of {', '.join(TYPES)}"),
+            (not isinstance(self.type, CheckType),
+             f"type {self.type!r} is not one of {', '.join(t.value for t in CheckType)}"),
             (self.port is not None and not 0 < self.port < 65536, f"port {self.port} is not in 1..65535"),
             (not self.interval > 0, f"interval {self.interval} is not positive"),
             (not self.timeout > 0, f"timeout {self.timeout} is not positive"),
@@ -103,7 +114,7 @@ def _token(s: str) -> bool:
 
 @dataclass(frozen=True)
 class Target:
-    key: str            # stable id chosen by the caller, e.g. "10.0.0.1:80/tcp|10.0.1.1:80"
+    key: Hashable       # stable id chosen by the caller (the daemon's: a model.BackendId), shown by str()
     address: str        # IP literal, v4 or v6
     port: int
     check: HealthCheck
@@ -146,7 +157,7 @@ async def probe(t: Target) -> Result:
         async with asyncio.timeout(c.timeout):
             ok, detail = await _PROBES[c.type](t)
     except TimeoutError:
-        ok, detail = False, "no reply (timeout)" if c.type == "udp" else "timeout"
+        ok, detail = False, "no reply (timeout)" if c.type is CheckType.UDP else "timeout"
     except ConnectionRefusedError:
         ok, detail = False, "connection refused"
     except OSError as e:
@@ -232,7 +243,8 @@ async def _udp(t: Target) -> tuple[bool, str]:
     return True, f"reply ({len(data)} bytes)"
 
 
-_PROBES: dict[str, Callable[[Target], Awaitable[tuple[bool, str]]]] = {"tcp": _tcp, "http": _http, "udp": _udp}
+_PROBES: dict[CheckType, Callable[[Target], Awaitable[tuple[bool, str]]]] = {
+    CheckType.TCP: _tcp, CheckType.HTTP: _http, CheckType.UDP: _udp}
 
 
 # --- the checker -------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any
 
 from . import abi, bpfsys, veth
 from .errors import LbxError
-from .paths import BPFFS, Instance, private_dirs
+from .paths import BPFFS, Instance, atomic_write, private_dirs
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +178,7 @@ def compile_stub() -> tuple[Any, int]:
 
 def save_schema(inst: Instance, schema: dict[str, Any]) -> None:
     inst.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = inst.schema_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(schema))
-    tmp.replace(inst.schema_file)
+    atomic_write(inst.schema_file, json.dumps(schema))
 
 
 def open_pinned_maps(inst: Instance) -> dict[str, bpfsys.Map]:

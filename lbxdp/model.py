@@ -1,6 +1,9 @@
 """What the user asked for, as frozen values parsed once at the edge (config file, CLI).
 
 Nothing here knows about maps or the kernel; lbxdp.maps converts these to map structs.
+A model validates itself (Config.problems()): every rule that involves more than one value's
+syntax lives here, so a config file (lbxdp.config), an edit (lbxdp.edits) and a model built in
+code get the same error text, with the same key path (`vip[0].backend[1].address`).
 """
 
 from __future__ import annotations
@@ -9,9 +12,12 @@ import enum
 import ipaddress
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from . import abi
-from .health import HealthCheck
+from . import abi, ring
+from .health import CheckType, HealthCheck
+
+__all__ = ["CheckType", "HealthCheck"]   # re-exported: the health check is part of the model
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -51,11 +57,39 @@ class Mode(str, enum.Enum):
         return abi.FwdMode[self.name]
 
 
+class OnBackendDown(str, enum.Enum):
+    KEEP = "keep"        # established flows stay on a failed backend
+    MIGRATE = "migrate"  # they lose their connection-table entries and move on
+
+
+class OnAllDown(str, enum.Enum):
+    DROP = "drop"        # no usable backend: drop in XDP
+    PASS = "pass"        # ... or pass to the kernel
+
+
+class HealthOverride(str, enum.Enum):
+    """`lbxdp backend set-health`: force a backend up or down, or hand it back to its check."""
+    UP = "up"
+    DOWN = "down"
+    AUTO = "auto"
+
+
+class XdpMode(str, enum.Enum):
+    """How the program is attached (str values: lbxdp.loader compares them with its strings)."""
+    AUTO = "auto"        # native, falling back to generic with a warning
+    NATIVE = "native"
+    GENERIC = "generic"
+
+
 def family(addr: IPAddress) -> int:
     return abi.FAMILY_V4 if addr.version == 4 else abi.FAMILY_V6
 
 
 DEFAULT_TABLE_SIZE = 65537  # Maglev's M: prime, > 100 x backends keeps shares within 1%
+MAX_WEIGHT = 1000
+MAX_SLOW_START = 3600.0
+# Every (VIP, backend) pair takes one backend entry; entry 0 is never used (balancer.apply).
+MAX_BACKEND_ENTRIES = abi.MAX_BACKENDS - 1
 
 
 def endpoint(addr: IPAddress, port: int) -> str:
@@ -89,6 +123,22 @@ def parse_listen(text: object) -> tuple[str, int]:
     return str(addr), int(m["port"])
 
 
+_ENDPOINT = re.compile(r"(?:\[(?P<v6>[^\]]+)\]|(?P<v4>[^:/\[\]]+)):(?P<port>\d+|\*)")
+
+
+def parse_endpoint(text: str) -> tuple[IPAddress, int]:
+    """'10.0.0.1:80', '[fd00::1]:80' or '10.0.0.1:*' (any port) -> (address, port): the inverse
+    of endpoint(); ValueError if it is not one."""
+    m = _ENDPOINT.fullmatch(text)
+    if not m:
+        raise ValueError(f"{text!r} is not ADDRESS:PORT")
+    addr = ipaddress.ip_address(m["v6"] or m["v4"])
+    port = 0 if m["port"] == "*" else int(m["port"])
+    if (m["v6"] is not None) != (addr.version == 6) or not 0 <= port <= 65535:
+        raise ValueError(f"{text!r} is not ADDRESS:PORT")
+    return addr, port
+
+
 @dataclass(frozen=True)
 class Backend:
     address: IPAddress
@@ -114,6 +164,45 @@ class VipKey:
         """The label used everywhere (status, metrics): '10.0.0.1:80/tcp'."""
         return f"{endpoint(self.address, self.port)}/{self.protocol.value}"
 
+    @classmethod
+    def parse(cls, text: str) -> "VipKey":
+        """'10.0.0.1:80/tcp' -> VipKey (the inverse of .name); ValueError says what is wrong."""
+        ep, slash, proto = text.rpartition("/")
+        if not slash:
+            raise ValueError("has no protocol")
+        protocol = Protocol.parse(proto)
+        return cls(*parse_endpoint(ep), protocol)
+
+
+class BackendId(NamedTuple):
+    """One backend of one VIP: the identity of everything kept per backend entry (drains, slow
+    starts, health, overrides, checker targets, metric labels). `.key` is its string form in
+    runtime.json, checks.json and logs: '10.0.0.1:80/tcp|10.0.1.1:80'. A NamedTuple, so it
+    is immutable, hashable, and equal to the (vip, address, port) tuple it replaces."""
+    vip: VipKey
+    address: IPAddress
+    port: int
+
+    @property
+    def name(self) -> str:
+        """The backend as status and the metrics show it: '10.0.1.1:80'."""
+        return endpoint(self.address, self.port)
+
+    @property
+    def key(self) -> str:
+        return f"{self.vip.name}|{self.name}"
+
+    def __str__(self) -> str:
+        return self.key
+
+    @classmethod
+    def parse(cls, key: str) -> "BackendId":
+        """The inverse of .key; ValueError if key is not one."""
+        vip, bar, be = key.partition("|")
+        if not bar:
+            raise ValueError(f"{key!r} is not VIP|BACKEND")
+        return cls(VipKey.parse(vip), *parse_endpoint(be))
+
 
 @dataclass(frozen=True)
 class Vip:
@@ -126,11 +215,25 @@ class Vip:
     table_size: int = DEFAULT_TABLE_SIZE  # Maglev only: slots of the lookup table (prime)
     slow_start: float = 0.0               # seconds over which a new backend's weight ramps up
     health: HealthCheck | None = None     # how its backends are checked (None: not checked)
-    on_backend_down: str = "keep"         # keep: established flows stay; migrate: they move on
-    on_all_down: str = "drop"             # no usable backend at all: drop or pass (to the kernel)
+    on_backend_down: OnBackendDown = OnBackendDown.KEEP   # keep: established flows stay; migrate: they move on
+    on_all_down: OnAllDown = OnAllDown.DROP               # no usable backend: drop or pass (to the kernel)
+
+    def __post_init__(self) -> None:
+        # A model built in code may spell a closed set as its string ("pass"): hold the enum. A
+        # string that is none of them stays as it is, for problems() to name.
+        for name, enum_t in _ENUM_FIELDS:
+            v = getattr(self, name)
+            if not isinstance(v, enum_t):
+                try:
+                    object.__setattr__(self, name, enum_t(v))
+                except ValueError:
+                    pass
 
     def check_of(self, b: Backend) -> HealthCheck | None:
         return b.health or self.health
+
+    def id_of(self, b: Backend) -> BackendId:
+        return BackendId(self.key, b.address, b.port)
 
     @property
     def key(self) -> VipKey:
@@ -141,7 +244,210 @@ class Vip:
         return self.key.name
 
 
+_ENUM_FIELDS = (("protocol", Protocol), ("mode", Mode), ("scheduler", Scheduler),
+                ("on_backend_down", OnBackendDown), ("on_all_down", OnAllDown))
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What is wrong (or, as a warning, probably not meant) and where: 'vip[0].backend[1].port'."""
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
 @dataclass(frozen=True)
 class Config:
     vips: tuple[Vip, ...] = ()
     metrics_listen: str | None = None  # [metrics] listen: where `lbxdp run` serves /metrics
+
+    def backends(self) -> dict[BackendId, tuple[Vip, Backend]]:
+        """Every backend of every VIP by its identity, in config order."""
+        return {v.id_of(b): (v, b) for v in self.vips for b in v.backends}
+
+    def problems(self) -> list[Problem]:
+        """Everything that makes this config unusable, in config order ([] if it is valid)."""
+        out: list[Problem] = []
+        if self.metrics_listen is not None:
+            try:
+                parse_listen(self.metrics_listen)
+            except ValueError as e:
+                out.append(Problem("metrics.listen", f"{show(self.metrics_listen)} {e}"))
+        seen: dict[VipKey, str] = {}
+        for i, v in enumerate(self.vips):
+            out += _vip_problems(v, f"vip[{i}]")
+            if v.key in seen:
+                out.append(Problem(f"vip[{i}]", f"duplicate VIP {v.name} (also {seen[v.key]})"))
+            seen.setdefault(v.key, f"vip[{i}]")
+        if len(self.vips) > abi.MAX_VIPS:
+            out.append(Problem("vip", f"{len(self.vips)} VIPs; at most {abi.MAX_VIPS}"))
+        total = sum(len(v.backends) for v in self.vips)
+        if total > MAX_BACKEND_ENTRIES:
+            out.append(Problem("vip", f"{total} backends in all (counting each VIP's); the maps hold at most "
+                               f"{MAX_BACKEND_ENTRIES}"))
+        return out
+
+    def warnings(self) -> list[Problem]:
+        """What is valid but probably not meant (nothing is refused for it)."""
+        out = []
+        for i, v in enumerate(self.vips):
+            if v.backends and all(b.backup for b in v.backends):
+                out.append(Problem(f"vip[{i}].backend", f"every backend of {v.name} is a backup: backups take "
+                                   "new flows only while no primary is usable, so they all take them; set "
+                                   "backup = false on some"))
+        return out
+
+    def describe(self, path: str) -> str:
+        """A key path in the user's terms, for errors of edits (which have no file):
+        'vip[0].backend[1].weight' -> 'VIP 10.0.0.1:80/tcp backend 10.0.1.1:80 weight'."""
+        m = re.fullmatch(r"vip\[(\d+)\](?:\.backend\[(\d+)\])?(?:\.(.+))?", path)
+        if not m or int(m[1]) >= len(self.vips):
+            return path
+        v = self.vips[int(m[1])]
+        out = f"VIP {v.name}"
+        if m[2] is not None and int(m[2]) < len(v.backends):
+            out += f" backend {v.backends[int(m[2])].name}"
+        elif m[2] is not None:
+            out += f" backend[{m[2]}]"
+        return f"{out} {m[3]}" if m[3] else out
+
+
+# --- the rules -------------------------------------------------------------------------------------
+# Each returns the message of what is wrong with one value (None: nothing), the value shown first
+# as config files show it: "vip[0].port: 70000 is out of range (0-65535; 0 = any port)".
+
+def show(v: object) -> str:
+    """A bad value as an error shows it: its repr, cut short if long."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _int(v: object, lo: int, hi: int, what: str = "") -> str | None:
+    if not isinstance(v, int) or isinstance(v, bool):
+        return f"{show(v)} is not an integer"
+    return None if lo <= v <= hi else f"{show(v)} is out of range ({lo}-{hi}{what})"
+
+
+def _one_of(v: object, enum_t: type[enum.Enum]) -> str | None:
+    return None if isinstance(v, enum_t) else f"{show(v)} is not one of: {', '.join(e.value for e in enum_t)}"
+
+
+_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
+
+
+def is_unicast(a: IPAddress) -> bool:
+    """An address a packet on the wire can be for: not multicast, broadcast, 0.0.0.0/8 ("this
+    network", never a destination), :: or loopback (the kernel drops loopback sources and
+    destinations arriving on a NIC as martians)."""
+    broadcast = a == ipaddress.IPv4Address("255.255.255.255")
+    this_net = a.version == 4 and a in _THIS_NETWORK
+    return not (a.is_multicast or a.is_unspecified or a.is_loopback or broadcast or this_net)
+
+
+def _address(a: object, what: str) -> str | None:
+    if not isinstance(a, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return f"{show(a)} is not an IPv4 or IPv6 address"
+    if a.version == 6 and a.ipv4_mapped is not None:
+        return f"{str(a)!r} is an IPv4-mapped IPv6 address; write the IPv4 address {a.ipv4_mapped}"
+    if not is_unicast(a):
+        return f"{str(a)!r} cannot be a {what} (multicast, broadcast, unspecified, 0.0.0.0/8 or loopback)"
+    return None
+
+
+MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")   # fullmatch: no trailing newline slips through
+
+
+def _mac(v: object) -> str | None:
+    if not isinstance(v, str) or not MAC.fullmatch(v.lower()):
+        return f"{show(v)} is not a MAC address like 02:00:00:00:00:01"
+    if v.lower() == "00:00:00:00:00:00" or int(v.split(":")[0], 16) & 1:
+        return f"{show(v)} is not a unicast MAC address"
+    return None
+
+
+def _table_size(v: object) -> str | None:
+    bad = _int(v, 2, abi.TABLE_MAX)
+    if bad is None and not ring.is_prime(v):  # type: ignore[arg-type]
+        bad = f"{v} is not prime (Maglev needs a prime table size, e.g. 65537, 16381, 4099, 1021)"
+    return bad
+
+
+def _slow_start(v: object) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return f"{show(v)} is not a number of seconds"
+    return None if 0 <= v <= MAX_SLOW_START else f"{show(v)} is out of range (0-{MAX_SLOW_START:.0f} seconds)"
+
+
+def _check(h: HealthCheck | None, path: str) -> list[Problem]:
+    if h is not None and h.timeout > h.interval:
+        return [Problem(f"{path}.timeout", f"{h.timeout:g} is longer than the interval {h.interval:g}: "
+                        "checks of one backend would overlap")]
+    return []
+
+
+def _fields(path: str, checks: list[tuple[str, str | None]]) -> list[Problem]:
+    return [Problem(f"{path}.{key}", bad) for key, bad in checks if bad is not None]
+
+
+def _vip_problems(v: Vip, path: str) -> list[Problem]:
+    out = _fields(path, [
+        ("address", _address(v.address, "VIP")),
+        ("port", _int(v.port, 0, 65535, "; 0 = any port")),
+        ("protocol", _one_of(v.protocol, Protocol)),
+        ("mode", _one_of(v.mode, Mode)),
+        ("scheduler", _one_of(v.scheduler, Scheduler)),
+        ("table_size", _table_size(v.table_size) if v.scheduler is Scheduler.MAGLEV else None),
+        ("slow_start", _slow_start(v.slow_start)),
+        ("on_backend_down", _one_of(v.on_backend_down, OnBackendDown)),
+        ("on_all_down", _one_of(v.on_all_down, OnAllDown)),
+    ])
+    out += _check(v.health, f"{path}.health")
+    if not v.backends:
+        out.append(Problem(f"{path}.backend", "a VIP needs at least one backend ([[vip.backend]])"))
+    if len(v.backends) > abi.VIP_BACKENDS_MAX:
+        out.append(Problem(f"{path}.backend", f"{len(v.backends)} backends; at most {abi.VIP_BACKENDS_MAX} per VIP"))
+    seen: dict[tuple[object, object], int] = {}
+    for j, b in enumerate(v.backends):
+        bpath = f"{path}.backend[{j}]"
+        out += _backend_problems(v, b, bpath)
+        if (b.address, b.port) in seen:
+            out.append(Problem(bpath, f"duplicate backend {b.name} (also backend[{seen[(b.address, b.port)]}])"))
+        seen.setdefault((b.address, b.port), j)
+    if v.scheduler is Scheduler.MAGLEV and isinstance(v.table_size, int) and v.table_size < 100 * len(v.backends):
+        out.append(Problem(f"{path}.table_size", f"{v.table_size} is less than 100 x {len(v.backends)} backends: "
+                           "shares would be uneven; use a larger prime (65537 is the default)"))
+    if v.backends and not any(b.weight for b in v.backends):
+        out.append(Problem(f"{path}.backend", "every backend has weight 0: the VIP could take no flow"))
+    return out
+
+
+def _backend_problems(v: Vip, b: Backend, path: str) -> list[Problem]:
+    vip_port = v.port if isinstance(v.port, int) else 1
+    out = _fields(path, [
+        ("address", _address(b.address, "backend")),
+        ("port", _int(b.port, 0, 65535, "; 0 = any port") if vip_port == 0 else _int(b.port, 1, 65535)),
+    ])
+    out += _check(b.health, f"{path}.health")
+    check = v.check_of(b)
+    if check is not None and b.port == 0 and check.port is None:
+        out.append(Problem(f"{path}.health.port", "is required: an any-port backend has no port to check"))
+    out += _fields(path, [
+        ("mac", _mac(b.mac) if b.mac is not None else None),
+        ("weight", _int(b.weight, 0, MAX_WEIGHT)),
+        ("backup", None if isinstance(b.backup, bool) else f"{show(b.backup)} is not true or false"),
+    ])
+    if out or _address(v.address, "VIP") is not None:
+        return out      # the rules below compare values that are each valid
+    if b.address == v.address:
+        out.append(Problem(f"{path}.address", f"{str(b.address)!r} is the VIP's own address: a VIP cannot "
+                           "be its own backend (its packets would come back to the balancer)"))
+    elif b.address.version != v.address.version:
+        mode = v.mode.value if isinstance(v.mode, Mode) else v.mode
+        out.append(Problem(f"{path}.address", f"{str(b.address)!r} is IPv{b.address.version} but the VIP "
+                           f"is IPv{v.address.version}; {mode} mode cannot cross address families"))
+    elif v.mode is Mode.DSR and b.port != v.port:
+        out.append(Problem(f"{path}.port", f"{b.port} differs from the VIP port {v.port}; dsr mode "
+                           "cannot rewrite ports (the backend answers the client directly)"))
+    return out

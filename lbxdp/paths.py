@@ -1,8 +1,11 @@
 """Where an attached instance keeps its state.
 
 An instance is one interface (in one network namespace) with the program attached. Its maps and
-program are pinned in bpffs under the pin root; bpffs holds only BPF objects, so the type
-description of its maps (schema.json) and what was applied (state.json) live under the run root.
+program are pinned in bpffs under the pin root; bpffs holds only BPF objects, so everything else
+lives in its run directory under the run root, each file named once here (an Instance property)
+and written whole by atomic_write(): the maps' type description (schema.json), the attach record
+(state.json), what it was last told (applied.toml, runtime.json), the daemon's last checks
+(checks.json) and pid (daemon.pid), and the lock every change takes (lock).
 Both roots can be moved with LBXDP_PIN_ROOT / LBXDP_RUN_ROOT (the tests use per-run roots).
 
 Interface and namespace names become path components, so an Instance refuses any name the
@@ -62,6 +65,10 @@ def run_root() -> Path:
     return Path(os.environ.get("LBXDP_RUN_ROOT", "/run/lbxdp"))
 
 
+def _run_file(name: str, doc: str) -> property:
+    return property(lambda inst: inst.run_dir / name, doc=doc)
+
+
 @dataclass(frozen=True)
 class Instance:
     ifname: str
@@ -93,13 +100,16 @@ class Instance:
     def prog_pin(self) -> Path:
         return self.pin_dir / "prog"
 
-    @property
-    def schema_file(self) -> Path:
-        return self.run_dir / "schema.json"
-
-    @property
-    def state_file(self) -> Path:
-        return self.run_dir / "state.json"
+    # The run directory's files, each named here only (see the module docstring).
+    schema_file = _run_file("schema.json", "The maps' BTF-derived types (written by attach; read by every "
+                            "command that opens the pins).")
+    state_file = _run_file("state.json", "The attach record: mode, program id, config path, version.")
+    applied_file = _run_file("applied.toml", "The last config applied, in the config file's format (lbxdp.applied).")
+    runtime_file = _run_file("runtime.json", "Drains, joins, health verdicts and overrides by backend key "
+                             "(lbxdp.applied).")
+    checks_file = _run_file("checks.json", "The daemon's last result of every health check, for `lbxdp status`.")
+    pid_file = _run_file("daemon.pid", "'<pid> <start time>' of the running `lbxdp run` daemon.")
+    lock_file = _run_file("lock", "flock()ed by every change of the maps or the applied state (applied.locked).")
 
     def exists(self) -> bool:
         return self.prog_pin.exists()
@@ -124,6 +134,32 @@ class Instance:
     def dirs(self) -> list[tuple[Path, Path]]:
         """(root, instance directory) for the pins and for the run state."""
         return [(pin_root(), self.pin_dir), (run_root(), self.run_dir)]
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Replace path with text so that a reader sees the old file or the new one, whole, even
+    across a crash or power loss: written to a temporary file beside it (mode 0600), fsync'd,
+    renamed over it, and the directory fsync'd."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            os.fchmod(fd, 0o600)    # a leftover temporary file keeps its mode through O_CREAT
+            data = memoryview(text.encode())
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def _check_private(d: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lbxdp import applied, config
+from lbxdp import applied, config, model
 from lbxdp.paths import Instance
 
 CFG = """
@@ -26,6 +26,9 @@ protocol = "udp"
 """
 
 
+X = model.BackendId.parse("10.0.0.1:53/udp|10.0.1.1:53")
+
+
 @pytest.fixture
 def inst(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Instance:
     """An instance whose run root is this test's tmp_path (no kernel, no pins)."""
@@ -35,10 +38,10 @@ def inst(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Instance:
 
 
 def test_saved_state_with_control_characters_loads_back(inst: Instance) -> None:
-    st = applied.State(config.parse(CFG), draining={"x": 1.0})
+    st = applied.State(config.parse(CFG), draining={X: 1.0})
     applied.save(inst, st)
     back = applied.load(inst)
-    assert back.cfg == st.cfg and back.draining == {"x": 1.0}
+    assert back.cfg == st.cfg and back.draining == {X: 1.0}
     assert back.cfg.vips[0].health.udp_payload == b"ping\x00\x01\r\n\"'\\"
 
 
@@ -56,11 +59,11 @@ def test_unreadable_state_is_one_line_with_the_fix(inst: Instance, damage: bytes
 
 
 def test_unreadable_state_is_replaced_by_a_full_config(inst: Instance, caplog: pytest.LogCaptureFixture) -> None:
-    applied.save(inst, applied.State(config.parse(CFG), overrides={"k": "down"}))
+    applied.save(inst, applied.State(config.parse(CFG), overrides={X: model.HealthOverride.DOWN}))
     (inst.run_dir / "applied.toml").write_text("not toml [")
     with caplog.at_level(logging.WARNING):
         st = applied.load_to_replace(inst)
-    assert st.cfg.vips == () and st.overrides == {"k": "down"}   # runtime.json was readable: kept
+    assert st.cfg.vips == () and st.overrides == {X: "down"}   # runtime.json was readable: kept
     [rec] = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert "unreadable" in rec.getMessage() and "kept: the maps and the connection table" in rec.getMessage()
     (inst.run_dir / "runtime.json").write_text("{")

@@ -337,14 +337,13 @@ def test_self_check_tripwire_fires(run_main, monkeypatch: pytest.MonkeyPatch, tr
 @pytest.fixture
 def fake_edit(monkeypatch: pytest.MonkeyPatch):
     """lbxdp.control with only edit(): the change is made on GOOD's config and validated exactly
-    as control.edit does (config.validated_edit), without an attached instance."""
-    from lbxdp import applied, config
+    as control.edit does (edits.validated), without an attached instance."""
+    from lbxdp import config, edits
     fake = types.ModuleType("lbxdp.control")
     seen: list[object] = []
 
     def edit(inst, change, what="edit"):
-        st = applied.State(config.parse(GOOD))
-        seen.append(config.validated_edit(change(st, 0.0), what))
+        seen.append(edits.validated(change(config.parse(GOOD), 0.0).cfg, what))
         from lbxdp.balancer import Diff
         return Diff()
     fake.edit = edit  # type: ignore[attr-defined]

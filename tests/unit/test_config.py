@@ -17,7 +17,7 @@ from textwrap import dedent
 import pytest
 import tomli_w
 
-from lbxdp import abi, config, exporter, model
+from lbxdp import abi, config, edits, exporter, model
 from lbxdp.errors import LbxError
 from lbxdp.model import Backend, Mode, Protocol, Scheduler, Vip
 
@@ -617,7 +617,7 @@ def test_edit_errors_name_the_verb_and_the_backend() -> None:
     cfg = config.parse(VIP + BE)
     bad = replace(cfg, vips=(replace(cfg.vips[0], backends=(replace(cfg.vips[0].backends[0], weight=-1),)),))
     with pytest.raises(LbxError) as ei:
-        config.validated_edit(bad, "backend set-weight")
+        edits.validated(bad, "backend set-weight")
     assert ei.value.message == ("backend set-weight: VIP 10.0.0.1:80/tcp backend 10.0.1.1:80 weight: "
                                 "-1 is out of range (0-1000)")
     assert ei.value.exit_code == 2

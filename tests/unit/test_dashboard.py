@@ -84,6 +84,7 @@ def daemon_samples() -> dict[str, set[str]]:
     durations, backend health (one of each observed so that every sample appears)."""
     from lbxdp.daemon import Daemon
     from lbxdp.health import HealthCheck, TargetState
+    from lbxdp.model import BackendId
 
     reg = CollectorRegistry()
     d = Daemon(Instance("eth0"), "lb.toml")
@@ -93,8 +94,8 @@ def daemon_samples() -> dict[str, set[str]]:
     m["check"].labels("eth0", "10.112.0.10:8080/tcp", "10.111.0.11:8080", "ok").observe(0.001)
 
     class Checker:
-        def states(self) -> dict[str, TargetState]:
-            return {"10.112.0.10:8080/tcp|10.111.0.11:8080": TargetState(True, 0.0, None, 0, 0, 0)}
+        def states(self) -> dict[BackendId, TargetState]:
+            return {BackendId.parse("10.112.0.10:8080/tcp|10.111.0.11:8080"): TargetState(True, 0.0, None, 0, 0, 0)}
     d._checker = Checker()
     assert HealthCheck("tcp")  # the engine the daemon feeds these from
     names: dict[str, set[str]] = {}

@@ -23,8 +23,8 @@ B1, B2 = model.Backend(A("10.0.1.1"), 80), model.Backend(A("10.0.1.2"), 80, weig
 BK = model.Backend(A("10.0.1.9"), 80, backup=True)
 
 
-def ref(v: model.Vip, b: model.Backend) -> tuple:
-    return (v.key, b.address, b.port)
+def ref(v: model.Vip, b: model.Backend) -> model.BackendId:
+    return v.id_of(b)
 
 
 def test_weights_are_scaled_and_drains_weigh_nothing() -> None:
@@ -54,12 +54,12 @@ def test_slow_start_ramps_from_zero_to_the_weight() -> None:
 def test_state_tracks_joins_and_forgets_what_left() -> None:
     v1 = vip(B1)
     st = applied.State().moved_to(model.Config((v1,)), now=10.0)
-    assert st.joined == {applied.ref_key(ref(v1, B1)): 10.0}
+    assert st.joined == {v1.id_of(B1): 10.0}
     v2 = vip(B1, B2)
-    st.draining[applied.ref_key(ref(v2, B1))] = 50.0
+    st.draining[v2.id_of(B1)] = 50.0
     st2 = st.moved_to(model.Config((v2,)), now=20.0)
-    assert st2.joined == {applied.ref_key(ref(v2, B1)): 10.0, applied.ref_key(ref(v2, B2)): 20.0}
-    assert st2.expired_drains(49.0) == [] and st2.expired_drains(50.0) == [applied.ref_key(ref(v2, B1))]
+    assert st2.joined == {v2.id_of(B1): 10.0, v2.id_of(B2): 20.0}
+    assert st2.expired_drains(49.0) == [] and st2.expired_drains(50.0) == [v2.id_of(B1)]
     done = st2.moved_to(st2.without(st2.expired_drains(50.0)), now=50.0)
     assert done.cfg.vips[0].backends == (B2,) and done.draining == {}
     rt = st2.runtime(now=30.0)
@@ -71,7 +71,7 @@ def test_state_survives_a_round_trip(tmp_path, monkeypatch) -> None:
     from lbxdp.paths import Instance
     inst = Instance("eth9")
     st = applied.State().moved_to(model.Config((vip(B1, B2, BK, slow_start=5),)), now=1.0)
-    st.draining["x"] = 3.0
+    st.draining[model.BackendId.parse("10.0.0.9:80/tcp|10.0.1.9:80")] = 3.0   # kept, though of no VIP
     applied.save(inst, st)
     back = applied.load(inst)
     assert back.cfg == st.cfg and back.joined == st.joined and back.draining == st.draining
