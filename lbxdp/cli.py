@@ -257,7 +257,7 @@ def doctor(ctx: click.Context, ifname: str | None) -> None:
 @needs_root
 def demo(backends: int, connections: int, mode: str, scheduler: str) -> None:
     """Build a namespace rig, balance real TCP and UDP over v4 and v6 VIPs, show the counts, clean up."""
-    from . import demo as d
+    from .lab import demo as d
     d.run(backends=backends, connections=connections, mode=mode, scheduler=scheduler, echo=click.echo)
 
 
@@ -273,7 +273,7 @@ def rig() -> None:
 @needs_root
 def rig_up(backends: int, prefix: str | None) -> None:
     """Build a rig that stays up; prints its prefix and what to try."""
-    from .rig import Rig, RigSpec
+    from .lab.rig import Rig, RigSpec
     if prefix is not None:
         _check_new_prefix(prefix)
     spec = RigSpec(backends=backends) if prefix is None else RigSpec(backends=backends, prefix=prefix)
@@ -282,7 +282,7 @@ def rig_up(backends: int, prefix: str | None) -> None:
     click.echo(f"rig {p} is up: namespaces {', '.join(r.ns(x) for x in ['cli', 'lb', *r.backends])}")
     click.echo(f"  config for the balancer:  lbxdp rig config {p} > lb.toml")
     click.echo(f"  attach:                   lbxdp --netns {r.ns('lb')} attach eth0 --config lb.toml --mode generic")
-    click.echo(f"  try it:                   lbxdp rig exec --prefix {p} cli -- {sys.executable} -m lbxdp.echo client tcp {r.spec.vip4} {r.spec.port} --count 9")
+    click.echo(f"  try it:                   lbxdp rig exec --prefix {p} cli -- {sys.executable} -m lbxdp.lab.echo client tcp {r.spec.vip4} {r.spec.port} --count 9")
     click.echo(f"  remove it:                lbxdp --netns {r.ns('lb')} detach eth0; lbxdp rig down {p}")
 
 
@@ -295,7 +295,7 @@ def _check_new_prefix(prefix: str) -> None:
 
     from pyroute2 import netns as pr_netns
 
-    from .rig import Rig
+    from .lab.rig import Rig
     if not re.fullmatch(_PREFIX, prefix):
         raise LbxError(f"rig prefix {prefix!r} is not 2-12 characters of a-z and 0-9 starting with a letter",
                        "e.g. --prefix lab1", exit_code=2)
@@ -306,7 +306,7 @@ def _check_new_prefix(prefix: str) -> None:
 
 def _rigs(prefix: str | None = None) -> list:
     """The rigs that are up (only PREFIX's if given; an error if none)."""
-    from .rig import Rig
+    from .lab.rig import Rig
     found = [Rig.load_state(p) for p in Rig.state_files()]
     found = [r for r in found if prefix in (None, r.spec.prefix)]
     if not found:
@@ -361,7 +361,7 @@ def rig_exec(role: str, argv: tuple[str, ...], prefix: str | None) -> None:
 def rig_down(prefix: str | None, all_: bool) -> None:
     """Remove rig PREFIX (or every rig, with --all): servers, namespaces, state."""
     if (prefix is None) == (not all_):
-        from .rig import Rig
+        from .lab.rig import Rig
         up = ", ".join(Rig.load_state(f).spec.prefix for f in Rig.state_files()) if prefix is None else ""
         raise LbxError("say which rig to remove: a PREFIX" + (f" (up: {up})" if up else "") + ", or --all"
                        if prefix is None else "give a PREFIX or --all, not both",

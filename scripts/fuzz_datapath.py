@@ -41,6 +41,7 @@ from pathlib import Path
 
 from lbxdp import abi, bpfsys, loader, model
 from lbxdp.balancer import Balancer
+from lbxdp.lab.traffic import inet_checksum
 from lbxdp.maps import Maps
 
 XDP_VERDICTS = {0: "XDP_ABORTED", 1: "XDP_DROP", 2: "XDP_PASS", 3: "XDP_TX"}
@@ -68,13 +69,7 @@ def config() -> model.Config:
 
 
 # --- frames ---------------------------------------------------------------------------------------
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
+_csum = inet_checksum   # RFC 1071, the lab's (scripts/bench_datapath.py uses it too)
 
 
 def build(rng: random.Random, vip: tuple[bytes, int, int], own_mac: bytes) -> bytes:

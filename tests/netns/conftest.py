@@ -1,7 +1,7 @@
-"""Fixtures for tests/netns: real sockets across namespaces built by lbxdp.rig.
+"""Fixtures for tests/netns: real sockets across namespaces built by lbxdp.lab.rig.
 
-The topology (client, balancer, backends on one bridge; DSR) is drawn in lbxdp/rig.py's
-docstring. Test bodies use the Rig API (rig.run, rig.tcp_names, rig.ping, ...) and never call
+The topology (client, balancer, backends on one bridge; DSR) is drawn in lbxdp/lab/rig.py's
+docstring, the other shapes in lbxdp/lab/shapes.py's. Test bodies use the Rig API (rig.run, rig.tcp_names, rig.ping, ...) and never call
 netlink verbs themselves. Every fixture removes what it built, even when the test fails, and
 checks that nothing of it is left.
 """
@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from lbxdp.rig import HOST_IF, LB, Rig, RigSpec, Server
+from lbxdp.lab.rig import HOST_IF, LB, Rig, RigSpec, Server
 
 
 def _assert_gone(rig: Rig, servers: list[Server]) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from lbxdp.paths import Instance
-from lbxdp.rig import HOST_IF, LB, Rig
+from lbxdp.lab.rig import HOST_IF, LB, Rig
 
 REPO = Path(__file__).resolve().parents[2]
 _EVENT = re.compile(r"^lbxdp\[(\d+)\]: (\S+) ?(.*)$")

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import pytest
 
 from lbxdp.paths import Instance
-from lbxdp.rig import FAILED, HOST_IF, LB, Rig
+from lbxdp.lab.rig import FAILED, HOST_IF, LB, Rig
 
 from .daemon import REPO, Daemon, started_daemons
 

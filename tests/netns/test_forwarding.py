@@ -1,7 +1,7 @@
 """Real sockets across real namespaces: the client talks to VIPs, lbxdp on the balancer forwards.
 
 Every test here goes through the real `lbxdp` command (attach, status --json, detach) in the
-balancer's namespace and through real TCP/UDP servers on the backends (lbxdp.echo).
+balancer's namespace and through real TCP/UDP servers on the backends (lbxdp.lab.echo).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from lbxdp.rig import FAILED, HOST_IF, LB, Rig
+from lbxdp.lab.rig import FAILED, HOST_IF, LB, Rig
 
 CONNS = 300          # per VIP and family, as the issue asks
 SHARE_TOLERANCE = 0.20

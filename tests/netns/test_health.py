@@ -4,7 +4,7 @@ The daemon is the real command, `python -m lbxdp --netns <lb> run eth0 --config 
 generic`, one per test (it attaches, checks, and detaches on SIGTERM). Backends fail the way real
 ones do: their echo server stops (TCP RST, ICMP port unreachable), an HTTP endpoint answers 500,
 an nftables rule black-holes their port. Clients are the rig's: Rig.tcp_hello from this process
-when each connection must be timed, lbxdp.echo clients (Rig.tcp_names, Rig.udp_flows) otherwise.
+when each connection must be timed, lbxdp.lab.echo clients (Rig.tcp_names, Rig.udp_flows) otherwise.
 
 What each test pins down:
 - test_a_stopped_backend_gets_no_new_connection_after_detection_and_rejoins: new connections
@@ -45,8 +45,9 @@ from typing import Any, Callable, Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from lbxdp.health import HealthCheck
 from lbxdp.paths import Instance
-from lbxdp.rig import FAILED, HOST_IF, LB, Rig
+from lbxdp.lab.rig import FAILED, HOST_IF, LB, Rig
 
 from .daemon import REPO, Daemon, started_daemons
 
@@ -103,7 +104,7 @@ def nft(rig: Rig) -> Iterator[Callable[[str, str], None]]:
 
 @pytest.fixture
 def http_backends(rig: Rig, tmp_path: Path) -> Iterator[dict[str, Path]]:
-    """An HTTP responder (`python -m lbxdp.echo http`) on port HTTP_PORT in every backend, each
+    """An HTTP responder (`python -m lbxdp.lab.echo http`) on port HTTP_PORT in every backend, each
     answering with the status code in its file (the returned {role: status file}; 200 to start).
 
     Scope: function. Depends on: rig. Cleanup: each responder is stopped by its PID (SIGTERM,
@@ -117,7 +118,7 @@ def http_backends(rig: Rig, tmp_path: Path) -> Iterator[dict[str, Path]]:
             log = open(tmp_path / f"{role}.http.log", "wb")
             with log:
                 procs.append(subprocess.Popen(
-                    [*rig.ns_cmd(role), sys.executable, "-m", "lbxdp.echo", "http", "--name", role,
+                    [*rig.ns_cmd(role), sys.executable, "-m", "lbxdp.lab.echo", "http", "--name", role,
                      "--port", str(HTTP_PORT), "--status-file", str(f)],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
         for role, p in zip(files, procs):
@@ -194,18 +195,12 @@ def all_checked(rig: Rig, vip: str, roles: list[str], detail: str = "connected")
     return ok
 
 
-def vip_toml(rig: Rig, version: int = 4, proto: str = "tcp", *, check: dict[str, Any] | None = None,
-             scheduler: str = "rr", roles: list[str] = BACKENDS, **vip_keys: str) -> str:
-    """One [[vip]]: the rig's VIP (DSR) with these backends, a [vip.health] table and extra VIP
-    keys (on_backend_down, on_all_down). Concatenate several for a config file."""
-    vip, addr = (rig.spec.vip4, rig.addr4) if version == 4 else (rig.spec.vip6, rig.addr6)
-    out = ["[[vip]]", f'address = "{vip}"', f"port = {rig.spec.port}", f'protocol = "{proto}"',
-           'mode = "dsr"', f'scheduler = "{scheduler}"', *(f"{k} = {json.dumps(v)}" for k, v in vip_keys.items()), ""]
-    if check:
-        out += ["  [vip.health]", *(f"  {k} = {json.dumps(v)}" for k, v in check.items()), ""]
-    for role in roles:
-        out += ["  [[vip.backend]]", f'  address = "{addr(role)}"', ""]
-    return "\n".join(out) + "\n"
+def vip_toml(rig: Rig, version: int = 4, proto: str = "tcp", *, check: HealthCheck | None = None,
+             scheduler: str = "rr", roles: list[str] = BACKENDS, **vip_fields: str) -> str:
+    """A config file with one VIP: the rig's (DSR) with these backends, this health check and
+    other Vip fields (on_backend_down, on_all_down); built as model values, written by
+    config.dump. Concatenate several for a config file."""
+    return rig.vip_toml(version, proto, roles, scheduler=scheduler, health=check, **vip_fields)
 
 
 @dataclass(frozen=True)
@@ -272,12 +267,12 @@ def test_a_stopped_backend_gets_no_new_connection_after_detection_and_rejoins(
     server answers again (+ the apply); measured to the first new connection it greets.
     """
     rig, victim = servers, "be1"
-    check = {"type": "tcp", "interval": 0.5, "timeout": 0.25, "rise": 2, "fall": 2}
+    check = HealthCheck(type="tcp", interval=0.5, timeout=0.25, rise=2, fall=2)
     vip = rig.vip_name(4, "tcp")
     d = daemons(vip_toml(rig, 4, "tcp", check=check))
     poll("a first check of every backend", all_checked(rig, vip, BACKENDS))
-    bound_down = check["fall"] * check["interval"] + check["timeout"]
-    bound_up = check["rise"] * check["interval"]
+    bound_down = check.fall * check.interval + check.timeout
+    bound_up = check.rise * check.interval
 
     with Prober(rig, rig.spec.vip4) as p:
         t0 = time.time()
@@ -307,7 +302,7 @@ def test_a_stopped_backend_gets_no_new_connection_after_detection_and_rejoins(
     figures = (f"detection: last connection reaching the stopped {victim} ended {detect:.3f}s after it exited, "
                f"backend-down logged after {logged:.3f}s ({len(failed)} refused); rejoin: first connection "
                f"to it {rejoin:.3f}s after it answered again, backend-up logged after {t_up - t_started:.3f}s; "
-               f"design: down <= {bound_down:g}s, up in [{bound_up - check['interval']:g}, {bound_up:g}]s")
+               f"design: down <= {bound_down:g}s, up in [{bound_up - check.interval:g}, {bound_up:g}]s")
     print(f"\n[health] {figures}")
     assert ev["check"] == "connection refused", ev
     assert detect <= bound_down + SLACK, figures
@@ -315,7 +310,7 @@ def test_a_stopped_backend_gets_no_new_connection_after_detection_and_rejoins(
     assert len(after) >= 20 and all(a.name in ("be2", "be3") for a in after), Counter(a.name for a in after)
     assert rejoin <= bound_up + SLACK, figures
     # Hysteresis: one good check is not enough (a margin for when the server really started).
-    assert rejoin >= (check["rise"] - 1) * check["interval"] - 0.2, figures
+    assert rejoin >= (check.rise - 1) * check.interval - 0.2, figures
     assert not [a for a in back if a.error], [a for a in back if a.error][:5]
     assert {a.name for a in back if a.start > first.end} <= set(BACKENDS)
     assert t_end - t_started < 10
@@ -329,9 +324,10 @@ def test_http_500_fails_an_http_check_but_not_a_tcp_check(
     one checks TCP on the service port. be2's responder answers 500: only the HTTP-checked VIP
     drops it; with 200 again it comes back."""
     base = {"interval": 0.3, "timeout": 0.25, "rise": 2, "fall": 2}
-    http_check = {"type": "http", "port": HTTP_PORT, "path": "/health", "status": [200], **base}
+    http_check = HealthCheck(type="http", port=HTTP_PORT, http_path="/health", http_status=(200,), **base)
     vip4, vip6, sick = rig.vip_name(4, "tcp"), rig.vip_name(6, "tcp"), "be2"
-    d = daemons(vip_toml(rig, 4, "tcp", check=http_check) + vip_toml(rig, 6, "tcp", check={"type": "tcp", **base}))
+    d = daemons(vip_toml(rig, 4, "tcp", check=http_check)
+                + vip_toml(rig, 6, "tcp", check=HealthCheck(type="tcp", **base)))
     poll("a first check of every backend", lambda: all_checked(rig, vip4, BACKENDS, "HTTP 200")()
          and all_checked(rig, vip6, BACKENDS)())
 
@@ -362,7 +358,7 @@ def test_a_black_holed_backend_fails_by_timeout_without_delaying_the_others(
     check's SYN is never answered, so it fails only at its timeout. Design bound for the verdict:
     fall x interval + timeout. Meanwhile the other backends' checks keep their pace: over a few
     seconds each gets about one check per interval, every one fast, and the last one is recent."""
-    check = {"type": "tcp", "interval": 0.5, "timeout": 0.4, "rise": 2, "fall": 2}
+    check = HealthCheck(type="tcp", interval=0.5, timeout=0.4, rise=2, fall=2)
     vip, hole = rig.vip_name(4, "tcp"), "be2"
     key = {r: f"{vip}|{rig.endpoint(r)}" for r in BACKENDS}
     d = daemons(vip_toml(rig, 4, "tcp", check=check))
@@ -373,12 +369,12 @@ def test_a_black_holed_backend_fails_by_timeout_without_delaying_the_others(
     t_hole = time.time()
     t_event, ev = d.wait_event("backend-down", backend=rig.endpoint(hole))
     assert ev["check"] == "timeout", ev
-    assert float(ev["latency"]) >= check["timeout"] - 0.01, ev
+    assert float(ev["latency"]) >= check.timeout - 0.01, ev
     detect = t_event - t_hole
-    bound = check["fall"] * check["interval"] + check["timeout"]
+    bound = check.fall * check.interval + check.timeout
     assert detect <= bound + SLACK, f"black hole detected after {detect:.3f}s; design <= {bound:g}s"
     rows = wait_health(rig, vip, {hole: "down"}, last_check="timeout")
-    assert rows[hole]["check_latency"] >= check["timeout"] - 0.01, rows[hole]
+    assert rows[hole]["check_latency"] >= check.timeout - 0.01, rows[hole]
 
     c0, t0 = checks_json(rig), time.time()
     poll("3 s of checks under the black hole", lambda: time.time() - t0 >= 3.0 and checks_json(rig) != c0, timeout=10)
@@ -386,11 +382,11 @@ def test_a_black_holed_backend_fails_by_timeout_without_delaying_the_others(
     span = c1[key["be1"]]["at"] - c0[key["be1"]]["at"]
     for r in ("be1", "be3"):
         done = c1[key[r]]["checks"] - c0[key[r]]["checks"]
-        expected = (c1[key[r]]["at"] - c0[key[r]]["at"]) / check["interval"]
-        assert done >= expected - 1 and done >= 4, f"{r}: {done} checks in {span:.2f}s (one per {check['interval']}s)"
+        expected = (c1[key[r]]["at"] - c0[key[r]]["at"]) / check.interval
+        assert done >= expected - 1 and done >= 4, f"{r}: {done} checks in {span:.2f}s (one per {check.interval}s)"
         assert c1[key[r]]["last"] == "connected" and c1[key[r]]["latency"] < 0.2, c1[key[r]]
         # checks.json is rewritten once a second: the newest check is at most interval + 1 s old.
-        assert t1 - c1[key[r]]["at"] <= check["interval"] + 1.0 + SLACK, (r, t1 - c1[key[r]]["at"])
+        assert t1 - c1[key[r]]["at"] <= check.interval + 1.0 + SLACK, (r, t1 - c1[key[r]]["at"])
     assert c1[key[hole]]["last"] == "timeout" and c1[key[hole]]["checks"] > c0[key[hole]]["checks"]
     print(f"\n[health] black hole: backend-down {detect:.3f}s after the drop rule (design <= {bound:g}s); "
           f"the others meanwhile: {c1[key['be1']]['checks'] - c0[key['be1']]['checks']} and "
@@ -432,11 +428,11 @@ def test_a_flapping_backend_never_crashes_the_daemon_nor_gets_flows_while_down(
     status, and gets new connections.
     """
     rig, flapper = servers, "be1"
-    check = {"type": "tcp", "interval": 0.2, "timeout": 0.1, "rise": 2, "fall": 2}
+    check = HealthCheck(type="tcp", interval=0.2, timeout=0.1, rise=2, fall=2)
     vip = rig.vip_name(4, "tcp")
     d = daemons(vip_toml(rig, 4, "tcp", check=check, on_backend_down="migrate"))
     poll("a first check of every backend", all_checked(rig, vip, BACKENDS))
-    window = check["fall"] * check["interval"] + check["timeout"] + SLACK / 2
+    window = check.fall * check.interval + check.timeout + SLACK / 2
     stops: list[float] = []
     answering: list[float] = []            # when each restarted server answered again
 
@@ -498,7 +494,7 @@ def test_migrate_moves_a_dead_backends_udp_flows_and_keep_does_not(
     to it (unanswered; its packet counter grows by exactly their number), on "migrate" they are
     answered by the others; every other flow stays where it was on both."""
     rig, k = servers, 30
-    check = {"type": "udp", "interval": 0.3, "timeout": 0.25, "rise": 2, "fall": 2}
+    check = HealthCheck(type="udp", interval=0.3, timeout=0.25, rise=2, fall=2)
     keep, migrate = rig.vip_name(4, "udp"), rig.vip_name(6, "udp")
     d = daemons(vip_toml(rig, 4, "udp", check=check, scheduler="maglev", on_backend_down="keep")
                 + vip_toml(rig, 6, "udp", check=check, scheduler="maglev", on_backend_down="migrate"))
@@ -538,7 +534,7 @@ def test_all_backends_down_drops_or_passes_as_the_vip_says(
     balancer's netfilter never sees them; on the IPv6 one ("pass") they go up the balancer's own
     stack, counted as pass/no_backend, and its prerouting hook counts them."""
     n = 20
-    check = {"type": "tcp", "port": 9, "interval": 0.2, "timeout": 0.1, "rise": 1, "fall": 1}
+    check = HealthCheck(type="tcp", port=9, interval=0.2, timeout=0.1, rise=1, fall=1)
     drop, pas = rig.vip_name(4, "udp"), rig.vip_name(6, "udp")
     d = daemons(vip_toml(rig, 4, "udp", check=check, on_all_down="drop")
                 + vip_toml(rig, 6, "udp", check=check, on_all_down="pass"))
@@ -573,7 +569,7 @@ def test_set_health_forces_a_backend_out_and_in(servers: Rig, daemons: Callable[
     it back to its check; `up` keeps a failing one in (its new connections are then refused:
     that is what forcing it up means), and `auto` takes it out again."""
     rig = servers
-    check = {"type": "tcp", "interval": 0.3, "timeout": 0.25, "rise": 2, "fall": 2}
+    check = HealthCheck(type="tcp", interval=0.3, timeout=0.25, rise=2, fall=2)
     vip = rig.vip_name(4, "tcp")
     d = daemons(vip_toml(rig, 4, "tcp", check=check))
     poll("a first check of every backend", all_checked(rig, vip, BACKENDS))
@@ -619,7 +615,7 @@ def test_metrics_show_health_and_count_checks(servers: Rig, daemons: Callable[..
     """With --metrics, scraped from inside the balancer's namespace: lbxdp_backend_healthy is 0
     for the dead backend and 1 for the others; lbxdp_health_check_seconds_count grows."""
     rig, dead, listen = servers, "be3", "127.0.0.1:9842"
-    check = {"type": "tcp", "interval": 0.3, "timeout": 0.25, "rise": 2, "fall": 2}
+    check = HealthCheck(type="tcp", interval=0.3, timeout=0.25, rise=2, fall=2)
     vip = rig.vip_name(4, "tcp")
     d = daemons(vip_toml(rig, 4, "tcp", check=check), metrics=listen)
     d.wait_event("metrics")
@@ -652,7 +648,7 @@ def test_metrics_show_health_and_count_checks(servers: Rig, daemons: Callable[..
     assert healthy(m1) == {"be1": 1.0, "be2": 1.0, dead: 0.0}, healthy(m1)
     fails = {dict(k)["result"]: v for k, v in m1["lbxdp_health_check_seconds_count"].items()
              if dict(k)["backend"] == rig.endpoint(dead)}
-    assert fails.get("fail", 0) >= check["fall"], fails
+    assert fails.get("fail", 0) >= check.fall, fails
     m2 = poll("check counts to grow", lambda: (m := scrape()) and all(counts(m)[r] > counts(m1)[r] for r in BACKENDS)
               and m, timeout=10, every=0.3)
     print(f"\n[health] metrics: healthy {healthy(m2)}; checks {dict(counts(m1))} -> {dict(counts(m2))}")

@@ -3,7 +3,7 @@
 Real sockets, the real daemon and the real command: `python -m lbxdp --netns <lb> run eth0
 --config FILE --mode generic` runs in the balancer's namespace, every change goes through the
 `lbxdp` command (backend add/del/set-weight/drain, reload, attach, flows), and the clients are
-lbxdp.echo processes in the client namespace (Rig.hold for long-lived connections,
+lbxdp.lab.echo processes in the client namespace (Rig.hold for long-lived connections,
 Rig.tcp_names/udp_flows for new ones).
 
 What each test pins down:
@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from lbxdp.rig import FAILED, HOST_IF, LB, Rig, RigSpec
+from lbxdp.lab.rig import FAILED, HOST_IF, LB, Rig, RigSpec
 
 from .daemon import Daemon, started_daemons
 

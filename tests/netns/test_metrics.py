@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lbxdp import abi
-from lbxdp.rig import FAILED, HOST_IF, LB, Rig
+from lbxdp.lab.rig import FAILED, HOST_IF, LB, Rig
 
 Samples = dict[tuple[str, frozenset], float]
 

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from lbxdp.rig import CLI, FAILED, HOST_IF, LB, Rig
+from lbxdp.lab.rig import CLI, FAILED, HOST_IF, LB, Rig
 
 from .daemon import REPO, Daemon, started_daemons
 

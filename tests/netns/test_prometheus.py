@@ -32,7 +32,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from lbxdp.rig import FAILED, HOST_IF, LB, Rig
+from lbxdp.health import HealthCheck
+from lbxdp.lab.rig import FAILED, HOST_IF, LB, Rig
 
 PROMETHEUS = Path("/usr/bin/prometheus")
 DASHBOARD = Path(__file__).resolve().parents[2] / "dashboards" / "lbxdp.json"
@@ -105,9 +106,8 @@ def daemon(rig: Rig) -> Iterator[tuple[Rig, str]]:
     """
     port = rig.run(LB, sys.executable, "-c", FREE_PORT).stdout.strip()
     target = f"127.0.0.1:{port}"
-    health = '  [vip.health]\n  type = "tcp"\n  interval = 0.5\n  timeout = 0.4\n\n'
-    text = rig.lb_config_toml(scheduler="rr", with_mac=False).replace('scheduler = "rr"\n',
-                                                                     'scheduler = "rr"\n' + health)
+    text = rig.lb_config_toml(scheduler="rr", with_mac=False,
+                              health=HealthCheck(type="tcp", interval=0.5, timeout=0.4))
     with tempfile.NamedTemporaryFile("w", prefix="lbxdp-", suffix=".toml", delete=False) as f:
         f.write(text)
     proc = subprocess.Popen(lbxdp_cmd(rig, "run", HOST_IF, "--config", f.name, "--mode", "generic",

@@ -12,7 +12,8 @@ from collections import Counter
 
 import pytest
 
-from lbxdp.rig import CLI, FAILED, LB, Rig, RigError, RigSpec, Server
+from lbxdp.lab.processes import python_env
+from lbxdp.lab.rig import CLI, FAILED, LB, Rig, RigError, RigSpec, Server
 
 FAMILIES = [4, 6]
 
@@ -153,13 +154,13 @@ def test_a_second_rig_with_the_same_prefix_is_refused_and_harms_nothing(rig):
 
 def test_persistent_rig_is_taken_down_by_another_process():
     spec = RigSpec(backends=1)
-    code = ("from lbxdp.rig import Rig, RigSpec; "
+    code = ("from lbxdp.lab.rig import Rig, RigSpec; "
             f"print(Rig(RigSpec(prefix={spec.prefix!r}, backends=1)).up(persistent=True)"
             f".state_path({spec.prefix!r}))")
     path = Rig.state_path(spec.prefix)
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             timeout=60, env=Rig(spec)._server_env())
+                             timeout=60, env=python_env())
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == str(path)
         rig = Rig.load_state(path)
@@ -178,13 +179,13 @@ def test_a_rig_whose_builder_was_killed_can_be_adopted_and_removed():
     # SIGKILL gives no chance to clean up: the servers die with their parent (PR_SET_PDEATHSIG),
     # the namespaces stay until Rig.adopt(prefix).down() removes them.
     spec = RigSpec(backends=2)
-    code = ("import os, signal; from lbxdp.rig import Rig, RigSpec; "
+    code = ("import os, signal; from lbxdp.lab.rig import Rig, RigSpec; "
             f"r = Rig(RigSpec(prefix={spec.prefix!r}, backends=2)).up(); "
             "print(*[f'{s.pid}:{s.start_time}' for s in r.servers.values()], flush=True); "
             "os.kill(os.getpid(), signal.SIGKILL)")
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             timeout=60, env=Rig(spec)._server_env())
+                             timeout=60, env=python_env())
         servers = [Server(*map(int, w.split(":"))) for w in out.stdout.split()]
         assert out.returncode == -9 and len(servers) == 2, out.stderr
         assert len(Rig.adopt(spec.prefix).leftovers()) == 5  # namespaces sw, cli, lb, be1, be2

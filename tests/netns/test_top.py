@@ -23,7 +23,7 @@ from typing import Iterator
 import pytest
 
 from lbxdp import top
-from lbxdp.rig import FAILED, HOST_IF, LB, Rig
+from lbxdp.lab.rig import FAILED, HOST_IF, LB, Rig
 
 
 def lbxdp_cmd(rig: Rig, *argv: str) -> list[str]:

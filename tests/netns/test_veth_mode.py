@@ -17,7 +17,7 @@ from typing import Iterator
 
 import pytest
 
-from lbxdp.rig import FAILED, HOST_IF, LB, SW, Rig
+from lbxdp.lab.rig import FAILED, HOST_IF, LB, SW, Rig
 
 
 def lbxdp(rig: Rig, *argv: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -1,9 +1,9 @@
 """The pure parts of the lifecycle tooling, without root, kernel or network.
 
 - `lbxdp flows`: which connection-table entries a --vip/--backend filter picks, and the counts.
-- lbxdp.echo's hold client: how it names failures, its numbered lines, and one connection's
+- lbxdp.lab.echo's hold client: how it names failures, its numbered lines, and one connection's
   round against a socketpair (AF_UNIX: no network); argument bounds of `hold` and --sport-base.
-- lbxdp.rig's config helpers: the TOML they write parses to the VIP they describe.
+- lbxdp.lab's config helpers: the TOML they write (model + config.dump) parses to the VIP they describe.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import threading
 import pytest
 from click.testing import CliRunner
 
-from lbxdp import cli, config, echo, model
+from lbxdp import cli, config, model
 from lbxdp.cli_ops import flow_counts, flow_matcher, parse_endpoint, parse_vip
 from lbxdp.maps import FlowEntry
-from lbxdp.rig import Rig, RigSpec
+from lbxdp.lab.echo import hold
+from lbxdp.lab.echo.__main__ import main as echo_main
+from lbxdp.lab.rig import Rig, RigSpec
 
 A = ipaddress.ip_address
 VIP = "10.112.0.10:8080/tcp"
@@ -80,17 +82,17 @@ def test_flows_commands_are_listed() -> None:
     (ValueError("sent x"), "mismatch"),
 ])
 def test_error_names(exc: BaseException, name: str) -> None:
-    assert echo.error_name(exc) == name
+    assert hold.error_name(exc) == name
 
 
 def test_hold_messages_are_numbered_lines() -> None:
-    assert echo.hold_message(3, 17) == b"3 17\n"
+    assert hold.hold_message(3, 17) == b"3 17\n"
 
 
-def _held_pair(reply) -> tuple[echo.Held, socket.socket, threading.Thread]:
+def _held_pair(reply) -> tuple[hold.Held, socket.socket, threading.Thread]:
     """A Held whose socket's peer answers each line with reply(line) (None: close)."""
     ours, peer = socket.socketpair()
-    h = echo.Held(3)
+    h = hold.Held(3)
     h.sock, h.backend = ours, "be1"
 
     def serve() -> None:
@@ -140,14 +142,14 @@ def test_held_round_times_out() -> None:
     ["client", "udp", "10.0.0.1", "80", "--sport-base", "65500", "--count", "100"],
     ["client", "udp", "10.0.0.1", "80", "--sport-base", "80"],
     ["hold", "tcp", "10.0.0.1", "80", "--conns", "0"],
-    ["hold", "tcp", "10.0.0.1", "80", "--conns", str(echo.MAX_CONNS + 1)],
+    ["hold", "tcp", "10.0.0.1", "80", "--conns", str(hold.MAX_CONNS + 1)],
     ["hold", "tcp", "10.0.0.1", "80", "--duration", "0"],
     ["hold", "tcp", "10.0.0.1", "80", "--duration", "1e9"],
     ["hold", "udp", "10.0.0.1", "80"],
 ])
 def test_client_arguments_are_bounded(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as e:
-        echo.main(argv)
+        echo_main(argv)
     assert e.value.code == 2
 
 

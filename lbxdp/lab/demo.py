@@ -1,9 +1,10 @@
 """`lbxdp demo`: the whole product on a namespace rig, in about half a minute.
 
-Builds the rig (client, balancer, N backends on one L2 segment, see lbxdp.rig), attaches lbxdp to
-the balancer with the real CLI, sends real TCP connections and UDP datagrams to a v4 and a v6
-VIP from the client, prints which backend served what and the balancer's own counters, then
-removes everything: on success, on failure, on Ctrl-C and on SIGTERM.
+Builds the rig (client, balancer, N backends on one L2 segment, see lbxdp.lab.rig), attaches
+lbxdp to the balancer with the real CLI (the config built by lbxdp.lab.configs), sends real TCP
+connections and UDP datagrams to a v4 and a v6 VIP from the client, prints which backend served
+what and the balancer's own counters, then removes everything: on success, on failure, on Ctrl-C
+and on SIGTERM.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import tempfile
 from collections import Counter
 from typing import Any, Callable
 
-from .errors import LbxError
-from .rig import FAILED, HOST_IF, LB, Rig, RigSpec
+from ..errors import LbxError
+from .rig import Rig
+from .shapes import HOST_IF, LB, RigSpec
+from .traffic import FAILED
 
 
 def lbxdp(*argv: str) -> subprocess.CompletedProcess[str]:
