@@ -7,7 +7,7 @@
  * program is attached to it in native mode. Without it those frames are silently dropped and
  * counted as tx errors on the sender. GRO on the peer (NAPI since 5.13) is not enough for XDP_TX:
  * the frames are queued and the peer is never woken to take them (measured: lbxdp/veth.py).
- * The namespace rig (lbxdp/rig.py, Rig.attach_peer_stub) attaches this program to the
+ * The namespace rig (lbxdp/lab/stub.py, Rig.attach_peer_stub) attaches this program to the
  * balancer's peer port in the switch namespace whenever the balancer runs in native mode.
  * Generic (skb) mode does not need it: XDP_TX there goes through the normal transmit path.
  *

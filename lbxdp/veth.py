@@ -3,7 +3,7 @@
 A veth hands an XDP_TX (or redirected) frame to its peer's receive ring only if that ring runs
 NAPI; without it veth_xdp_xmit() drops every such frame and counts it nowhere that lbxdp sees:
 native mode "works" and forwards nothing. Generic mode transmits through the stack and needs
-nothing from the peer. lbxdp/rig.py attaches a stub to its own peers (attach_peer_stub).
+nothing from the peer. lbxdp/lab/stub.py attaches a stub to its own peers (attach_peer_stub).
 
 Only an XDP program on the peer counts, not GRO. Since 5.13 GRO on the peer also gives its ring
 NAPI, and veth_xdp_xmit() then accepts the frames, but for XDP_TX veth_xdp_flush() wakes the
