@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 
 
 
-class CheckType(str, enum.Enum):
+class CheckType(enum.StrEnum):
     TCP = "tcp"     # the connection is established
     HTTP = "http"   # the status line's code is in http_status
     UDP = "udp"     # a reply arrives (containing udp_expect, when set)

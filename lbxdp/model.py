@@ -57,25 +57,25 @@ class Mode(str, enum.Enum):
         return abi.FwdMode[self.name]
 
 
-class OnBackendDown(str, enum.Enum):
+class OnBackendDown(enum.StrEnum):
     KEEP = "keep"        # established flows stay on a failed backend
     MIGRATE = "migrate"  # they lose their connection-table entries and move on
 
 
-class OnAllDown(str, enum.Enum):
+class OnAllDown(enum.StrEnum):
     DROP = "drop"        # no usable backend: drop in XDP
     PASS = "pass"        # ... or pass to the kernel
 
 
-class HealthOverride(str, enum.Enum):
+class HealthOverride(enum.StrEnum):
     """`lbxdp backend set-health`: force a backend up or down, or hand it back to its check."""
     UP = "up"
     DOWN = "down"
     AUTO = "auto"
 
 
-class XdpMode(str, enum.Enum):
-    """How the program is attached (str values: lbxdp.loader compares them with its strings)."""
+class XdpMode(enum.StrEnum):
+    """How the program is attached (a StrEnum: lbxdp.loader compares and formats it as its string)."""
     AUTO = "auto"        # native, falling back to generic with a warning
     NATIVE = "native"
     GENERIC = "generic"

@@ -93,6 +93,8 @@ def test_closed_sets_are_enums_and_their_strings_still_compare() -> None:
     v = Vip(A("10.0.0.1"), 80, Protocol.TCP, backends=(BE1,), on_all_down="pass", on_backend_down="migrate")
     assert v.on_all_down is model.OnAllDown.PASS and v.on_backend_down is model.OnBackendDown.MIGRATE
     assert v.on_all_down == "pass" and model.XdpMode("generic") == "generic"
+    # messages format them as their strings ("cannot attach XDP to eth0 in native mode")
+    assert f"{model.XdpMode.NATIVE} {model.CheckType.UDP} {model.OnAllDown.PASS}" == "native udp pass"
     assert HealthCheck("udp").type is model.CheckType.UDP
     assert config.parse(config.dump(Config((v,)))) == Config((v,))
 
