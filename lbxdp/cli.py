@@ -114,8 +114,10 @@ def attach(ctx: click.Context, ifname: str, config_path: str, mode: str, force: 
         click.echo(f"  {line}")
     if not res.upgraded:
         verb = "attached"
-    elif res.recreated:
-        verb = f"re-attached (maps recreated, their entries lost: {', '.join(res.recreated)})"
+    elif res.recreated or res.migrated:
+        how = ([f"maps migrated to the new layout: {', '.join(res.migrated)}"] if res.migrated else []) + \
+              ([f"maps recreated, their entries lost: {', '.join(res.recreated)}"] if res.recreated else [])
+        verb = f"re-attached ({'; '.join(how)}; the others kept)"
     else:
         verb = "re-attached (maps kept)"
     click.echo(f"{verb} to {inst.label} ({res.mode}, program id {res.prog_id}); "

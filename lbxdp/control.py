@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from . import __version__, abi, applied, bpfsys, edits, loader, model, neigh
+from . import __version__, abi, applied, bpfsys, edits, loader, migrate, model, neigh
 from .balancer import Balancer, Diff
 from .errors import LbxError
 from .maps import Maps
@@ -33,6 +33,7 @@ class AttachResult:
     diff: Diff
     upgraded: bool
     recreated: tuple[str, ...] = ()   # maps pinned before this attach that it could not keep
+    migrated: tuple[str, ...] = ()    # maps converted to a new layout: 'lbx_backends (12 entries)'
 
 
 def pinned_map_ids(inst: Instance) -> dict[str, int]:
@@ -91,12 +92,16 @@ def attach(inst: Instance, cfg: model.Config, mode: model.XdpMode = model.XdpMod
     loader.ensure_bpffs()
     private_dirs(inst, create=True)  # the roots and instance directories: root's, mode 0700
     upgraded = inst.exists()
+    build = build or loader.BuildConfig(inst.pin_dir)
+    adopted = migrate.upgrade(inst, build) if upgraded else {}   # pins of another layout converted
     before = pinned_map_ids(inst) if upgraded else {}
-    prog = loader.compile_program(build or loader.BuildConfig(inst.pin_dir))
+    prog = loader.compile_program(build)
     recreated = tuple(n for n, i in before.items() if n not in prog.maps or prog.maps[n].info.id != i)
     recreated += tuple(n for n in prog.maps if upgraded and n not in before)
+    recreated += tuple(n for n, how in adopted.items() if how == migrate.RECREATED)
+    migrated = tuple(f"{n} {how.removeprefix('migrated ')}" for n, how in adopted.items() if how.startswith("migrated"))
     try:
-        loader.save_schema(inst, prog.schema)
+        loader.save_schema(inst, prog.schema, prog.source, prog.layouts)
         maps = Maps(prog.maps)
         maps.set_own_mac(loader.hwaddr(inst.ifname))   # until then it forwards nothing
         diff = apply(inst, cfg, maps=maps, allow_empty=allow_empty, source=config_path)
@@ -113,7 +118,7 @@ def attach(inst: Instance, cfg: model.Config, mode: model.XdpMode = model.XdpMod
         raise
     finally:
         prog.close()
-    return AttachResult(used, prog.info.id, diff, upgraded, recreated)
+    return AttachResult(used, prog.info.id, diff, upgraded, recreated, migrated)
 
 
 def sync_own_mac(inst: Instance) -> tuple[str | None, str] | None:

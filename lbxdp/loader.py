@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -137,9 +138,28 @@ class Program:
     info: bpfsys.ProgInfo
     maps: dict[str, bpfsys.Map]
     schema: dict[str, dict[str, Any]] = field(default_factory=dict)
+    source: str = ""   # fingerprint() of what was compiled
+
+    @property
+    def layouts(self) -> dict[str, list[int]]:
+        """map name -> layout() of the map the program uses."""
+        return {n: list(layout(m.info)) for n, m in self.maps.items()}
 
     def close(self) -> None:
         self.bpf.cleanup()
+
+
+def layout(info: bpfsys.MapInfo) -> tuple[int, int, int, int, int]:
+    """What a map declaration fixes, and a reused pin must match: type, key and value size,
+    entries, flags (bcc does not compare them: see lbxdp/migrate.py)."""
+    return (info.type, info.key_size, info.value_size, info.max_entries, info.flags)
+
+
+def fingerprint(build: BuildConfig) -> str:
+    """A hash of the program build would compile (sources and flags): equal fingerprints declare
+    equal maps."""
+    text = render((build.src_dir or bpf_dir()) / "lbxdp.c") + "\0".join(build.cflags())
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def compile_program(build: BuildConfig) -> Program:
@@ -166,7 +186,7 @@ def compile_program(build: BuildConfig) -> Program:
     # Typed the same way as in a CLI process that opens the pins (open_pinned_maps).
     for name, (key_t, leaf_t) in decode_types(schema).items():
         maps[name] = bpfsys.Map(b.get_table(name.encode()).map_fd, key_t, leaf_t)
-    return Program(b, fn.fd, bpfsys.prog_info(fn.fd), maps, schema)
+    return Program(b, fn.fd, bpfsys.prog_info(fn.fd), maps, schema, fingerprint(build))
 
 
 def compile_stub() -> tuple[Any, int]:
@@ -176,9 +196,36 @@ def compile_stub() -> tuple[Any, int]:
     return b, b.load_func(abi.STUB_PROGRAM.encode(), bcc.BPF.XDP).fd
 
 
-def save_schema(inst: Instance, schema: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class SavedSchema:
+    """What schema.json says about the pinned maps: bcc's type description of each, and the
+    reason names lbx_reasons is indexed by (None in files written before they were saved, which
+    held the map descriptions only); lbxdp.migrate reads both to convert pins on an upgrade."""
+
+    maps: dict[str, dict[str, Any]]
+    reasons: list[str] | None = None
+    source: str = ""                                   # Program.source
+    layouts: dict[str, list[int]] = field(default_factory=dict)   # Program.layouts
+
+
+def save_schema(inst: Instance, schema: dict[str, Any], source: str = "",
+                layouts: dict[str, list[int]] | None = None) -> None:
     inst.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    atomic_write(inst.schema_file, json.dumps(schema))
+    atomic_write(inst.schema_file, json.dumps({"maps": schema, "reasons": [r.name for r in abi.Reason],
+                                               "source": source, "layouts": layouts or {}}))
+
+
+def read_schema(inst: Instance) -> SavedSchema | None:
+    """The saved schema, or None if there is none readable."""
+    try:
+        raw = json.loads(inst.schema_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict):
+        return None
+    if isinstance(raw.get("maps"), dict):
+        return SavedSchema(raw["maps"], raw.get("reasons"), raw.get("source", ""), raw.get("layouts", {}))
+    return SavedSchema(raw)   # the older format: map name -> description
 
 
 def open_pinned_maps(inst: Instance) -> dict[str, bpfsys.Map]:
@@ -187,12 +234,11 @@ def open_pinned_maps(inst: Instance) -> dict[str, bpfsys.Map]:
     if not inst.exists():
         raise LbxError(f"lbxdp is not attached to {inst.label}",
                        f"attach it: lbxdp attach {inst.ifname} --config FILE")
-    try:
-        schema = json.loads(inst.schema_file.read_text())
-    except (OSError, ValueError) as e:
+    saved = read_schema(inst)
+    if saved is None:
         raise LbxError(f"the map schema of {inst.label} is missing ({inst.schema_file})",
-                       f"re-attach to rebuild it: lbxdp attach {inst.ifname} --config FILE") from e
-    types = decode_types(schema)
+                       f"re-attach to rebuild it: lbxdp attach {inst.ifname} --config FILE")
+    types = decode_types(saved.maps)
     maps: dict[str, bpfsys.Map] = {}
     try:
         for name, (key, leaf) in types.items():
