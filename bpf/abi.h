@@ -136,7 +136,9 @@ _Static_assert(sizeof(struct vip_meta) == 16, "also update lbxdp/abi.py");
  *   encap (issue 10): __be16 encap_port (GUE destination port), __u8 encap_flags (e.g. an
  *     RSS-friendly outer source), __u16 mtu (largest inner packet before ICMP frag-needed);
  *   nat (issue 12): __u8 nat_flags (SNAT), __u16 nat_pool (index of the SNAT address/port pool);
- *   scheduling (issue 13): __u32 max_conns (connection cap); 3 bytes spare.
+ *   scheduling (issue 13): __u32 max_conns (connection cap), __u32 server_id (QUIC).
+ * 64 bytes, one cache line: no entry straddles two, and the verifier's inlined array lookup
+ * scales the index by a shift (a 48-byte entry took a multiply; docs/benchmarks.md).
  * mac is the next hop: the backend's own MAC on the segment (dsr, an on-link encap backend) or
  * the gateway's (a routed encap backend).
  */
@@ -149,9 +151,9 @@ struct backend {
 	__u16 gen;        /* bumped each time the id is given to a new (VIP, backend); kept while inactive */
 	__u32 vip_id;     /* the VIP this backend entry serves: one entry per (VIP, backend) */
 	__u8 mode;        /* enum lbx_fwd_mode: its VIP's, written by the control plane with the entry */
-	__u8 reserved[15]; /* zero; planned use above */
+	__u8 reserved[31]; /* zero; planned use above */
 };
-_Static_assert(sizeof(struct backend) == 48, "also update lbxdp/abi.py");
+_Static_assert(sizeof(struct backend) == 64, "also update lbxdp/abi.py");
 
 /* The 5-tuple as seen on the wire; also the key of the connection table. */
 struct flow_key {

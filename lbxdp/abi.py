@@ -26,7 +26,7 @@ BE_F_IN_TABLE = 0x02     # LBX_BE_F_IN_TABLE
 VIP_F_PASS_NO_BACKEND = 0x01  # LBX_VIP_F_PASS_NO_BACKEND
 CTL_F_MAC_SET = 0x0001   # LBX_CTL_F_MAC_SET
 CTL_SIZE = 64            # sizeof(struct lbx_ctl)
-BACKEND_SIZE = 48        # sizeof(struct backend)
+BACKEND_SIZE = 64        # sizeof(struct backend)
 
 PROGRAM = "lbxdp_ingress"
 STUB_PROGRAM = "xdp_stub"

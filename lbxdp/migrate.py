@@ -5,7 +5,7 @@ Why this is needed: bcc's BPF_TABLE_PINNED reuses a pinned map by its path witho
 with the declaration (src/cc/frontends/clang/b_frontend_action.cc opens the pin and keeps its map
 id; src/cc/bpf_module.cc create_maps then uses that map as it is: no check of type, key or value
 size, max_entries or flags). What happens next depends on what differs, measured on this kernel:
-  - a value larger than the pinned one (struct backend grew from 32 to 48 bytes in issue 9): the
+  - a value larger than the pinned one (struct backend grew from 32 to 64 bytes in issue 9): the
     verifier refuses the program ("invalid access to map value, value_size=32 off=32"), so attach
     fails;
   - more entries declared than pinned (lbx_reasons grew from 14 reasons to 21 in issue 8): the

@@ -14,6 +14,7 @@ costs per run. Nothing here is a test; it prints figures (and --json for machine
 
     sudo .venv/bin/python scripts/bench_datapath.py                 # 200k calls x 3 reps
     sudo .venv/bin/python scripts/bench_datapath.py --calls 500000 --reps 5 --cpu 1 --json
+    sudo .venv/bin/python scripts/bench_datapath.py --baseline-dir /tmp/old/bpf   # before/after in one run
 """
 
 from __future__ import annotations
@@ -158,6 +159,25 @@ def clear_flows(maps: Maps) -> None:
         maps.flow_map.delete(k)
 
 
+def program_cases(label: str, prog: loader.Program, new_flows: dict[str, list[bytes]], syn4: bytes) -> list[Case]:
+    """The cases of one compiled program, filled by the control plane; label prefixes their names."""
+    maps = Maps(prog.maps)
+    Balancer(maps).apply(config(), macs={})
+    maps.set_own_mac(LB_MAC)   # what attach does with the interface's MAC (no-op for older sources)
+    lb = bpfsys.TestRunner(prog.fd)
+
+    def clear() -> None:
+        clear_flows(maps)
+    return [
+        Case(f"{label}tcp syn new flow v4", lb, new_flows["v4"], XDP_TX, clear),
+        Case(f"{label}tcp syn new flow v4, rr", lb, new_flows["rr"], XDP_TX, clear),
+        Case(f"{label}tcp established v4", lb, [syn4], XDP_TX),
+        Case(f"{label}tcp syn new flow v6", lb, new_flows["v6"], XDP_TX, clear),
+        Case(f"{label}udp established v4", lb, [frame(CLIENT4, VIP4, 999, 53, 17, b"query")], XDP_TX),
+        Case(f"{label}non-vip pass v4", lb, [frame(CLIENT4, NOT_VIP4, 999, 80, 6)], XDP_PASS),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                          "cases insert --calls flows, so a smaller table evicts")
     ap.add_argument("--bpf-dir", type=Path, default=None,
                     help="compile the C sources in this directory instead (e.g. an older bpf/ from git show)")
+    ap.add_argument("--baseline-dir", type=Path, default=None,
+                    help="also measure the C sources in this directory in the same run (rows marked 'before:'), "
+                         "interleaved with the current ones, so that before/after share the machine's state")
     ap.add_argument("--max-seconds", type=float, default=900.0, help="give up after this long (900)")
     args = ap.parse_args(argv)
     if not 1_000 <= args.calls <= 5_000_000 or not 1 <= args.reps <= 20:
@@ -179,42 +202,36 @@ def main(argv: list[str] | None = None) -> int:
     cpu = max(os.sched_getaffinity(0)) if args.cpu is None else args.cpu
     os.sched_setaffinity(0, {cpu})
 
-    pin_dir = Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}")
-    prog = stub = None
+    pin_dirs: list[Path] = []
+    progs: list[loader.Program] = []
+    stub = None
     deadline = time.monotonic() + args.max_seconds
     try:
-        prog = loader.compile_program(loader.BuildConfig(pin_dir=pin_dir, flow_capacity=args.flow_capacity,
-                                                         src_dir=args.bpf_dir))
         stub, stub_fd = loader.compile_stub()
-        maps = Maps(prog.maps)
-        Balancer(maps).apply(config(), macs={})
-        maps.set_own_mac(LB_MAC)   # what attach does with the interface's MAC (no-op for older sources)
-        lb, floor = bpfsys.TestRunner(prog.fd), bpfsys.TestRunner(stub_fd)
         n = args.calls + WARMUP
         syn4 = frame(CLIENT4, VIP4, 999, 80, 6)
-        cases = [
-            Case("floor: xdp_stub (XDP_PASS)", floor, [syn4], XDP_PASS),
-            Case("tcp syn new flow v4", lb, new_flow_frames(n, VIP4, CLIENT4), XDP_TX, lambda: clear_flows(maps)),
-            Case("tcp syn new flow v4, rr", lb, new_flow_frames(n, VIP4, CLIENT4, 81), XDP_TX,
-                 lambda: clear_flows(maps)),
-            Case("tcp established v4", lb, [syn4], XDP_TX),
-            Case("tcp syn new flow v6", lb, new_flow_frames(n, VIP6, CLIENT6), XDP_TX, lambda: clear_flows(maps)),
-            Case("udp established v4", lb, [frame(CLIENT4, VIP4, 999, 53, 17, b"query")], XDP_TX),
-            Case("non-vip pass v4", lb, [frame(CLIENT4, NOT_VIP4, 999, 80, 6)], XDP_PASS),
-        ]
+        cases = [Case("floor: xdp_stub (XDP_PASS)", bpfsys.TestRunner(stub_fd), [syn4], XDP_PASS)]
+        new_flows = {"v4": new_flow_frames(n, VIP4, CLIENT4), "rr": new_flow_frames(n, VIP4, CLIENT4, 81),
+                     "v6": new_flow_frames(n, VIP6, CLIENT6)}
+        sources = [("", args.bpf_dir)] + ([("before: ", args.baseline_dir)] if args.baseline_dir else [])
+        for label, src in sources:
+            pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
+            progs.append(loader.compile_program(loader.BuildConfig(pin_dir=pin_dirs[-1], src_dir=src,
+                                                                   flow_capacity=args.flow_capacity)))
+            cases += program_cases(label, progs[-1], new_flows, syn4)
         reps: dict[str, list[float]] = {c.name: [] for c in cases}
         for _ in range(args.reps):  # cases interleaved per repetition, so drift hits them all alike
             for c in cases:
                 if time.monotonic() > deadline:
                     raise SystemExit(f"gave up after --max-seconds {args.max_seconds:.0f}")
                 reps[c.name].append(measure(c, args.calls))
-        clear_flows(maps)
     finally:
-        if prog is not None:
+        for prog in progs:
             prog.close()
         if stub is not None:
             stub.cleanup()
-        shutil.rmtree(pin_dir, ignore_errors=True)
+        for d in pin_dirs:
+            shutil.rmtree(d, ignore_errors=True)
 
     results = [Result(name, statistics.median(v), min(v), max(v), v) for name, v in reps.items()]
     floor_ns = results[0].ns_median

@@ -267,7 +267,7 @@ MUTATIONS = [
                  "LBX_FAMILY_V6", id="define-removed"),
     pytest.param(lambda t: t.replace("sizeof(struct lbx_ctl) == 64", "sizeof(struct lbx_ctl) == 72", 1),
                  "lbx_ctl", id="ctl-size-changed"),
-    pytest.param(lambda t: t.replace("sizeof(struct backend) == 48", "sizeof(struct backend) == 56", 1),
+    pytest.param(lambda t: t.replace("sizeof(struct backend) == 64", "sizeof(struct backend) == 56", 1),
                  "backend", id="backend-size-changed"),
     pytest.param(lambda t: t.replace("LBX_CTL_F_MAC_SET 0x0001", "LBX_CTL_F_MAC_SET 0x0002", 1),
                  "LBX_CTL_F_MAC_SET", id="ctl-flag-changed"),
