@@ -121,6 +121,16 @@ def load_to_replace(inst: Instance) -> State:
         return State()
 
 
+def load_runtime(inst: Instance) -> State:
+    """Only runtime.json (drains, joins, health verdicts, overrides), with an empty config: what
+    a metrics scrape needs, without parsing and validating applied.toml each time. An unreadable
+    or missing file gives an empty state (a scrape shows the maps whatever the record says)."""
+    try:
+        return _with_runtime(inst, model.Config())
+    except Unreadable:
+        return State()
+
+
 def _with_runtime(inst: Instance, cfg: model.Config) -> State:
     rt_file = inst.runtime_file
     try:

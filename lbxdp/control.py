@@ -12,9 +12,9 @@ import os
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from . import __version__, abi, applied, bpfsys, edits, loader, migrate, model, neigh
 from .balancer import Balancer, Diff
@@ -22,6 +22,9 @@ from .errors import LbxError
 from .maps import Maps
 from .model import BackendId, HealthOverride
 from .paths import Instance, atomic_write, private_dirs
+
+if TYPE_CHECKING:
+    from .view import InstanceStatus
 
 log = logging.getLogger(__name__)
 
@@ -302,51 +305,7 @@ def open_maps(inst: Instance) -> Iterator[Maps]:
         maps.close()
 
 
-def status(inst: Instance) -> dict[str, Any]:
-    """Everything `lbxdp status` shows, as plain data (also its --json output)."""
-    private_dirs(inst)
-    state = read_state(inst)
-    xdp: dict[str, Any] = {"attached": False}
-    try:
-        q = bpfsys.xdp_query(loader.ifindex(inst.ifname))
-        xdp = {"attached": bool(q.prog_id), "prog_id": q.prog_id, "mode": q.mode}
-    except LbxError:
-        xdp["error"] = f"interface {inst.ifname} not found"
-    told = applied.load(inst)
-    try:
-        checks = json.loads(inst.checks_file.read_text())
-    except (OSError, ValueError):
-        checks = {}
-    with open_maps(inst) as maps:
-        vips = [{"vip": v.name, "id": v.id, "mode": v.mode, "scheduler": v.scheduler,
-                 "table_size": v.table_size, **asdict(v.stats),
-                 "backends": [{"backend": b.name, "id": b.id, "mac": b.mac, "in_table": b.in_table,
-                               **asdict(b.stats), **_health_of(told, checks, _backend_id(v.name, b.name))}
-                              for b in v.backends]}
-                for v in maps.vip_views()]
-        reasons = [{"reason": r.label, "verdict": r.verdict, "packets": p, "bytes": b}
-                   for r, (p, b) in maps.reasons().items()]
-        flows = {"entries": maps.flow_count(), "capacity": maps.flow_map.info.max_entries}
-    return {"interface": inst.ifname, "netns": inst.netns, "pin_dir": str(inst.pin_dir),
-            "xdp": xdp, "state": state, "vips": vips, "reasons": reasons, "flows": flows}
-
-
-def _backend_id(vip: str, backend: str) -> BackendId:
-    """The identity of a backend entry the maps show by its names ('10.0.0.1:80/tcp', '10.0.1.1:80')."""
-    return BackendId(model.VipKey.parse(vip), *model.parse_endpoint(backend))
-
-
-def _health_of(told: applied.State, checks: dict[str, Any], bid: BackendId) -> dict[str, Any]:
-    """A backend's health as status shows it: up/down/unchecked, forced or not, since when, and
-    the daemon's last check (result and latency; checks.json is by backend key)."""
-    forced = told.overrides.get(bid)
-    rec, last = told.health.get(bid, {}), checks.get(bid.key, {})
-    if forced:
-        state = forced.value
-    elif bid.key in checks or rec:
-        state = "down" if told.is_down(bid) else "up"
-    else:
-        state = "unchecked"
-    return {"health": state, "forced": forced.value if forced else None, "health_since": rec.get("since", last.get("since")),
-            "last_check": last.get("last"), "check_latency": last.get("latency"),
-            "last_check_at": last.get("at"), "checks": last.get("checks")}
+def status(inst: Instance) -> InstanceStatus:
+    """Everything `lbxdp status` shows, typed (lbxdp.view; .to_json() is its --json output)."""
+    from . import view
+    return view.read(inst)

@@ -1,16 +1,23 @@
 """Prometheus metrics, read from the pinned maps at scrape time.
 
-LbxCollector.collect() asks its source for the instances, reads each one's maps once (a
-Snapshot), and turns that into metric families. Nothing polls and nothing keeps a second copy of
-the counters: the per-CPU maps are the only source of truth (see STYLE.md, "Metrics are read from
-the maps at scrape time").
+LbxCollector.collect() asks its source for the instances, reads each one once (an
+lbxdp.view.InstanceStatus: the same typed read `lbxdp status` shows), and turns that into metric
+families. Nothing polls and nothing keeps a second copy of the counters: the per-CPU maps are the
+only source of truth (see STYLE.md, "Metrics are read from the maps at scrape time").
 
-The source is injectable: PinnedMaps is the real one (control.open_maps on each Instance); the unit
-tests pass a fake that returns fixed Snapshots, and a fresh CollectorRegistry.
+The source is injectable: PinnedMaps is the real one (lbxdp.view.read on each Instance); the unit
+tests pass a fake that returns fixed InstanceStatus values, and a fresh CollectorRegistry.
 
 An instance whose maps cannot be read is reported as lbxdp_up{interface=...} 0 and counted in
 lbxdp_scrape_errors_total; it never fails the scrape, and it never emits half of its metrics
-(a snapshot is read whole before anything of it is yielded).
+(an instance is read whole before anything of it is yielded).
+
+Backend health (lbxdp_backend_healthy) is the daemon's: the checker's verdict per checked
+backend, which `lbxdp run` writes to the run directory (checks.json) once a second and on every
+transition. Read from there, it is the same family with the same labels whether `lbxdp run
+--metrics` or a standalone `lbxdp exporter` serves it. What stays daemon-only are the daemon's
+process metrics, which exist only in its memory: lbxdp_config_reloads_total, lbxdp_apply_seconds
+and lbxdp_health_check_seconds (see lbxdp.daemon.MetricsService).
 
 Cost: the counters are one lookup per VIP/backend/reason, but lbxdp_flow_table_entries walks the
 keys of the connection table (one syscall per entry: ~64k at a full table, tens of ms). It is
@@ -23,17 +30,17 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from . import __version__, abi, model
 from .errors import LbxError
-from .maps import VipView
 from .paths import Instance
+
+if TYPE_CHECKING:
+    from .view import InstanceStatus
 
 log = logging.getLogger(__name__)
 
@@ -41,27 +48,12 @@ DEFAULT_PORT = 9842
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """One instance's maps, read once."""
-
-    interface: str
-    vips: tuple[VipView, ...] = ()
-    reasons: dict[abi.Reason, tuple[int, int]] = field(default_factory=dict)   # (packets, bytes)
-    flow_entries: int = 0
-    flow_capacity: int = 0
-    version: str = ""
-    mode: str = ""
-    prog_id: int = 0
-    read_seconds: float = 0.0
-
-
 class Source(Protocol):
     def instances(self) -> Iterable[Instance]:
         """The instances to export, listed at each scrape (so a later attach shows up)."""
 
-    def read(self, inst: Instance) -> Snapshot:
-        """Read one instance's maps; raises if they cannot be read."""
+    def read(self, inst: Instance) -> InstanceStatus:
+        """Read one instance (lbxdp.view.read); raises if its maps cannot be read."""
 
 
 class PinnedMaps:
@@ -76,18 +68,9 @@ class PinnedMaps:
             return [Instance(i, self.netns) for i in self.ifnames]
         return [i for i in Instance.all() if i.netns == self.netns]
 
-    def read(self, inst: Instance) -> Snapshot:
-        from . import control  # imports the loader; kept out of `lbxdp --help`
-        t0 = time.monotonic()
-        state = control.read_state(inst)
-        with control.open_maps(inst) as maps:
-            vips = maps.vip_views()
-            reasons = maps.reasons()
-            entries = maps.flow_count()   # batched: 16 system calls for a full table
-            capacity = maps.flow_map.info.max_entries
-        return Snapshot(inst.ifname, vips, reasons, entries, capacity,
-                        str(state.get("version", "")), str(state.get("mode", "")),
-                        int(state.get("prog_id", 0) or 0), time.monotonic() - t0)
+    def read(self, inst: Instance) -> InstanceStatus:
+        from . import applied, view
+        return view.read(inst, told=applied.load_runtime)
 
 
 class LbxCollector(Collector):
@@ -104,7 +87,7 @@ class LbxCollector(Collector):
             self._errors += 1
 
     def collect(self) -> Iterable:
-        snaps: list[Snapshot] = []
+        snaps: list[InstanceStatus] = []
         up = GaugeMetricFamily("lbxdp_up", "1 if the instance's pinned maps could be read at this scrape, else 0.",
                                labels=["interface"])
         try:
@@ -125,7 +108,7 @@ class LbxCollector(Collector):
         yield from self._families(snaps)
 
     @staticmethod
-    def _families(snaps: list[Snapshot]) -> Iterable:
+    def _families(snaps: list[InstanceStatus]) -> Iterable:
         def counters(prefix: str, what: str, labels: list[str]) -> dict[str, CounterMetricFamily]:
             return {
                 "packets": CounterMetricFamily(f"{prefix}_packets_total", f"Packets {what}.", labels=labels),
@@ -139,6 +122,9 @@ class LbxCollector(Collector):
         in_table = GaugeMetricFamily("lbxdp_backend_in_table",
                                      "1 if the backend is in its VIP's live selection table, else 0 (draining).",
                                      labels=["interface", "vip", "backend"])
+        healthy = GaugeMetricFamily("lbxdp_backend_healthy", "1 if the backend passes its health check (after "
+                                    "rise/fall), 0 if not; only checked backends appear (written by `lbxdp run`).",
+                                    labels=["interface", "vip", "backend"])
         v_pkts = CounterMetricFamily("lbxdp_verdict_packets_total", "Packets by XDP verdict and reason.",
                                      labels=["interface", "verdict", "reason"])
         v_bytes = CounterMetricFamily("lbxdp_verdict_bytes_total", "Bytes by XDP verdict and reason.",
@@ -156,20 +142,25 @@ class LbxCollector(Collector):
             iface = s.interface
             for v in s.vips:
                 for k, fam in vip.items():
-                    fam.add_metric([iface, v.name], getattr(v.stats, k))
+                    fam.add_metric([iface, v.vip], getattr(v.stats, k))
                 for b in v.backends:
+                    labels = [iface, v.vip, b.backend]
                     for k, fam in be.items():
-                        fam.add_metric([iface, v.name, b.name], getattr(b.stats, k))
-                    in_table.add_metric([iface, v.name, b.name], 1 if b.in_table else 0)
+                        fam.add_metric(labels, getattr(b.stats, k))
+                    in_table.add_metric(labels, 1 if b.in_table else 0)
+                    if b.health.passing is not None:
+                        healthy.add_metric(labels, 1 if b.health.passing else 0)
+            reasons = s.reason_counts()
             for r in abi.Reason.exits():   # every reason, 0 if never seen: rate() needs the series
-                p, b = s.reasons.get(r, (0, 0))
+                p, b = reasons.get(r, (0, 0))
                 v_pkts.add_metric([iface, r.verdict, r.label], p)
                 v_bytes.add_metric([iface, r.verdict, r.label], b)
             entries.add_metric([iface], s.flow_entries)
             capacity.add_metric([iface], s.flow_capacity)
-            info.add_metric([iface], {"version": s.version, "mode": s.mode, "prog_id": str(s.prog_id)})
+            info.add_metric([iface], {"version": s.state.version, "mode": s.state.mode,
+                                      "prog_id": str(s.state.prog_id)})
             took.add_metric([iface], s.read_seconds)
-        yield from (*vip.values(), *be.values(), in_table, v_pkts, v_bytes, entries, capacity, info, took)
+        yield from (*vip.values(), *be.values(), in_table, healthy, v_pkts, v_bytes, entries, capacity, info, took)
 
 
 def make_registry(source: Source, registry: CollectorRegistry | None = None) -> CollectorRegistry:

@@ -1,7 +1,7 @@
 """`lbxdp top`: the counters as live rates, per VIP and backend, and verdicts by reason.
 
-Each refresh reads the same data as `lbxdp status --json` (control.status(), one dict per
-instance) and turns two consecutive reads into rates over the time between them. That step is
+Each refresh reads what `lbxdp status` reads (control.status(): one lbxdp.view.InstanceStatus
+per instance) and turns two consecutive reads into rates over the time between them. That step is
 rates(), a pure function of two reads and the seconds between them; tests/unit/test_top.py feeds
 it fake reads. The rates are those Prometheus' rate() would give over the same two samples: a
 counter that went down restarted from 0 (a re-attach or a reused VIP/backend id), so its increase
@@ -27,7 +27,10 @@ import tty
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
-Read = Callable[[], list[dict[str, Any]]]   # one control.status() dict per instance
+from .maps import Stats
+from .view import InstanceStatus
+
+Read = Callable[[], list[InstanceStatus]]   # one control.status() per instance
 
 
 @dataclass(frozen=True)
@@ -97,14 +100,13 @@ def per_second(before: int | None, after: int, seconds: float, scale: int = 1) -
     return None if d is None or seconds <= 0 else d * scale / seconds
 
 
-def _row(name: str, cur: dict[str, Any], prev: dict[str, Any] | None, seconds: float,
-         in_table: bool | None = None) -> Row:
+def _row(name: str, cur: Stats, prev: Stats | None, seconds: float, in_table: bool | None = None) -> Row:
     def get(k: str) -> int | None:
-        return None if prev is None else int(prev[k])
-    return Row(name, int(cur["packets"]), int(cur["bytes"]), int(cur["new_flows"]),
-               per_second(get("packets"), int(cur["packets"]), seconds),
-               per_second(get("bytes"), int(cur["bytes"]), seconds, scale=8),
-               per_second(get("new_flows"), int(cur["new_flows"]), seconds), in_table)
+        return None if prev is None else getattr(prev, k)
+    return Row(name, cur.packets, cur.bytes, cur.new_flows,
+               per_second(get("packets"), cur.packets, seconds),
+               per_second(get("bytes"), cur.bytes, seconds, scale=8),
+               per_second(get("new_flows"), cur.new_flows, seconds), in_table)
 
 
 def _sum(values: Iterable[float | None]) -> float | None:
@@ -113,7 +115,7 @@ def _sum(values: Iterable[float | None]) -> float | None:
     return sum(known) if known else None
 
 
-def rates(prev: dict[str, Any] | None, cur: dict[str, Any], seconds: float) -> Frame:
+def rates(prev: InstanceStatus | None, cur: InstanceStatus, seconds: float) -> Frame:
     """The frame for one instance from two control.status() reads `seconds` apart.
 
     prev None (no earlier read yet) or seconds <= 0: counters only, every rate None. Rows are
@@ -122,34 +124,32 @@ def rates(prev: dict[str, Any] | None, cur: dict[str, Any], seconds: float) -> F
     """
     if seconds <= 0:
         prev = None
-    old_vips = {v["vip"]: v for v in (prev or {}).get("vips", [])}
+    old_vips = {v.vip: v for v in prev.vips} if prev is not None else {}
     vips = []
-    for v in cur["vips"]:
-        pv = old_vips.get(v["vip"])
-        old_bes = {b["backend"]: b for b in (pv or {}).get("backends", [])}
-        bes = tuple(_row(b["backend"], b, old_bes.get(b["backend"]), seconds, bool(b["in_table"]))
-                    for b in v["backends"])
-        vips.append(Vip(_row(v["vip"], v, pv, seconds), v.get("mode", ""), v.get("scheduler", ""), bes))
+    for v in cur.vips:
+        pv = old_vips.get(v.vip)
+        old_bes = {b.backend: b.stats for b in pv.backends} if pv is not None else {}
+        bes = tuple(_row(b.backend, b.stats, old_bes.get(b.backend), seconds, b.in_table) for b in v.backends)
+        vips.append(Vip(_row(v.vip, v.stats, pv.stats if pv is not None else None, seconds), v.mode, v.scheduler, bes))
     total = Row("total", sum(v.row.packets for v in vips), sum(v.row.bytes for v in vips),
                 sum(v.row.new_flows for v in vips), _sum(v.row.pps for v in vips),
                 _sum(v.row.bps for v in vips), _sum(v.row.fps for v in vips))
-    old_reasons = {(r["verdict"], r["reason"]): r for r in (prev or {}).get("reasons", [])}
+    old_reasons = prev.reason_counts() if prev is not None else {}
     reasons = []
-    for r in cur["reasons"]:
-        pr = old_reasons.get((r["verdict"], r["reason"]))
-        reasons.append(Reason(r["verdict"], r["reason"], int(r["packets"]), int(r["bytes"]),
-                              per_second(None if pr is None else int(pr["packets"]), int(r["packets"]), seconds),
-                              per_second(None if pr is None else int(pr["bytes"]), int(r["bytes"]), seconds, 8)))
-    x = cur.get("xdp", {})
-    return Frame(cur["interface"], cur.get("netns"), bool(x.get("attached")), str(x.get("mode", "")),
-                 int(x.get("prog_id", 0) or 0), seconds if prev is not None else 0.0, tuple(vips), total,
-                 tuple(reasons), int(cur["flows"]["entries"]), int(cur["flows"]["capacity"]))
+    for r in cur.reasons:
+        pp, pb = old_reasons.get(r.reason, (None, None))
+        reasons.append(Reason(r.reason.verdict, r.reason.label, r.packets, r.bytes,
+                              per_second(pp, r.packets, seconds), per_second(pb, r.bytes, seconds, 8)))
+    x = cur.xdp
+    return Frame(cur.interface, cur.netns, x.attached, x.mode or "", x.prog_id or 0,
+                 seconds if prev is not None else 0.0, tuple(vips), total,
+                 tuple(reasons), cur.flow_entries, cur.flow_capacity)
 
 
-def frames(prev: list[dict[str, Any]] | None, cur: list[dict[str, Any]], seconds: float) -> list[Frame]:
+def frames(prev: list[InstanceStatus] | None, cur: list[InstanceStatus], seconds: float) -> list[Frame]:
     """rates() for every instance of `cur`, matched to `prev` by (netns, interface)."""
-    old = {(r.get("netns"), r["interface"]): r for r in prev or []}
-    return [rates(old.get((r.get("netns"), r["interface"])), r, seconds) for r in cur]
+    old = {(r.netns, r.interface): r for r in prev or []}
+    return [rates(old.get((r.netns, r.interface)), r, seconds) for r in cur]
 
 
 # -------------------------------------------------------------------------------- text
@@ -303,7 +303,7 @@ def _stdin_fd() -> int | None:
 # -------------------------------------------------------------------------------- loops
 
 
-def sample(read: Read, clock: Callable[[], float] = time.monotonic) -> tuple[list[dict[str, Any]], float]:
+def sample(read: Read, clock: Callable[[], float] = time.monotonic) -> tuple[list[InstanceStatus], float]:
     """read() and the time it stands for (the middle of the read)."""
     t0 = clock()
     data = read()

@@ -20,9 +20,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from lbxdp import abi
-from lbxdp.exporter import Snapshot, make_registry
-from lbxdp.maps import BackendView, Stats, VipView
+from lbxdp.exporter import make_registry
+from lbxdp.maps import Stats
 from lbxdp.paths import Instance
+from lbxdp.view import AttachRecord, BackendStatus, Health, InstanceStatus, ReasonCount, VipStatus
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "dashboards" / "lbxdp.json"
 
@@ -61,48 +62,61 @@ def test_metric_names_extractor(expr: str, want: set[str]) -> None:
 
 
 def exporter_samples() -> dict[str, set[str]]:
-    """Sample name -> label names, from the real collector over a fake instance with data."""
-    snap = Snapshot("eth0", (VipView("10.112.0.10:8080/tcp", Stats(1, 2, 3),
-                                     (BackendView("10.111.0.11:8080", Stats(1, 2, 3), True),)),),
-                    {r: (1, 1) for r in abi.Reason.exits()}, 1, 65536, "0.1.0", "generic", 7, 0.01)
+    """Sample name -> label names, from the real collector over a fake instance with data, and
+    what `lbxdp run` adds to it."""
+    return standalone_samples() | daemon_samples()
+
+
+def standalone_samples() -> dict[str, set[str]]:
+    """Sample name -> label names of `lbxdp exporter`: the real collector over a fake instance
+    with data (a checked backend, so that lbxdp_backend_healthy appears)."""
+    snap = InstanceStatus("eth0", vips=(VipStatus("10.112.0.10:8080/tcp", Stats(1, 2, 3), (
+        BackendStatus("10.111.0.11:8080", Stats(1, 2, 3), True, health=Health("up", passing=True)),)),),
+        reasons=tuple(ReasonCount(r, 1, 1) for r in abi.Reason.exits()), flow_entries=1, flow_capacity=65536,
+        state=AttachRecord({"version": "0.1.0", "mode": "generic", "prog_id": 7}), read_seconds=0.01)
 
     class Source:
         def instances(self) -> list[Instance]:
             return [Instance("eth0")]
 
-        def read(self, inst: Instance) -> Snapshot:
+        def read(self, inst: Instance) -> InstanceStatus:
             return snap
-    names: dict[str, set[str]] = {}
-    for fam in make_registry(Source(), CollectorRegistry()).collect():
-        for s in fam.samples:
-            names.setdefault(s.name, set()).update(s.labels)
-    return names | daemon_samples()
+    return samples(make_registry(Source(), CollectorRegistry()))
 
 
 def daemon_samples() -> dict[str, set[str]]:
-    """Sample name -> label names of what `lbxdp run` adds: reloads, apply and health-check
-    durations, backend health (one of each observed so that every sample appears)."""
+    """Sample name -> label names of what only `lbxdp run` adds: reloads, apply and health-check
+    durations (one of each observed so that every sample appears)."""
+    return samples(daemon_registry())
+
+
+def daemon_registry() -> CollectorRegistry:
     from lbxdp.daemon import Daemon
-    from lbxdp.health import HealthCheck, TargetState
-    from lbxdp.model import BackendId
 
     reg = CollectorRegistry()
-    d = Daemon(Instance("eth0"), "lb.toml")
-    m = d.own_metrics(reg)
+    m = Daemon(Instance("eth0"), "lb.toml").metrics.register(reg)
     m["reloads"].labels("eth0", "ok").inc()
     m["apply"].labels("eth0").observe(0.01)
     m["check"].labels("eth0", "10.112.0.10:8080/tcp", "10.111.0.11:8080", "ok").observe(0.001)
+    return reg
 
-    class Checker:
-        def states(self) -> dict[BackendId, TargetState]:
-            return {BackendId.parse("10.112.0.10:8080/tcp|10.111.0.11:8080"): TargetState(True, 0.0, None, 0, 0, 0)}
-    d._checker = Checker()
-    assert HealthCheck("tcp")  # the engine the daemon feeds these from
+
+def samples(reg: CollectorRegistry) -> dict[str, set[str]]:
     names: dict[str, set[str]] = {}
     for fam in reg.collect():
         for s in fam.samples:
             names.setdefault(s.name, set()).update(s.labels)
     return names
+
+
+def test_the_standalone_exporter_serves_all_but_the_daemons_process_metrics() -> None:
+    """Backend health is the exporter's too (read from the run directory), with the labels the
+    daemon used; only the daemon's process metrics (in its memory) are its own."""
+    standalone, daemon = standalone_samples(), daemon_samples()
+    assert standalone["lbxdp_backend_healthy"] == {"interface", "vip", "backend"}
+    families = {f.name for f in daemon_registry().collect()}
+    assert families == {"lbxdp_config_reloads", "lbxdp_apply_seconds", "lbxdp_health_check_seconds"}
+    assert not set(daemon) & set(standalone)
 
 
 @pytest.fixture(scope="module")

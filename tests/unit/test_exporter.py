@@ -12,33 +12,34 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lbxdp import abi
 from lbxdp.errors import LbxError
-from lbxdp.exporter import (LbxCollector, Snapshot, make_registry,
-                            parse_listen, serve)
-from lbxdp.maps import BackendView, Stats, VipView
+from lbxdp.exporter import LbxCollector, make_registry, parse_listen, serve
+from lbxdp.maps import Stats
 from lbxdp.paths import Instance
+from lbxdp.view import AttachRecord, BackendStatus, Health, InstanceStatus, ReasonCount, VipStatus
 
 VIP = "10.112.0.10:8080/tcp"
 VIP6 = "[fd00:112::10]:8080/udp"
 BE1, BE2 = "10.111.0.11:8080", "10.111.0.12:8080"
 
-ETH0 = Snapshot(
+ETH0 = InstanceStatus(
     interface="eth0",
     vips=(
-        VipView(VIP, Stats(100, 6400, 10), (
-            BackendView(BE1, Stats(60, 3840, 6), True),
-            BackendView(BE2, Stats(40, 2560, 4), False),
+        VipStatus(VIP, Stats(100, 6400, 10), (
+            BackendStatus(BE1, Stats(60, 3840, 6), True, health=Health("up", passing=True)),
+            BackendStatus(BE2, Stats(40, 2560, 4), False, health=Health("down", passing=False)),
         )),
-        VipView(VIP6, Stats(7, 700, 7), ()),
+        VipStatus(VIP6, Stats(7, 700, 7), ()),
     ),
-    reasons={abi.Reason.TX_FORWARD: (107, 7100), abi.Reason.PASS_NOT_VIP: (3, 180)},
-    flow_entries=17, flow_capacity=65536, version="0.1.0", mode="generic", prog_id=42,
+    reasons=(ReasonCount(abi.Reason.TX_FORWARD, 107, 7100), ReasonCount(abi.Reason.PASS_NOT_VIP, 3, 180)),
+    flow_entries=17, flow_capacity=65536,
+    state=AttachRecord({"version": "0.1.0", "mode": "generic", "prog_id": 42}),
 )
 
 
 class FakeSource:
     """Fixed snapshots by interface; an interface in `broken` raises like unreadable pins do."""
 
-    def __init__(self, snaps: Iterable[Snapshot], broken: Iterable[str] = (), fail_listing: bool = False):
+    def __init__(self, snaps: Iterable[InstanceStatus], broken: Iterable[str] = (), fail_listing: bool = False):
         self.snaps = {s.interface: s for s in snaps}
         self.broken = set(broken)
         self.fail_listing = fail_listing
@@ -49,7 +50,7 @@ class FakeSource:
             raise OSError("pin root unreadable")
         return [Instance(i) for i in [*self.snaps, *self.broken]]
 
-    def read(self, inst: Instance) -> Snapshot:
+    def read(self, inst: Instance) -> InstanceStatus:
         self.reads += 1
         if inst.ifname in self.broken:
             raise LbxError(f"lbxdp is not attached to {inst.label}")
@@ -77,6 +78,15 @@ def test_vip_and_backend_counters_have_exact_values(registry: CollectorRegistry)
     assert g("lbxdp_backend_in_table", be2) == 0
 
 
+def test_backend_health_is_the_checkers_verdict_of_checked_backends_only() -> None:
+    unchecked = InstanceStatus("eth1", vips=(VipStatus(VIP, Stats(), (BackendStatus(BE1, Stats(), True),)),))
+    reg = make_registry(FakeSource([ETH0, unchecked]), CollectorRegistry())
+    g = reg.get_sample_value
+    assert g("lbxdp_backend_healthy", {"interface": "eth0", "vip": VIP, "backend": BE1}) == 1
+    assert g("lbxdp_backend_healthy", {"interface": "eth0", "vip": VIP, "backend": BE2}) == 0
+    assert g("lbxdp_backend_healthy", {"interface": "eth1", "vip": VIP, "backend": BE1}) is None
+
+
 def test_gauges_info_and_up(registry: CollectorRegistry) -> None:
     g = registry.get_sample_value
     assert g("lbxdp_flow_table_entries", {"interface": "eth0"}) == 17
@@ -90,7 +100,7 @@ def test_every_exit_reason_is_exported_with_its_verdict(registry: CollectorRegis
     g = registry.get_sample_value
     for r in abi.Reason.exits():
         labels = {"interface": "eth0", "verdict": r.verdict, "reason": r.label}
-        want = ETH0.reasons.get(r, (0, 0))
+        want = ETH0.reason_counts().get(r, (0, 0))
         assert g("lbxdp_verdict_packets_total", labels) == want[0], r
         assert g("lbxdp_verdict_bytes_total", labels) == want[1], r
     verdicts = {s.labels["verdict"] for m in registry.collect() if m.name == "lbxdp_verdict_packets"
@@ -140,7 +150,7 @@ def test_maps_are_read_at_scrape_time_not_at_registration() -> None:
     list(reg.collect())
     assert source.reads == 2
     # New data in the source is what the next scrape shows: no cached copy.
-    source.snaps["eth0"] = Snapshot("eth0", (VipView(VIP, Stats(101, 6464, 10)),))
+    source.snaps["eth0"] = InstanceStatus("eth0", vips=(VipStatus(VIP, Stats(101, 6464, 10)),))
     assert reg.get_sample_value("lbxdp_vip_packets_total", {"interface": "eth0", "vip": VIP}) == 101
 
 

@@ -1,6 +1,6 @@
 """lbxdp.top without a kernel: rates from fake control.status() reads, the text, the loops.
 
-The reads are the dicts control.status() returns (the shape of `lbxdp status --json`), built by
+The reads are the typed values control.status() returns (lbxdp.view.InstanceStatus), built by
 status() below; rates are checked exactly (integers over a 2 s interval).
 """
 
@@ -17,12 +17,14 @@ import sys
 import termios
 import threading
 import time
-from typing import Any
 
 import pytest
 
 from lbxdp import cli as cli_mod
 from lbxdp import top
+from lbxdp.abi import Reason
+from lbxdp.maps import Stats
+from lbxdp.view import AttachRecord, BackendStatus, InstanceStatus, ReasonCount, VipStatus, Xdp
 
 VIP, VIP6 = "10.112.0.10:8080/tcp", "[fd00:112::10]:8080/udp"
 BE1, BE2, BE6 = "10.111.0.11:8080", "10.111.0.12:8080", "[fd00:111::11]:8080"
@@ -30,23 +32,18 @@ BE1, BE2, BE6 = "10.111.0.11:8080", "10.111.0.12:8080", "[fd00:111::11]:8080"
 
 def status(vip: tuple[int, int, int], be1: tuple[int, int, int], be2: tuple[int, int, int],
            vip6: tuple[int, int, int] | None = None, forward: int = 0, not_vip: int = 0,
-           entries: int = 0, in_table2: bool = True, iface: str = "eth0") -> dict[str, Any]:
-    """A control.status() dict: counters are (packets, bytes, new_flows)."""
-    def c(t: tuple[int, int, int]) -> dict[str, int]:
-        return dict(zip(("packets", "bytes", "new_flows"), t))
-    vips = [{"vip": VIP, "id": 0, "mode": "dsr", "scheduler": "rr", **c(vip), "backends": [
-        {"backend": BE1, "id": 0, "mac": "02:00:00:00:00:11", "in_table": True, **c(be1)},
-        {"backend": BE2, "id": 1, "mac": "02:00:00:00:00:12", "in_table": in_table2, **c(be2)}]}]
+           entries: int = 0, in_table2: bool = True, iface: str = "eth0") -> InstanceStatus:
+    """A control.status() value: counters are (packets, bytes, new_flows)."""
+    vips = [VipStatus(VIP, Stats(*vip), (
+        BackendStatus(BE1, Stats(*be1), True, 0, "02:00:00:00:00:11"),
+        BackendStatus(BE2, Stats(*be2), in_table2, 1, "02:00:00:00:00:12")), 0, "dsr", "rr")]
     if vip6 is not None:
-        vips.append({"vip": VIP6, "id": 1, "mode": "dsr", "scheduler": "hash", **c(vip6), "backends": [
-            {"backend": BE6, "id": 2, "mac": "02:00:00:00:00:11", "in_table": True, **c(vip6)}]})
-    return {"interface": iface, "netns": None, "pin_dir": "/sys/fs/bpf/lbxdp/" + iface,
-            "xdp": {"attached": True, "prog_id": 42, "mode": "generic"}, "state": {},
-            "vips": vips,
-            "reasons": [{"reason": "forward", "verdict": "tx", "packets": forward, "bytes": forward * 100},
-                        {"reason": "not_vip", "verdict": "pass", "packets": not_vip, "bytes": not_vip * 60},
-                        {"reason": "no_backend", "verdict": "drop", "packets": 0, "bytes": 0}],
-            "flows": {"entries": entries, "capacity": 65536}}
+        vips.append(VipStatus(VIP6, Stats(*vip6), (BackendStatus(BE6, Stats(*vip6), True, 2, "02:00:00:00:00:11"),),
+                              1, "dsr", "hash"))
+    return InstanceStatus(iface, None, "/sys/fs/bpf/lbxdp/" + iface, Xdp(True, 42, "generic"), AttachRecord(),
+                          tuple(vips), (ReasonCount(Reason.TX_FORWARD, forward, forward * 100),
+                                        ReasonCount(Reason.PASS_NOT_VIP, not_vip, not_vip * 60),
+                                        ReasonCount(Reason.DROP_NO_BACKEND, 0, 0)), entries, 65536)
 
 
 A = status(vip=(100, 10_000, 10), be1=(60, 6_000, 6), be2=(40, 4_000, 4), forward=100, not_vip=5, entries=10)
@@ -198,7 +195,7 @@ def test_live_view_on_a_terminal_quits_on_q_and_restores_it() -> None:
         drawn = threading.Event()
         result: list[BaseException | None] = []
 
-        def read() -> list[dict[str, Any]]:
+        def read() -> list[InstanceStatus]:
             first = not drawn.is_set()
             drawn.set()
             return [A] if first else [B]
@@ -231,7 +228,7 @@ def test_live_view_on_a_terminal_quits_on_q_and_restores_it() -> None:
 def test_live_json_is_one_line_per_interval_and_ctrl_c_ends_it_cleanly() -> None:
     reads = iter([[A], [B], [B]])
 
-    def read() -> list[dict[str, Any]]:
+    def read() -> list[InstanceStatus]:
         try:
             return next(reads)
         except StopIteration:
@@ -249,7 +246,7 @@ def test_an_error_while_reading_restores_the_terminal_and_propagates() -> None:
         before = termios.tcgetattr(slave)
         calls = []
 
-        def read() -> list[dict[str, Any]]:
+        def read() -> list[InstanceStatus]:
             calls.append(1)
             if len(calls) > 1:
                 raise LbxError("lbxdp is not attached to eth0")

@@ -1,0 +1,234 @@
+"""What an instance looks like now: one typed read of its maps, attach record, applied state and
+the daemon's last checks, shared by `lbxdp status`, `vip ls`, `backend ls`, `top` and the exporter.
+
+read() is the only reader: it opens the pinned maps once (VIPs with their backends and counters,
+exit reasons, connection-table size), and joins to each backend what lbxdp.applied says of its
+health (overrides, verdicts) and what the daemon last wrote to checks.json. The values are frozen
+dataclasses; InstanceStatus.to_json() is the `lbxdp status --json` document, key for key.
+
+Cost (a scrape reads this for every instance): the maps as before, plus one netlink query (is
+the program attached) and two small JSON files. The exporter reads the applied state with
+told=applied.load_runtime (runtime.json only): parsing and validating applied.toml at every
+scrape would cost more than the counters, and health needs none of it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import abi, applied, model
+from .maps import Stats, VipView
+from .model import BackendId, HealthOverride
+from .paths import Instance, private_dirs
+
+UNCHECKED = "unchecked"
+
+
+@dataclass(frozen=True)
+class Health:
+    """A backend's health as status shows it."""
+
+    state: str = UNCHECKED               # 'up', 'down' (checked or forced) or 'unchecked'
+    forced: HealthOverride | None = None  # set with `lbxdp backend set-health` (UP or DOWN)
+    since: float | None = None           # epoch seconds of the last transition
+    last_check: str | None = None        # the daemon's last check result ('connected', ...)
+    latency: float | None = None         # of the last check, seconds
+    last_check_at: float | None = None
+    checks: int | None = None            # checks done since the daemon started
+    passing: bool | None = None          # the checker's verdict (after rise/fall); None: not checked
+
+    def to_json(self) -> dict[str, Any]:
+        return {"health": self.state, "forced": self.forced.value if self.forced else None,
+                "health_since": self.since, "last_check": self.last_check, "check_latency": self.latency,
+                "last_check_at": self.last_check_at, "checks": self.checks}
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    backend: str          # '10.0.0.1:80' or '[fd00::1]:80'
+    stats: Stats
+    in_table: bool        # in the VIP's live selection table
+    id: int = 0
+    mac: str = ""
+    health: Health = Health()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"backend": self.backend, "id": self.id, "mac": self.mac, "in_table": self.in_table,
+                **_stats(self.stats), **self.health.to_json()}
+
+
+@dataclass(frozen=True)
+class VipStatus:
+    vip: str              # '10.0.0.1:80/tcp'
+    stats: Stats
+    backends: tuple[BackendStatus, ...] = ()
+    id: int = 0
+    mode: str = ""
+    scheduler: str = ""
+    table_size: int = 0
+
+    @property
+    def key(self) -> model.VipKey:
+        return model.VipKey.parse(self.vip)
+
+    def backend_id(self, b: BackendStatus) -> BackendId:
+        return BackendId(self.key, *model.parse_endpoint(b.backend))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"vip": self.vip, "id": self.id, "mode": self.mode, "scheduler": self.scheduler,
+                "table_size": self.table_size, **_stats(self.stats),
+                "backends": [b.to_json() for b in self.backends]}
+
+
+@dataclass(frozen=True)
+class ReasonCount:
+    reason: abi.Reason
+    packets: int = 0
+    bytes: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reason": self.reason.label, "verdict": self.reason.verdict, "packets": self.packets,
+                "bytes": self.bytes}
+
+
+@dataclass(frozen=True)
+class Xdp:
+    """The interface's XDP program as the kernel reports it."""
+
+    attached: bool = False
+    prog_id: int | None = None
+    mode: str | None = None
+    error: str | None = None      # the interface could not be asked (e.g. it is gone)
+
+    def to_json(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"attached": self.attached, "error": self.error}
+        return {"attached": self.attached, "prog_id": self.prog_id, "mode": self.mode}
+
+
+@dataclass(frozen=True)
+class AttachRecord:
+    """state.json, written by attach: kept whole (to_json is the file), read by its typed fields."""
+
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return str(self.raw.get("version", ""))
+
+    @property
+    def mode(self) -> str:
+        return str(self.raw.get("mode", ""))
+
+    @property
+    def prog_id(self) -> int:
+        return int(self.raw.get("prog_id", 0) or 0)
+
+    @property
+    def config(self) -> str | None:
+        return self.raw.get("config")
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.raw)
+
+
+@dataclass(frozen=True)
+class InstanceStatus:
+    interface: str
+    netns: str | None = None
+    pin_dir: str = ""
+    xdp: Xdp = Xdp()
+    state: AttachRecord = AttachRecord()
+    vips: tuple[VipStatus, ...] = ()
+    reasons: tuple[ReasonCount, ...] = ()
+    flow_entries: int = 0
+    flow_capacity: int = 0
+    read_seconds: float = 0.0     # what reading it took (not in the JSON: the exporter shows it)
+
+    def vip(self, name: str) -> VipStatus | None:
+        return next((v for v in self.vips if v.vip == name), None)
+
+    def reason_counts(self) -> dict[abi.Reason, tuple[int, int]]:
+        return {r.reason: (r.packets, r.bytes) for r in self.reasons}
+
+    def to_json(self) -> dict[str, Any]:
+        """The `lbxdp status --json` document of this instance."""
+        return {"interface": self.interface, "netns": self.netns, "pin_dir": self.pin_dir,
+                "xdp": self.xdp.to_json(), "state": self.state.to_json(),
+                "vips": [v.to_json() for v in self.vips], "reasons": [r.to_json() for r in self.reasons],
+                "flows": {"entries": self.flow_entries, "capacity": self.flow_capacity}}
+
+
+def _stats(s: Stats) -> dict[str, int]:
+    return {"packets": s.packets, "bytes": s.bytes, "new_flows": s.new_flows}
+
+
+# --------------------------------------------------------------------------------- the reader
+
+
+def read(inst: Instance, told: Callable[[Instance], applied.State] = applied.load) -> InstanceStatus:
+    """Read the instance once. told: where health overrides and verdicts come from (applied.load,
+    which stops on an unreadable applied state as every command does; the exporter passes
+    applied.load_runtime). Raises if the maps cannot be opened."""
+    from . import control   # the loader: kept out of `lbxdp --help`
+    t0 = time.monotonic()
+    private_dirs(inst)
+    record = AttachRecord(control.read_state(inst))
+    state = told(inst)
+    checks = _read_checks(inst)
+    with control.open_maps(inst) as maps:
+        views = maps.vip_views()
+        reasons = tuple(ReasonCount(r, p, b) for r, (p, b) in maps.reasons().items())
+        entries = maps.flow_count()   # batched: 16 system calls for a full table
+        capacity = maps.flow_map.info.max_entries
+    return InstanceStatus(inst.ifname, inst.netns, str(inst.pin_dir), _xdp(inst), record,
+                          tuple(_vip(v, state, checks) for v in views), reasons, entries, capacity,
+                          time.monotonic() - t0)
+
+
+def _xdp(inst: Instance) -> Xdp:
+    from . import bpfsys, loader
+    from .errors import LbxError
+    try:
+        q = bpfsys.xdp_query(loader.ifindex(inst.ifname))
+    except LbxError:
+        return Xdp(error=f"interface {inst.ifname} not found")
+    return Xdp(bool(q.prog_id), q.prog_id, q.mode)
+
+
+def _read_checks(inst: Instance) -> dict[str, Any]:
+    """checks.json (backend key -> the daemon's last check); {} without a daemon."""
+    try:
+        data = json.loads(inst.checks_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _vip(v: VipView, told: applied.State, checks: dict[str, Any]) -> VipStatus:
+    key = model.VipKey.parse(v.name)
+    bes = tuple(BackendStatus(b.name, b.stats, b.in_table, b.id, b.mac,
+                              health_of(told, checks, BackendId(key, *model.parse_endpoint(b.name))))
+                for b in v.backends)
+    return VipStatus(v.name, v.stats, bes, v.id, v.mode, v.scheduler, v.table_size)
+
+
+def health_of(told: applied.State, checks: dict[str, Any], bid: BackendId) -> Health:
+    """A backend's health: up/down/unchecked, forced or not, since when, and the daemon's last
+    check (result and latency; checks.json is by backend key)."""
+    forced = told.overrides.get(bid)
+    rec, last = told.health.get(bid, {}), checks.get(bid.key, {})
+    if not isinstance(last, dict):
+        last = {}
+    if forced:
+        state = forced.value
+    elif bid.key in checks or rec:
+        state = "down" if told.is_down(bid) else "up"
+    else:
+        state = UNCHECKED
+    passing = last.get("healthy")
+    return Health(state, forced, rec.get("since", last.get("since")), last.get("last"), last.get("latency"),
+                  last.get("at"), last.get("checks"), bool(passing) if passing is not None else None)
