@@ -1,5 +1,15 @@
 """`lbxdp run`: the daemon. Foreground, logs to stderr, one instance (interface) per process.
 
+It is a small supervisor of services (Service below), each with start/on_change/tick/stop, over
+one state layer: what the instance was told (lbxdp.applied; every change, whoever makes it,
+reaches each service's on_change). The services: MetricsService (/metrics: the exporter's
+families and the daemon's own), HealthService (the checker's transitions applied to the maps,
+checks.json), OwnMacService (follows the interface's MAC), RuntimeService (finishes drains,
+steps slow starts) and RunDirService (puts back a deleted run directory); the BGP announcer and
+the reweighters (issues 13, 14) are services too. The supervisor runs each service's tick as a
+named step: an error is logged (`step-failed`, once a minute while it repeats; `step-recovered`
+when it passes again) and never detaches.
+
 Life of a daemon:
   start    refuse if another daemon runs for the instance; read and validate the config and
            bind the metrics port (a bad file or an unusable port stops it here, before anything
@@ -29,7 +39,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 
 from . import applied, config, control, model
 from .errors import LbxError
@@ -97,35 +107,55 @@ def signal_daemon(inst: Instance, sig: int = signal.SIGHUP) -> int:
     return pid
 
 
-class Daemon:
-    def __init__(self, inst: Instance, config_path: str, mode: XdpMode = XdpMode.AUTO, metrics: str | None = None,
-                 keep_attached: bool = False, allow_empty: bool = False):
-        self.inst, self.config_path, self.mode = inst, config_path, mode
-        self.allow_empty = allow_empty   # a config without VIPs may remove all (start and reloads)
-        self.metrics_arg, self.keep_attached = metrics, keep_attached
-        self._wake = threading.Event()
-        self._hup = self._term = False
+class Service(Protocol):
+    """One job of the daemon. start(state) once the program is attached; on_change(state) when
+    what the instance was told changed (a reload, an edit, a health transition, a step); tick()
+    once a loop (about once a second); stop() when the daemon ends, however it ends. A service
+    that fails in tick() is logged by the supervisor under its `name` and ticked again."""
+
+    name: str
+
+    def start(self, state: applied.State) -> None: ...
+
+    def on_change(self, state: applied.State) -> None: ...
+
+    def tick(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class BaseService:
+    """A Service that does nothing at any stage: services override what they need."""
+
+    name = "service"
+
+    def start(self, state: applied.State) -> None:
+        pass
+
+    def on_change(self, state: applied.State) -> None:
+        pass
+
+    def tick(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+class MetricsService(BaseService):
+    """/metrics: the exporter's families (lbxdp.exporter over this instance: counters, backend
+    health from checks.json) plus the daemon's own process metrics (reloads, apply and check
+    durations), which exist only here. The port is bound by bind(), before the attach."""
+
+    name = "metrics"
+
+    def __init__(self, inst: Instance, listen: str | None, option: str):
+        self.inst, self.listen, self.option = inst, listen, option
+        self.m: dict[str, Any] = {}
         self._server: Any = None
-        self._m: dict[str, Any] = {}
-        self._checker: Any = None
-        self._events: queue.Queue[tuple[BackendId, bool, Any]] = queue.Queue()
-        self._applied_mtime = -1.0
-        self._last_applied: applied.State | None = None   # to put back a deleted run directory
-        self._kept: dict[Path, str] = {}                  # file -> text, likewise
-        self._failing: dict[str, tuple[str, float]] = {}  # step -> (error, when last logged)
 
-    # --- signals -------------------------------------------------------------------------------
-    def _on_hup(self, *_: Any) -> None:
-        self._hup = True
-        self._wake.set()
-
-    def _on_term(self, *_: Any) -> None:
-        self._term = True
-        self._wake.set()
-
-    # --- metrics -------------------------------------------------------------------------------
-    def own_metrics(self, reg: Any) -> dict[str, Any]:
-        """The daemon's own metrics (beside the exporter's), registered on reg."""
+    def register(self, reg: Any) -> dict[str, Any]:
+        """The daemon's own metrics, registered on reg."""
         from prometheus_client import Counter, Histogram
         m = {
             "reloads": Counter("lbxdp_config_reloads_total", "Config reloads by result (ok or error).",
@@ -137,75 +167,95 @@ class Daemon:
                                ["interface", "vip", "backend", "result"], registry=reg,
                                buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)),
         }
-        reg.register(_HealthCollector(self))
         # Series exist from the start (at 0), so that rate() and increase() have data at once.
         for result in ("ok", "error"):
             m["reloads"].labels(self.inst.ifname, result)
         m["apply"].labels(self.inst.ifname)
+        self.m = m
         return m
 
-    def _start_metrics(self, listen: str) -> None:
+    def bind(self) -> None:
+        if not self.listen:
+            return
         from prometheus_client import start_http_server
         from prometheus_client.process_collector import ProcessCollector
 
         from .exporter import PinnedMaps, make_registry, parse_listen
         reg = make_registry(PinnedMaps(self.inst.netns, [self.inst.ifname]))
         ProcessCollector(registry=reg)
-        self._m = self.own_metrics(reg)
-        addr, port = parse_listen(listen, "--metrics" if self.metrics_arg else "[metrics] listen")
+        self.register(reg)
+        addr, port = parse_listen(self.listen, self.option)
         try:
             self._server = start_http_server(port, addr, registry=reg)
         except (OSError, ValueError, OverflowError) as e:
-            raise LbxError(f"cannot serve metrics on {listen}: {getattr(e, 'strerror', None) or e}",
+            raise LbxError(f"cannot serve metrics on {self.listen}: {getattr(e, 'strerror', None) or e}",
                            "pick another --metrics ADDRESS:PORT (or [metrics] listen)") from e
-        _event("metrics", listen=listen)
+        _event("metrics", listen=self.listen)
 
-    def _observe(self, seconds: float) -> None:
-        if self._m:
-            self._m["apply"].labels(self.inst.ifname).observe(seconds)
+    def observe_apply(self, seconds: float) -> None:
+        if self.m:
+            self.m["apply"].labels(self.inst.ifname).observe(seconds)
 
-    def _count_reload(self, result: str) -> None:
-        if self._m:
-            self._m["reloads"].labels(self.inst.ifname, result).inc()
+    def count_reload(self, result: str) -> None:
+        if self.m:
+            self.m["reloads"].labels(self.inst.ifname, result).inc()
 
-    # --- the life ------------------------------------------------------------------------------
-    # --- health checks -------------------------------------------------------------------------
+    def observe_check(self, bid: BackendId, result: Any) -> None:   # checker thread
+        if self.m:
+            self.m["check"].labels(self.inst.ifname, bid.vip.name, bid.name,
+                                   "ok" if result.ok else "fail").observe(result.latency)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server[0].shutdown()
+
+
+def timed(metrics: MetricsService, fn: Callable[[], Any]) -> Any:
+    """fn(), its duration observed as an apply."""
+    t = time.monotonic()
+    out = fn()
+    metrics.observe_apply(time.monotonic() - t)
+    return out
+
+
+def log_diff(diff: Any) -> None:
+    for line in diff.lines:
+        _event("change", what=line)
+
+
+class HealthService(BaseService):
+    """The health checker (lbxdp.health, its own thread): its targets follow what the instance
+    was told; its transitions are applied to the maps at once (backend-up / backend-down logged
+    when the maps say so) and its last results written to checks.json, for `lbxdp status` and
+    the exporter's lbxdp_backend_healthy."""
+
+    name = "health"
+
+    def __init__(self, inst: Instance, metrics: MetricsService, wake: threading.Event):
+        self.inst, self.metrics, self.wake = inst, metrics, wake
+        self.checker: Any = None
+        self._events: queue.Queue[tuple[BackendId, bool, Any]] = queue.Queue()
+
     def _on_change(self, bid: BackendId, healthy: bool, result: Any) -> None:   # checker thread
         self._events.put((bid, healthy, result))
-        self._wake.set()
+        self.wake.set()
 
-    def _on_result(self, bid: BackendId, result: Any) -> None:                  # checker thread
-        if self._m:
-            self._m["check"].labels(self.inst.ifname, bid.vip.name, bid.name,
-                                    "ok" if result.ok else "fail").observe(result.latency)
-
-    def _start_health(self) -> None:
+    def start(self, state: applied.State) -> None:
         from .health import Checker
-        self._restore_run_dir()
         # A new checker starts every backend healthy (as HAProxy does): forget what an earlier
         # daemon last saw, so the maps and the checker agree from the first transition on.
         control.health_changed(self.inst, None)
-        self._checker = Checker(self._on_change, on_result=self._on_result)
-        self._checker.start()
-        self._sync_targets()
+        self.checker = Checker(self._on_change, on_result=self.metrics.observe_check)
+        self.checker.start()
 
-    def _sync_targets(self) -> None:
-        """Give the checker the backends of what the instance was last told, when that changed."""
-        try:
-            mtime = self.inst.applied_file.stat().st_mtime
-        except OSError:
-            return
-        if mtime == self._applied_mtime or self._checker is None:
-            return
-        self._applied_mtime = mtime
+    def on_change(self, state: applied.State) -> None:
         from .health import Target
-        st = applied.load(self.inst)
-        self._last_applied = st
-        targets = [Target(bid, str(b.address), check.port or b.port, check)
-                   for bid, (v, b) in st.cfg.backends().items() if (check := v.check_of(b)) is not None]
-        self._checker.set_targets(targets)
+        if self.checker is not None:
+            self.checker.set_targets([Target(bid, str(b.address), check.port or b.port, check)
+                                      for bid, (v, b) in state.cfg.backends().items()
+                                      if (check := v.check_of(b)) is not None])
 
-    def _apply_health_events(self) -> None:
+    def tick(self) -> None:
         changes: dict[BackendId, dict[str, Any]] = {}
         while True:
             try:
@@ -215,25 +265,147 @@ class Daemon:
             changes[bid] = {"healthy": healthy, "since": r.at, "detail": r.detail, "latency": r.latency}
         if not changes:
             return
-        t = time.monotonic()
-        diff = control.health_changed(self.inst, changes)
-        self._observe(time.monotonic() - t)
-        # Logged once applied: when the line appears, the maps already say so.
+        diff = timed(self.metrics, lambda: control.health_changed(self.inst, changes))
+        self.write_checks()
+        # Logged once applied: when the line appears, the maps and checks.json already say so.
         for bid, c in changes.items():
-            _event("backend-up" if c["healthy"] else "backend-down", vip=bid.vip.name, backend=bid.name, check=c["detail"],
-                   latency=f"{c['latency']:.4f}")
-        for line in diff.lines:
-            _event("change", what=line)
+            _event("backend-up" if c["healthy"] else "backend-down", vip=bid.vip.name, backend=bid.name,
+                   check=c["detail"], latency=f"{c['latency']:.4f}")
+        log_diff(diff)
 
-    def _write_checks(self) -> None:
-        """Last result of every check, for `lbxdp status` (atomically replaced once a second)."""
-        if self._checker is None:
+    def write_checks(self) -> None:
+        """Last result of every check (atomically replaced once a second and on transitions)."""
+        if self.checker is None:
             return
         data = {k.key: {"healthy": s.healthy, "since": s.since, "checks": s.checks,
-                    "last": s.last.detail if s.last else None, "ok": s.last.ok if s.last else None,
-                    "latency": s.last.latency if s.last else None, "at": s.last.at if s.last else None}
-                for k, s in self._checker.states().items()}
+                        "last": s.last.detail if s.last else None, "ok": s.last.ok if s.last else None,
+                        "latency": s.last.latency if s.last else None, "at": s.last.at if s.last else None}
+                for k, s in self.checker.states().items()}
         atomic_write(self.inst.checks_file, json.dumps(data))
+
+    def stop(self) -> None:
+        if self.checker is not None:
+            self.checker.stop()
+
+
+class ChecksFileService(BaseService):
+    """checks.json rewritten once a second (the health service's, as its own step)."""
+
+    name = "write-checks"
+
+    def __init__(self, health: HealthService):
+        self.health = health
+
+    def tick(self) -> None:
+        self.health.write_checks()
+
+
+class OwnMacService(BaseService):
+    """The program forwards only frames to the interface's MAC: follow a change of it."""
+
+    name = "own-mac"
+
+    def __init__(self, inst: Instance):
+        self.inst = inst
+
+    def tick(self) -> None:
+        try:
+            moved = control.sync_own_mac(self.inst)
+            if moved:
+                _event("own-mac-changed", old=moved[0] or "none", new=moved[1])
+        except LbxError as e:
+            _event("own-mac-check-failed", error=e.message)
+
+
+class RuntimeService(BaseService):
+    """Finishes drains past their deadline and steps slow starts (only when there is something
+    to do: a tick with nothing to finish or ramp reads the applied state and stops there)."""
+
+    name = "tick"
+
+    def __init__(self, inst: Instance, metrics: MetricsService):
+        self.inst, self.metrics = inst, metrics
+
+    def tick(self) -> None:
+        now = time.time()
+        st = applied.load(self.inst)
+        rt = st.runtime(now)
+        if not st.expired_drains(now) and not any(rt.ramping(v) for v in st.cfg.vips):
+            return
+        try:
+            diff = timed(self.metrics, lambda: control.apply(self.inst, None, now))
+        except LbxError as e:
+            _event("step-failed", error=e.message)
+            return
+        log_diff(diff)
+
+
+class RunDirService(BaseService):
+    """Puts back what a deleted run directory held: the schema (or no command could read the
+    maps), the pid file (or `lbxdp reload` would not find us) and the applied state (or the
+    next change would start from an empty config and remove every VIP)."""
+
+    name = "run-dir"
+
+    def __init__(self, inst: Instance, write_pid: Callable[[], None], restored: Callable[[], None]):
+        self.inst, self.write_pid, self.restored = inst, write_pid, restored
+        self._kept: dict[Path, str] = {}              # file -> text: what only attach writes
+        self._last: applied.State | None = None
+
+    def start(self, state: applied.State) -> None:
+        for f in (self.inst.schema_file, self.inst.state_file):
+            self._kept[f] = f.read_text()
+
+    def on_change(self, state: applied.State) -> None:
+        self._last = state
+
+    def tick(self) -> None:
+        inst = self.inst
+        missing = [f for f in (inst.schema_file, inst.state_file, inst.pid_file, inst.applied_file) if not f.exists()]
+        if not missing:
+            return
+        private_dirs(inst, create=True)
+        with applied.locked(inst):
+            for f, text in self._kept.items():
+                if not f.exists():
+                    atomic_write(f, text)
+            if not inst.applied_file.exists() and self._last is not None:
+                applied.save(inst, self._last)
+        if not inst.pid_file.exists():
+            self.write_pid()
+        self.restored()
+        _event("run-dir-restored", dir=inst.run_dir, files=",".join(f.name for f in missing))
+
+
+class Daemon:
+    """The supervisor: starts the services, runs the loop, ends them (see the module's docstring)."""
+
+    def __init__(self, inst: Instance, config_path: str, mode: XdpMode = XdpMode.AUTO, metrics: str | None = None,
+                 keep_attached: bool = False, allow_empty: bool = False):
+        self.inst, self.config_path, self.mode = inst, config_path, mode
+        self.allow_empty = allow_empty   # a config without VIPs may remove all (start and reloads)
+        self.metrics_arg, self.keep_attached = metrics, keep_attached
+        self._wake = threading.Event()
+        self._hup = self._term = False
+        self._told_mtime = -1.0
+        self._failing: dict[str, tuple[str, float]] = {}  # step -> (error, when last logged)
+        self.metrics = MetricsService(inst, metrics, "--metrics" if metrics else "[metrics] listen")
+        self.health = HealthService(inst, self.metrics, self._wake)
+        self.run_dir = RunDirService(inst, self._write_pid, self._reread)
+        # In tick order; a reload (SIGHUP) comes before them, the state hand-over after.
+        self.services: list[Service] = [self.run_dir, self.health, OwnMacService(inst),
+                                        RuntimeService(inst, self.metrics), ChecksFileService(self.health),
+                                        self.metrics]
+        self._started: list[Service] = []
+
+    # --- signals -------------------------------------------------------------------------------
+    def _on_hup(self, *_: Any) -> None:
+        self._hup = True
+        self._wake.set()
+
+    def _on_term(self, *_: Any) -> None:
+        self._term = True
+        self._wake.set()
 
     # --- the life ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -252,17 +424,16 @@ class Daemon:
             private_dirs(self.inst)
             # The port first: one that cannot be used stops the start before anything changes
             # (an attached program, adopted or not, keeps forwarding untouched).
-            listen = self.metrics_arg or cfg.metrics_listen
-            if listen:
-                self._start_metrics(listen)
+            self.metrics.listen = self.metrics_arg or cfg.metrics_listen
+            self._started.append(self.metrics)
+            self.metrics.bind()
             t = time.monotonic()
             res = control.attach(self.inst, cfg, self.mode, config_path=os.path.abspath(self.config_path),
-                             allow_empty=self.allow_empty)
+                                 allow_empty=self.allow_empty)
             attach_seconds = time.monotonic() - t
-            self._observe(attach_seconds)
-            self._keep_run_files()
+            self.metrics.observe_apply(attach_seconds)
             self._write_pid()
-            self._start_health()
+            self._start_services()
             _event("attached", interface=self.inst.label, mode=res.mode, prog_id=res.prog_id,
                    adopted=res.upgraded, changes=len(res.diff.lines), seconds=f"{attach_seconds:.3f}",
                    **({"recreated": ",".join(res.recreated)} if res.recreated else {}))
@@ -278,14 +449,38 @@ class Daemon:
                            "the program stays attached and forwarding; `lbxdp run` adopts it again "
                            f"(`lbxdp detach {self.inst.ifname}` removes it); run with -vv for the traceback") from e
         finally:
-            if self._checker is not None:
-                self._checker.stop()
-            if self._server is not None:
-                self._server[0].shutdown()
+            for svc in reversed(self._started):
+                svc.stop()
             if clean:
                 self._stop()
             else:
                 _unlink(self.inst.pid_file)
+
+    def _start_services(self) -> None:
+        """Start every service on what the instance was told, then hand them the state."""
+        st = applied.load(self.inst)
+        for svc in self.services:
+            if svc is not self.metrics:
+                self._started.append(svc)
+                svc.start(st)
+        self._step("state", self._sync_state)
+
+    def _reread(self) -> None:
+        self._told_mtime = -1.0
+
+    def _sync_state(self) -> None:
+        """Hand what the instance was last told to every service, when it changed (whoever
+        changed it: a reload, `lbxdp vip|backend ...`, a health transition, a step)."""
+        try:
+            mtime = self.inst.applied_file.stat().st_mtime
+        except OSError:
+            return
+        if mtime == self._told_mtime:
+            return
+        st = applied.load(self.inst)
+        self._told_mtime = mtime
+        for svc in self._started:
+            svc.on_change(st)
 
     def _left_attached(self, e: BaseException) -> None:
         """One line when the daemon ends on an error: what it leaves in place (never a detach)."""
@@ -306,15 +501,12 @@ class Daemon:
             self._wake.clear()
             if self._term:
                 break
-            self._step("run-dir", self._restore_run_dir)
-            self._step("health", self._apply_health_events)
             if self._hup:
                 self._hup = False
                 self.reload()
-            else:
-                self._step("tick", self.tick)
-            self._step("sync-targets", self._sync_targets)
-            self._step("write-checks", self._write_checks)
+            for svc in self.services:
+                self._step(svc.name, svc.tick)
+            self._step("state", self._sync_state)
 
     def _step(self, name: str, fn: Any) -> None:
         """Run one step of the loop; an error is logged (once, then once a minute while it
@@ -334,71 +526,21 @@ class Daemon:
     def _write_pid(self) -> None:
         atomic_write(self.inst.pid_file, f"{os.getpid()} {_start_time(os.getpid())}\n")
 
-    def _keep_run_files(self) -> None:
-        """Keep in memory what the run directory holds that only attach writes."""
-        for f in (self.inst.schema_file, self.inst.state_file):
-            self._kept[f] = f.read_text()
-
-    def _restore_run_dir(self) -> None:
-        """Put back what a deleted run directory held: the schema (or no command could read the
-        maps), the pid file (or `lbxdp reload` would not find us) and the applied state (or the
-        next change would start from an empty config and remove every VIP)."""
-        inst = self.inst
-        missing = [f for f in (inst.schema_file, inst.state_file, inst.pid_file, inst.applied_file) if not f.exists()]
-        if not missing:
-            return
-        private_dirs(inst, create=True)
-        with applied.locked(inst):
-            for f, text in self._kept.items():
-                if not f.exists():
-                    atomic_write(f, text)
-            if not inst.applied_file.exists() and self._last_applied is not None:
-                applied.save(inst, self._last_applied)
-        if not inst.pid_file.exists():
-            self._write_pid()
-        self._applied_mtime = -1.0    # have the checker's targets re-read
-        _event("run-dir-restored", dir=inst.run_dir, files=",".join(f.name for f in missing))
-
     def reload(self) -> None:
         t = time.monotonic()
         try:
             cfg = config.load(self.config_path)
             diff = control.apply(self.inst, cfg, allow_empty=self.allow_empty, source=self.config_path)
         except Exception as e:  # noqa: BLE001 - any error: the running config and data path stay
-            self._count_reload("error")
+            self.metrics.count_reload("error")
             _event("reload-failed", error=e.message if isinstance(e, LbxError) else f"{type(e).__name__}: {e}",
                    type=type(e).__name__, kept="the running config")
             return
-        self._observe(time.monotonic() - t)
-        self._count_reload("ok")
+        self.metrics.observe_apply(time.monotonic() - t)
+        self.metrics.count_reload("ok")
         _event("reloaded", changes=len(diff.lines), seconds=f"{time.monotonic() - t:.3f}")
-        for line in diff.lines:
-            _event("change", what=line)
+        log_diff(diff)
         _warn(cfg)
-
-    def tick(self) -> None:
-        """Follow the interface's MAC; finish expired drains, step slow starts: only when there is
-        something to do."""
-        try:
-            moved = control.sync_own_mac(self.inst)
-            if moved:
-                _event("own-mac-changed", old=moved[0] or "none", new=moved[1])
-        except LbxError as e:
-            _event("own-mac-check-failed", error=e.message)
-        now = time.time()
-        st = applied.load(self.inst)
-        rt = st.runtime(now)
-        if not st.expired_drains(now) and not any(rt.ramping(v) for v in st.cfg.vips):
-            return
-        t = time.monotonic()
-        try:
-            diff = control.apply(self.inst, None, now)
-        except LbxError as e:
-            _event("step-failed", error=e.message)
-            return
-        self._observe(time.monotonic() - t)
-        for line in diff.lines:
-            _event("change", what=line)
 
     def _stop(self) -> None:
         if self.keep_attached:
@@ -415,19 +557,3 @@ def _unlink(f: Path) -> None:
         f.unlink()
     except OSError:
         pass
-
-
-class _HealthCollector:
-    """lbxdp_backend_healthy: the checker's verdict per backend, read at scrape time."""
-
-    def __init__(self, d: Daemon):
-        self.d = d
-
-    def collect(self) -> Any:
-        from prometheus_client.core import GaugeMetricFamily
-        g = GaugeMetricFamily("lbxdp_backend_healthy", "1 if the backend passes its health check (after rise/"
-                              "fall), 0 if not; only checked backends appear.", labels=["interface", "vip", "backend"])
-        if self.d._checker is not None:
-            for bid, st in self.d._checker.states().items():
-                g.add_metric([self.d.inst.ifname, bid.vip.name, bid.name], 1 if st.healthy else 0)
-        yield g
