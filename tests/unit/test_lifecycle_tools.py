@@ -17,7 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from lbxdp import cli, config, model
-from lbxdp.cli_ops import flow_counts, flow_matcher, parse_endpoint, parse_vip
+from lbxdp.cli.edit import flow_counts, flow_matcher
+from lbxdp.cli.params import parse_endpoint, parse_vip
 from lbxdp.maps import FlowEntry
 from lbxdp.lab.echo import hold
 from lbxdp.lab.echo.__main__ import main as echo_main

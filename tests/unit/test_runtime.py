@@ -9,7 +9,7 @@ import pytest
 
 from lbxdp import applied, model
 from lbxdp.balancer import WEIGHT_SCALE, Runtime, usable
-from lbxdp.cli_ops import parse_endpoint, parse_vip
+from lbxdp.cli.params import parse_endpoint, parse_vip
 from lbxdp.errors import LbxError
 
 A = ipaddress.ip_address

@@ -1,0 +1,194 @@
+"""lbxdp.view without a kernel: the typed status from fake maps and a real run directory.
+
+The maps are a fake (control.open_maps patched: VipViews, reasons, a flow count, as lbxdp.maps
+returns them) and the interface query is patched; state.json, runtime.json and checks.json are
+real files in this test's run root (LBXDP_RUN_ROOT in tmp_path). What is pinned down:
+- to_json() is the `lbxdp status --json` document of before the typed view, key for key and in
+  the same order (EXPECTED below was printed by the dict-building control.status of ea8d660);
+- the exporter (PinnedMaps: the same reader) exports lbxdp_backend_healthy from checks.json with
+  the daemon's labels, only for checked backends;
+- the CLI's VIP and ADDR:PORT parameter types: values, and a bad value is a usage error (exit 2)
+  that the console script prints as lbxdp's one-line error with its hint.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import click
+import pytest
+from click.testing import CliRunner
+from prometheus_client import CollectorRegistry
+
+from lbxdp import abi, config, control, model, view
+from lbxdp.cli import params
+from lbxdp.exporter import PinnedMaps, make_registry
+from lbxdp.maps import BackendView, Stats, VipView
+from lbxdp.paths import Instance
+
+VIP = "10.112.0.10:8080/tcp"
+BE1, BE2, BE3 = "10.111.0.11:8080", "10.111.0.12:8080", "10.111.0.13:8080"
+
+
+class FakeMaps:
+    def vip_views(self) -> tuple[VipView, ...]:
+        return (VipView(VIP, Stats(100, 6400, 10), (
+            BackendView(BE1, Stats(60, 3840, 6), True, 0, "02:00:00:00:00:11"),
+            BackendView(BE2, Stats(40, 2560, 4), False, 1, "02:00:00:00:00:12"),
+            BackendView(BE3, Stats(0, 0, 0), True, 2, "02:00:00:00:00:13")), 0, "dsr", "maglev", 65537),)
+
+    def reasons(self) -> dict[abi.Reason, tuple[int, int]]:
+        return {r: ((107, 7100) if r is abi.Reason.TX_FORWARD else (0, 0)) for r in abi.Reason.exits()[:2]}
+
+    def flow_count(self) -> int:
+        return 17
+
+    class flow_map:
+        class info:
+            max_entries = 65536
+
+
+STATE = {"ifname": "eth0", "netns": None, "mode": "generic", "prog_id": 42, "attached_at": 1700000000.0,
+         "config": "/etc/lbxdp/lb.toml", "version": "0.1.0"}
+RUNTIME = {"draining": {}, "joined": {},
+           "health": {f"{VIP}|{BE2}": {"healthy": False, "since": 1700000100.0, "detail": "refused", "latency": 0.001}},
+           "overrides": {f"{VIP}|{BE3}": "up"}}
+CHECKS = {f"{VIP}|{BE1}": {"healthy": True, "since": 1700000050.0, "checks": 9, "last": "connected", "ok": True,
+                           "latency": 0.0005, "at": 1700000200.0},
+          f"{VIP}|{BE2}": {"healthy": False, "since": 1700000100.0, "checks": 9, "last": "refused", "ok": False,
+                           "latency": 0.001, "at": 1700000200.0}}
+
+EXPECTED = {
+    "interface": "eth0", "netns": None, "pin_dir": "PIN/eth0",
+    "xdp": {"attached": True, "prog_id": 42, "mode": "generic"},
+    "state": STATE,
+    "vips": [{"vip": VIP, "id": 0, "mode": "dsr", "scheduler": "maglev", "table_size": 65537,
+              "packets": 100, "bytes": 6400, "new_flows": 10, "backends": [
+                  {"backend": BE1, "id": 0, "mac": "02:00:00:00:00:11", "in_table": True, "packets": 60, "bytes": 3840,
+                   "new_flows": 6, "health": "up", "forced": None, "health_since": 1700000050.0,
+                   "last_check": "connected", "check_latency": 0.0005, "last_check_at": 1700000200.0, "checks": 9},
+                  {"backend": BE2, "id": 1, "mac": "02:00:00:00:00:12", "in_table": False, "packets": 40,
+                   "bytes": 2560, "new_flows": 4, "health": "down", "forced": None, "health_since": 1700000100.0,
+                   "last_check": "refused", "check_latency": 0.001, "last_check_at": 1700000200.0, "checks": 9},
+                  {"backend": BE3, "id": 2, "mac": "02:00:00:00:00:13", "in_table": True, "packets": 0, "bytes": 0,
+                   "new_flows": 0, "health": "up", "forced": "up", "health_since": None, "last_check": None,
+                   "check_latency": None, "last_check_at": None, "checks": None}]}],
+    "reasons": [{"reason": "forward", "verdict": "tx", "packets": 107, "bytes": 7100},
+                {"reason": "not_ip", "verdict": "pass", "packets": 0, "bytes": 0}],
+    "flows": {"entries": 17, "capacity": 65536},
+}
+
+
+@pytest.fixture
+def inst(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Instance:
+    """eth0 with its run directory written (state, an empty applied config, runtime, checks) and
+    fake maps. Cleanup: tmp_path."""
+    monkeypatch.setenv("LBXDP_RUN_ROOT", str(tmp_path / "run"))
+    monkeypatch.setenv("LBXDP_PIN_ROOT", str(tmp_path / "pin"))
+    i = Instance("eth0")
+    i.run_dir.mkdir(mode=0o700, parents=True)
+    for d in (tmp_path / "run", tmp_path / "pin"):
+        d.mkdir(mode=0o700, exist_ok=True)
+        d.chmod(0o700)
+    i.state_file.write_text(json.dumps(STATE))
+    i.applied_file.write_text(config.dump(model.Config()))
+    i.runtime_file.write_text(json.dumps(RUNTIME))
+    i.checks_file.write_text(json.dumps(CHECKS))
+
+    @contextmanager
+    def open_maps(_: Instance) -> Iterator[FakeMaps]:
+        yield FakeMaps()
+    monkeypatch.setattr(control, "open_maps", open_maps)
+    monkeypatch.setattr(view, "_xdp", lambda _: view.Xdp(True, 42, "generic"))
+    return i
+
+
+def test_status_to_json_is_the_status_document(inst: Instance, tmp_path: Path) -> None:
+    st = control.status(inst)
+    want = json.loads(json.dumps(EXPECTED).replace("PIN", str(tmp_path / "pin")))
+    assert json.dumps(st.to_json()) == json.dumps(want)   # same keys, same order
+    be1, be2, be3 = st.vips[0].backends
+    assert (be1.health.passing, be2.health.passing, be3.health.passing) == (True, False, None)
+    assert be3.health.forced is model.HealthOverride.UP
+    assert st.vips[0].backend_id(be2) == model.BackendId.parse(f"{VIP}|{BE2}")
+
+
+def test_status_without_a_daemon_is_unchecked(inst: Instance) -> None:
+    inst.checks_file.unlink()
+    inst.runtime_file.unlink()
+    st = control.status(inst)
+    assert [b.health.state for b in st.vips[0].backends] == ["unchecked"] * 3
+    assert [b.to_json()["health"] for b in st.vips[0].backends] == ["unchecked"] * 3
+
+
+def test_the_exporter_exports_backend_health_from_the_run_directory(inst: Instance) -> None:
+    reg = make_registry(PinnedMaps(None, ["eth0"]), CollectorRegistry())
+    g = reg.get_sample_value
+    assert g("lbxdp_backend_healthy", {"interface": "eth0", "vip": VIP, "backend": BE1}) == 1
+    assert g("lbxdp_backend_healthy", {"interface": "eth0", "vip": VIP, "backend": BE2}) == 0
+    assert g("lbxdp_backend_healthy", {"interface": "eth0", "vip": VIP, "backend": BE3}) is None   # not checked
+    assert g("lbxdp_backend_packets_total", {"interface": "eth0", "vip": VIP, "backend": BE1}) == 60
+    assert g("lbxdp_info", {"interface": "eth0", "version": "0.1.0", "mode": "generic", "prog_id": "42"}) == 1
+    # The daemon rewrites checks.json: the next scrape shows it.
+    inst.checks_file.write_text(json.dumps({k: v | {"healthy": True} for k, v in CHECKS.items()}))
+    assert g("lbxdp_backend_healthy", {"interface": "eth0", "vip": VIP, "backend": BE2}) == 1
+
+
+# --- the CLI's parameter types -------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, want", [
+    ("10.0.0.1:80/tcp", model.VipKey(ipaddress.ip_address("10.0.0.1"), 80, model.Protocol.TCP)),
+    ("[fd00::1]:53/udp", model.VipKey(ipaddress.ip_address("fd00::1"), 53, model.Protocol.UDP)),
+    ("10.0.0.1:*/tcp", model.VipKey(ipaddress.ip_address("10.0.0.1"), 0, model.Protocol.TCP)),
+])
+def test_vip_type_converts(text: str, want: model.VipKey) -> None:
+    assert params.VIP.convert(text, None, None) == want
+
+
+@pytest.mark.parametrize("text, message", [
+    ("10.0.0.1:80/sctp", "VIP '10.0.0.1:80/sctp': 'sctp' is not a protocol; use tcp or udp"),
+    ("10.0.0.1:80", "VIP '10.0.0.1:80' has no protocol"),
+    ("10.0.0.300:80/tcp", "VIP '10.0.0.300:80' is not ADDRESS:PORT"),
+    ("fd00::1:80/udp", "VIP 'fd00::1:80' is not ADDRESS:PORT"),
+])
+def test_vip_type_refuses_with_the_usual_words(text: str, message: str) -> None:
+    with pytest.raises(click.BadParameter) as ei:
+        params.VIP.convert(text, None, None)
+    assert ei.value.message == message and ei.value.exit_code == 2 and ei.value.hint
+
+
+@pytest.mark.parametrize("text", ["10.0.0.1", "x:80", "10.0.0.1:70000", "[10.0.0.1]:80"])
+def test_endpoint_type_refuses(text: str) -> None:
+    with pytest.raises(click.BadParameter) as ei:
+        params.BACKEND.convert(text, None, None)
+    assert ei.value.message == f"backend {text!r} is not ADDRESS:PORT"
+
+
+def test_a_bad_value_is_a_usage_error_and_one_lbxdp_line(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from lbxdp import cli
+    r = CliRunner().invoke(cli.cli, ["backend", "del", "-i", "eth0", VIP, "10.111.0.300:80"])
+    assert r.exit_code == 2 and "Invalid value for 'BACKEND'" in r.output   # click's usage error
+    monkeypatch.setattr(sys, "argv", ["lbxdp", "backend", "del", "-i", "eth0", VIP, "10.111.0.300:80"])
+    with pytest.raises(SystemExit) as ei:
+        cli.main()
+    err = capsys.readouterr().err
+    assert ei.value.code == 2
+    assert err.splitlines() == ["lbxdp: error: backend '10.111.0.300:80' is not ADDRESS:PORT",
+                                "  hint: write it like 10.0.0.1:80 or [fd00::1]:80"]
+
+
+def test_enum_choices_give_members() -> None:
+    t = params.EnumChoice(model.XdpMode)
+    assert t.convert("generic", None, None) is model.XdpMode.GENERIC
+    assert list(t.choices) == ["auto", "native", "generic"]
+    only = params.EnumChoice(model.Scheduler, only=(model.Scheduler.RR, model.Scheduler.HASH))
+    with pytest.raises(click.BadParameter):
+        only.convert("maglev", None, None)
+
+
