@@ -177,15 +177,14 @@ def read(inst: Instance, told: Callable[[Instance], applied.State] = applied.loa
     t0 = time.monotonic()
     private_dirs(inst)
     record = AttachRecord(control.read_state(inst))
-    state = told(inst)
-    checks = _read_checks(inst)
+    health = _Told(told(inst), _read_checks(inst))
     with control.open_maps(inst) as maps:
         views = maps.vip_views()
         reasons = tuple(ReasonCount(r, p, b) for r, (p, b) in maps.reasons().items())
         entries = maps.flow_count()   # batched: 16 system calls for a full table
         capacity = maps.flow_map.info.max_entries
     return InstanceStatus(inst.ifname, inst.netns, str(inst.pin_dir), _xdp(inst), record,
-                          tuple(_vip(v, state, checks) for v in views), reasons, entries, capacity,
+                          tuple(_vip(v, health) for v in views), reasons, entries, capacity,
                           time.monotonic() - t0)
 
 
@@ -208,27 +207,37 @@ def _read_checks(inst: Instance) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _vip(v: VipView, told: applied.State, checks: dict[str, Any]) -> VipStatus:
-    key = model.VipKey.parse(v.name)
-    bes = tuple(BackendStatus(b.name, b.stats, b.in_table, b.id, b.mac,
-                              health_of(told, checks, BackendId(key, *model.parse_endpoint(b.name))))
+class _Told:
+    """The applied state's health and overrides, and checks.json, by backend key string: the
+    maps name backends by string, so a read looks each one up without parsing it."""
+
+    def __init__(self, told: applied.State, checks: dict[str, Any]):
+        self.forced = {k.key: o for k, o in told.overrides.items()}
+        self.rec = {k.key: h for k, h in told.health.items()}
+        self.down = {k.key for k in (*told.overrides, *told.health) if told.is_down(k)}
+        self.checks = checks
+
+    def health(self, key: str) -> Health:
+        """A backend's health: up/down/unchecked, forced or not, since when, and the daemon's last
+        check (result and latency)."""
+        forced, rec, last = self.forced.get(key), self.rec.get(key), self.checks.get(key)
+        if forced is None and rec is None and last is None:
+            return UNCHECKED_HEALTH
+        rec = rec or {}
+        last = last if isinstance(last, dict) else {}
+        if forced:
+            state = forced.value
+        else:
+            state = "down" if key in self.down else "up"
+        passing = last.get("healthy")
+        return Health(state, forced, rec.get("since", last.get("since")), last.get("last"), last.get("latency"),
+                      last.get("at"), last.get("checks"), bool(passing) if passing is not None else None)
+
+
+UNCHECKED_HEALTH = Health()
+
+
+def _vip(v: VipView, told: _Told) -> VipStatus:
+    bes = tuple(BackendStatus(b.name, b.stats, b.in_table, b.id, b.mac, told.health(f"{v.name}|{b.name}"))
                 for b in v.backends)
     return VipStatus(v.name, v.stats, bes, v.id, v.mode, v.scheduler, v.table_size)
-
-
-def health_of(told: applied.State, checks: dict[str, Any], bid: BackendId) -> Health:
-    """A backend's health: up/down/unchecked, forced or not, since when, and the daemon's last
-    check (result and latency; checks.json is by backend key)."""
-    forced = told.overrides.get(bid)
-    rec, last = told.health.get(bid, {}), checks.get(bid.key, {})
-    if not isinstance(last, dict):
-        last = {}
-    if forced:
-        state = forced.value
-    elif bid.key in checks or rec:
-        state = "down" if told.is_down(bid) else "up"
-    else:
-        state = UNCHECKED
-    passing = last.get("healthy")
-    return Health(state, forced, rec.get("since", last.get("since")), last.get("last"), last.get("latency"),
-                  last.get("at"), last.get("checks"), bool(passing) if passing is not None else None)
