@@ -101,6 +101,20 @@ enum lbx_reason {
 	/* Values the program does not know (a control plane newer or broken): counted, never guessed. */
 	LBX_R_DROP_UNKNOWN_MODE,  /* the backend entry's mode is no enum lbx_fwd_mode */
 	LBX_R_DROP_UNKNOWN_SCHED, /* the VIP's scheduler is no enum lbx_sched */
+	/*
+	 * ICMP (bpf/icmp.h, issue 10). Errors steered: v4 destination unreachable (every code),
+	 * time exceeded, parameter problem; v6 destination unreachable, packet too big, time
+	 * exceeded, parameter problem. Every other ICMP type stays PASS_NOT_L4.
+	 */
+	LBX_R_TX_ICMP_STEERED,    /* an ICMP error about a VIP flow, sent to the flow's backend */
+	LBX_R_PASS_ICMP_ECHO,     /* an echo request: the balancer's kernel answers for its own addresses */
+	LBX_R_PASS_ICMP_BAD_QUOTE, /* quote truncated (< IP header + 8 bytes), not the outer family,
+				   * not TCP/UDP, a later fragment, or its source is not the outer destination */
+	LBX_R_PASS_ICMP_QUOTE_EXT, /* quoted IPv4 with options or IPv6 with extension headers */
+	LBX_R_PASS_ICMP_MTU_TOO_SMALL, /* frag-needed MTU < 68 (v4), packet-too-big MTU < 1280 (v6) */
+	LBX_R_PASS_ICMP_FROM_CLIENT, /* the error's source is the quoted flow's client, not a router */
+	LBX_R_PASS_ICMP_NO_FLOW,  /* no connection-table entry and a round-robin VIP: no owner known */
+	LBX_R_PASS_ICMP_STEER_OFF, /* steering switched off (lbx_ctl LBX_CTL_F_NO_ICMP_STEER, tests) */
 	LBX_R_MAX,
 };
 
@@ -189,6 +203,7 @@ _Static_assert(sizeof(struct lbx_stats) == 24, "also update lbxdp/abi.py");
 
 /* lbx_ctl flags. */
 #define LBX_CTL_F_MAC_SET 0x0001 /* mac holds the interface's MAC; without it nothing is forwarded */
+#define LBX_CTL_F_NO_ICMP_STEER 0x0002 /* test switch: pass ICMP errors instead of steering them */
 
 /*
  * Per-instance data the program reads (Katran's ctl_array): one entry, written by the control

@@ -25,6 +25,7 @@ BE_F_ACTIVE = 0x01       # LBX_BE_F_ACTIVE
 BE_F_IN_TABLE = 0x02     # LBX_BE_F_IN_TABLE
 VIP_F_PASS_NO_BACKEND = 0x01  # LBX_VIP_F_PASS_NO_BACKEND
 CTL_F_MAC_SET = 0x0001   # LBX_CTL_F_MAC_SET
+CTL_F_NO_ICMP_STEER = 0x0002  # LBX_CTL_F_NO_ICMP_STEER
 CTL_SIZE = 64            # sizeof(struct lbx_ctl)
 BACKEND_SIZE = 64        # sizeof(struct backend)
 
@@ -72,7 +73,15 @@ class Reason(enum.IntEnum):
     DROP_BAD_SOURCE = 20
     DROP_UNKNOWN_MODE = 21
     DROP_UNKNOWN_SCHED = 22
-    MAX = 23
+    TX_ICMP_STEERED = 23
+    PASS_ICMP_ECHO = 24
+    PASS_ICMP_BAD_QUOTE = 25
+    PASS_ICMP_QUOTE_EXT = 26
+    PASS_ICMP_MTU_TOO_SMALL = 27
+    PASS_ICMP_FROM_CLIENT = 28
+    PASS_ICMP_NO_FLOW = 29
+    PASS_ICMP_STEER_OFF = 30
+    MAX = 31
 
     @property
     def verdict(self) -> str:
