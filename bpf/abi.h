@@ -59,11 +59,27 @@ enum lbx_sched {
  * Forwarding mode of a VIP, copied into each of its backend entries (struct backend.mode), so
  * that an established flow knows how to forward without a VIP lookup. forward() (forward.h)
  * switches on it; a value it does not know is LBX_R_DROP_UNKNOWN_MODE, never a fallback.
- * Planned: LBX_MODE_IPIP, LBX_MODE_GUE (encap.h, issue 10), LBX_MODE_NAT (nat.h, issue 12).
+ * Planned: LBX_MODE_NAT (nat.h, issue 12).
  */
 enum lbx_fwd_mode {
-	LBX_MODE_DSR = 0, /* L2 direct server return: rewrite the destination MAC, XDP_TX (dsr.h) */
+	LBX_MODE_DSR = 0,  /* L2 direct server return: rewrite the destination MAC, XDP_TX (dsr.h) */
+	LBX_MODE_IPIP = 1, /* L3 DSR: IPIP, IP6IP6 or 4-in-6 by the backend's family (encap.h) */
+	LBX_MODE_GUE = 2,  /* L3 DSR: GUE variant 1 (the inner IP header right after UDP) (encap.h) */
 };
+
+/* Backend encap flags (struct backend.encap_flags). */
+#define LBX_ENC_F_FLOW_SOURCE 0x01 /* outer source from lbx_ctl's flow prefix and the flow hash */
+
+/* Outer header defaults of the encap modes (encap.h). */
+#define LBX_ENCAP_TTL 64
+/* The GUE source port: flow entropy in the ephemeral range 49152-65535. */
+#define LBX_GUE_SPORT_BASE 0xc000
+#define LBX_GUE_SPORT_MASK 0x3fff
+/* Bytes of the offending packet an ICMP "too big" error quotes: as many as fit the smallest
+ * MTU of the family (576 for IPv4, RFC 1812 4.3.2.3; 1280 for IPv6, RFC 4443 2.4), which every
+ * oversize packet has, since the control plane refuses an mtu below 1280 (lbxdp/model.py). */
+#define LBX_ICMP4_QUOTE 548 /* 576 - 20 (IP) - 8 (ICMP) */
+#define LBX_ICMP6_QUOTE 1232 /* 1280 - 40 (IPv6) - 8 (ICMPv6) */
 
 /*
  * Why the program returned what it returned. Every exit of lbxdp_ingress() names one; the
@@ -115,6 +131,10 @@ enum lbx_reason {
 	LBX_R_PASS_ICMP_FROM_CLIENT, /* the error's source is the quoted flow's client, not a router */
 	LBX_R_PASS_ICMP_NO_FLOW,  /* no connection-table entry and a round-robin VIP: no owner known */
 	LBX_R_PASS_ICMP_STEER_OFF, /* steering switched off (lbx_ctl LBX_CTL_F_NO_ICMP_STEER, tests) */
+	/* Encapsulation (encap.h). */
+	LBX_R_TX_ICMP_TOO_BIG,    /* too big to encapsulate: ICMP frag-needed / packet-too-big sent to the client */
+	LBX_R_DROP_TOO_BIG,       /* too big to encapsulate and IPv4 without DF: no ICMP is due, cannot fragment */
+	LBX_R_DROP_NO_OWN_ADDR,   /* encap needs the balancer's address of the backend's family; lbx_ctl has none */
 	LBX_R_MAX,
 };
 
@@ -145,10 +165,9 @@ _Static_assert(sizeof(struct vip_meta) == 16, "also update lbxdp/abi.py");
 
 /*
  * One backend of one VIP: what an established flow needs to forward, without a VIP lookup.
- * The reserved tail is zero today; it holds the per-backend fields the planned modes need, so
- * that adding them changes no map layout (see lbxdp/migrate.py for what a layout change costs):
- *   encap (issue 10): __be16 encap_port (GUE destination port), __u8 encap_flags (e.g. an
- *     RSS-friendly outer source), __u16 mtu (largest inner packet before ICMP frag-needed);
+ * The encap fields (issue 10) came out of a reserved tail; the rest of it holds the per-backend
+ * fields the planned modes need, so that adding them changes no map layout (see
+ * lbxdp/migrate.py for what a layout change costs):
  *   nat (issue 12): __u8 nat_flags (SNAT), __u16 nat_pool (index of the SNAT address/port pool);
  *   scheduling (issue 13): __u32 max_conns (connection cap), __u32 server_id (QUIC).
  * 64 bytes, one cache line: no entry straddles two, and the verifier's inlined array lookup
@@ -165,7 +184,11 @@ struct backend {
 	__u16 gen;        /* bumped each time the id is given to a new (VIP, backend); kept while inactive */
 	__u32 vip_id;     /* the VIP this backend entry serves: one entry per (VIP, backend) */
 	__u8 mode;        /* enum lbx_fwd_mode: its VIP's, written by the control plane with the entry */
-	__u8 reserved[31]; /* zero; planned use above */
+	__u8 encap_flags; /* LBX_ENC_F_* (ipip, gue) */
+	__be16 encap_port; /* gue: the UDP destination port, network order */
+	__u16 mtu;        /* ipip, gue: largest outer IP packet towards the backend; 0 = no check */
+	__u16 mss;        /* ipip, gue: clamp a SYN's MSS option to this; 0 = off */
+	__u8 reserved[24]; /* zero; planned use above */
 };
 _Static_assert(sizeof(struct backend) == 64, "also update lbxdp/abi.py");
 
@@ -216,11 +239,16 @@ _Static_assert(sizeof(struct lbx_stats) == 24, "also update lbxdp/abi.py");
 struct lbx_ctl {
 	__u8 mac[6];          /* the interface's MAC: only frames sent to it are forwarded */
 	__u16 flags;          /* LBX_CTL_F_* */
-	__be32 own_v4;        /* unused yet: the balancer's IPv4 address on this interface */
-	struct lbx_addr own_v6; /* unused yet: its IPv6 address */
+	__be32 own_v4;        /* the balancer's IPv4 address on this interface: outer source (ipip, gue); 0 = none */
+	struct lbx_addr own_v6; /* its IPv6 address: the IPv6 outer source; :: = none */
 	__u8 gw_mac_v4[6];    /* unused yet: the IPv4 default gateway's MAC */
 	__u8 gw_mac_v6[6];    /* unused yet: the IPv6 default gateway's MAC */
-	__u8 reserved[24];    /* zero */
+	/* ipip_source = "flow" (LBX_ENC_F_FLOW_SOURCE): the outer source is a prefix's address with
+	 * its host bits from the flow hash, so receivers' RSS/ECMP spread flows (Katran's trick). */
+	__be32 flow_src_v4;      /* the IPv4 prefix's network address */
+	__be32 flow_src_v4_mask; /* its netmask; the other bits come from the flow hash */
+	__be32 flow_src_v6[2];   /* the top 64 bits of the IPv6 prefix (a /64 or shorter); the low 64 from the hash */
+	__u8 reserved[8];     /* zero */
 };
 _Static_assert(sizeof(struct lbx_ctl) == 64, "also update lbxdp/abi.py");
 

@@ -26,6 +26,12 @@ BE_F_IN_TABLE = 0x02     # LBX_BE_F_IN_TABLE
 VIP_F_PASS_NO_BACKEND = 0x01  # LBX_VIP_F_PASS_NO_BACKEND
 CTL_F_MAC_SET = 0x0001   # LBX_CTL_F_MAC_SET
 CTL_F_NO_ICMP_STEER = 0x0002  # LBX_CTL_F_NO_ICMP_STEER
+ENC_F_FLOW_SOURCE = 0x01  # LBX_ENC_F_FLOW_SOURCE
+ENCAP_TTL = 64           # LBX_ENCAP_TTL
+GUE_SPORT_BASE = 0xC000  # LBX_GUE_SPORT_BASE
+GUE_SPORT_MASK = 0x3FFF  # LBX_GUE_SPORT_MASK
+ICMP4_QUOTE = 548        # LBX_ICMP4_QUOTE
+ICMP6_QUOTE = 1232       # LBX_ICMP6_QUOTE
 CTL_SIZE = 64            # sizeof(struct lbx_ctl)
 BACKEND_SIZE = 64        # sizeof(struct backend)
 
@@ -45,6 +51,8 @@ class FwdMode(enum.IntEnum):
     """enum lbx_fwd_mode"""
 
     DSR = 0
+    IPIP = 1
+    GUE = 2
 
 
 class Reason(enum.IntEnum):
@@ -81,7 +89,10 @@ class Reason(enum.IntEnum):
     PASS_ICMP_FROM_CLIENT = 28
     PASS_ICMP_NO_FLOW = 29
     PASS_ICMP_STEER_OFF = 30
-    MAX = 31
+    TX_ICMP_TOO_BIG = 31
+    DROP_TOO_BIG = 32
+    DROP_NO_OWN_ADDR = 33
+    MAX = 34
 
     @property
     def verdict(self) -> str:
