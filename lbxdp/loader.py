@@ -155,38 +155,52 @@ def layout(info: bpfsys.MapInfo) -> tuple[int, int, int, int, int]:
     return (info.type, info.key_size, info.value_size, info.max_entries, info.flags)
 
 
-def fingerprint(build: BuildConfig) -> str:
+@dataclass(frozen=True)
+class Source:
+    """One XDP program lbxdp compiles: its C entry file under bpf/, function and map names."""
+
+    entry: str
+    function: str
+    maps: tuple[str, ...]
+
+
+BALANCER = Source("lbxdp.c", abi.PROGRAM, tuple(m.value for m in abi.Map))
+DECAP = Source("decap.c", abi.DECAP_PROGRAM, tuple(m.value for m in abi.DecapMap))   # lbxdp.decap
+
+
+def fingerprint(build: BuildConfig, source: Source = BALANCER) -> str:
     """A hash of the program build would compile (sources and flags): equal fingerprints declare
     equal maps."""
-    text = render((build.src_dir or bpf_dir()) / "lbxdp.c") + "\0".join(build.cflags())
+    text = render((build.src_dir or bpf_dir()) / source.entry) + "\0".join(build.cflags())
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def compile_program(build: BuildConfig) -> Program:
-    """Compile and load lbxdp_ingress; its maps are created in, or reused from, build.pin_dir."""
+def compile_program(build: BuildConfig, source: Source = BALANCER) -> Program:
+    """Compile and load source (lbxdp_ingress by default); its maps are created in, or reused
+    from, build.pin_dir."""
     bcc = _import_bcc()
     check_headers()
     ensure_bpffs()
     build.pin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    text = render((build.src_dir or bpf_dir()) / "lbxdp.c")
+    text = render((build.src_dir or bpf_dir()) / source.entry)
     try:
         b = bcc.BPF(text=text.encode(), cflags=build.cflags())
-        fn = b.load_func(abi.PROGRAM.encode(), bcc.BPF.XDP)
+        fn = b.load_func(source.function.encode(), bcc.BPF.XDP)
     except Exception as e:  # bcc raises bare Exception for compile and verifier failures
         raise LbxError(f"the XDP program failed to compile or load: {e}",
                        "run `lbxdp doctor`; the compiler/verifier output is above") from e
     lib = bcc.libbcc.lib
     schema, maps = {}, {}
-    for m in abi.Map:
-        key = lib.bpf_table_key_desc(b.module, m.value.encode())
+    for name in source.maps:
+        key = lib.bpf_table_key_desc(b.module, name.encode())
         if key is None and build.src_dir is not None:
             continue   # older sources lack newer maps
-        leaf = lib.bpf_table_leaf_desc(b.module, m.value.encode())
-        schema[m.value] = {"key": json.loads(key), "leaf": json.loads(leaf)}
+        leaf = lib.bpf_table_leaf_desc(b.module, name.encode())
+        schema[name] = {"key": json.loads(key), "leaf": json.loads(leaf)}
     # Typed the same way as in a CLI process that opens the pins (open_pinned_maps).
     for name, (key_t, leaf_t) in decode_types(schema).items():
         maps[name] = bpfsys.Map(b.get_table(name.encode()).map_fd, key_t, leaf_t)
-    return Program(b, fn.fd, bpfsys.prog_info(fn.fd), maps, schema, fingerprint(build))
+    return Program(b, fn.fd, bpfsys.prog_info(fn.fd), maps, schema, fingerprint(build, source))
 
 
 def compile_stub() -> tuple[Any, int]:
