@@ -8,6 +8,14 @@
  * its VIP and its mode); only a new flow pays for the VIP lookup too (docs/benchmarks.md has
  * the figures).
  *
+ * ICMP errors about a VIP flow (icmp.h) go through this same pipeline, not return_path(): they
+ * ARE addressed to a VIP address (the quoted packet's source), so the VIP prefilter lets them
+ * in, and once parse.h has made their flow key the quoted tuple reversed, the MAC and source
+ * guards, the connection table, the VIP's table and forward() (any mode) are exactly what
+ * steering needs. return_path() stays for traffic addressed to no VIP (NAT replies). The cost
+ * for TCP/UDP is nil before the guards (parse_l4 tests ICMP after TCP and UDP) and one flag
+ * test of pkt after them.
+ *
  * Compiled by bcc through lbxdp/loader.py, which inlines the local headers below (bcc only
  * rewrites map calls such as lbx_vips.lookup() in its main file) with #line markers, so
  * compiler and verifier messages still name the header and line.
@@ -19,6 +27,7 @@
 #include "classify.h"
 #include "guard.h"
 #include "select.h"
+#include "icmp.h"
 #include "forward.h"
 #include "stats.h"
 
@@ -42,12 +51,17 @@ int lbxdp_ingress(struct xdp_md *ctx)
 		return count(XDP_PASS, r, &pkt);
 	if (plausible_source(&pkt) != LBX_R_OK)         /* guard.h: no martians */
 		return count(XDP_DROP, LBX_R_DROP_BAD_SOURCE, &pkt);
+	if (pkt.flags & LBX_PKT_F_ICMP_ERR) {           /* icmp.h: the error's own source */
+		r = icmp_error_guard(ctx, &pkt);
+		if (r != LBX_R_OK)
+			return count(icmp_guard_verdict(r), r, &pkt);
+	}
 	if (!established(&pkt, &sel)) {                 /* select.h: the connection table */
 		vip = classify(&pkt);                   /* classify.h: the VIP lookup */
 		if (!vip)
 			return count(XDP_PASS, LBX_R_PASS_NOT_VIP, &pkt);
 		r = select_backend(vip, &pkt, &sel);    /* select.h: the VIP's table, by its scheduler */
-		if (r == LBX_R_PASS_NO_BACKEND)
+		if (r == LBX_R_PASS_NO_BACKEND || r == LBX_R_PASS_ICMP_NO_FLOW)
 			return count(XDP_PASS, r, &pkt);
 		if (r != LBX_R_OK)
 			return count(XDP_DROP, r, &pkt);
@@ -56,5 +70,5 @@ int lbxdp_ingress(struct xdp_md *ctx)
 	if (r != LBX_R_OK)
 		return count(forward_verdict(r), r, &pkt);
 	account(&sel, &pkt);                            /* stats.h */
-	return count(XDP_TX, LBX_R_TX_FORWARD, &pkt);
+	return count(XDP_TX, pkt.flags & LBX_PKT_F_ICMP_ERR ? LBX_R_TX_ICMP_STEERED : LBX_R_TX_FORWARD, &pkt);
 }

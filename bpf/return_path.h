@@ -2,12 +2,11 @@
 /*
  * The return path: traffic that belongs to a flow lbxdp forwarded but is not addressed to a
  * VIP. Empty today (DSR backends answer clients directly); it is where these will go:
- *   - ICMP/ICMPv6 errors about a VIP flow (frag-needed, packet-too-big, unreachables): their
- *     destination is the client-facing router's idea of the VIP's sender, and the flow is the
- *     quoted header reversed (pkt.flags |= LBX_PKT_F_ICMP_ERR); steered to the owning backend
- *     (issue 10);
  *   - NAT replies from backends, addressed to the client (DNAT) or to the balancer's own
  *     address (SNAT, lbx_ctl.own_v4/own_v6), rewritten to come from the VIP (issue 12).
+ * ICMP errors about a VIP flow are not here: they are addressed to the VIP (the quoted packet's
+ * source), so they take the normal pipeline with the quoted tuple reversed as their flow key
+ * (parse.h, icmp.h; lbxdp.c says why).
  * It runs before may_be_vip() because none of this traffic is addressed to a VIP: the VIP
  * prefilter would pass it to the kernel. It must stay cheap for everything else (one test of
  * the protocol or a flag), as every non-VIP frame crosses it: docs/benchmarks.md measures

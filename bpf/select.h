@@ -3,6 +3,8 @@
  * Selection: which backend gets this packet. established() finds a known flow's backend in the
  * connection table; select_backend() gives a new flow (or one whose backend entry is gone) a
  * slot of its VIP's table, by its scheduler (round robin or a hash of its 5-tuple), and records it.
+ * An ICMP error about a flow (pkt.flags LBX_PKT_F_ICMP_ERR, icmp.h) is looked up the same way but
+ * never recorded.
  */
 #ifndef LBX_SELECT_H
 #define LBX_SELECT_H
@@ -117,6 +119,9 @@ static __always_inline int select_backend(const struct vip_meta *vip, struct pkt
 	table = lbx_tables.lookup((int *)&vip->id);
 	if (!table)
 		return LBX_R_DROP_NO_BACKEND;
+	/* An ICMP error (icmp.h) must reach the flow's backend: round robin cannot say which. */
+	if ((pkt->flags & LBX_PKT_F_ICMP_ERR) && vip->sched == LBX_SCHED_RR)
+		return LBX_R_PASS_ICMP_NO_FLOW;
 	r = pick_slot(vip, pkt, &slot);
 	if (r != LBX_R_OK)
 		return r;
@@ -129,6 +134,9 @@ static __always_inline int select_backend(const struct vip_meta *vip, struct pkt
 		return LBX_R_DROP_BACKEND_GONE;
 	sel->backend_id = *id;
 	sel->vip_id = vip->id;
+	/* An error about a flow is no flow: never recorded, never counted as a new one. */
+	if (pkt->flags & LBX_PKT_F_ICMP_ERR)
+		return LBX_R_OK;
 	sel->new_flow = 1;
 	fresh.backend_id = *id;
 	fresh.gen = sel->be->gen;
