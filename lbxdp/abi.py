@@ -124,3 +124,54 @@ class Map(str, enum.Enum):
     BE_STATS = "lbx_be_stats"
     REASONS = "lbx_reasons"
     CTL = "lbx_ctl"
+
+
+# --- lbxdp_decap (bpf/decap_abi.h, bpf/decap_maps.h): the backend's decapsulation program -----
+
+DECAP_PROGRAM = "lbxdp_decap"
+DECAP_SLOT_BITS = 12       # LBX_DECAP_SLOT_BITS
+DECAP_SLOTS = 4096         # LBX_DECAP_SLOTS
+DECAP_PROBES = 8           # LBX_DECAP_PROBES
+DECAP_MAX_ENTRIES = 1024   # LBX_DECAP_MAX_ENTRIES
+DECAP_MAX_VIPS = 1024      # LBX_DECAP_MAX_VIPS
+DECAP_F_HOST = 0x01        # LBX_DECAP_F_HOST
+DECAP_F_VIP = 0x02         # LBX_DECAP_F_VIP
+DECAP_CTL_F_LOOSE = 0x01   # LBX_DECAP_CTL_F_LOOSE
+DECAP_SLOT_SIZE = 20       # sizeof(struct decap_slot)
+DECAP_CTL_SIZE = 16        # sizeof(struct decap_ctl)
+
+
+class DecapReason(enum.IntEnum):
+    """enum lbx_decap_reason (prefix LBX_D_): why lbxdp_decap passed a frame, and whether opened."""
+
+    OK = 0
+    PASS_DECAP = 1
+    PASS_NOT_TUNNEL = 2
+    PASS_NOT_LOCAL = 3
+    PASS_OUTER_FRAGMENT = 4
+    PASS_OUTER_OPTIONS = 5
+    PASS_TRUNCATED_OUTER = 6
+    PASS_TRUNCATED_INNER = 7
+    PASS_BAD_INNER = 8
+    PASS_NOT_VIP = 9
+    PASS_GUE_UNSUPPORTED = 10
+    PASS_ADJUST_FAILED = 11
+    MAX = 12
+
+    @property
+    def label(self) -> str:
+        """The reason without its verdict, lower case: 'not_vip'."""
+        return self.name.split("_", 1)[1].lower()
+
+    @classmethod
+    def exits(cls) -> list["DecapReason"]:
+        return [r for r in cls if r not in (cls.OK, cls.MAX)]
+
+
+class DecapMap(str, enum.Enum):
+    """Map names of lbxdp_decap, as declared in bpf/decap_maps.h."""
+
+    CTL = "lbxd_ctl"
+    ADDRS = "lbxd_addrs"
+    VIP_STATS = "lbxd_vip_stats"
+    REASONS = "lbxd_reasons"

@@ -223,8 +223,8 @@ def test_maps_are_pinned_under_their_own_name() -> None:
 
 def test_no_map_is_declared_outside_maps_h() -> None:
     for f in sorted(BPF.glob("*.[ch]")):
-        if f.name != "maps.h":
-            assert not parse_maps(f.read_text()), f"{f.name} declares a map; maps live in maps.h"
+        if f.name not in ("maps.h", "decap_maps.h"):
+            assert not parse_maps(f.read_text()), f"{f.name} declares a map; maps live in maps.h (decap_maps.h)"
 
 
 def test_every_struct_has_a_size_pin(header: str) -> None:
@@ -289,3 +289,64 @@ def test_self_check_drift_is_detected(header: str, mutate, names: str) -> None:
     problems = drift(mutated)
     assert problems, "drift went unnoticed"
     assert any(names in p for p in problems), problems
+
+
+# --- lbxdp_decap: bpf/decap_abi.h and bpf/decap_maps.h against abi.Decap* ----------------------
+
+DECAP_HEADER, DECAP_MAPS_H = BPF / "decap_abi.h", BPF / "decap_maps.h"
+DECAP_DEFINES = {
+    "LBX_DECAP_SLOT_BITS": "DECAP_SLOT_BITS", "LBX_DECAP_SLOTS": "DECAP_SLOTS", "LBX_DECAP_PROBES": "DECAP_PROBES",
+    "LBX_DECAP_MAX_ENTRIES": "DECAP_MAX_ENTRIES", "LBX_DECAP_MAX_VIPS": "DECAP_MAX_VIPS",
+    "LBX_DECAP_F_HOST": "DECAP_F_HOST", "LBX_DECAP_F_VIP": "DECAP_F_VIP", "LBX_DECAP_CTL_F_LOOSE": "DECAP_CTL_F_LOOSE",
+}
+DECAP_SIZES = {"decap_slot": "DECAP_SLOT_SIZE", "decap_ctl": "DECAP_CTL_SIZE"}
+
+
+def decap_drift(text: str) -> list[str]:
+    problems = []
+    members = parse_enums(text).get("lbx_decap_reason")
+    if members is None:
+        return ["enum lbx_decap_reason is not in the header"]
+    c_members = [(m.removeprefix("LBX_D_"), v) for m, v in members]
+    if [m for m, _ in members if not m.startswith("LBX_D_")] or c_members != [(r.name, r.value) for r in abi.DecapReason]:
+        problems.append(f"enum lbx_decap_reason != abi.DecapReason: {c_members}")
+    defines = parse_defines(text)
+    for c_name, py_name in DECAP_DEFINES.items():
+        if defines.get(c_name) != getattr(abi, py_name):
+            problems.append(f"#define {c_name} {defines.get(c_name)} != abi.{py_name}")
+    defined, pins = parse_structs(text)
+    for s_name, py_name in DECAP_SIZES.items():
+        if pins.get(s_name) != getattr(abi, py_name):
+            problems.append(f"sizeof(struct {s_name}) pinned at {pins.get(s_name)} != abi.{py_name}")
+    if [s for s in defined if s not in pins]:
+        problems.append("struct without a size pin")
+    return problems
+
+
+def test_decap_header_and_abi_agree() -> None:
+    problems = decap_drift(DECAP_HEADER.read_text())
+    assert not problems, "bpf/decap_abi.h and lbxdp/abi.py drifted:\n" + "\n".join(problems)
+
+
+def test_decap_reasons_are_all_pass_and_max_last() -> None:
+    assert list(abi.DecapReason)[-1] is abi.DecapReason.MAX == len(abi.DecapReason) - 1
+    assert all(r.name.startswith("PASS_") for r in abi.DecapReason.exits()), "lbxdp_decap never drops"
+
+
+def test_decap_maps_h_declares_exactly_the_abi_maps_pinned() -> None:
+    declared = parse_maps(DECAP_MAPS_H.read_text())
+    assert sorted(d["name"] for d in declared) == sorted(m.value for m in abi.DecapMap)
+    for d in declared:
+        assert d["macro"] == "BPF_TABLE_PINNED" and len(d["name"]) < 16, d
+        assert re.fullmatch(r'LBX_PIN_DIR\s*"/' + re.escape(d["name"]) + '"', d["pin"]), d
+    assert len(abi.DECAP_PROGRAM) < 16
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda t: t.replace("LBX_D_PASS_NOT_LOCAL,", "LBX_D_PASS_NOT_LOCAL,\n\tLBX_D_PASS_NEW,", 1),
+    lambda t: t.replace("#define LBX_DECAP_PROBES 8", "#define LBX_DECAP_PROBES 4", 1),
+    lambda t: t.replace("sizeof(struct decap_slot) == 20", "sizeof(struct decap_slot) == 24", 1),
+], ids=["reason-inserted", "define-changed", "size-changed"])
+def test_decap_self_check_drift_is_detected(mutate) -> None:
+    text = DECAP_HEADER.read_text()
+    assert mutate(text) != text and decap_drift(mutate(text))
