@@ -15,6 +15,14 @@ For every XDP_TX the input must have been:
            nor the destination itself)
   vip      destination address, port and protocol those of a configured VIP
   rewrite  and the output is the input with only the MACs changed (source = the balancer's).
+An ICMP error forwarded (steered to the quoted flow's backend, bpf/icmp.h) must instead be:
+  icmp_type  an error type lbxdp steers (v4 3/11/12, v6 1/2/3/4)
+  icmp_quote a whole quoted IP header of its family (no options) plus 8 L4 bytes inside its
+             payload, the quoted source its destination, its source a router (not the quoted
+             client), the quoted client plausible
+  icmp_mtu   frag-needed / packet-too-big MTU not below 68 / 1280
+  vip        the quoted source address, port and protocol those of a configured VIP.
+One frame in five is such an error, about a valid frame just built or an earlier one.
 It prints frames run, frames/s, verdicts, reasons, violations per invariant (per 100k frames) and
 the first few violating inputs decoded. Nothing here is a test; tests/datapath/test_fuzz.py runs
 a smaller seeded batch of the same fuzz and fails on any violation.
@@ -53,7 +61,7 @@ OTHER_MACS = [bytes.fromhex(m) for m in ("ffffffffffff", "01005e000001", "333300
 BAD_SOURCES4 = [ipaddress.IPv4Address(a).packed for a in
                 ("0.0.0.0", "0.1.2.3", "127.0.0.1", "255.255.255.255", "224.0.0.1", "239.9.9.9", "240.0.0.1")]
 BAD_SOURCES6 = [ipaddress.IPv6Address(a).packed for a in ("::", "::1", "ff02::1", "ff0e::5", "::ffff:192.0.2.1")]
-INVARIANTS = ("mac", "ip_len", "l4_len", "ttl", "source", "vip", "rewrite")
+INVARIANTS = ("mac", "ip_len", "l4_len", "ttl", "source", "vip", "rewrite", "icmp_type", "icmp_quote", "icmp_mtu")
 
 
 def config() -> model.Config:
@@ -180,6 +188,8 @@ def violations(inp: bytes, out: bytes, own_mac: bytes, vips: set[tuple[bytes, in
         bad.append("ttl")
     if not plausible_source(src, dst):
         bad.append("source")
+    if proto in (1, 58):
+        return bad + icmp_violations(inp, l4, l4_len, src, dst, vips)
     if l4_len < 8 or len(inp) < l4 + 8:
         return bad + ["l4_len"]
     dport = struct.unpack_from("!H", inp, l4 + 2)[0]
@@ -190,6 +200,73 @@ def violations(inp: bytes, out: bytes, own_mac: bytes, vips: set[tuple[bytes, in
     if (dst, dport, proto) not in vips and (dst, 0, proto) not in vips:
         bad.append("vip")
     return bad
+
+
+ICMP4_ERRORS, ICMP6_ERRORS = {3, 11, 12}, {1, 2, 3, 4}
+
+
+def icmp_violations(inp: bytes, l4: int, l4_len: int, src: bytes, dst: bytes,
+                    vips: set[tuple[bytes, int, int]]) -> list[str]:
+    """An ICMP error forwarded (steered) must be an error type, quote a whole IP header of its
+    family plus 8 bytes inside its payload, its quoted source must be its destination and with
+    the quoted source port and protocol a VIP, its MTU not below the minimum, and it must come
+    from a router (not the quoted client)."""
+    v4 = len(src) == 4
+    qlen = 20 if v4 else 40
+    if l4_len < 8 + qlen + 8 or len(inp) < l4 + 8 + qlen + 8:
+        return ["icmp_quote"]
+    typ, code = inp[l4], inp[l4 + 1]
+    bad = []
+    if typ not in (ICMP4_ERRORS if v4 else ICMP6_ERRORS):
+        bad.append("icmp_type")
+    if v4 and (typ, code) == (3, 4) and struct.unpack_from("!H", inp, l4 + 6)[0] < 68:
+        bad.append("icmp_mtu")
+    if not v4 and typ == 2 and struct.unpack_from("!I", inp, l4 + 4)[0] < 1280:
+        bad.append("icmp_mtu")
+    q = l4 + 8
+    if v4:
+        ok = inp[q] == 0x45 and not struct.unpack_from("!H", inp, q + 6)[0] & 0x1FFF
+        qproto, qsrc, qdst = inp[q + 9], inp[q + 12:q + 16], inp[q + 16:q + 20]
+    else:
+        ok = inp[q] >> 4 == 6
+        qproto, qsrc, qdst = inp[q + 6], inp[q + 8:q + 24], inp[q + 24:q + 40]
+    qsport = struct.unpack_from("!H", inp, q + qlen)[0]
+    if not ok or qsrc != dst or src == qdst or not plausible_source(qdst, qsrc):
+        bad.append("icmp_quote")
+    if (qsrc, qsport, qproto) not in vips and (qsrc, 0, qproto) not in vips:
+        bad.append("vip")
+    return bad
+
+
+def build_icmp_error(rng: random.Random, frame: bytes) -> bytes:
+    """An ICMP error from a router about the reply to `frame` (a valid frame from build()): the
+    backend's packet VIP -> client, quoted in full or in its first 8 L4 bytes."""
+    o = _l3_off(frame)
+    v4 = frame[o] >> 4 == 4
+    hl = 20 if v4 else 40
+    ip, l4 = frame[o:o + hl], frame[o + hl:]
+    if v4:
+        src, dst, proto = ip[12:16], ip[16:20], ip[9]
+        qip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, 0x4000, 63, proto, 0, dst, src)
+    else:
+        src, dst, proto = ip[8:24], ip[24:40], ip[6]
+        qip = struct.pack("!IHBB16s16s", 6 << 28, len(l4), proto, 63, dst, src)
+    ql4 = l4[2:4] + l4[0:2] + l4[4:]
+    quote = qip + (ql4 if rng.random() < 0.5 else ql4[:8])
+    router = bytes([203, 0, 113, rng.randrange(1, 255)]) if v4 else b"\x20\x01\x0d\xb8\xff" + rng.randbytes(11)
+    if v4:
+        typ, code, rest = rng.choice(((3, 4, struct.pack("!HH", 0, rng.choice((576, 1280, 1400, 60)))),
+                                      (11, 0, bytes(4)), (3, 3, bytes(4)), (12, 0, bytes(4))))
+        icmp = struct.pack("!BBH", typ, code, 0) + rest + quote
+        icmp = icmp[:2] + struct.pack("!H", _csum(icmp + b"\0" * (len(icmp) % 2))) + icmp[4:]
+        iph = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 7, 0, 64, 1, 0, router, dst)
+        l3, et = iph[:10] + struct.pack("!H", _csum(iph)) + iph[12:], 0x0800
+    else:
+        typ, code, rest = rng.choice(((2, 0, struct.pack("!I", rng.choice((1280, 1400, 1000)))),
+                                      (3, 0, bytes(4)), (1, 4, bytes(4)), (4, 0, bytes(4))))
+        icmp = struct.pack("!BBH", typ, code, 0) + rest + quote   # checksum left 0: lbxdp does not read it
+        l3, et = struct.pack("!IHBB16s16s", 6 << 28, len(icmp), 58, 64, router, dst), 0x86DD
+    return frame[:o - 2] + struct.pack("!H", et) + l3 + icmp
 
 
 @dataclass
@@ -214,10 +291,18 @@ def fuzz(runner: bpfsys.TestRunner, maps: Maps, cfg: model.Config, own_mac: str,
     vips = {(v.address.packed, v.port, v.protocol.number) for v in cfg.vips}
     targets = sorted(vips)
     rep = Report()
+    recent: list[bytes] = []   # valid frames whose flows the ICMP errors quote (rr VIPs need the entry)
     before = maps.reasons()
     t0 = time.monotonic()
     while rep.frames < frames and time.monotonic() - t0 < max_seconds:
-        inputs = [mutate(rng, build(rng, rng.choice(targets), mac)) for _ in range(min(batch, frames - rep.frames))]
+        inputs = []
+        for _ in range(min(batch, frames - rep.frames)):
+            f = build(rng, rng.choice(targets), mac)
+            if rng.random() < 0.2:   # an ICMP error about a flow: half of them about an earlier frame's
+                f = build_icmp_error(rng, f if not recent or rng.random() < 0.5 else rng.choice(recent))
+            elif len(recent) < 64:
+                recent.append(f)
+            inputs.append(mutate(rng, f))
         for f in inputs:
             if len(f) < 14:
                 f = f + bytes(14 - len(f))

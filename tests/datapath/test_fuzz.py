@@ -1,6 +1,7 @@
 """A seeded mutation fuzz (scripts/fuzz_datapath.py, 20,000 frames): no forwarded frame breaks an
 invariant (addressed to the balancer's MAC, lengths consistent with the frame, TTL > 0, a
-plausible unicast source, a VIP's address, port and protocol, only the MACs rewritten).
+plausible unicast source, a VIP's address, port and protocol, only the MACs rewritten; an ICMP
+error only if it quotes a VIP flow, from a router, with a sane MTU).
 
 The script runs a million frames and prints figures; this is its bounded, failing form, on the
 session's program filled by the real control plane (frames.BASE, own MAC frames.LB_MAC).
@@ -36,5 +37,6 @@ def test_mutated_frames_never_forwarded_broken(lb: Lb, seed: int) -> None:
     rep = fz.fuzz(lb.runner, lb.maps, BASE, LB_MAC, frames=10_000, seed=seed, max_seconds=120)
     assert rep.frames == 10_000
     assert rep.verdicts["XDP_TX"] > 500, f"too few frames forwarded to mean anything: {dict(rep.verdicts)}"
+    assert rep.reasons.get("TX_ICMP_STEERED", 0) > 40, f"too few ICMP errors steered: {rep.reasons}"
     detail = "\n".join(f"{','.join(bad)}: {fz.decode(f)}\n  {f.hex()}" for f, bad in rep.examples)
     assert rep.bad_frames == 0, f"{rep.bad_frames} forwarded frames break {dict(rep.broken)}:\n{detail}"
