@@ -6,6 +6,7 @@ modules never import this one, so there is no import circle):
   edit      vip, backend, flows (the verbs of lbxdp.edits, and the connection table)
   daemon    run, reload
   lab       demo, rig (lbxdp.lab)
+  decap     decap attach, status, detach (lbxdp.decap: the backend side)
   params    VIP and ADDR:PORT parameter types, enum choices
   common    the root check, which instance a command is about
 
@@ -23,7 +24,7 @@ import click
 from .. import __version__
 from ..errors import LbxError
 from ..paths import check_netns
-from . import daemon, edit, instance, lab
+from . import daemon, decap, edit, instance, lab
 from .params import BadValue
 
 log = logging.getLogger("lbxdp")
@@ -70,7 +71,7 @@ def enter_netns(name: str) -> None:
         raise LbxError(f"cannot enter network namespace {name!r}: {e.strerror}", "run as root") from e
 
 
-for _cmd in (*instance.COMMANDS, *edit.COMMANDS, *daemon.COMMANDS, *lab.COMMANDS):
+for _cmd in (*instance.COMMANDS, *edit.COMMANDS, *daemon.COMMANDS, *lab.COMMANDS, *decap.COMMANDS):
     cli.add_command(_cmd)
 
 
