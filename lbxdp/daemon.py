@@ -256,6 +256,7 @@ class HealthService(BaseService):
                                       if (check := v.check_of(b)) is not None])
 
     def tick(self) -> None:
+        """Apply the transitions reported since the last tick, then rewrite checks.json."""
         changes: dict[BackendId, dict[str, Any]] = {}
         while True:
             try:
@@ -264,6 +265,7 @@ class HealthService(BaseService):
                 break
             changes[bid] = {"healthy": healthy, "since": r.at, "detail": r.detail, "latency": r.latency}
         if not changes:
+            self.write_checks()
             return
         diff = timed(self.metrics, lambda: control.health_changed(self.inst, changes))
         self.write_checks()
@@ -286,18 +288,6 @@ class HealthService(BaseService):
     def stop(self) -> None:
         if self.checker is not None:
             self.checker.stop()
-
-
-class ChecksFileService(BaseService):
-    """checks.json rewritten once a second (the health service's, as its own step)."""
-
-    name = "write-checks"
-
-    def __init__(self, health: HealthService):
-        self.health = health
-
-    def tick(self) -> None:
-        self.health.write_checks()
 
 
 class OwnMacService(BaseService):
@@ -394,8 +384,7 @@ class Daemon:
         self.run_dir = RunDirService(inst, self._write_pid, self._reread)
         # In tick order; a reload (SIGHUP) comes before them, the state hand-over after.
         self.services: list[Service] = [self.run_dir, self.health, OwnMacService(inst),
-                                        RuntimeService(inst, self.metrics), ChecksFileService(self.health),
-                                        self.metrics]
+                                        RuntimeService(inst, self.metrics), self.metrics]
         self._started: list[Service] = []
 
     # --- signals -------------------------------------------------------------------------------

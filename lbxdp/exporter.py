@@ -142,9 +142,9 @@ class LbxCollector(Collector):
             iface = s.interface
             for v in s.vips:
                 for k, fam in vip.items():
-                    fam.add_metric([iface, v.vip], getattr(v.stats, k))
+                    fam.add_metric([iface, v.name], getattr(v.stats, k))
                 for b in v.backends:
-                    labels = [iface, v.vip, b.backend]
+                    labels = [iface, v.name, b.name]
                     for k, fam in be.items():
                         fam.add_metric(labels, getattr(b.stats, k))
                     in_table.add_metric(labels, 1 if b.in_table else 0)

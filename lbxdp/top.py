@@ -124,13 +124,13 @@ def rates(prev: InstanceStatus | None, cur: InstanceStatus, seconds: float) -> F
     """
     if seconds <= 0:
         prev = None
-    old_vips = {v.vip: v for v in prev.vips} if prev is not None else {}
+    old_vips = {v.name: v for v in prev.vips} if prev is not None else {}
     vips = []
     for v in cur.vips:
-        pv = old_vips.get(v.vip)
-        old_bes = {b.backend: b.stats for b in pv.backends} if pv is not None else {}
-        bes = tuple(_row(b.backend, b.stats, old_bes.get(b.backend), seconds, b.in_table) for b in v.backends)
-        vips.append(Vip(_row(v.vip, v.stats, pv.stats if pv is not None else None, seconds), v.mode, v.scheduler, bes))
+        pv = old_vips.get(v.name)
+        old_bes = {b.name: b.stats for b in pv.backends} if pv is not None else {}
+        bes = tuple(_row(b.name, b.stats, old_bes.get(b.name), seconds, b.in_table) for b in v.backends)
+        vips.append(Vip(_row(v.name, v.stats, pv.stats if pv is not None else None, seconds), v.mode, v.scheduler, bes))
     total = Row("total", sum(v.row.packets for v in vips), sum(v.row.bytes for v in vips),
                 sum(v.row.new_flows for v in vips), _sum(v.row.pps for v in vips),
                 _sum(v.row.bps for v in vips), _sum(v.row.fps for v in vips))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import abi, applied, model
-from .maps import Stats, VipView
+from .maps import BackendView, Stats, VipView
 from .model import BackendId, HealthOverride
 from .paths import Instance, private_dirs
 
@@ -47,38 +47,33 @@ class Health:
 
 
 @dataclass(frozen=True)
-class BackendStatus:
-    backend: str          # '10.0.0.1:80' or '[fd00::1]:80'
-    stats: Stats
-    in_table: bool        # in the VIP's live selection table
-    id: int = 0
-    mac: str = ""
+class BackendStatus(BackendView):
+    """A backend entry as the maps show it (lbxdp.maps.BackendView: name, counters, in_table, id,
+    MAC) with its health."""
+
     health: Health = Health()
 
     def to_json(self) -> dict[str, Any]:
-        return {"backend": self.backend, "id": self.id, "mac": self.mac, "in_table": self.in_table,
+        return {"backend": self.name, "id": self.id, "mac": self.mac, "in_table": self.in_table,
                 **_stats(self.stats), **self.health.to_json()}
 
 
 @dataclass(frozen=True)
-class VipStatus:
-    vip: str              # '10.0.0.1:80/tcp'
-    stats: Stats
+class VipStatus(VipView):
+    """A VIP as the maps show it (lbxdp.maps.VipView: name, counters, id, mode, scheduler, table
+    size) with its backends' status."""
+
     backends: tuple[BackendStatus, ...] = ()
-    id: int = 0
-    mode: str = ""
-    scheduler: str = ""
-    table_size: int = 0
 
     @property
     def key(self) -> model.VipKey:
-        return model.VipKey.parse(self.vip)
+        return model.VipKey.parse(self.name)
 
     def backend_id(self, b: BackendStatus) -> BackendId:
-        return BackendId(self.key, *model.parse_endpoint(b.backend))
+        return BackendId(self.key, *model.parse_endpoint(b.name))
 
     def to_json(self) -> dict[str, Any]:
-        return {"vip": self.vip, "id": self.id, "mode": self.mode, "scheduler": self.scheduler,
+        return {"vip": self.name, "id": self.id, "mode": self.mode, "scheduler": self.scheduler,
                 "table_size": self.table_size, **_stats(self.stats),
                 "backends": [b.to_json() for b in self.backends]}
 
@@ -149,7 +144,7 @@ class InstanceStatus:
     read_seconds: float = 0.0     # what reading it took (not in the JSON: the exporter shows it)
 
     def vip(self, name: str) -> VipStatus | None:
-        return next((v for v in self.vips if v.vip == name), None)
+        return next((v for v in self.vips if v.name == name), None)
 
     def reason_counts(self) -> dict[abi.Reason, tuple[int, int]]:
         return {r.reason: (r.packets, r.bytes) for r in self.reasons}

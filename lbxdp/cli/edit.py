@@ -34,6 +34,12 @@ def iface_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("-i", "--interface", "ifname", help=IFACE_HELP)(fn)
 
 
+def listing(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """-i IFNAME and --json on a command that reads one instance (as root)."""
+    return iface_option(click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(
+        click.pass_context(needs_root(fn))))
+
+
 # --- vip -------------------------------------------------------------------------------------------
 
 @click.group()
@@ -42,15 +48,12 @@ def vip() -> None:
 
 
 @vip.command("ls")
-@iface_option
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.pass_context
-@needs_root
+@listing
 def vip_ls(ctx: click.Context, ifname: str | None, as_json: bool) -> None:
     """List the VIPs with their scheduler, table size and backends."""
     from .. import control
     st = control.status(pick_instance(ctx, ifname))
-    rows = [{"vip": v.vip, "mode": v.mode, "scheduler": v.scheduler, "table_size": v.table_size,
+    rows = [{"vip": v.name, "mode": v.mode, "scheduler": v.scheduler, "table_size": v.table_size,
              "packets": v.stats.packets, "bytes": v.stats.bytes, "new_flows": v.stats.new_flows,
              "backends": len(v.backends)} for v in st.vips]
     if as_json:
@@ -59,7 +62,7 @@ def vip_ls(ctx: click.Context, ifname: str | None, as_json: bool) -> None:
     fmt = "{:<34} {:<5} {:<7} {:>8} {:>9} {:>12} {:>10}"
     click.echo(fmt.format("VIP", "mode", "sched", "slots", "backends", "packets", "new flows"))
     for v in st.vips:
-        click.echo(fmt.format(v.vip, v.mode, v.scheduler, v.table_size, len(v.backends), v.stats.packets,
+        click.echo(fmt.format(v.name, v.mode, v.scheduler, v.table_size, len(v.backends), v.stats.packets,
                               v.stats.new_flows))
 
 
@@ -106,10 +109,7 @@ def backend() -> None:
 
 @backend.command("ls")
 @click.argument("key", metavar="[VIP]", required=False, type=VIP)
-@iface_option
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.pass_context
-@needs_root
+@listing
 def backend_ls(ctx: click.Context, key: model.VipKey | None, ifname: str | None, as_json: bool) -> None:
     """List backends (of VIP, or of every VIP) with weight, state and counters."""
     from .. import applied, control
@@ -120,7 +120,7 @@ def backend_ls(ctx: click.Context, key: model.VipKey | None, ifname: str | None,
     conf = {bid: b for bid, (_, b) in told.cfg.backends().items()}
     rows = []
     for v in st.vips:
-        if want and v.vip != want:
+        if want and v.name != want:
             continue
         for b in v.backends:
             bid = v.backend_id(b)
@@ -133,7 +133,7 @@ def backend_ls(ctx: click.Context, key: model.VipKey | None, ifname: str | None,
                 state = "active"
             else:
                 state = "standby" if c and c.backup else "no new flows"
-            rows.append({"vip": v.vip, "backend": b.backend, "weight": c.weight if c else None,
+            rows.append({"vip": v.name, "backend": b.name, "weight": c.weight if c else None,
                          "backup": bool(c and c.backup), "state": state,
                          "drain_deadline": told.draining.get(bid), "in_table": b.in_table,
                          "health": b.health.state, "last_check": b.health.last_check,
@@ -315,10 +315,7 @@ def flows_ls(ctx: click.Context, ifname: str | None, limit: int, as_json: bool) 
 
 
 @flows.command("count")
-@iface_option
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.pass_context
-@needs_root
+@listing
 def flows_count(ctx: click.Context, ifname: str | None, as_json: bool) -> None:
     """Count connection-table entries, in all and per VIP and backend."""
     from .. import control

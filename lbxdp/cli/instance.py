@@ -117,11 +117,11 @@ def print_status(r: InstanceStatus) -> None:
     row = "  {:<34} {:>6} {:>12} {:>14} {:>10}  {}"
     click.echo(row.format("VIP / backend", "sched", "packets", "bytes", "new flows", "health (last check)"))
     for v in r.vips:
-        click.echo(row.format(f"{v.vip} ({v.mode})", v.scheduler, v.stats.packets, v.stats.bytes,
+        click.echo(row.format(f"{v.name} ({v.mode})", v.scheduler, v.stats.packets, v.stats.bytes,
                               v.stats.new_flows, ""))
         for b in v.backends:
             mark = "" if b.in_table else " (not in table)"
-            click.echo(row.format(f"  {b.backend}{mark}", "", b.stats.packets, b.stats.bytes, b.stats.new_flows,
+            click.echo(row.format(f"  {b.name}{mark}", "", b.stats.packets, b.stats.bytes, b.stats.new_flows,
                                   _health_text(b)))
     click.echo("  verdicts by reason:")
     for reason in r.reasons:
