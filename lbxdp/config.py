@@ -14,7 +14,7 @@ value, e.g.
     address = "10.112.0.10"
     port = 8080               # 0 = any port
     protocol = "tcp"          # tcp | udp
-    mode = "dsr"              # dsr (L2 direct server return)
+    mode = "dsr"              # dsr (L2 direct server return) | ipip | gue (L3 DSR by encapsulation)
     scheduler = "maglev"      # maglev (default) | rr | hash
     table_size = 65537        # maglev only: a prime, more than 100 x backends for even shares
     slow_start = 0            # seconds over which a new backend's weight ramps up (`lbxdp run`)
@@ -45,12 +45,13 @@ from .errors import LbxError
 T = TypeVar("T")
 
 _VIP_KEYS = {"address", "port", "protocol", "mode", "scheduler", "table_size", "slow_start", "health",
-             "on_backend_down", "on_all_down", "backend"}
+             "on_backend_down", "on_all_down", "backend", "gue_port", "ipip_source", "mtu", "mss_clamp"}
 _BACKEND_KEYS = {"address", "port", "mac", "weight", "backup", "health"}
 _HEALTH_KEYS = {"type", "port", "interval", "timeout", "rise", "fall", "method", "path", "status", "host",
                 "send", "expect"}
 _HTTP_ONLY, _UDP_ONLY = {"method", "path", "status", "host"}, {"send", "expect"}
 _METRICS_KEYS = {"listen"}
+_BALANCER_KEYS = {"ipv4_source", "ipv6_source", "flow_source_v4", "flow_source_v6", "mtu"}
 MAX_WEIGHT, MAX_SLOW_START, MAX_BACKEND_ENTRIES = model.MAX_WEIGHT, model.MAX_SLOW_START, model.MAX_BACKEND_ENTRIES
 MAX_BYTES = 4 * 1024 * 1024   # a config file larger than this is refused before it is read
 
@@ -141,7 +142,7 @@ _show = model.show
 
 
 def _config(doc: dict[str, Any]) -> model.Config:
-    _no_unknown(doc, {"vip", "metrics"}, "")
+    _no_unknown(doc, {"vip", "metrics", "balancer"}, "")
     metrics = doc.get("metrics", {})
     if not isinstance(metrics, dict):
         raise ConfigError("metrics", f"{_show(metrics)} must be a table: write [metrics]")
@@ -150,7 +151,29 @@ def _config(doc: dict[str, Any]) -> model.Config:
     vips_doc = doc.get("vip", [])
     if not isinstance(vips_doc, list):
         raise ConfigError("vip", f"{_show(vips_doc)} must be an array of tables: write [[vip]]")
-    return model.Config(tuple(_vip(v, f"vip[{i}]") for i, v in enumerate(vips_doc)), listen)
+    return model.Config(tuple(_vip(v, f"vip[{i}]") for i, v in enumerate(vips_doc)), listen,
+                        _balancer(doc.get("balancer", {})))
+
+
+def _balancer(d: Any) -> model.BalancerOptions:
+    if not isinstance(d, dict):
+        raise ConfigError("balancer", f"{_show(d)} must be a table: write [balancer]")
+    _no_unknown(d, _BALANCER_KEYS, "balancer")
+    return model.BalancerOptions(
+        ipv4_source=_get(d, "ipv4_source", "balancer", _address, None),
+        ipv6_source=_get(d, "ipv6_source", "balancer", _address, None),
+        flow_source_v4=_get(d, "flow_source_v4", "balancer", _network, None),
+        flow_source_v6=_get(d, "flow_source_v6", "balancer", _network, None),
+        mtu=_get(d, "mtu", "balancer", _integer, None))
+
+
+def _network(v: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if not isinstance(v, str):
+        raise TypeError("is not a string like \"172.16.0.0/16\"")
+    try:
+        return ipaddress.ip_network(v)
+    except ValueError:
+        raise ValueError("is not a network prefix like \"172.16.0.0/16\" (host bits must be zero)") from None
 
 
 def _no_unknown(d: dict[str, Any], known: set[str], path: str) -> None:
@@ -267,6 +290,9 @@ def _vip(d: Any, path: str) -> model.Vip:
     slow_start = _get(d, "slow_start", path, _seconds, 0.0)
     on_down = _get(d, "on_backend_down", path, _choice(model.OnBackendDown), model.OnBackendDown.KEEP)
     on_all_down = _get(d, "on_all_down", path, _choice(model.OnAllDown), model.OnAllDown.DROP)
+    encap = dict(gue_port=_get(d, "gue_port", path, _integer, model.DEFAULT_GUE_PORT),
+                 ipip_source=_get(d, "ipip_source", path, _choice(model.EncapSource), model.EncapSource.BALANCER),
+                 mtu=_get(d, "mtu", path, _integer, None), mss_clamp=_get(d, "mss_clamp", path, _bool, False))
     health_doc = d.get("health")
     if health_doc is not None and not isinstance(health_doc, dict):
         raise ConfigError(f"{path}.health", f"{_show(health_doc)} must be a table: write [vip.health]")
@@ -279,7 +305,7 @@ def _vip(d: Any, path: str) -> model.Vip:
         raise ConfigError(f"{path}.backend", f"{len(backends_doc)} backends; at most {abi.VIP_BACKENDS_MAX} per VIP")
     backends = tuple(_backend(bd, f"{path}.backend[{j}]", port, health_doc) for j, bd in enumerate(backends_doc))
     return model.Vip(address, port, protocol, mode, scheduler, backends, table_size, slow_start,
-                     vip_health, on_down, on_all_down)
+                     vip_health, on_down, on_all_down, **encap)
 
 
 def _one_of(*choices: str) -> Callable[[Any], str]:
@@ -384,6 +410,9 @@ def dump(cfg: model.Config) -> str:
     doc: dict[str, Any] = {}
     if cfg.metrics_listen:
         doc["metrics"] = {"listen": cfg.metrics_listen}
+    bal = {k: str(v) if not isinstance(v, int) else v for k, v in vars(cfg.balancer).items() if v is not None}
+    if bal:
+        doc["balancer"] = bal
     vips = []
     for v in cfg.vips:
         d: dict[str, Any] = {"address": str(v.address), "port": v.port, "protocol": v.protocol.value,
@@ -392,6 +421,10 @@ def dump(cfg: model.Config) -> str:
             d["table_size"] = v.table_size
         d |= {"slow_start": v.slow_start, "on_backend_down": v.on_backend_down.value,
               "on_all_down": v.on_all_down.value}
+        if v.mode.encap:
+            d |= {"gue_port": v.gue_port, "ipip_source": v.ipip_source.value, "mss_clamp": v.mss_clamp}
+            if v.mtu is not None:
+                d["mtu"] = v.mtu
         if v.health:
             d["health"] = _health_doc(v.health)
         backends = []

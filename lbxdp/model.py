@@ -50,11 +50,23 @@ class Scheduler(str, enum.Enum):
 
 
 class Mode(str, enum.Enum):
-    DSR = "dsr"
+    DSR = "dsr"    # L2 direct server return: backends on the balancer's segment
+    IPIP = "ipip"  # L3 DSR: IPIP / IP6IP6 / 4-in-6 by the backend's family
+    GUE = "gue"    # L3 DSR: GUE variant 1 over UDP
+
+    @property
+    def encap(self) -> bool:
+        return self in (Mode.IPIP, Mode.GUE)
 
     @property
     def abi(self) -> abi.FwdMode:
         return abi.FwdMode[self.name]
+
+
+class EncapSource(enum.StrEnum):
+    """ipip_source: the outer source address of an IPIP VIP."""
+    BALANCER = "balancer"  # the balancer's own address ([balancer] ipv4_source / ipv6_source)
+    FLOW = "flow"          # an address of [balancer] flow_source_v4/v6 derived from the flow hash
 
 
 class OnBackendDown(enum.StrEnum):
@@ -85,6 +97,9 @@ def family(addr: IPAddress) -> int:
     return abi.FAMILY_V4 if addr.version == 4 else abi.FAMILY_V6
 
 
+DEFAULT_GUE_PORT = 6080   # Katran's
+MIN_ENCAP_MTU = 1280      # every oversize packet is then longer than an ICMP error quotes (bpf/abi.h)
+MAX_MTU = 65535
 DEFAULT_TABLE_SIZE = 65537  # Maglev's M: prime, > 100 x backends keeps shares within 1%
 MAX_WEIGHT = 1000
 MAX_SLOW_START = 3600.0
@@ -217,6 +232,10 @@ class Vip:
     health: HealthCheck | None = None     # how its backends are checked (None: not checked)
     on_backend_down: OnBackendDown = OnBackendDown.KEEP   # keep: established flows stay; migrate: they move on
     on_all_down: OnAllDown = OnAllDown.DROP               # no usable backend: drop or pass (to the kernel)
+    gue_port: int = DEFAULT_GUE_PORT                      # gue: the UDP destination port at the backends
+    ipip_source: EncapSource = EncapSource.BALANCER       # ipip: outer source, ours or flow-derived
+    mtu: int | None = None                                # ipip, gue: path MTU to the backends (None: [balancer] mtu, else the interface's)
+    mss_clamp: bool = False                               # ipip, gue: clamp SYNs' MSS to what the tunnel carries
 
     def __post_init__(self) -> None:
         # A model built in code may spell a closed set as its string ("pass"): hold the enum. A
@@ -245,7 +264,22 @@ class Vip:
 
 
 _ENUM_FIELDS = (("protocol", Protocol), ("mode", Mode), ("scheduler", Scheduler),
-                ("on_backend_down", OnBackendDown), ("on_all_down", OnAllDown))
+                ("on_backend_down", OnBackendDown), ("on_all_down", OnAllDown), ("ipip_source", EncapSource))
+
+
+def encap_overhead(mode: Mode, backend: IPAddress) -> int:
+    """Bytes the outer headers add (bpf/encap.h): an IP header of the backend's family, plus UDP for gue."""
+    return (20 if backend.version == 4 else 40) + (8 if mode is Mode.GUE else 0)
+
+
+@dataclass(frozen=True)
+class BalancerOptions:
+    """[balancer]: per-instance settings of the encap modes."""
+    ipv4_source: ipaddress.IPv4Address | None = None   # outer source (None: the interface's primary address)
+    ipv6_source: ipaddress.IPv6Address | None = None
+    flow_source_v4: ipaddress.IPv4Network | None = None  # ipip_source = "flow": the prefix sources come from
+    flow_source_v6: ipaddress.IPv6Network | None = None
+    mtu: int | None = None                              # path MTU to the backends (None: the interface's)
 
 
 @dataclass(frozen=True)
@@ -262,6 +296,7 @@ class Problem:
 class Config:
     vips: tuple[Vip, ...] = ()
     metrics_listen: str | None = None  # [metrics] listen: where `lbxdp run` serves /metrics
+    balancer: BalancerOptions = BalancerOptions()   # [balancer]
 
     def backends(self) -> dict[BackendId, tuple[Vip, Backend]]:
         """Every backend of every VIP by its identity, in config order."""
@@ -275,9 +310,12 @@ class Config:
                 parse_listen(self.metrics_listen)
             except ValueError as e:
                 out.append(Problem("metrics.listen", f"{show(self.metrics_listen)} {e}"))
+        out += _balancer_problems(self.balancer)
+        udp_ports = {v.port: i for i, v in enumerate(self.vips) if v.protocol is Protocol.UDP}
         seen: dict[VipKey, str] = {}
         for i, v in enumerate(self.vips):
             out += _vip_problems(v, f"vip[{i}]")
+            out += _encap_problems(v, f"vip[{i}]", self.balancer, udp_ports)
             if v.key in seen:
                 out.append(Problem(f"vip[{i}]", f"duplicate VIP {v.name} (also {seen[v.key]})"))
             seen.setdefault(v.key, f"vip[{i}]")
@@ -443,11 +481,77 @@ def _backend_problems(v: Vip, b: Backend, path: str) -> list[Problem]:
     if b.address == v.address:
         out.append(Problem(f"{path}.address", f"{str(b.address)!r} is the VIP's own address: a VIP cannot "
                            "be its own backend (its packets would come back to the balancer)"))
-    elif b.address.version != v.address.version:
+    elif b.address.version != v.address.version and not (
+            isinstance(v.mode, Mode) and v.mode.encap and v.address.version == 4):
         mode = v.mode.value if isinstance(v.mode, Mode) else v.mode
+        why = ("an IPv6 VIP cannot be carried to an IPv4 backend" if isinstance(v.mode, Mode) and v.mode.encap
+               else f"{mode} mode cannot cross address families (ipip and gue carry an IPv4 VIP to an IPv6 backend)")
         out.append(Problem(f"{path}.address", f"{str(b.address)!r} is IPv{b.address.version} but the VIP "
-                           f"is IPv{v.address.version}; {mode} mode cannot cross address families"))
-    elif v.mode is Mode.DSR and b.port != v.port:
-        out.append(Problem(f"{path}.port", f"{b.port} differs from the VIP port {v.port}; dsr mode "
+                           f"is IPv{v.address.version}; {why}"))
+    elif isinstance(v.mode, Mode) and b.port != v.port:
+        out.append(Problem(f"{path}.port", f"{b.port} differs from the VIP port {v.port}; {v.mode.value} mode "
                            "cannot rewrite ports (the backend answers the client directly)"))
+    return out
+
+
+def _balancer_problems(o: BalancerOptions) -> list[Problem]:
+    out = []
+    for key, want, v in (("ipv4_source", ipaddress.IPv4Address, o.ipv4_source),
+                         ("ipv6_source", ipaddress.IPv6Address, o.ipv6_source)):
+        if v is None:
+            continue
+        if not isinstance(v, want):
+            out.append(Problem(f"balancer.{key}", f"{show(str(v))} is not an IPv{4 if key == 'ipv4_source' else 6} address"))
+        elif (bad := _address(v, "tunnel source")) is not None:
+            out.append(Problem(f"balancer.{key}", bad))
+    if o.flow_source_v4 is not None and not (isinstance(o.flow_source_v4, ipaddress.IPv4Network)
+                                             and 8 <= o.flow_source_v4.prefixlen <= 24):
+        out.append(Problem("balancer.flow_source_v4", f"{show(str(o.flow_source_v4))} is not an IPv4 prefix "
+                           "from /8 to /24 (its host bits carry the flow hash)"))
+    if o.flow_source_v6 is not None and not (isinstance(o.flow_source_v6, ipaddress.IPv6Network)
+                                             and o.flow_source_v6.prefixlen <= 64):
+        out.append(Problem("balancer.flow_source_v6", f"{show(str(o.flow_source_v6))} is not an IPv6 prefix "
+                           "of /64 or shorter (the low 64 bits carry the flow hash)"))
+    if o.mtu is not None and (bad := _int(o.mtu, MIN_ENCAP_MTU, MAX_MTU)) is not None:
+        out.append(Problem("balancer.mtu", bad))
+    return out
+
+
+def _encap_problems(v: Vip, path: str, o: BalancerOptions, udp_ports: dict[int, int]) -> list[Problem]:
+    """The encap keys of a VIP: ranges, and what they need from [balancer] and the other VIPs."""
+    out = _fields(path, [
+        ("gue_port", _int(v.gue_port, 1, 65535)),
+        ("ipip_source", _one_of(v.ipip_source, EncapSource)),
+        ("mtu", _int(v.mtu, MIN_ENCAP_MTU, MAX_MTU) if v.mtu is not None else None),
+        ("mss_clamp", None if isinstance(v.mss_clamp, bool) else f"{show(v.mss_clamp)} is not true or false"),
+    ])
+    if out or not isinstance(v.mode, Mode):
+        return out
+    if not v.mode.encap:
+        for key, default in (("gue_port", DEFAULT_GUE_PORT), ("ipip_source", EncapSource.BALANCER),
+                             ("mtu", None), ("mss_clamp", False)):
+            if getattr(v, key) != default:
+                out.append(Problem(f"{path}.{key}", f"applies to modes ipip and gue only (this VIP's is {v.mode.value!r})"))
+        return out
+    if v.mode is Mode.GUE:
+        if v.ipip_source is EncapSource.FLOW:
+            out.append(Problem(f"{path}.ipip_source", "applies to mode ipip only: gue spreads flows by its UDP "
+                               "source port"))
+        if v.gue_port in udp_ports or 0 in udp_ports:
+            j = udp_ports.get(v.gue_port, udp_ports.get(0))
+            out.append(Problem(f"{path}.gue_port", f"{v.gue_port} is also the port of the UDP VIP vip[{j}]: tunnel "
+                               "and VIP datagrams would share a port; pick another gue_port"))
+    if v.ipip_source is EncapSource.FLOW:
+        for fam, key in ((4, "flow_source_v4"), (6, "flow_source_v6")):
+            if any(isinstance(b.address, (ipaddress.IPv4Address, ipaddress.IPv6Address)) and b.address.version == fam
+                   for b in v.backends) and getattr(o, key) is None:
+                out.append(Problem(f"{path}.ipip_source", f"\"flow\" needs [balancer] {key} (the prefix the "
+                                   f"outer sources of IPv{fam} backends come from)"))
+    mtu = v.mtu or o.mtu
+    if mtu is not None and v.address.version == 6:
+        worst = max((encap_overhead(v.mode, b.address) for b in v.backends
+                     if isinstance(b.address, (ipaddress.IPv4Address, ipaddress.IPv6Address))), default=0)
+        if mtu - worst < 1280:
+            out.append(Problem(f"{path}.mtu", f"{mtu} leaves {mtu - worst} bytes for the inner packet; an IPv6 "
+                               f"VIP needs 1280 (mtu >= {1280 + worst})"))
     return out
