@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * Forwarding: make the frame leave for the selected backend, the way its entry's mode says.
- * One header per mode (dsr.h now; encap.h and nat.h with issues 10 and 12, sharing a csum.h),
+ * One header per mode (dsr.h, encap.h; nat.h with issue 12, sharing csum.h with encap.h),
  * each with one entry point that takes the frame and the backend entry and returns LBX_R_OK or
  * the reason the frame cannot be forwarded. The mode is read from the backend entry, not the
  * VIP, so an established flow forwards without a VIP lookup.
@@ -12,6 +12,7 @@
 #include "abi.h"
 #include "parse.h"
 #include "dsr.h"
+#include "encap.h"
 
 /*
  * LBX_R_OK, or why not: a mode this program does not know (an entry written by a newer or
@@ -22,13 +23,18 @@ static __always_inline int forward(struct xdp_md *ctx, const struct pkt *pkt, co
 	switch (be->mode) {
 	case LBX_MODE_DSR:
 		return forward_dsr(ctx, be);
+	case LBX_MODE_IPIP:
+	case LBX_MODE_GUE:
+		return forward_encap(ctx, pkt, be);
 	}
 	return LBX_R_DROP_UNKNOWN_MODE;
 }
 
-/* The verdict of forward()'s failure reasons. */
+/* The verdict of forward()'s other outcomes (an ICMP "too big" to the client leaves with XDP_TX). */
 static __always_inline int forward_verdict(int reason)
 {
+	if (reason == LBX_R_TX_ICMP_TOO_BIG)
+		return XDP_TX;
 	return reason == LBX_R_ABORT_REWRITE ? XDP_ABORTED : XDP_DROP;
 }
 

@@ -23,7 +23,7 @@ from typing import Callable, Mapping
 
 from . import abi, model, ring
 from .errors import LbxError
-from .maps import BackendEntry, Maps, VipMeta
+from .maps import BackendEntry, Encap, Maps, VipMeta
 
 WEIGHT_SCALE = 100   # weights are scaled so that a slow start can ramp in small steps
 
@@ -62,6 +62,20 @@ def usable(vip: model.Vip, rt: Runtime) -> list[tuple[int, int]]:
     weighted = [(i, rt.weight(vip, b)) for i, b in enumerate(vip.backends)]
     primaries = [(i, w) for i, w in weighted if w > 0 and not vip.backends[i].backup]
     return primaries or [(i, w) for i, w in weighted if w > 0 and vip.backends[i].backup]
+
+
+def encap_of(vip: model.Vip, b: model.Backend, opts: model.BalancerOptions, link_mtu: int) -> Encap:
+    """The encap fields of a backend entry: GUE port, flags, the path MTU (the VIP's, else
+    [balancer]'s, else the interface's) and the MSS a SYN is clamped to (mss_clamp: what fits
+    that MTU after the outer headers, the inner IP header and a TCP header without options)."""
+    if not vip.mode.encap:
+        return Encap()
+    mtu = vip.mtu or opts.mtu or link_mtu
+    inner = 20 if vip.address.version == 4 else 40
+    mss = mtu - model.encap_overhead(vip.mode, b.address) - inner - 20 \
+        if vip.mss_clamp and vip.protocol is model.Protocol.TCP else 0
+    flags = abi.ENC_F_FLOW_SOURCE if vip.mode is model.Mode.IPIP and vip.ipip_source is model.EncapSource.FLOW else 0
+    return Encap(vip.gue_port if vip.mode is model.Mode.GUE else 0, flags, mtu, mss)
 
 
 @dataclass(frozen=True)
@@ -133,9 +147,11 @@ class Balancer:
     def __init__(self, maps: Maps):
         self.maps = maps
 
-    def apply(self, cfg: model.Config, macs: dict[model.IPAddress, str], rt: Runtime = Runtime()) -> Diff:
+    def apply(self, cfg: model.Config, macs: dict[model.IPAddress, str], rt: Runtime = Runtime(),
+              link_mtu: int = 1500) -> Diff:
         """Make the maps hold cfg. macs: next-hop MAC of every backend whose config has none;
-        rt: drains and slow starts in progress."""
+        rt: drains and slow starts in progress; link_mtu: the interface's MTU (the encap modes'
+        default path MTU)."""
         current = self.maps.vips()
         entries = self.maps.backends()
         live_ids = {m.id for m in current.values()}
@@ -170,16 +186,17 @@ class Balancer:
             mode = vip.mode.abi   # every entry carries its VIP's mode: established flows read it there
             for b in vip.backends:
                 mac = b.mac or macs[b.address]
+                enc = encap_of(vip, b, cfg.balancer, link_mtu)
                 old = have.get((b.address, b.port))
                 if old is None:
                     bid = free_bes.pop()
                     self.maps.reset_backend_counters(bid)
-                    self.maps.put_backend(bid, vip_id, b, mac, mode)
+                    self.maps.put_backend(bid, vip_id, b, mac, mode, enc)
                     diff.add(f"+ backend {b.name} ({mac}) on {vip.name}")
                 else:
                     bid = old.id
-                    if old.mac != mac or old.mode != mode:
-                        self.maps.put_backend(bid, vip_id, b, mac, mode)
+                    if old.mac != mac or old.mode != mode or old.encap != enc:
+                        self.maps.put_backend(bid, vip_id, b, mac, mode, enc)
                     if old.mac != mac:
                         diff.add(f"~ backend {b.name} mac {old.mac} -> {mac} on {vip.name}")
                 ids.append(bid)

@@ -91,6 +91,24 @@ class VipMeta:
 
 
 @dataclass(frozen=True)
+class Encap:
+    """The encap fields of a backend entry (bpf/encap.h reads them); all zero in dsr mode."""
+    port: int = 0    # gue: UDP destination port
+    flags: int = 0   # abi.ENC_F_*
+    mtu: int = 0     # largest outer packet; 0 = no check
+    mss: int = 0     # clamp SYNs' MSS to this; 0 = off
+
+
+@dataclass(frozen=True)
+class OwnAddresses:
+    """What lbx_ctl holds for the encap modes: the outer sources and the flow-source prefixes."""
+    v4: ipaddress.IPv4Address | None = None
+    v6: ipaddress.IPv6Address | None = None
+    flow_v4: ipaddress.IPv4Network | None = None
+    flow_v6: ipaddress.IPv6Network | None = None
+
+
+@dataclass(frozen=True)
 class BackendEntry:
     id: int
     vip_id: int
@@ -99,6 +117,7 @@ class BackendEntry:
     mac: str
     in_table: bool = False
     mode: int = abi.FwdMode.DSR   # enum lbx_fwd_mode as stored (an int: a raw write may hold any value)
+    encap: Encap = Encap()
 
     @property
     def name(self) -> str:
@@ -198,12 +217,44 @@ class Maps:
 
     def set_own_mac(self, mac: str | None) -> bool:
         """Tell the program the interface's MAC; None (or all zeros) makes it forward nothing.
-        Returns whether the map changed."""
+        Returns whether the map changed. The entry's other fields are kept."""
         if self.ctl_map is None or self.own_mac() == mac:
             return False
         raw = mac_bytes(mac) if mac else bytes(6)
-        flags = abi.CTL_F_MAC_SET if any(raw) else 0
-        self.ctl_map.update(0, make(self.ctl_map.Leaf, mac=raw, flags=flags))
+        ctl = self.ctl_map.lookup(0) or make(self.ctl_map.Leaf)
+        ctypes.memmove(ctypes.addressof(ctl) + type(ctl).mac.offset, raw, 6)
+        ctl.flags = (ctl.flags | abi.CTL_F_MAC_SET) if any(raw) else (ctl.flags & ~abi.CTL_F_MAC_SET)
+        self.ctl_map.update(0, ctl)
+        return True
+
+    def own_addresses(self) -> OwnAddresses:
+        ctl = self.ctl_map.lookup(0) if self.ctl_map is not None else None
+        if ctl is None or not hasattr(ctl, "flow_src_v4"):
+            return OwnAddresses()
+        v4 = ipaddress.IPv4Address(struct.pack("=I", ctl.own_v4))
+        v6 = ipaddress.IPv6Address(bytes(ctl.own_v6))
+        f4 = ipaddress.IPv4Address(struct.pack("=I", ctl.flow_src_v4))
+        mask = ipaddress.IPv4Address(struct.pack("=I", ctl.flow_src_v4_mask))
+        f6 = bytes(ctl.flow_src_v6)
+        return OwnAddresses(v4 if int(v4) else None, v6 if int(v6) else None,
+                            ipaddress.IPv4Network(f"{f4}/{mask}") if int(f4) else None,
+                            ipaddress.IPv6Network((f6 + bytes(8), 64)) if any(f6) else None)
+
+    def set_own_addresses(self, own: OwnAddresses) -> bool:
+        """Write the outer sources and flow-source prefixes into lbx_ctl (the MAC and flags are
+        kept); returns whether the map changed. A v6 prefix shorter than /64 is written as its
+        first /64: the program fills the low 64 bits from the flow hash."""
+        if self.ctl_map is None or self.own_addresses() == own:
+            return False
+        ctl = self.ctl_map.lookup(0) or make(self.ctl_map.Leaf)
+        ctl.own_v4 = struct.unpack("=I", own.v4.packed)[0] if own.v4 else 0
+        v6 = own.v6.packed if own.v6 else bytes(16)
+        ctypes.memmove(ctypes.addressof(ctl) + type(ctl).own_v6.offset, v6, 16)
+        ctl.flow_src_v4 = struct.unpack("=I", own.flow_v4.network_address.packed)[0] if own.flow_v4 else 0
+        ctl.flow_src_v4_mask = struct.unpack("=I", own.flow_v4.netmask.packed)[0] if own.flow_v4 else 0
+        f6 = own.flow_v6.network_address.packed[:8] if own.flow_v6 else bytes(8)
+        ctypes.memmove(ctypes.addressof(ctl) + type(ctl).flow_src_v6.offset, f6, 8)
+        self.ctl_map.update(0, ctl)
         return True
 
     # --- VIPs ----------------------------------------------------------------------------------
@@ -260,13 +311,15 @@ class Maps:
             for i in range(n):
                 b, bid = values[i], keys[i]  # an array of c_uint indexes as int
                 if bid and b.flags & abi.BE_F_ACTIVE:
+                    enc = Encap(socket.ntohs(b.encap_port), b.encap_flags, b.mtu, b.mss) \
+                        if hasattr(b, "encap_port") else Encap()
                     out[bid] = BackendEntry(bid, b.vip_id, addr_from(b.addr, b.family), socket.ntohs(b.port),
                                             mac_str(b.mac), bool(b.flags & abi.BE_F_IN_TABLE),
-                                            getattr(b, "mode", abi.FwdMode.DSR))
+                                            getattr(b, "mode", abi.FwdMode.DSR), enc)
         return out
 
     def put_backend(self, backend_id: int, vip_id: int, b: model.Backend, mac: str,
-                    mode: abi.FwdMode = abi.FwdMode.DSR) -> None:
+                    mode: abi.FwdMode = abi.FwdMode.DSR, encap: Encap = Encap()) -> None:
         """Write a backend entry; mode is its VIP's (the program forwards by the entry's mode).
         Giving the id to another (VIP, backend) bumps its generation, so flows that started on
         the id's previous owner start over instead of following the id; rewriting the same (VIP,
@@ -278,6 +331,8 @@ class Maps:
         flags = abi.BE_F_ACTIVE | (old.flags & abi.BE_F_IN_TABLE if same else 0)
         fields = dict(addr=addr_bytes(b.address), port=socket.htons(b.port), family=model.family(b.address),
                       flags=flags, mac=mac_bytes(mac), gen=gen, vip_id=vip_id, mode=int(mode))
+        if encap != Encap():
+            fields |= dict(encap_port=socket.htons(encap.port), encap_flags=encap.flags, mtu=encap.mtu, mss=encap.mss)
         if mode == abi.FwdMode.DSR and not hasattr(self.be_map.Leaf, "mode"):
             del fields["mode"]   # a program built from older sources (the scripts' --bpf-dir): DSR only
         self.be_map.update(backend_id, make(self.be_map.Leaf, **fields))
