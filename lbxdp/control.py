@@ -6,20 +6,23 @@ removes what it made (pins, run state), so a bad command leaves the machine as i
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
+import socket
+import struct
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from . import __version__, abi, applied, bpfsys, edits, loader, migrate, model, neigh
-from .balancer import Balancer, Diff
+from . import __version__, abi, applied, bpfsys, edits, loader, migrate, model, neigh, nexthop
+from .balancer import Balancer, Diff, encap_of
 from .errors import LbxError
-from .maps import Maps
+from .maps import Maps, OwnAddresses
 from .model import BackendId, HealthOverride
 from .paths import Instance, atomic_write, private_dirs
 
@@ -55,8 +58,58 @@ def pinned_map_ids(inst: Instance) -> dict[str, int]:
 
 
 def resolve_macs(ifname: str, cfg: model.Config) -> dict[model.IPAddress, str]:
-    need = [b.address for v in cfg.vips for b in v.backends if b.mac is None]
-    return neigh.resolve(ifname, loader.ifindex(ifname), list(dict.fromkeys(need))) if need else {}
+    """Next-hop MAC of every backend whose config has none: a dsr backend is a neighbour on the
+    segment; an ipip/gue backend's next hop is its route's gateway, or itself when on-link
+    (lbxdp.nexthop). An unreachable backend is an LbxError before anything is applied."""
+    idx = loader.ifindex(ifname)
+    dsr = [b.address for v in cfg.vips if not v.mode.encap for b in v.backends if b.mac is None]
+    enc = [b.address for v in cfg.vips if v.mode.encap for b in v.backends if b.mac is None]
+    out = nexthop.resolve(ifname, idx, list(dict.fromkeys(enc))) if enc else {}
+    if dsr:
+        out |= neigh.resolve(ifname, idx, list(dict.fromkeys(dsr)))
+    return out
+
+
+def link_mtu(ifname: str) -> int:
+    """The interface's MTU (the encap modes' default path MTU), asked in this thread's netns."""
+    siocgifmtu = 0x8921
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            res = fcntl.ioctl(s.fileno(), siocgifmtu, struct.pack("16si", ifname.encode()[:15], 0))
+        except OSError as e:
+            raise LbxError(f"cannot read the MTU of {ifname!r}: {e.strerror}", "list interfaces with `ip -br link`") from e
+    return struct.unpack("16si", res)[1]
+
+
+def own_addresses(ifname: str, cfg: model.Config) -> OwnAddresses:
+    """The outer sources and flow prefixes lbx_ctl should hold; LbxError (exit 2) if an encap
+    backend's family has no source address."""
+    own = nexthop.own_addresses(loader.ifindex(ifname), cfg)
+    missing = nexthop.missing_sources(cfg, own)
+    if missing:
+        raise LbxError(f"no outer source address for {missing[0]}: {ifname} has no address of its family",
+                       "give the interface one, or set [balancer] ipv4_source / ipv6_source", exit_code=2)
+    return own
+
+
+def refresh_next_hops(inst: Instance) -> Diff | None:
+    """The daemon's tick: re-resolve next hops (gateway or neighbour MACs), the interface's MTU and
+    own addresses, and apply what changed (a moved gateway, a renumbered interface). None when
+    nothing changed, so a quiet tick writes nothing."""
+    st = applied.load(inst)
+    if not any(v.mode.encap for v in st.cfg.vips):
+        return None
+    macs = resolve_macs(inst.ifname, st.cfg)
+    own = own_addresses(inst.ifname, st.cfg)
+    mtu = link_mtu(inst.ifname)
+    with open_maps(inst) as m:
+        have = {(e.vip_id, e.address, e.port): e for e in m.backends().values()}
+        vip_ids = {k: meta.id for k, meta in m.vips().items()}
+        stale = m.own_addresses() != own or any(
+            (e := have.get((vip_ids.get(v.key), b.address, b.port))) is not None
+            and (e.mac != (b.mac or macs[b.address]) or e.encap != encap_of(v, b, st.cfg.balancer, mtu))
+            for v in st.cfg.vips if v.mode.encap for b in v.backends)
+    return apply(inst) if stale else None
 
 
 def _foreign_program(inst: Instance, state: bpfsys.XdpState) -> int | None:
@@ -84,7 +137,9 @@ def attach(inst: Instance, cfg: model.Config, mode: model.XdpMode = model.XdpMod
     if foreign and not force:
         raise LbxError(f"{inst.label} already has an XDP program (id {foreign}) that lbxdp did not attach",
                        f"detach it first (ip link set dev {inst.ifname} xdp off) or pass --force to replace it")
-    resolve_macs(inst.ifname, cfg)   # fail on an unknown neighbour before compiling anything
+    resolve_macs(inst.ifname, cfg)   # fail on an unknown neighbour or route before compiling anything
+    if any(v.mode.encap for v in cfg.vips):
+        own_addresses(inst.ifname, cfg)
     if not allow_empty and not cfg.vips and inst.exists():
         try:                           # refuse before compiling anything (apply checks again)
             with open_maps(inst) as m:
@@ -215,8 +270,13 @@ def _apply_locked(inst: Instance, st: applied.State, cfg: model.Config | None, n
     if expired:
         st = st.moved_to(st.without(expired), now)
     macs = resolve_macs(inst.ifname, st.cfg)
+    encap = any(v.mode.encap for v in st.cfg.vips)
+    own = own_addresses(inst.ifname, st.cfg) if encap else None
+    mtu = link_mtu(inst.ifname) if encap else 1500
     with (nullcontext(maps) if maps is not None else open_maps(inst)) as m:
-        diff = Balancer(m).apply(st.cfg, macs, st.runtime(now))
+        if own is not None:
+            m.set_own_addresses(own)   # before any entry that needs them
+        diff = Balancer(m).apply(st.cfg, macs, st.runtime(now), mtu)
         doomed = list(diff.retired)
         newly_down = st.down() - was_down
         if newly_down:

@@ -307,6 +307,22 @@ class OwnMacService(BaseService):
             _event("own-mac-check-failed", error=e.message)
 
 
+class NextHopService(BaseService):
+    """ipip/gue backends' next hops (gateway or neighbour MACs), the interface's MTU and own
+    addresses, kept fresh (control.refresh_next_hops: a write only when something moved)."""
+
+    name = "next-hops"
+
+    def __init__(self, inst: Instance):
+        self.inst = inst
+
+    def tick(self) -> None:
+        diff = control.refresh_next_hops(self.inst)
+        if diff is not None and not diff.empty:
+            _event("next-hops-changed", changes=len(diff.lines))
+            log_diff(diff)
+
+
 class RuntimeService(BaseService):
     """Finishes drains past their deadline and steps slow starts (only when there is something
     to do: a tick with nothing to finish or ramp reads the applied state and stops there)."""
@@ -383,7 +399,7 @@ class Daemon:
         self.health = HealthService(inst, self.metrics, self._wake)
         self.run_dir = RunDirService(inst, self._write_pid, self._reread)
         # In tick order; a reload (SIGHUP) comes before them, the state hand-over after.
-        self.services: list[Service] = [self.run_dir, self.health, OwnMacService(inst),
+        self.services: list[Service] = [self.run_dir, self.health, OwnMacService(inst), NextHopService(inst),
                                         RuntimeService(inst, self.metrics), self.metrics]
         self._started: list[Service] = []
 
