@@ -179,6 +179,32 @@ def program_cases(label: str, prog: loader.Program, new_flows: dict[str, list[by
     ]
 
 
+def encap_cases(prog: loader.Program, new_flows: dict[str, list[bytes]]) -> list[Case]:
+    """Forwarding by encapsulation (bpf/encap.h) on the current program: the same VIPs on port
+    82 in ipip (v4 in v4) and gue (v6 in v6) mode, 8 backends each, against the dsr rows above."""
+    from lbxdp.maps import OwnAddresses
+    ip = ipaddress.ip_address
+
+    def backends(prefix: str, tag: int) -> tuple[model.Backend, ...]:
+        return tuple(model.Backend(ip(f"{prefix}{i + 1}"), 82, mac=f"02:be:{tag:02x}:00:00:{i + 1:02x}")
+                     for i in range(8))
+    maps = Maps(prog.maps)
+    cfg = model.Config(vips=config().vips + (
+        model.Vip(ip(VIP4), 82, model.Protocol.TCP, model.Mode.IPIP, backends=backends("10.99.5.", 5)),
+        model.Vip(ip(VIP6), 82, model.Protocol.TCP, model.Mode.GUE, backends=backends("fd99:5::", 6))))
+    Balancer(maps).apply(cfg, macs={})
+    maps.set_own_addresses(OwnAddresses(ip("10.99.255.1"), ip("fd99::ff:1")))
+    lb = bpfsys.TestRunner(prog.fd)
+
+    def clear() -> None:
+        clear_flows(maps)
+    return [
+        Case("encap: ipip tcp syn new flow v4", lb, new_flows["ipip"], XDP_TX, clear),
+        Case("encap: ipip tcp established v4", lb, [frame(CLIENT4, VIP4, 999, 82, 6)], XDP_TX),
+        Case("encap: gue tcp established v6", lb, [frame(CLIENT6, VIP6, 999, 82, 6)], XDP_TX),
+    ]
+
+
 def decap_cases(prog: loader.Program) -> list[Case]:
     """lbxdp_decap (bpf/decap.c) filled as `lbxdp decap attach` fills it: a tunnelled SYN opened
     (IPIP over v4, GUE over v6: the longest parse), and traffic that is no tunnel."""
@@ -241,13 +267,15 @@ def main(argv: list[str] | None = None) -> int:
         syn4 = frame(CLIENT4, VIP4, 999, 80, 6)
         cases = [Case("floor: xdp_stub (XDP_PASS)", bpfsys.TestRunner(stub_fd), [syn4], XDP_PASS)]
         new_flows = {"v4": new_flow_frames(n, VIP4, CLIENT4), "rr": new_flow_frames(n, VIP4, CLIENT4, 81),
-                     "v6": new_flow_frames(n, VIP6, CLIENT6)}
+                     "v6": new_flow_frames(n, VIP6, CLIENT6), "ipip": new_flow_frames(n, VIP4, CLIENT4, 82)}
         sources = [("", args.bpf_dir)] + ([("before: ", args.baseline_dir)] if args.baseline_dir else [])
         for label, src in sources:
             pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
             progs.append(loader.compile_program(loader.BuildConfig(pin_dir=pin_dirs[-1], src_dir=src,
                                                                    flow_capacity=args.flow_capacity)))
             cases += program_cases(label, progs[-1], new_flows, syn4)
+            if not label:
+                cases += encap_cases(progs[-1], new_flows)
         if ((args.bpf_dir or loader.bpf_dir()) / loader.DECAP.entry).is_file():
             pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
             progs.append(loader.compile_program(loader.BuildConfig(pin_dir=pin_dirs[-1], src_dir=args.bpf_dir),
