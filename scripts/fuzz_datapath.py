@@ -14,7 +14,9 @@ For every XDP_TX the input must have been:
   source   a plausible unicast source (not 0/8, 127/8, 224/3, ::, ::1, ff00::/8, ::ffff:0:0/96,
            nor the destination itself)
   vip      destination address, port and protocol those of a configured VIP
-  rewrite  and the output is the input with only the MACs changed (source = the balancer's).
+  rewrite  and the output is the input with only the MACs changed (source = the balancer's), or,
+           for an ipip/gue VIP, the input's IP packet unchanged behind a consistent outer header
+           (lengths, IPv4 header and UDP checksums valid, TTL 64, the VLAN tag kept).
 An ICMP error forwarded (steered to the quoted flow's backend, bpf/icmp.h) must instead be:
   icmp_type  an error type lbxdp steers (v4 3/11/12, v6 1/2/3/4)
   icmp_quote a whole quoted IP header of its family (no options) plus 8 L4 bytes inside its
@@ -161,12 +163,56 @@ def plausible_source(src: bytes, dst: bytes) -> bool:
     return not (a.is_unspecified or a.is_loopback or a.is_multicast or a.ipv4_mapped is not None)
 
 
+def _no_udp_csum(ip: bytes) -> bool:
+    return ip[0] >> 4 == 4 and ip[9] == 17 and len(ip) >= 28 and ip[26:28] == b"\0\0"
+
+
+def _l4_ok(ip: bytes) -> bool:
+    """The inner TCP/UDP checksum verifies (over its pseudo-header)."""
+    if ip[0] >> 4 == 4:
+        l4, pseudo = ip[20:], ip[12:20] + struct.pack("!BBH", 0, ip[9], len(ip) - 20)
+    else:
+        l4, pseudo = ip[40:], ip[8:40] + struct.pack("!IxxxB", len(ip) - 40, ip[6])
+    return _csum(pseudo + l4 + b"\0" * (len(l4) % 2)) == 0
+
+
+def encapsulated_ok(inp: bytes, out: bytes, own_mac: bytes) -> bool:
+    """out is inp's IP packet (without padding) behind a consistent IPIP/IP6IP6/4-in-6/GUE header."""
+    o = _l3_off(inp)
+    if out[6:12] != own_mac or _l3_off(out) != o or out[12:o - 2] != inp[12:o - 2] or len(inp) < o + 20:
+        return False
+    ilen = struct.unpack_from("!H", inp, o + 2)[0] if inp[o] >> 4 == 4 else 40 + struct.unpack_from("!H", inp, o + 4)[0]
+    inner = inp[o:o + ilen]
+    if len(out) < o + 20:
+        return False
+    if out[o] >> 4 == 4:
+        hdr, proto = out[o:o + 20], out[o + 9]
+        ok = (out[o] == 0x45 and struct.unpack_from("!H", out, o + 2)[0] == len(out) - o and out[o + 8] == 64
+              and _csum(hdr) == 0)
+        rest, pseudo = out[o + 20:], hdr[12:20] + struct.pack("!BBH", 0, 17, len(out) - o - 20)
+    else:
+        proto = out[o + 6]
+        ok = struct.unpack_from("!H", out, o + 4)[0] == len(out) - o - 40 and out[o + 7] == 64
+        rest, pseudo = out[o + 40:], out[o + 8:o + 40] + struct.pack("!IxxxB", len(out) - o - 40, 17)
+    if proto == 17:
+        ulen, ucs = struct.unpack_from("!H", rest, 4)[0], struct.unpack_from("!H", rest, 6)[0]
+        # The outer checksum is derived from the inner one (bpf/encap.h): valid exactly when the
+        # inner L4 checksum is; 0 when the inner is IPv4 UDP without checksum.
+        outer_ok = _csum(pseudo + rest + b"\0" * (len(rest) % 2)) == 0
+        ok = ok and ulen == len(rest) and (ucs == 0 if _no_udp_csum(inner) else outer_ok == _l4_ok(inner))
+        rest = rest[8:]
+    elif proto not in (4, 41):
+        return False
+    return ok and rest == inner
+
+
 def violations(inp: bytes, out: bytes, own_mac: bytes, vips: set[tuple[bytes, int, int]]) -> list[str]:
     """The invariants a forwarded frame (input inp, output out) breaks."""
     bad = []
     if inp[0:6] != own_mac:
         bad.append("mac")
-    if len(out) != len(inp) or out[12:] != inp[12:] or out[6:12] != own_mac:
+    if (len(out) != len(inp) or out[12:] != inp[12:] or out[6:12] != own_mac) \
+            and not encapsulated_ok(inp, out, own_mac):
         bad.append("rewrite")
     o = _l3_off(inp)
     rest = len(inp) - o

@@ -40,3 +40,26 @@ def test_mutated_frames_never_forwarded_broken(lb: Lb, seed: int) -> None:
     assert rep.reasons.get("TX_ICMP_STEERED", 0) > 40, f"too few ICMP errors steered: {rep.reasons}"
     detail = "\n".join(f"{','.join(bad)}: {fz.decode(f)}\n  {f.hex()}" for f, bad in rep.examples)
     assert rep.bad_frames == 0, f"{rep.bad_frames} forwarded frames break {dict(rep.broken)}:\n{detail}"
+
+
+@pytest.mark.parametrize("seed", [21])
+def test_mutated_frames_to_encap_vips_never_forwarded_broken(lb: Lb, seed: int) -> None:
+    """The same fuzz over the ipip/gue VIPs of test_encap.py: every encapsulated output must carry
+    the input's IP packet untouched behind a consistent outer header (encapsulated_ok())."""
+    import dataclasses
+
+    from .test_encap import CFG, OWN
+
+    lb.apply(CFG)
+    lb.maps.set_own_addresses(OWN)
+    try:
+        encap_only = dataclasses.replace(CFG, vips=tuple(v for v in CFG.vips if v.mode.encap and v.mtu is None))
+        fz = _fuzz_module()
+        rep = fz.fuzz(lb.runner, lb.maps, encap_only, LB_MAC, frames=6_000, seed=seed, max_seconds=120)
+    finally:
+        from lbxdp.maps import OwnAddresses
+        lb.maps.set_own_addresses(OwnAddresses())
+    assert rep.verdicts["XDP_TX"] > 300, f"too few frames forwarded to mean anything: {dict(rep.verdicts)}"
+    detail = "\n".join(f"{','.join(bad)}: {fz.decode(f)}\n  {f.hex()}" for f, bad in rep.examples)
+    assert rep.bad_frames == 0, f"{rep.bad_frames} forwarded frames break {dict(rep.broken)}:\n{detail}"
+
