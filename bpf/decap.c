@@ -39,6 +39,6 @@ int lbxdp_decap(struct xdp_md *ctx)
 		return decap_count(LBX_D_PASS_NOT_VIP, &t);
 	r = strip_outer(ctx, &t);                         /* decap_strip.h */
 	if (r == LBX_D_PASS_DECAP && vip)
-		count_vip(vip, &t);
+		return count_vip(vip, &t);   /* the only counter of an opened packet */
 	return decap_count(r, &t);
 }

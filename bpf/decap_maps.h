@@ -24,7 +24,8 @@ BPF_TABLE_PINNED("array", __u32, struct decap_slot, lbxd_addrs, 2 * LBX_DECAP_SL
 BPF_TABLE_PINNED("percpu_array", __u32, struct lbx_count, lbxd_vip_stats, LBX_DECAP_MAX_VIPS,
 		 LBX_PIN_DIR "/lbxd_vip_stats");
 
-/* enum lbx_decap_reason -> packets and bytes that left the program for that reason. */
+/* enum lbx_decap_reason -> packets and bytes that left the program for that reason; frames
+ * decapsulated to a VIP are counted in lbxd_vip_stats only (decap_table.h: count_vip). */
 BPF_TABLE_PINNED("percpu_array", __u32, struct lbx_count, lbxd_reasons, LBX_D_MAX,
 		 LBX_PIN_DIR "/lbxd_reasons");
 

@@ -423,14 +423,27 @@ def _sum(per_cpu: Any) -> tuple[int, int]:
     return sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu)
 
 
+def reason_counts(maps: dict[str, bpfsys.Map]) -> dict[abi.DecapReason, tuple[int, int]]:
+    """reason -> (packets, bytes). A frame decapsulated to a VIP is counted in that VIP's row only
+    (bpf/decap_table.h: count_vip), so PASS_DECAP is its own row (loose mode's) plus every VIP row."""
+    reasons, stats = maps[abi.DecapMap.REASONS], maps[abi.DecapMap.VIP_STATS]
+    counts = {r: _sum(reasons.lookup(int(r))) for r in abi.DecapReason.exits()}
+    p, b = counts[abi.DecapReason.PASS_DECAP]
+    for _, values, n in stats.batches():   # one system call, not one per VIP id
+        for i in range(n):
+            vp, vb = _sum([slot.v for slot in values[i]])
+            p, b = p + vp, b + vb
+    counts[abi.DecapReason.PASS_DECAP] = (p, b)
+    return counts
+
+
 def status(inst: DecapInstance) -> DecapStatus:
     with opened(inst) as maps:
         ctl = maps[abi.DecapMap.CTL].lookup(0)
         entries = read_table(maps[abi.DecapMap.ADDRS], ctl.active)
         stats = maps[abi.DecapMap.VIP_STATS]
-        reasons = maps[abi.DecapMap.REASONS]
         vips = {str(e.addr): _sum(stats.lookup(e.vip_id)) for e in entries if e.flags & abi.DECAP_F_VIP}
-        counts = {r.name.lower(): _sum(reasons.lookup(int(r))) for r in abi.DecapReason.exits()}
+        counts = {r.name.lower(): c for r, c in reason_counts(maps).items()}
         port = struct.unpack("!H", struct.pack("=H", ctl.gue_port))[0]
         loose = bool(ctl.flags & abi.DECAP_CTL_F_LOOSE)
     try:

@@ -57,8 +57,7 @@ class Decap:
         decap.flip(self.maps, decap.stage(self.maps, decap.build_table(entries), gue_port, loose))
 
     def reasons(self) -> dict[D, tuple[int, int]]:
-        m = self.maps[abi.DecapMap.REASONS]
-        return {r: decap._sum(m.lookup(int(r))) for r in D.exits()}
+        return decap.reason_counts(self.maps)
 
     def vip_packets(self, vip_id: int) -> int:
         return decap._sum(self.maps[abi.DecapMap.VIP_STATS].lookup(vip_id))[0]
