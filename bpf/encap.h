@@ -34,23 +34,11 @@
 #include "parse.h"
 #include "select.h"
 #include "csum.h"
+#include "encap_hdr.h"
 
 #define LBX_IP_DF 0x4000
 #define LBX_L2_MAX 18 /* Ethernet and one VLAN tag (parse_eth()) */
 #define LBX_ICMP_HDR 8
-
-/* What the outer headers are made of, gathered from the frame before it moves. */
-struct encap_info {
-	struct lbx_addr src;  /* outer source */
-	__u64 inner_sum;      /* gue: sum of the inner packet's bytes (header and L4) */
-	__u32 hash;           /* the flow hash: flow label, GUE source port, flow source */
-	__u16 inner_len;      /* the inner IP packet's length */
-	__be16 id;            /* inner IPv4 id and DF, copied to an IPv4 outer header */
-	__be16 df;
-	__u8 tos;             /* inner TOS / traffic class */
-	__u8 inner_proto;     /* IPPROTO_IPIP or IPPROTO_IPV6: what the outer header carries */
-	__u8 no_csum;         /* gue: the outer UDP checksum is 0 (inner_sum()) */
-};
 
 static __always_inline __u32 encap_overhead(const struct backend *be)
 {
@@ -179,69 +167,6 @@ static __always_inline int inner_fields(struct xdp_md *ctx, const struct pkt *pk
 		e->tos = (b[0] << 4) | (b[1] >> 4);
 		e->inner_proto = IPPROTO_IPV6;
 	}
-	return LBX_R_OK;
-}
-
-static __always_inline int write_outer4(void *outer, void *end, const struct backend *be,
-					const struct encap_info *e)
-{
-	struct iphdr *ip = outer;
-	struct udphdr *udp = (void *)(ip + 1);
-	__u16 len = e->inner_len + sizeof(*ip);
-	__u64 s;
-
-	if ((void *)(udp + 1) > end)
-		return LBX_R_ABORT_REWRITE;
-	*(__u16 *)ip = bpf_htons(0x4500 | e->tos);
-	ip->id = e->id;
-	ip->frag_off = e->df;
-	ip->ttl = LBX_ENCAP_TTL;
-	ip->protocol = e->inner_proto;
-	ip->saddr = e->src.w[0];
-	ip->daddr = be->addr.w[0];
-	if (be->mode == LBX_MODE_GUE) {
-		len += sizeof(*udp);
-		ip->protocol = IPPROTO_UDP;
-		udp->source = bpf_htons(LBX_GUE_SPORT_BASE | (e->hash & LBX_GUE_SPORT_MASK));
-		udp->dest = be->encap_port;
-		udp->len = bpf_htons(e->inner_len + sizeof(*udp));
-		udp->check = 0;
-		s = (__u64)ip->saddr + ip->daddr + bpf_htons(IPPROTO_UDP) + udp->len +
-		    lbx_csum_words(udp, 2) + e->inner_sum;
-		udp->check = e->no_csum ? 0 : lbx_csum_fold(s) ?: 0xffff; /* 0 would mean "no checksum" */
-	}
-	ip->tot_len = bpf_htons(len);
-	ip->check = 0;
-	ip->check = lbx_csum_fold(lbx_csum_words(ip, 5));
-	return LBX_R_OK;
-}
-
-static __always_inline int write_outer6(void *outer, void *end, const struct backend *be,
-					const struct encap_info *e)
-{
-	struct ipv6hdr *ip6 = outer;
-	struct udphdr *udp = (void *)(ip6 + 1);
-	__u64 s;
-
-	if ((void *)(udp + 1) > end)
-		return LBX_R_ABORT_REWRITE;
-	*(__be32 *)ip6 = bpf_htonl(0x60000000 | (__u32)e->tos << 20 | (e->hash & 0xfffff));
-	ip6->payload_len = bpf_htons(e->inner_len);
-	ip6->nexthdr = e->inner_proto;
-	ip6->hop_limit = LBX_ENCAP_TTL;
-	__builtin_memcpy(&ip6->saddr, &e->src, sizeof(ip6->saddr));
-	__builtin_memcpy(&ip6->daddr, &be->addr, sizeof(ip6->daddr));
-	if (be->mode != LBX_MODE_GUE)
-		return LBX_R_OK;
-	ip6->payload_len = bpf_htons(e->inner_len + sizeof(*udp));
-	ip6->nexthdr = IPPROTO_UDP;
-	udp->source = bpf_htons(LBX_GUE_SPORT_BASE | (e->hash & LBX_GUE_SPORT_MASK));
-	udp->dest = be->encap_port;
-	udp->len = ip6->payload_len;
-	udp->check = 0;
-	s = lbx_csum_addr(&e->src) + lbx_csum_addr(&be->addr) + bpf_htonl(IPPROTO_UDP) + udp->len +
-	    lbx_csum_words(udp, 2) + e->inner_sum;
-	udp->check = e->no_csum ? 0 : lbx_csum_fold(s) ?: 0xffff; /* mandatory over IPv6 (RFC 8200 8.1) */
 	return LBX_R_OK;
 }
 
