@@ -228,6 +228,11 @@ _Static_assert(sizeof(struct lbx_stats) == 24, "also update lbxdp/abi.py");
 #define LBX_CTL_F_MAC_SET 0x0001 /* mac holds the interface's MAC; without it nothing is forwarded */
 #define LBX_CTL_F_NO_ICMP_STEER 0x0002 /* test switch: pass ICMP errors instead of steering them */
 
+/* Health probes through the tunnel (probe.c): a probe socket's SO_MARK is LBX_PROBE_MARK | the
+ * backend entry's id (ids stay below 2^16: LBX_MAX_BACKENDS), so tc egress knows whom it is for. */
+#define LBX_PROBE_MARK 0x6c620000
+#define LBX_PROBE_MARK_MASK 0xffff0000
+
 /*
  * Per-instance data the program reads (Katran's ctl_array): one entry, written by the control
  * plane at attach and whenever the interface's MAC changes. The routed modes' fields are laid

@@ -26,6 +26,8 @@ BE_F_IN_TABLE = 0x02     # LBX_BE_F_IN_TABLE
 VIP_F_PASS_NO_BACKEND = 0x01  # LBX_VIP_F_PASS_NO_BACKEND
 CTL_F_MAC_SET = 0x0001   # LBX_CTL_F_MAC_SET
 CTL_F_NO_ICMP_STEER = 0x0002  # LBX_CTL_F_NO_ICMP_STEER
+PROBE_MARK = 0x6C620000      # LBX_PROBE_MARK
+PROBE_MARK_MASK = 0xFFFF0000  # LBX_PROBE_MARK_MASK
 ENC_F_FLOW_SOURCE = 0x01  # LBX_ENC_F_FLOW_SOURCE
 ENCAP_TTL = 64           # LBX_ENCAP_TTL
 GUE_SPORT_BASE = 0xC000  # LBX_GUE_SPORT_BASE
@@ -129,6 +131,7 @@ class Map(str, enum.Enum):
 # --- lbxdp_decap (bpf/decap_abi.h, bpf/decap_maps.h): the backend's decapsulation program -----
 
 DECAP_PROGRAM = "lbxdp_decap"
+PROBE_PROGRAM = "lbxdp_probe"   # bpf/probe.c: tc egress, health probes through the tunnel
 DECAP_SLOT_BITS = 12       # LBX_DECAP_SLOT_BITS
 DECAP_SLOTS = 4096         # LBX_DECAP_SLOTS
 DECAP_PROBES = 8           # LBX_DECAP_PROBES

@@ -48,7 +48,7 @@ _VIP_KEYS = {"address", "port", "protocol", "mode", "scheduler", "table_size", "
              "on_backend_down", "on_all_down", "backend", "gue_port", "ipip_source", "mtu", "mss_clamp"}
 _BACKEND_KEYS = {"address", "port", "mac", "weight", "backup", "health"}
 _HEALTH_KEYS = {"type", "port", "interval", "timeout", "rise", "fall", "method", "path", "status", "host",
-                "send", "expect"}
+                "send", "expect", "via"}
 _HTTP_ONLY, _UDP_ONLY = {"method", "path", "status", "host"}, {"send", "expect"}
 _METRICS_KEYS = {"listen"}
 _BALANCER_KEYS = {"ipv4_source", "ipv6_source", "flow_source_v4", "flow_source_v6", "mtu"}
@@ -373,7 +373,8 @@ def _health(d: dict[str, Any], path: str) -> health.HealthCheck:
             http_status=_get(d, "status", path, _statuses, (200,)),
             http_host=_get(d, "host", path, _http_word, None),
             udp_payload=_get(d, "send", path, _text, "ping").encode(),
-            udp_expect=(lambda e: e.encode() if e is not None else None)(_get(d, "expect", path, _text, None)))
+            udp_expect=(lambda e: e.encode() if e is not None else None)(_get(d, "expect", path, _text, None)),
+            via=_get(d, "via", path, _choice(health.Via), None))
     except ValueError as e:   # HealthCheck's own checks: a safety net, the converters above come first
         raise ConfigError(path, str(e)) from None
 
@@ -446,6 +447,8 @@ def _health_doc(h: health.HealthCheck) -> dict[str, Any]:
     d: dict[str, Any] = {"type": h.type.value, "interval": h.interval, "timeout": h.timeout, "rise": h.rise, "fall": h.fall}
     if h.port is not None:
         d["port"] = h.port
+    if h.via is not None:
+        d["via"] = h.via.value
     if h.type is health.CheckType.HTTP:
         d |= {"method": h.http_method, "path": h.http_path, "status": list(h.http_status)}
         if h.http_host:

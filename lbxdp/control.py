@@ -310,6 +310,9 @@ def detach(inst: Instance) -> bool:
         idx = loader.ifindex(inst.ifname)
     except LbxError:
         idx = None  # the interface is gone (e.g. its namespace was deleted): just remove the pins
+    if idx is not None:
+        from . import probe   # the health probes' tc program goes first: it reads the pins
+        probe.detach(inst.ifname)
     if idx is not None and was and _foreign_program(inst, bpfsys.xdp_query(idx)) is None:
         loader.detach(inst.ifname)
     _remove_files(inst)

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from . import applied, config, control, model
+from . import applied, config, control, model, probe
 from .errors import LbxError
 from .model import BackendId, XdpMode
 from .paths import Instance, atomic_write, private_dirs
@@ -250,10 +250,34 @@ class HealthService(BaseService):
 
     def on_change(self, state: applied.State) -> None:
         from .health import Target
-        if self.checker is not None:
-            self.checker.set_targets([Target(bid, str(b.address), check.port or b.port, check)
-                                      for bid, (v, b) in state.cfg.backends().items()
-                                      if (check := v.check_of(b)) is not None])
+        if self.checker is None:
+            return
+        ids = self._tunnel_ids(state)
+        if ids and not probe.attached(self.inst.ifname):
+            probe.attach(self.inst)
+            _event("probe-attached", interface=self.inst.label, backends=len(ids))
+        targets = []
+        for bid, (v, b) in state.cfg.backends().items():
+            if (check := v.check_of(b)) is None:
+                continue
+            if bid in ids:   # the VIP's service on the backend, through the tunnel (lbxdp.probe)
+                targets.append(Target(bid, str(v.address), check.port or v.port, check, mark=probe.mark(ids[bid])))
+            else:
+                targets.append(Target(bid, str(b.address), check.port or b.port, check))
+        self.checker.set_targets(targets)
+
+    def _tunnel_ids(self, state: applied.State) -> dict[BackendId, int]:
+        """Backend entry id of every checked ipip/gue backend probed through the tunnel."""
+        from .health import Via
+        want = {bid: (v, b) for bid, (v, b) in state.cfg.backends().items()
+                if v.mode.encap and (c := v.check_of(b)) is not None and c.via is not Via.DIRECT}
+        if not want:
+            return {}
+        with control.open_maps(self.inst) as m:
+            vip_ids = {k: meta.id for k, meta in m.vips().items()}
+            entries = {(e.vip_id, e.address, e.port): i for i, e in m.backends().items()}
+        return {bid: i for bid, (v, b) in want.items()
+                if (i := entries.get((vip_ids.get(v.key), b.address, b.port))) is not None}
 
     def tick(self) -> None:
         """Apply the transitions reported since the last tick, then rewrite checks.json."""

@@ -65,6 +65,12 @@ class CheckType(enum.StrEnum):
     UDP = "udp"     # a reply arrives (containing udp_expect, when set)
 
 
+class Via(enum.StrEnum):
+    """How an ipip/gue backend is probed (`[vip.health] via`; dsr backends are always probed directly)."""
+    TUNNEL = "tunnel"   # VIP:port through the tunnel (lbxdp.probe): what the data path tests; the default
+    DIRECT = "direct"   # the backend's own address:port, no tunnel
+
+
 USER_AGENT = "lbxdp-health"
 _MAX_STATUS_LINE = 4096
 
@@ -83,11 +89,14 @@ class HealthCheck:
     http_host: str | None = None            # Host header (default: the address, and :port unless 80)
     udp_payload: bytes = b"ping"
     udp_expect: bytes | None = None         # the reply must contain this (None: any reply)
+    via: Via | None = None                  # ipip/gue backends: None = TUNNEL
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "http_status", tuple(self.http_status))
         if self.type in tuple(CheckType):
             object.__setattr__(self, "type", CheckType(self.type))
+        if self.via is not None and self.via in tuple(Via):
+            object.__setattr__(self, "via", Via(self.via))
         problems = [
             (not isinstance(self.type, CheckType),
              f"type {self.type!r} is not one of {', '.join(t.value for t in CheckType)}"),
@@ -101,6 +110,8 @@ class HealthCheck:
             (not _token(self.http_path) or not self.http_path.startswith("/"),
              f"http_path {self.http_path!r} must start with '/' and hold no space"),
             (self.http_host is not None and not _token(self.http_host), f"http_host {self.http_host!r} is not a host"),
+            (self.via is not None and not isinstance(self.via, Via),
+             f"via {self.via!r} is not one of {', '.join(v.value for v in Via)}"),
         ]
         for bad, why in problems:
             if bad:
@@ -118,6 +129,7 @@ class Target:
     address: str        # IP literal, v4 or v6
     port: int
     check: HealthCheck
+    mark: int = 0       # SO_MARK of the probe socket (lbxdp.probe.mark: through the tunnel); 0 = none
 
     def __post_init__(self) -> None:
         ipaddress.ip_address(self.address)          # ValueError for a name: no DNS in a check
@@ -171,8 +183,18 @@ def _socket(t: Target) -> socket.socket:
     """A non-blocking TCP socket for t. tcp and http checks use bare sockets with loop.sock_*:
     asyncio.open_connection's transport and streams cost a third more CPU per check
     (scripts/bench_health.py: 500 tcp targets at 1 s, 7.6% of a core with streams, 5.6% bare)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in t.address else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setblocking(False)
+    return _marked(socket.socket(socket.AF_INET6 if ":" in t.address else socket.AF_INET, socket.SOCK_STREAM), t)
+
+
+def _marked(sock: socket.socket, t: Target) -> socket.socket:
+    """sock non-blocking, with t's SO_MARK (a probe through the tunnel: bpf/probe.c keys on it)."""
+    try:
+        sock.setblocking(False)
+        if t.mark:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, t.mark)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -231,8 +253,13 @@ class _OneReply(asyncio.DatagramProtocol):
 
 async def _udp(t: Target) -> tuple[bool, str]:
     c = t.check
-    transport, proto = await asyncio.get_running_loop().create_datagram_endpoint(
-        _OneReply, remote_addr=(t.address, t.check_port))
+    sock = _marked(socket.socket(socket.AF_INET6 if ":" in t.address else socket.AF_INET, socket.SOCK_DGRAM), t)
+    try:
+        sock.connect((t.address, t.check_port))
+    except BaseException:
+        sock.close()
+        raise
+    transport, proto = await asyncio.get_running_loop().create_datagram_endpoint(_OneReply, sock=sock)
     try:
         transport.sendto(c.udp_payload)
         data = await proto.reply

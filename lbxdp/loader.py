@@ -162,10 +162,12 @@ class Source:
     entry: str
     function: str
     maps: tuple[str, ...]
+    prog_type: str = "XDP"   # bcc.BPF's name of the program type (SCHED_CLS: tc)
 
 
 BALANCER = Source("lbxdp.c", abi.PROGRAM, tuple(m.value for m in abi.Map))
 DECAP = Source("decap.c", abi.DECAP_PROGRAM, tuple(m.value for m in abi.DecapMap))   # lbxdp.decap
+PROBE = Source("probe.c", abi.PROBE_PROGRAM, (abi.Map.BACKENDS.value, abi.Map.CTL.value), "SCHED_CLS")   # lbxdp.probe
 
 
 def fingerprint(build: BuildConfig, source: Source = BALANCER) -> str:
@@ -185,7 +187,7 @@ def compile_program(build: BuildConfig, source: Source = BALANCER) -> Program:
     text = render((build.src_dir or bpf_dir()) / source.entry)
     try:
         b = bcc.BPF(text=text.encode(), cflags=build.cflags())
-        fn = b.load_func(source.function.encode(), bcc.BPF.XDP)
+        fn = b.load_func(source.function.encode(), getattr(bcc.BPF, source.prog_type))
     except Exception as e:  # bcc raises bare Exception for compile and verifier failures
         raise LbxError(f"the XDP program failed to compile or load: {e}",
                        "run `lbxdp doctor`; the compiler/verifier output is above") from e

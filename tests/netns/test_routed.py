@@ -17,8 +17,10 @@ backend, the rig down, nothing left (checked).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -30,7 +32,10 @@ from typing import Iterator
 import pytest
 
 from lbxdp import config, model
+from lbxdp.health import HealthCheck
 from lbxdp.lab.rig import CLI, FAILED, HOST_IF, LB, RT, Rig, RigSpec, Shape
+
+from .daemon import started_daemons
 
 pytestmark = pytest.mark.root
 
@@ -174,8 +179,10 @@ def routed() -> Iterator[Routed]:
             yield r
         finally:
             left = []
-            if attached and lbxdp(rig, LB, "detach", HOST_IF, check=False).returncode != 0:
-                left.append("lbxdp on lb")
+            if attached:   # (the health test's daemon may have detached already)
+                lbxdp(rig, LB, "detach", HOST_IF, check=False)
+                if rig.run(LB, "ip", "-j", "link", "show", HOST_IF, check=False).stdout.count('"xdp"'):
+                    left.append("lbxdp on lb")
             for be in decapped:
                 if lbxdp(rig, be, "decap", "detach", HOST_IF, check=False).returncode != 0:
                     left.append(f"decap on {be}")
@@ -280,3 +287,72 @@ def test_uploads_learn_the_tunnel_mtu(uploads: Routed, family: int) -> None:
         assert all(x["reply"] == f"ok {UPLOAD_SIZE}" for x in runs), f"{phase}: incomplete uploads: {runs}"
         assert max(x["seconds"] for x in runs) < 5.0, f"{phase}: {runs}"
         assert r.reasons()["tx_icmp_too_big"] > before, f"{phase}: no ICMP too-big sent"
+
+
+# -- health checks through the tunnel (last: the daemon detaches when it stops) ---------------
+
+HEALTH_PORT = 7000
+LISTEN = r"""
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(64)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept(); c.close()
+"""
+
+
+def _health(r: Routed) -> dict[str, str]:
+    st = r.status()
+    return {b["backend"]: b["health"] for v in st["vips"] for b in v["backends"]}
+
+
+def _wait_health(r: Routed, want: dict[str, str], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (seen := _health(r)) and any(seen.get(k) != h for k, h in want.items()):
+        assert time.monotonic() < deadline, f"health {seen}, want {want}"
+        time.sleep(0.2)
+
+
+def test_tunnelled_backend_is_checked_through_the_tunnel(routed: Routed, tmp_path: Path) -> None:
+    """be1's VIP service is down (its listener holds its own address only), be2's is up: the
+    tunnel probe (the default for ipip) marks be1 down and be2 up; via = "direct" (the plain probe
+    to the backend's address) marks both up. The daemon's detach takes the tc program and its
+    clsact qdisc away."""
+    rig = routed.rig
+    listeners = []
+    try:
+        for be, addr in (("be1", str(rig.addr4("be1"))), ("be2", "0.0.0.0")):
+            p = subprocess.Popen([*rig.ns_cmd(be), sys.executable, "-c", LISTEN, addr, str(HEALTH_PORT)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            listeners.append(p)
+            assert p.stdout.readline().strip() == "ready"
+
+        def cfg(via: str | None) -> str:
+            check = HealthCheck("tcp", interval=0.5, timeout=0.4, rise=1, fall=1, via=via)
+            v = routed.vip(4, 4, "ipip", "tcp", port=HEALTH_PORT)
+            v = model.Vip(v.address, v.port, v.protocol, v.mode, backends=v.backends, health=check)
+            return config.dump(model.Config(vips=(v,)))
+
+        be1, be2 = (f"{rig.addr4(b)}:{HEALTH_PORT}" for b in ("be1", "be2"))
+        gen = started_daemons(rig, tmp_path)
+        start = next(gen)
+        try:
+            d = start(cfg(None))
+            d.wait_event("backend-down", backend=be1, timeout=20)
+            _wait_health(routed, {be1: "down", be2: "up"})
+            assert not d.events("backend-down", backend=be2)
+            assert "lbxdp_probe" in rig.run(LB, "tc", "filter", "show", "dev", HOST_IF, "egress").stdout
+            (tmp_path / "lbxdp0.toml").write_text(cfg("direct"))
+            d.popen.send_signal(signal.SIGHUP)
+            _wait_health(routed, {be1: "up", be2: "up"})
+            assert d.stop() == 0
+        finally:
+            with contextlib.suppress(StopIteration):
+                next(gen)
+        qdiscs = rig.run(LB, "tc", "qdisc", "show", "dev", HOST_IF).stdout
+        assert "clsact" not in qdiscs, f"the daemon's detach left the probes' qdisc: {qdiscs}"
+    finally:
+        for p in listeners:
+            p.kill()
+            p.wait(timeout=10)

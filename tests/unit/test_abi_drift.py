@@ -43,6 +43,8 @@ DEFINES = {
     "LBX_VIP_FILTER_WORDS": "VIP_FILTER_WORDS",
     "LBX_VIP_FILTER_MUL": "VIP_FILTER_MUL",
     "LBX_CTL_F_MAC_SET": "CTL_F_MAC_SET",
+    "LBX_PROBE_MARK": "PROBE_MARK",
+    "LBX_PROBE_MARK_MASK": "PROBE_MARK_MASK",
     "LBX_ENC_F_FLOW_SOURCE": "ENC_F_FLOW_SOURCE",
     "LBX_ENCAP_TTL": "ENCAP_TTL",
     "LBX_GUE_SPORT_BASE": "GUE_SPORT_BASE",
@@ -223,8 +225,17 @@ def test_maps_are_pinned_under_their_own_name() -> None:
 
 def test_no_map_is_declared_outside_maps_h() -> None:
     for f in sorted(BPF.glob("*.[ch]")):
-        if f.name not in ("maps.h", "decap_maps.h"):
+        if f.name not in ("maps.h", "decap_maps.h", "probe.c"):
             assert not parse_maps(f.read_text()), f"{f.name} declares a map; maps live in maps.h (decap_maps.h)"
+
+
+def test_probe_c_opens_only_balancer_maps_as_maps_h_declares_them() -> None:
+    """probe.c (tc egress) reads two of the balancer's pinned maps: the same declarations, no map of its own."""
+    ours = {d["name"]: d for d in parse_maps(MAPS_H.read_text())}
+    probe = parse_maps((BPF / "probe.c").read_text())
+    assert probe, "probe.c declares no map"
+    for d in probe:
+        assert d["name"] in ours and d == ours[d["name"]], f"probe.c's {d['name']} differs from maps.h's: {d}"
 
 
 def test_every_struct_has_a_size_pin(header: str) -> None:
