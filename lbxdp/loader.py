@@ -271,7 +271,8 @@ def ifindex(ifname: str) -> int:
         return socket.if_nametoindex(ifname)
     except OSError as e:
         raise LbxError(f"no interface named {ifname!r} here",
-                       "list interfaces with `ip -br link` (add --netns NAME for another namespace)") from e
+                       "list interfaces with `ip -br link` (add --netns NAME for another namespace)",
+                       exit_code=2) from e   # bad input, as the error contract says
 
 
 def hwaddr(ifname: str) -> str:

@@ -289,6 +289,37 @@ def test_uploads_learn_the_tunnel_mtu(uploads: Routed, family: int) -> None:
         assert r.reasons()["tx_icmp_too_big"] > before, f"{phase}: no ICMP too-big sent"
 
 
+# -- bad input: one line, exit 2, nothing applied ------------------------------------------------
+
+
+def test_bad_input_is_one_error_and_applies_nothing(routed: Routed) -> None:
+    r, rig = routed, routed.rig
+    r.apply(*(r.vip(4, 4, "ipip", p) for p in ("tcp", "udp")))
+    before = [(v["vip"], v["mode"], [b["backend"] for b in v["backends"]]) for v in r.status()["vips"]]
+    rig.run(LB, "ip", "route", "add", "unreachable", "10.99.0.0/24")
+    vip4 = rig.spec.vip4
+    unreachable = model.Vip(vip4, 8080, model.Protocol.TCP, model.Mode.IPIP,
+                            backends=(model.Backend(ipaddress.ip_address("10.99.0.5"), 8080),))
+    clash = [model.Vip(vip4, 8080, model.Protocol.TCP, model.Mode.GUE, backends=r.vip(4, 4, "gue", "tcp").backends,
+                       gue_port=8080),
+             r.vip(4, 4, "dsr", "udp")]
+    cases = {"backend 10.99.0.5 is unreachable": [unreachable],
+             "gue_port": clash,
+             "dsr mode cannot cross address families": [r.vip(4, 6, "dsr", "tcp")]}
+    for want, vips in cases.items():
+        path = r.workdir / "bad.toml"
+        path.write_text(config.dump(model.Config(vips=tuple(vips))))
+        res = lbxdp(rig, LB, "attach", HOST_IF, "--config", str(path), "--mode", "generic", check=False)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and lines[0].startswith("lbxdp: error: ") and want in lines[0], res.stderr
+        assert len(lines) <= 2 and "Traceback" not in res.stderr, res.stderr   # the error and its hint
+        after = [(v["vip"], v["mode"], [b["backend"] for b in v["backends"]]) for v in r.status()["vips"]]
+        assert after == before, f"{want}: applied anyway"
+    res = lbxdp(rig, "be1", "decap", "attach", "nosuchif0", "--vip", str(vip4), check=False)
+    assert res.returncode == 2 and res.stderr.startswith("lbxdp: error: no interface named 'nosuchif0'"), res.stderr
+    assert "Traceback" not in res.stderr
+
+
 # -- health checks through the tunnel (last: the daemon detaches when it stops) ---------------
 
 HEALTH_PORT = 7000
