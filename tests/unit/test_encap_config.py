@@ -99,3 +99,13 @@ def test_config_check_cli_prints_one_line_and_exits_2(tmp_path) -> None:
     assert r.returncode == 2, r
     assert r.stderr.startswith("lbxdp: error: ") and "dsr mode cannot cross address families" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_health_via_reads_back_and_refuses_other_values() -> None:
+    text = _vip("ipip", "10.0.0.1", "10.0.0.2") + '[vip.health]\ntype = "tcp"\nvia = "direct"\n'
+    cfg = config.parse(text)
+    assert cfg.vips[0].health.via == "direct" and config.parse(config.dump(cfg)) == cfg
+    assert config.parse(_vip("ipip", "10.0.0.1", "10.0.0.2") + '[vip.health]\ntype = "tcp"\n').vips[0].health.via is None
+    with pytest.raises(config.ConfigError) as e:
+        config.parse(_vip("ipip", "10.0.0.1", "10.0.0.2") + '[vip.health]\ntype = "tcp"\nvia = "wire"\n')
+    assert "vip[0].health.via" in str(e.value) and "tunnel" in str(e.value)
