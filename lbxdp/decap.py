@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import __version__, abi, bpfsys, loader
+from . import __version__, abi, bpfsys, loader, migrate
 from .errors import LbxError
 from .paths import Instance, atomic_write, pin_root, private_dirs, run_root
 
@@ -52,32 +52,8 @@ class DecapInstance(Instance):
     """lbxdp_decap on one interface: an Instance (same name rules, same run-dir files) whose
     pins and run state live under the decap roots."""
 
-    @property
-    def pin_dir(self) -> Path:
-        return decap_pin_root() / self.key
-
-    @property
-    def run_dir(self) -> Path:
-        return decap_run_root() / self.key
-
-    def dirs(self) -> list[tuple[Path, Path]]:
-        return [(decap_pin_root(), self.pin_dir), (decap_run_root(), self.run_dir)]
-
-    @classmethod
-    def all(cls) -> list["DecapInstance"]:   # type: ignore[override]
-        root, found = decap_pin_root(), []
-        if not root.is_dir():
-            return found
-        for prog in sorted(root.rglob("prog")):
-            parts = prog.parent.relative_to(root).parts
-            try:
-                if len(parts) == 1:
-                    found.append(cls(parts[0]))
-                elif len(parts) == 3 and parts[0] == "netns":
-                    found.append(cls(parts[2], parts[1]))
-            except LbxError:
-                continue
-        return found
+    pin_base = staticmethod(decap_pin_root)
+    run_base = staticmethod(decap_run_root)
 
 
 # --- the address table (bpf/decap_abi.h) --------------------------------------------------------
@@ -181,24 +157,6 @@ def _prog_id(inst: DecapInstance) -> int | None:
         os.close(fd)
 
 
-def _same_program(inst: DecapInstance, build: loader.BuildConfig) -> bool:
-    saved = loader.read_schema(inst)
-    if saved is None or saved.source != loader.fingerprint(build, loader.DECAP) or \
-            saved.reasons != [r.name for r in abi.DecapReason]:
-        return False
-    for name, want in saved.layouts.items():
-        try:
-            fd = bpfsys.obj_get(inst.pin_dir / name)
-        except OSError:
-            return False
-        try:
-            if list(loader.layout(bpfsys.map_info(fd))) != want:
-                return False
-        finally:
-            os.close(fd)
-    return bool(saved.layouts)
-
-
 def attach(inst: DecapInstance, vips: Iterable[Any], gue_port: int = DEFAULT_GUE_PORT, mode: str = "auto",
            loose: bool = False, force: bool = False) -> AttachResult:
     """Compile lbxdp_decap, fill its table with this host's addresses and the VIPs, attach it to
@@ -230,7 +188,7 @@ def attach(inst: DecapInstance, vips: Iterable[Any], gue_port: int = DEFAULT_GUE
     private_dirs(inst, create=True)
     build = loader.BuildConfig(inst.pin_dir)
     upgraded = inst.exists()
-    same = upgraded and _same_program(inst, build)
+    same = upgraded and migrate.pins_unchanged(inst, build, loader.read_schema(inst), loader.DECAP, abi.DecapReason)
     staging = inst.pin_dir / STAGING
     shutil.rmtree(staging, ignore_errors=True)
     target = build if same or not upgraded else dataclasses.replace(build, pin_dir=staging)

@@ -38,9 +38,10 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import enum
 import os
 import shutil
-from typing import Any
+from typing import Any, Iterable
 
 from . import abi, bpfsys, loader
 from .paths import Instance
@@ -102,7 +103,7 @@ def upgrade(inst: Instance, build: loader.BuildConfig) -> dict[str, str]:
     staging = inst.pin_dir / STAGING
     shutil.rmtree(staging, ignore_errors=True)
     saved = loader.read_schema(inst)
-    if saved is not None and _unchanged(inst, build, saved):
+    if saved is not None and pins_unchanged(inst, build, saved):
         return {name: KEPT for name in saved.layouts}
     staged = loader.compile_program(dataclasses.replace(build, pin_dir=staging))
     out: dict[str, str] = {}
@@ -128,11 +129,13 @@ def upgrade(inst: Instance, build: loader.BuildConfig) -> dict[str, str]:
     return out
 
 
-def _unchanged(inst: Instance, build: loader.BuildConfig, saved: loader.SavedSchema) -> bool:
+def pins_unchanged(inst: Instance, build: loader.BuildConfig, saved: loader.SavedSchema | None,
+                   source: loader.Source = loader.BALANCER, reasons: Iterable[enum.Enum] = abi.Reason) -> bool:
     """The same sources and flags as the pins were made by, and every pin still the layout they
-    declared: nothing to compare map by map (a same-version re-attach compiles once, not twice)."""
-    if not saved.source or saved.source != loader.fingerprint(build) or \
-            saved.reasons != [r.name for r in abi.Reason]:
+    declared: nothing to compare map by map (a same-version re-attach compiles once, not twice).
+    Also lbxdp.decap's test (source=loader.DECAP, reasons=abi.DecapReason)."""
+    if saved is None or not saved.source or saved.source != loader.fingerprint(build, source) or \
+            saved.reasons != [r.name for r in reasons]:
         return False
     for name, want in saved.layouts.items():
         try:

@@ -88,13 +88,22 @@ class Instance:
     def label(self) -> str:
         return self.ifname if self.netns is None else f"{self.ifname} (netns {self.netns})"
 
+    @staticmethod
+    def pin_base() -> Path:
+        """Where instances of this kind pin (lbxdp.decap.DecapInstance has its own)."""
+        return pin_root()
+
+    @staticmethod
+    def run_base() -> Path:
+        return run_root()
+
     @property
     def pin_dir(self) -> Path:
-        return pin_root() / self.key
+        return self.pin_base() / self.key
 
     @property
     def run_dir(self) -> Path:
-        return run_root() / self.key
+        return self.run_base() / self.key
 
     @property
     def prog_pin(self) -> Path:
@@ -117,7 +126,7 @@ class Instance:
     @classmethod
     def all(cls) -> list["Instance"]:
         """Every instance with a pinned program under the pin root."""
-        root, found = pin_root(), []
+        root, found = cls.pin_base(), []
         if not root.is_dir():
             return found
         for prog in sorted(root.rglob("prog")):
@@ -133,7 +142,7 @@ class Instance:
 
     def dirs(self) -> list[tuple[Path, Path]]:
         """(root, instance directory) for the pins and for the run state."""
-        return [(pin_root(), self.pin_dir), (run_root(), self.run_dir)]
+        return [(self.pin_base(), self.pin_dir), (self.run_base(), self.run_dir)]
 
 
 def atomic_write(path: Path, text: str) -> None:
