@@ -33,21 +33,23 @@ def print_warnings(warnings: list[str]) -> None:
         click.echo(f"lbxdp: warning: {w}", err=True)
 
 
-def instance(ctx: click.Context, ifname: str) -> Instance:
-    return Instance(ifname, ctx.obj.get("netns"))
+def instance(ctx: click.Context, ifname: str, kind: type[Instance] = Instance) -> Instance:
+    """kind: the balancer's Instance, or lbxdp.decap.DecapInstance for `lbxdp decap`."""
+    return kind(ifname, ctx.obj.get("netns"))
 
 
-def instances_here(ctx: click.Context) -> list[Instance]:
+def instances_here(ctx: click.Context, kind: type[Instance] = Instance) -> list[Instance]:
     """Every instance of the namespace the command works in."""
     netns = ctx.obj.get("netns")
-    return [i for i in Instance.all() if i.netns == netns]
+    return [i for i in kind.all() if i.netns == netns]
 
 
-def instances(ctx: click.Context, ifname: str | None) -> list[Instance]:
-    """IFNAME's instance, or every one here; none is an error."""
-    found = [instance(ctx, ifname)] if ifname else instances_here(ctx)
+def instances(ctx: click.Context, ifname: str | None, kind: type[Instance] = Instance,
+              not_attached: tuple[str, str] = NOT_ATTACHED) -> list[Instance]:
+    """IFNAME's instance, or every one here; none is an error (not_attached: its message and hint)."""
+    found = [instance(ctx, ifname, kind)] if ifname else instances_here(ctx, kind)
     if not found:
-        raise LbxError(*NOT_ATTACHED)
+        raise LbxError(*not_attached)
     return found
 
 

@@ -6,13 +6,14 @@ import json
 
 import click
 
-from ..errors import LbxError
-from .common import needs_root
+from .common import instance, instances, needs_root
+
+NOT_ATTACHED = ("lbxdp decap is not attached to any interface here", "attach it: lbxdp decap attach IFNAME --vip ADDR")
 
 
 def _instance(ctx: click.Context, ifname: str):   # noqa: ANN202 - DecapInstance, imported lazily
     from ..decap import DecapInstance
-    return DecapInstance(ifname, ctx.obj.get("netns"))
+    return instance(ctx, ifname, DecapInstance)
 
 
 @click.group()
@@ -83,12 +84,7 @@ def detach(ctx: click.Context, ifname: str) -> None:
 def status(ctx: click.Context, ifname: str | None, as_json: bool) -> None:
     """VIPs, host addresses, counters by reason and packets per VIP (of IFNAME, or every one)."""
     from .. import decap as dc
-    netns = ctx.obj.get("netns")
-    found = [_instance(ctx, ifname)] if ifname else [i for i in dc.DecapInstance.all() if i.netns == netns]
-    if not found:
-        raise LbxError("lbxdp decap is not attached to any interface here",
-                       "attach it: lbxdp decap attach IFNAME --vip ADDR")
-    sts = [dc.status(i) for i in found]
+    sts = [dc.status(i) for i in instances(ctx, ifname, dc.DecapInstance, NOT_ATTACHED)]
     if as_json:
         doc = [s.to_json() for s in sts]
         click.echo(json.dumps(doc[0] if ifname else doc, indent=2))
