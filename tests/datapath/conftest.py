@@ -8,6 +8,7 @@ positions at zero.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -22,6 +23,24 @@ from .frames import BASE, LB_MAC
 from .harness import Lb
 
 
+@contextlib.contextmanager
+def compiled(source: loader.Source = loader.BALANCER) -> Iterator[loader.Program]:
+    """source compiled and loaded with its maps pinned under /sys/fs/bpf/lbxdp-test-<uuid>; the
+    program closed and the pin dir removed on exit, always, even when compiling fails. Skips
+    the test unless root."""
+    if os.geteuid() != 0:
+        pytest.skip("the datapath tests load an XDP program: run them as root")
+    pin_dir = Path(f"/sys/fs/bpf/lbxdp-test-{uuid.uuid4().hex[:12]}")
+    prog = None
+    try:
+        prog = loader.compile_program(loader.BuildConfig(pin_dir=pin_dir), source)
+        yield prog
+    finally:
+        if prog is not None:
+            prog.close()
+        shutil.rmtree(pin_dir, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def compiled_lb() -> Iterator[Lb]:
     """The lbxdp program compiled and loaded once per test session, filled with frames.BASE.
@@ -32,19 +51,10 @@ def compiled_lb() -> Iterator[Lb]:
     two). Depends on: root, bpffs, bcc. Cleanup: prog.close() and the pin dir removed, always,
     even when compiling or applying fails.
     """
-    if os.geteuid() != 0:
-        pytest.skip("the datapath tests load an XDP program: run them as root")
-    pin_dir = Path(f"/sys/fs/bpf/lbxdp-test-{uuid.uuid4().hex[:12]}")
-    prog = None
-    try:
-        prog = loader.compile_program(loader.BuildConfig(pin_dir=pin_dir))
+    with compiled() as prog:
         lb = Lb(prog)
         lb.apply(BASE)
         yield lb
-    finally:
-        if prog is not None:
-            prog.close()
-        shutil.rmtree(pin_dir, ignore_errors=True)
 
 
 @pytest.fixture

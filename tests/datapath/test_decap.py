@@ -9,11 +9,7 @@ VLAN tag), with the inner EtherType; every refused one must come out byte for by
 from __future__ import annotations
 
 import ipaddress
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -24,6 +20,7 @@ from scapy.packet import Packet, Raw
 
 from lbxdp import abi, bpfsys, decap, loader
 
+from .conftest import compiled
 from .frames import VERDICT_NAMES, XDP_PASS
 from .harness import decode, hexdiff
 
@@ -65,19 +62,10 @@ class Decap:
 
 @pytest.fixture(scope="module")
 def compiled_decap() -> Iterator[Decap]:
-    """bpf/decap.c compiled once for this module into /sys/fs/bpf/lbxdp-dtest-<uuid> (removed
-    always, even when compiling fails). Root, bpffs and bcc needed."""
-    if os.geteuid() != 0:
-        pytest.skip("the datapath tests load an XDP program: run them as root")
-    pin_dir = Path(f"/sys/fs/bpf/lbxdp-dtest-{uuid.uuid4().hex[:12]}")
-    prog = None
-    try:
-        prog = loader.compile_program(loader.BuildConfig(pin_dir=pin_dir), loader.DECAP)
+    """bpf/decap.c compiled once for this module (conftest.compiled: pins removed always, even
+    when compiling fails). Root, bpffs and bcc needed."""
+    with compiled(loader.DECAP) as prog:
         yield Decap(prog, bpfsys.TestRunner(prog.fd))
-    finally:
-        if prog is not None:
-            prog.close()
-        shutil.rmtree(pin_dir, ignore_errors=True)
 
 
 @pytest.fixture

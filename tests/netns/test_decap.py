@@ -77,24 +77,13 @@ def sh(*args: str, check: bool = True, timeout: float = 30) -> subprocess.Comple
 
 @dataclass
 class Pair:
+    """The client's and the backend's namespaces (<prefix>-c, <prefix>-b) and their veth ends."""
     prefix: str
     env: dict[str, str]
 
-    @property
-    def cns(self) -> str:
-        return f"{self.prefix}-c"
-
-    @property
-    def bns(self) -> str:
-        return f"{self.prefix}-b"
-
-    @property
-    def bif(self) -> str:
-        return f"{self.prefix}b"
-
-    @property
-    def cif(self) -> str:
-        return f"{self.prefix}c"
+    def __post_init__(self) -> None:
+        self.cns, self.bns = f"{self.prefix}-c", f"{self.prefix}-b"
+        self.cif, self.bif = f"{self.prefix}c", f"{self.prefix}b"
 
     def b(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return sh("ip", "netns", "exec", self.bns, *args, check=check)
