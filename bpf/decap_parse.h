@@ -21,7 +21,7 @@
 #define LBX_DECAP_PARSE_H
 
 #include "decap_abi.h"
-/* parse.h: struct cursor, parse_eth() */
+/* parse.h: struct cursor, frame_cursor(), parse_eth(), struct vlan_hdr */
 #include "parse.h"
 
 #ifndef IPPROTO_IPIP
@@ -225,11 +225,7 @@ static __always_inline int decap_inner(struct cursor *c, struct tunnel *t)
 /* The whole parse: Ethernet [VLAN], outer IP, [UDP GUE], inner IP header. */
 static __always_inline int parse_tunnel(struct xdp_md *ctx, struct tunnel *t, const struct decap_ctl *ctl)
 {
-	struct cursor c = {
-		.start = (void *)(long)ctx->data,
-		.pos = (void *)(long)ctx->data,
-		.end = (void *)(long)ctx->data_end,
-	};
+	struct cursor c = frame_cursor(ctx);
 	__be16 proto;
 	int r;
 

@@ -59,6 +59,18 @@ struct vlan_hdr {
 	__be16 proto;
 };
 
+/* A cursor at the start of ctx's frame (lbxdp_ingress's and lbxdp_decap's parsers start here). */
+static __always_inline struct cursor frame_cursor(struct xdp_md *ctx)
+{
+	struct cursor c = {
+		.start = (void *)(long)ctx->data,
+		.pos = (void *)(long)ctx->data,
+		.end = (void *)(long)ctx->data_end,
+	};
+
+	return c;
+}
+
 /* Ethernet and at most one 802.1Q/802.1ad tag; *proto gets the inner EtherType. */
 static __always_inline int parse_eth(struct cursor *c, __be16 *proto)
 {
@@ -316,11 +328,7 @@ static __always_inline int parse_l4(struct cursor *c, struct pkt *pkt)
 /* The whole parse stage: Ethernet [VLAN] IPv4|IPv6 TCP|UDP|ICMP error, or the reason it is not. */
 static __always_inline int parse_packet(struct xdp_md *ctx, struct pkt *pkt)
 {
-	struct cursor c = {
-		.start = (void *)(long)ctx->data,
-		.pos = (void *)(long)ctx->data,
-		.end = (void *)(long)ctx->data_end,
-	};
+	struct cursor c = frame_cursor(ctx);
 	__be16 proto;
 	int r;
 
