@@ -15,6 +15,7 @@ costs per run. Nothing here is a test; it prints figures (and --json for machine
     sudo .venv/bin/python scripts/bench_datapath.py                 # 200k calls x 3 reps
     sudo .venv/bin/python scripts/bench_datapath.py --calls 500000 --reps 5 --cpu 1 --json
     sudo .venv/bin/python scripts/bench_datapath.py --baseline-dir /tmp/old/bpf   # before/after in one run
+    sudo .venv/bin/python scripts/bench_datapath.py --fib      # + a per-packet bpf_fib_lookup (scripts/fib_lookup.c)
 """
 
 from __future__ import annotations
@@ -205,9 +206,10 @@ def encap_cases(prog: loader.Program, new_flows: dict[str, list[bytes]]) -> list
     ]
 
 
-def decap_cases(prog: loader.Program) -> list[Case]:
+def decap_cases(prog: loader.Program, label: str = "") -> list[Case]:
     """lbxdp_decap (bpf/decap.c) filled as `lbxdp decap attach` fills it: a tunnelled SYN opened
-    (IPIP over v4, GUE over v6: the longest parse), and traffic that is no tunnel."""
+    (IPIP over v4, GUE over v6: the longest parse), and traffic that is no tunnel; label prefixes
+    the names."""
     from scapy.layers.inet import IP, TCP, UDP
     from scapy.layers.inet6 import IPv6
     from scapy.layers.l2 import Ether
@@ -223,14 +225,87 @@ def decap_cases(prog: loader.Program) -> list[Case]:
     syn6 = IPv6(src=CLIENT6, dst=VIP6) / TCP(sport=999, dport=80, flags="S")
     run = bpfsys.TestRunner(prog.fd)
     return [
-        Case("decap: ipip v4", run, [bytes(eth / IP(src="192.0.2.1", dst=host4) / syn4)], XDP_PASS),
-        Case("decap: gue v6", run, [bytes(eth / IPv6(src="2001:db8::1", dst=host6) / UDP(sport=5000, dport=6080) / syn6)],
+        Case(f"{label}decap: ipip v4", run, [bytes(eth / IP(src="192.0.2.1", dst=host4) / syn4)], XDP_PASS),
+        Case(f"{label}decap: gue v6", run, [bytes(eth / IPv6(src="2001:db8::1", dst=host6) / UDP(sport=5000, dport=6080) / syn6)],
              XDP_PASS),
-        Case("decap: ipip v4 to no vip (both lookups, no strip)", run,
+        Case(f"{label}decap: ipip v4 to no vip (both lookups, no strip)", run,
              [bytes(eth / IP(src="192.0.2.1", dst=host4) / IP(src=CLIENT4, dst=NOT_VIP4) / TCP(sport=999, dport=80))],
              XDP_PASS),
-        Case("decap: non-tunnel pass v4", run, [frame(CLIENT4, host4, 999, 22, 6)], XDP_PASS),
+        Case(f"{label}decap: non-tunnel pass v4", run, [frame(CLIENT4, host4, 999, 22, 6)], XDP_PASS),
     ]
+
+
+class FibLab:
+    """A network namespace where the encap VIPs' backends (10.99.5.0/24, fd99:5::/64, as in
+    encap_cases) are behind a gateway with a permanent neighbour entry on a veth, entered by this
+    process so that BPF_PROG_TEST_RUN's ingress device (the ctx's ingress_ifindex, which
+    bpf_fib_lookup needs to find the namespace) is that veth. Removed by close()."""
+
+    GW4, GW6, GW_MAC = "10.250.0.254", "fd50::fe", "02:fe:00:00:00:fe"
+
+    def __init__(self) -> None:
+        import subprocess
+        self.run = lambda *a: subprocess.run(["ip", *a], check=True, capture_output=True)
+        self.ns = f"lbxb{uuid.uuid4().hex[:8]}"
+        self.orig = os.open("/proc/self/ns/net", os.O_RDONLY)
+        self.bpf = None
+        self.run("netns", "add", self.ns)
+        try:
+            n = ("-n", self.ns)
+            self.run(*n, "link", "add", "fiba", "type", "veth", "peer", "name", "fibb")
+            self.run(*n, "addr", "add", "10.250.0.1/24", "dev", "fiba")
+            self.run(*n, "addr", "add", "fd50::1/64", "dev", "fiba", "nodad")
+            self.run(*n, "link", "set", "fiba", "up")
+            self.run(*n, "link", "set", "fibb", "up")
+            for knob in ("net.ipv4.conf.all.forwarding=1", "net.ipv6.conf.all.forwarding=1"):   # else FWD_DISABLED
+                self.run("netns", "exec", self.ns, "sysctl", "-qw", knob)
+            for gw in (self.GW4, self.GW6):
+                self.run(*n, "neigh", "add", gw, "lladdr", self.GW_MAC, "dev", "fiba", "nud", "permanent")
+            self.run(*n, "route", "add", "10.99.5.0/24", "via", self.GW4)
+            self.run(*n, "-6", "route", "add", "fd99:5::/64", "via", self.GW6)
+            fd = os.open(f"/run/netns/{self.ns}", os.O_RDONLY)
+            try:
+                _setns(fd)
+            finally:
+                os.close(fd)
+            self.ifindex = loader.ifindex("fiba")
+        except BaseException:
+            self.close()
+            raise
+
+    def cases(self) -> list[Case]:
+        import ctypes
+        bcc = loader._import_bcc()
+
+        def words(a: str) -> str:
+            w = struct.unpack("=4I", ipaddress.ip_address(a).packed)
+            return "(a)=" + "".join(f"(a)[{i}]={x}u;" for i, x in enumerate(w))
+        v4 = lambda a: str(struct.unpack("=I", ipaddress.ip_address(a).packed)[0]) + "u"   # noqa: E731
+        self.bpf = bcc.BPF(src_file=str(Path(__file__).with_name("fib_lookup.c")).encode(), cflags=[
+            f"-DFIB_SRC4={v4('10.99.255.1')}", f"-DFIB_DST4={v4('10.99.5.1')}",
+            f"-DFIB_SRC6{words('fd99::ff:1')}", f"-DFIB_DST6{words('fd99:5::1')}"])
+        out = []
+        for fn, f in (("fib_v4", frame(CLIENT4, VIP4, 999, 82, 6)), ("fib_v6", frame(CLIENT6, VIP6, 999, 82, 6))):
+            runner = bpfsys.TestRunner(self.bpf.load_func(fn.encode(), bcc.BPF.XDP).fd)
+            # struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+            md = (ctypes.c_uint32 * 6)(0, len(f), 0, self.ifindex, 0, 0)
+            runner._md = md   # kept alive with the runner
+            runner._opts.ctx_in, runner._opts.ctx_size_in = ctypes.addressof(md), ctypes.sizeof(md)
+            out.append(Case(f"fib: bpf_fib_lookup {fn[-2:]} + MACs (scratch program)", runner, [f], XDP_TX))
+        return out
+
+    def close(self) -> None:
+        if self.bpf is not None:
+            self.bpf.cleanup()
+        _setns(self.orig)
+        os.close(self.orig)
+        self.run("netns", "del", self.ns)
+
+
+def _setns(fd: int) -> None:
+    import ctypes
+    if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:   # CLONE_NEWNET
+        raise OSError(ctypes.get_errno(), "setns")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-dir", type=Path, default=None,
                     help="also measure the C sources in this directory in the same run (rows marked 'before:'), "
                          "interleaved with the current ones, so that before/after share the machine's state")
+    ap.add_argument("--fib", action="store_true",
+                    help="also measure a per-packet bpf_fib_lookup (scripts/fib_lookup.c) in a namespace of its own")
     ap.add_argument("--max-seconds", type=float, default=900.0, help="give up after this long (900)")
     args = ap.parse_args(argv)
     if not 1_000 <= args.calls <= 5_000_000 or not 1 <= args.reps <= 20:
@@ -260,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     pin_dirs: list[Path] = []
     progs: list[loader.Program] = []
     stub = None
+    fib: FibLab | None = None
     deadline = time.monotonic() + args.max_seconds
     try:
         stub, stub_fd = loader.compile_stub()
@@ -276,11 +354,15 @@ def main(argv: list[str] | None = None) -> int:
             cases += program_cases(label, progs[-1], new_flows, syn4)
             if not label:
                 cases += encap_cases(progs[-1], new_flows)
-        if ((args.bpf_dir or loader.bpf_dir()) / loader.DECAP.entry).is_file():
-            pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
-            progs.append(loader.compile_program(loader.BuildConfig(pin_dir=pin_dirs[-1], src_dir=args.bpf_dir),
-                                                loader.DECAP))
-            cases += decap_cases(progs[-1])
+        for label, src in sources:
+            if ((src or loader.bpf_dir()) / loader.DECAP.entry).is_file():
+                pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
+                progs.append(loader.compile_program(loader.BuildConfig(pin_dir=pin_dirs[-1], src_dir=src),
+                                                    loader.DECAP))
+                cases += decap_cases(progs[-1], label)
+        if args.fib:
+            fib = FibLab()
+            cases += fib.cases()
         reps: dict[str, list[float]] = {c.name: [] for c in cases}
         for _ in range(args.reps):  # cases interleaved per repetition, so drift hits them all alike
             for c in cases:
@@ -288,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"gave up after --max-seconds {args.max_seconds:.0f}")
                 reps[c.name].append(measure(c, args.calls))
     finally:
+        if fib is not None:
+            fib.close()
         for prog in progs:
             prog.close()
         if stub is not None:
