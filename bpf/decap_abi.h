@@ -51,7 +51,7 @@ enum lbx_decap_reason {
 	LBX_D_PASS_BAD_INNER,       /* the inner header is not the IP version the outer one announced */
 	LBX_D_PASS_NOT_VIP,         /* inner destination is no configured VIP (strict mode) */
 	LBX_D_PASS_GUE_UNSUPPORTED, /* GUE variant 0 with options, flags or a control message; variant 2/3 */
-	LBX_D_PASS_ADJUST_FAILED,   /* bpf_xdp_adjust_head refused: the frame is untouched */
+	LBX_D_PASS_ADJUST_FAILED,   /* bpf_xdp_adjust_head refused (cannot happen, see decap_strip.h) */
 	LBX_D_MAX,
 };
 
