@@ -18,6 +18,25 @@
 #ifndef LBX_FLOW_CAPACITY
 #define LBX_FLOW_CAPACITY 65536
 #endif
+#ifndef LBX_SRC_LIMIT_CAPACITY
+#define LBX_SRC_LIMIT_CAPACITY 65536 /* sources the new-flow limiter tracks (limit.h) */
+#endif
+/* The half-open table (select.h): SYNs (and first UDP datagrams) whose choice the VIP's table
+ * cannot reproduce later, until the client's next packet records the flow. */
+#ifndef LBX_HALF_OPEN_CAPACITY
+#define LBX_HALF_OPEN_CAPACITY 16384
+#endif
+/*
+ * Handshake gate (select.h). Time in the program is bpf_ktime_get_ns() >> LBX_TIME_SHIFT
+ * (~1.07 s units, CLOCK_MONOTONIC; lbxdp/maps.py writes the same). A VIP's table is settled
+ * LBX_SETTLE_UNITS after it last changed (vip_meta.changed_at): until then its choice for a SYN
+ * may not be the one its ACK gets, so SYNs go into the half-open table. Connection-table inserts
+ * of packets that prove no handshake (a bare ACK, a settled VIP's UDP) stop on a CPU past
+ * lbx_ctl.flood_threshold per second (0: LBX_FLOOD_THRESHOLD).
+ */
+#define LBX_TIME_SHIFT 30
+#define LBX_SETTLE_UNITS 2
+#define LBX_FLOOD_THRESHOLD 10000
 /* Most slots one VIP's selection table may have (the Maglev default is 65537). */
 #define LBX_TABLE_MAX 1048576 /* 2^20 */
 /* Most backends one VIP may have. */
@@ -135,6 +154,10 @@ enum lbx_reason {
 	LBX_R_TX_ICMP_TOO_BIG,    /* too big to encapsulate: ICMP frag-needed / packet-too-big sent to the client */
 	LBX_R_DROP_TOO_BIG,       /* too big to encapsulate and IPv4 without DF: no ICMP is due, cannot fragment */
 	LBX_R_DROP_NO_OWN_ADDR,   /* encap needs the balancer's address of the backend's family; lbx_ctl has none */
+	/* Admission of new flows (bpf/admit.h, issue 11): never applied to established flows. */
+	LBX_R_DROP_SRC_RATE,      /* the source (an IPv6 source's /64) is over its new-flow limit (limit.h) */
+	LBX_R_DROP_ACL_DENY,      /* the source matches a deny rule (acl.h) */
+	LBX_R_DROP_ACL_NOT_ALLOWED, /* the scope has an allow list and the source is on none of it (acl.h) */
 	LBX_R_MAX,
 };
 
@@ -160,8 +183,9 @@ struct vip_meta {
 	__u8 flags;
 	__u8 pad;
 	__u32 table_tag;   /* control plane only: fingerprint of what the table was built from */
+	__u32 changed_at;  /* when the table last changed (LBX_TIME_SHIFT units); 0 = settled */
 };
-_Static_assert(sizeof(struct vip_meta) == 16, "also update lbxdp/abi.py");
+_Static_assert(sizeof(struct vip_meta) == 20, "also update lbxdp/abi.py");
 
 /*
  * One backend of one VIP: what an established flow needs to forward, without a VIP lookup.
@@ -253,9 +277,20 @@ struct lbx_ctl {
 	__be32 flow_src_v4;      /* the IPv4 prefix's network address */
 	__be32 flow_src_v4_mask; /* its netmask; the other bits come from the flow hash */
 	__be32 flow_src_v6[2];   /* the top 64 bits of the IPv6 prefix (a /64 or shorter); the low 64 from the hash */
-	__u8 reserved[8];     /* zero */
+	__u32 flood_threshold; /* connection-table inserts per second per CPU past which bare ACKs
+			       * are not recorded (select.h); 0 = LBX_FLOOD_THRESHOLD */
+	__u8 reserved[4];     /* zero */
 };
 _Static_assert(sizeof(struct lbx_ctl) == 64, "also update lbxdp/abi.py");
+
+/* Per-CPU new-flow flood state (select.h, lbx_flood). Written by the program only. */
+struct lbx_flood {
+	__u64 window;   /* bpf_ktime_get_ns() when this CPU's one-second window began */
+	__u64 inserts;  /* connection-table inserts (and skipped ones) in that window */
+	__u64 skipped;  /* inserts skipped because the window was over the threshold, ever */
+	__u64 half_open; /* half-open entries written, ever */
+};
+_Static_assert(sizeof(struct lbx_flood) == 32, "also update lbxdp/abi.py");
 
 /* Per-CPU counters of one reason. */
 struct lbx_count {
@@ -263,5 +298,47 @@ struct lbx_count {
 	__u64 bytes;
 };
 _Static_assert(sizeof(struct lbx_count) == 16, "also update lbxdp/abi.py");
+
+/*
+ * Admission of new flows (bpf/admit.h: acl.h, limit.h; issue 11). A scope is one VIP (its id) or
+ * the whole balancer (LBX_ADMIT_GLOBAL, the [balancer] rules), tagged with the family:
+ * LBX_ACL_SCOPE(family, id). Written by lbxdp.maps.Maps.write_admission only.
+ */
+#define LBX_ADMIT_GLOBAL LBX_MAX_VIPS /* lbx_admit index of the [balancer] rules */
+#define LBX_ACL_MAX 16384             /* rules (plus each scope's implicit "not allowed" /0) in one trie */
+#define LBX_ACL_SCOPE(family, id) ((__u32)(family) << 24 | (id))
+#define LBX_ADMIT_F_ACL_V4 0x01       /* the trie has entries of this scope for IPv4 sources */
+#define LBX_ADMIT_F_ACL_V6 0x02       /* ... for IPv6 sources */
+
+/* What an ACL trie entry says about the sources it covers (its value). */
+enum lbx_acl_action {
+	LBX_ACL_ALLOW = 0,
+	LBX_ACL_DENY = 1,        /* a deny rule: LBX_R_DROP_ACL_DENY */
+	LBX_ACL_NOT_ALLOWED = 2, /* the /0 written beside an allow list: LBX_R_DROP_ACL_NOT_ALLOWED */
+};
+
+/* lbx_admit: a scope's new-flow limit (a GCRA token bucket, limit.h) and which ACL entries it has. */
+struct lbx_admit {
+	__u64 interval_ns; /* 1e9 / rate: a token's worth of time; 0 = no limit */
+	__u64 burst_ns;    /* (burst - 1) * interval_ns: how far a source may run ahead of now */
+	__u8 flags;        /* LBX_ADMIT_F_* */
+	__u8 reserved[7];  /* zero */
+};
+_Static_assert(sizeof(struct lbx_admit) == 24, "also update lbxdp/abi.py");
+
+/* ACL trie key: the LPM match runs over scope (all 32 bits) then the source's first bits. */
+struct acl_key {
+	__u32 prefixlen;       /* 32 + the rule's prefix length */
+	__u32 scope;           /* LBX_ACL_SCOPE(family, vip id or LBX_ADMIT_GLOBAL) */
+	struct lbx_addr addr;  /* the rule's network, network order */
+};
+_Static_assert(sizeof(struct acl_key) == 24, "also update lbxdp/abi.py");
+
+/* Per-source limiter key: the source (IPv6: its /64, the rest zero) in one scope. */
+struct src_limit_key {
+	struct lbx_addr src;
+	__u32 scope;           /* LBX_ACL_SCOPE(family, vip id or LBX_ADMIT_GLOBAL) */
+};
+_Static_assert(sizeof(struct src_limit_key) == 20, "also update lbxdp/abi.py");
 
 #endif /* LBX_ABI_H */

@@ -52,6 +52,18 @@ BPF_TABLE_PINNED("array_of_maps$lbx_table_tmpl", int, int, lbx_tables, LBX_MAX_V
 BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_val, lbx_flows, LBX_FLOW_CAPACITY,
 		 LBX_PIN_DIR "/lbx_flows");
 
+/*
+ * flow 5-tuple -> (backend id, its generation) of a flow whose opening packet (a TCP SYN, a first
+ * UDP datagram) the VIP's table could not be trusted to repeat: round robin, or a table that
+ * changed within LBX_SETTLE_UNITS. Written by the program (select.h); the client's next packet
+ * finds it and records the flow in lbx_flows. Small, so a SYN flood churns only this table.
+ */
+BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_val, lbx_half_open, LBX_HALF_OPEN_CAPACITY,
+		 LBX_PIN_DIR "/lbx_half_open");
+
+/* 0 -> this CPU's new-flow flood state (struct lbx_flood). Written by the program only. */
+BPF_TABLE_PINNED("percpu_array", __u32, struct lbx_flood, lbx_flood, 1, LBX_PIN_DIR "/lbx_flood");
+
 /* vip id -> this CPU's round-robin position. Written by the program only. */
 BPF_TABLE_PINNED("percpu_array", __u32, __u32, lbx_rr, LBX_MAX_VIPS,
 		 LBX_PIN_DIR "/lbx_rr");
@@ -70,5 +82,34 @@ BPF_TABLE_PINNED("array", __u32, struct lbx_ctl, lbx_ctl, 1, LBX_PIN_DIR "/lbx_c
 /* enum lbx_reason -> packets and bytes that left the program for that reason. */
 BPF_TABLE_PINNED("percpu_array", __u32, struct lbx_count, lbx_reasons, LBX_R_MAX,
 		 LBX_PIN_DIR "/lbx_reasons");
+
+/*
+ * Admission of new flows (admit.h). vip id, or LBX_ADMIT_GLOBAL -> the scope's new-flow limit and
+ * ACL flags. Written by lbxdp.maps.Maps.write_admission only (before a new VIP is inserted).
+ */
+BPF_TABLE_PINNED("array", __u32, struct lbx_admit, lbx_admit, LBX_MAX_VIPS + 1,
+		 LBX_PIN_DIR "/lbx_admit");
+
+/* Template of the ACL trie below; never used itself (an inner map needs its template's flags). */
+BPF_TABLE_PINNED("lpm_trie", struct acl_key, __u8, lbx_acl_tmpl, LBX_ACL_MAX,
+		 LBX_PIN_DIR "/lbx_acl_tmpl", BPF_F_NO_PREALLOC);
+
+/*
+ * 0 -> the ACL trie: (scope, source prefix) -> enum lbx_acl_action, every scope's rules in one
+ * trie. Written by lbxdp.maps.Maps.write_admission only: it builds a whole new trie aside and
+ * swaps it in with one write of this map, so a packet sees the old rule set or the new one,
+ * never a half-written one (the same scheme as lbx_tables).
+ */
+BPF_TABLE_PINNED("array_of_maps$lbx_acl_tmpl", int, int, lbx_acl, 1, LBX_PIN_DIR "/lbx_acl");
+
+/*
+ * (source or its /64, scope) -> the source's theoretical arrival time (ns, bpf_ktime_get_ns; the
+ * GCRA form of a token bucket, limit.h). Written by the program only. Per-CPU values and per-CPU
+ * LRU lists (BPF_F_NO_COMMON_LRU): a CPU reads and writes only its own bucket, without atomics
+ * or a shared lock; the price is that each CPU has its own bucket (limit.h says what that does
+ * to the limit) and its own share of the capacity.
+ */
+BPF_TABLE_PINNED("lru_percpu_hash", struct src_limit_key, __u64, lbx_src_limit, LBX_SRC_LIMIT_CAPACITY,
+		 LBX_PIN_DIR "/lbx_src_limit", BPF_F_NO_COMMON_LRU);
 
 #endif /* LBX_MAPS_H */

@@ -28,6 +28,7 @@
 #define LBX_PKT_F_ICMP_ERR 0x01 /* flow key taken from an ICMP error's quoted header, reversed:
 				 * the frame is an error about that flow, not a packet of it
 				 * (parse_icmp4/6 below; icmp.h guards it, select.h never records it) */
+#define LBX_PKT_F_SYN 0x02      /* a TCP SYN without ACK: opens a flow, never recorded (select.h) */
 
 /*
  * What parsing learnt about a frame, for the stages after it. The IP version is flow.family,
@@ -305,6 +306,8 @@ static __always_inline int parse_l4(struct cursor *c, struct pkt *pkt)
 			return LBX_R_PASS_BAD_TCP_LEN;
 		pkt->flow.sport = tcp->source;
 		pkt->flow.dport = tcp->dest;
+		if (tcp->syn && !tcp->ack)
+			pkt->flags |= LBX_PKT_F_SYN;
 		return LBX_R_OK;
 	}
 	if (pkt->flow.proto == IPPROTO_UDP) {

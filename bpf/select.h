@@ -2,7 +2,8 @@
 /*
  * Selection: which backend gets this packet. established() finds a known flow's backend in the
  * connection table; select_backend() gives a new flow (or one whose backend entry is gone) a
- * slot of its VIP's table, by its scheduler (round robin or a hash of its 5-tuple), and records it.
+ * slot of its VIP's table, by its scheduler (round robin or a hash of its 5-tuple), and records it
+ * once its handshake completes (the gate above select_backend()).
  * An ICMP error about a flow (pkt.flags LBX_PKT_F_ICMP_ERR, icmp.h) is looked up the same way but
  * never recorded.
  */
@@ -106,10 +107,10 @@ static __always_inline int established(struct pkt *pkt, struct selection *sel)
 	return 1;
 }
 
-static __always_inline int select_backend(const struct vip_meta *vip, struct pkt *pkt,
-					  struct selection *sel)
+/* The flow's backend by the VIP's table and scheduler alone; nothing is recorded. */
+static __always_inline int table_choice(const struct vip_meta *vip, struct pkt *pkt,
+					struct selection *sel)
 {
-	struct flow_val fresh = {};
 	__u32 slot, *id;
 	void *table;
 	int r;
@@ -134,13 +135,137 @@ static __always_inline int select_backend(const struct vip_meta *vip, struct pkt
 		return LBX_R_DROP_BACKEND_GONE;
 	sel->backend_id = *id;
 	sel->vip_id = vip->id;
-	/* An error about a flow is no flow: never recorded, never counted as a new one. */
+	return LBX_R_OK;
+}
+
+/*
+ * Whether the table gives this flow's next packet the backend it gives this one: a hash or Maglev
+ * VIP whose table has not changed for LBX_SETTLE_UNITS (abi.h). changed_at 0 (a VIP's first
+ * table, which no earlier packet of any flow can have used) skips the clock.
+ */
+static __always_inline int reproducible(const struct vip_meta *vip)
+{
+	if (vip->sched == LBX_SCHED_RR)
+		return 0;
+	if (!vip->changed_at)
+		return 1;
+	return (__u32)(bpf_ktime_get_ns() >> LBX_TIME_SHIFT) - vip->changed_at > LBX_SETTLE_UNITS;
+}
+
+/* A half-open entry whose backend entry still is the one the opening packet got. */
+static __always_inline int half_open(struct pkt *pkt, struct selection *sel)
+{
+	struct flow_val *seen = lbx_half_open.lookup(&pkt->flow);
+	struct backend *be;
+
+	if (!seen)
+		return 0;
+	be = backend_by_id(seen->backend_id);
+	if (!be || be->gen != seen->gen)
+		return 0;
+	sel->be = be;
+	sel->backend_id = seen->backend_id;
+	sel->vip_id = be->vip_id;
+	return 1;
+}
+
+/*
+ * Katran's "is under flood", per CPU (no atomics): every connection-table insert counts in this
+ * CPU's one-second window; past lbx_ctl.flood_threshold, inserts that are optional (a packet that
+ * proves no handshake) are skipped and counted. 1: record.
+ */
+static __always_inline int may_record(int optional)
+{
+	__u32 zero = 0;
+	struct lbx_flood *f = lbx_flood.lookup(&zero);
+	struct lbx_ctl *ctl;
+	__u64 now;
+	__u32 limit;
+
+	if (!f)
+		return 1;
+	now = bpf_ktime_get_ns();
+	if (now - f->window > 1000000000ULL) {
+		f->window = now;
+		f->inserts = 0;
+	}
+	f->inserts++;
+	if (!optional)
+		return 1;
+	ctl = lbx_ctl.lookup(&zero);
+	limit = ctl && ctl->flood_threshold ? ctl->flood_threshold : LBX_FLOOD_THRESHOLD;
+	if (f->inserts <= limit)
+		return 1;
+	f->skipped++;
+	return 0;
+}
+
+static __always_inline void record(struct pkt *pkt, const struct selection *sel)
+{
+	struct flow_val v = { .backend_id = sel->backend_id, .gen = sel->be->gen };
+
+	lbx_flows.update(&pkt->flow, &v);
+}
+
+static __always_inline void record_half_open(struct pkt *pkt, const struct selection *sel)
+{
+	struct flow_val v = { .backend_id = sel->backend_id, .gen = sel->be->gen };
+	__u32 zero = 0;
+	struct lbx_flood *f = lbx_flood.lookup(&zero);
+
+	if (f)
+		f->half_open++;
+	lbx_half_open.update(&pkt->flow, &v);
+}
+
+/*
+ * A flow the connection table does not know. The handshake gate: a SYN is never recorded; it
+ * is forwarded by the table alone where the table will repeat the choice, else its choice goes
+ * into the half-open table. The client's next packet records the flow: from its half-open
+ * entry always, by the table only while this CPU is not flooded with new flows (a bare ACK
+ * proves no handshake). UDP: a datagram with no half-open entry opens the flow like a SYN on a
+ * VIP that cannot repeat the choice, and is a bare ACK on one that can. An ICMP error is never
+ * recorded. Built with -DLBX_NO_HANDSHAKE_GATE every first packet is recorded (the flood test's
+ * proof that it can fail).
+ */
+static __always_inline int select_backend(const struct vip_meta *vip, struct pkt *pkt,
+					  struct selection *sel)
+{
+	int r, again;
+
+	/* An error about a flow still in its handshake follows its half-open entry. */
 	if (pkt->flags & LBX_PKT_F_ICMP_ERR)
+		return half_open(pkt, sel) ? LBX_R_OK : table_choice(vip, pkt, sel);
+#ifdef LBX_NO_HANDSHAKE_GATE
+	r = table_choice(vip, pkt, sel);
+	if (r == LBX_R_OK) {
+		sel->new_flow = 1;
+		record(pkt, sel);
+	}
+	return r;
+#endif
+	again = reproducible(vip);
+	if ((pkt->flags & LBX_PKT_F_SYN) && again) {
+		sel->new_flow = 1;
+		return table_choice(vip, pkt, sel);
+	}
+	if (half_open(pkt, sel)) {
+		if (!(pkt->flags & LBX_PKT_F_SYN) && may_record(0))
+			record(pkt, sel);
 		return LBX_R_OK;
-	sel->new_flow = 1;
-	fresh.backend_id = *id;
-	fresh.gen = sel->be->gen;
-	lbx_flows.update(&pkt->flow, &fresh);
+	}
+	r = table_choice(vip, pkt, sel);
+	if (r != LBX_R_OK)
+		return r;
+	if ((pkt->flags & LBX_PKT_F_SYN) || (pkt->flow.proto == IPPROTO_UDP && !again)) {
+		sel->new_flow = 1;
+		record_half_open(pkt, sel);
+		return LBX_R_OK;
+	}
+	if (may_record(1)) {
+		sel->new_flow = 1;
+		record(pkt, sel);
+	}
 	return LBX_R_OK;
 }
 

@@ -12,6 +12,10 @@ import enum
 MAX_VIPS = 1024          # LBX_MAX_VIPS (default; BuildConfig may override)
 MAX_BACKENDS = 16384     # LBX_MAX_BACKENDS
 FLOW_CAPACITY = 65536    # LBX_FLOW_CAPACITY
+HALF_OPEN_CAPACITY = 16384  # LBX_HALF_OPEN_CAPACITY
+TIME_SHIFT = 30          # LBX_TIME_SHIFT: the program's clock is CLOCK_MONOTONIC ns >> this
+SETTLE_UNITS = 2         # LBX_SETTLE_UNITS
+FLOOD_THRESHOLD = 10000  # LBX_FLOOD_THRESHOLD: default inserts per second per CPU
 TABLE_MAX = 1048576     # LBX_TABLE_MAX
 VIP_BACKENDS_MAX = 1024  # LBX_VIP_BACKENDS_MAX
 VIP_FILTER_BITS = 16     # LBX_VIP_FILTER_BITS
@@ -34,6 +38,26 @@ GUE_SPORT_BASE = 0xC000  # LBX_GUE_SPORT_BASE
 GUE_SPORT_MASK = 0x3FFF  # LBX_GUE_SPORT_MASK
 ICMP4_QUOTE = 548        # LBX_ICMP4_QUOTE
 ICMP6_QUOTE = 1232       # LBX_ICMP6_QUOTE
+# Admission of new flows (bpf/admit.h, acl.h, limit.h)
+SRC_LIMIT_CAPACITY = 65536  # LBX_SRC_LIMIT_CAPACITY
+ACL_MAX = 16384          # LBX_ACL_MAX
+ADMIT_F_ACL_V4 = 0x01    # LBX_ADMIT_F_ACL_V4
+ADMIT_F_ACL_V6 = 0x02    # LBX_ADMIT_F_ACL_V6
+ADMIT_SIZE = 24          # sizeof(struct lbx_admit)
+
+
+def acl_scope(family: int, scope_id: int) -> int:
+    """LBX_ACL_SCOPE(family, id): the scope word of an ACL or limiter key."""
+    return family << 24 | scope_id
+
+
+class AclAction(enum.IntEnum):
+    """enum lbx_acl_action: the value of an ACL trie entry."""
+    ALLOW = 0
+    DENY = 1
+    NOT_ALLOWED = 2
+
+
 CTL_SIZE = 64            # sizeof(struct lbx_ctl)
 BACKEND_SIZE = 64        # sizeof(struct backend)
 
@@ -94,7 +118,10 @@ class Reason(enum.IntEnum):
     TX_ICMP_TOO_BIG = 31
     DROP_TOO_BIG = 32
     DROP_NO_OWN_ADDR = 33
-    MAX = 34
+    DROP_SRC_RATE = 34
+    DROP_ACL_DENY = 35
+    DROP_ACL_NOT_ALLOWED = 36
+    MAX = 37
 
     @property
     def verdict(self) -> str:
@@ -121,11 +148,17 @@ class Map(str, enum.Enum):
     TABLE_TMPL = "lbx_table_tmpl"
     TABLES = "lbx_tables"
     FLOWS = "lbx_flows"
+    HALF_OPEN = "lbx_half_open"
+    FLOOD = "lbx_flood"
     RR = "lbx_rr"
     VIP_STATS = "lbx_vip_stats"
     BE_STATS = "lbx_be_stats"
     REASONS = "lbx_reasons"
     CTL = "lbx_ctl"
+    ADMIT = "lbx_admit"
+    ACL_TMPL = "lbx_acl_tmpl"
+    ACL = "lbx_acl"
+    SRC_LIMIT = "lbx_src_limit"
 
 
 # --- lbxdp_decap (bpf/decap_abi.h, bpf/decap_maps.h): the backend's decapsulation program -----

@@ -48,6 +48,8 @@ class BuildConfig:
     max_vips: int = abi.MAX_VIPS
     max_backends: int = abi.MAX_BACKENDS
     flow_capacity: int = abi.FLOW_CAPACITY
+    half_open_capacity: int = abi.HALF_OPEN_CAPACITY
+    defines: tuple[str, ...] = ()   # extra -D switches (tests: LBX_NO_HANDSHAKE_GATE)
     src_dir: Path | None = None   # other C sources (the scripts' --bpf-dir, to measure an older program)
 
     def cflags(self) -> list[str]:
@@ -56,6 +58,8 @@ class BuildConfig:
             f"-DLBX_MAX_VIPS={self.max_vips}",
             f"-DLBX_MAX_BACKENDS={self.max_backends}",
             f"-DLBX_FLOW_CAPACITY={self.flow_capacity}",
+            f"-DLBX_HALF_OPEN_CAPACITY={self.half_open_capacity}",
+            *(f"-D{d}" for d in self.defines),
             "-Wno-unused-function",
         ]
 

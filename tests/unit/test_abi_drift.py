@@ -25,6 +25,7 @@ ENUMS: dict[str, tuple[str, type[enum.IntEnum]]] = {
     "lbx_reason": ("LBX_R_", abi.Reason),
     "lbx_sched": ("LBX_SCHED_", abi.Sched),
     "lbx_fwd_mode": ("LBX_MODE_", abi.FwdMode),
+    "lbx_acl_action": ("LBX_ACL_", abi.AclAction),
 }
 
 # #define in C -> the abi constant that mirrors it
@@ -32,6 +33,10 @@ DEFINES = {
     "LBX_MAX_VIPS": "MAX_VIPS",
     "LBX_MAX_BACKENDS": "MAX_BACKENDS",
     "LBX_FLOW_CAPACITY": "FLOW_CAPACITY",
+    "LBX_HALF_OPEN_CAPACITY": "HALF_OPEN_CAPACITY",
+    "LBX_TIME_SHIFT": "TIME_SHIFT",
+    "LBX_SETTLE_UNITS": "SETTLE_UNITS",
+    "LBX_FLOOD_THRESHOLD": "FLOOD_THRESHOLD",
     "LBX_TABLE_MAX": "TABLE_MAX",
     "LBX_VIP_BACKENDS_MAX": "VIP_BACKENDS_MAX",
     "LBX_FAMILY_V4": "FAMILY_V4",
@@ -51,10 +56,14 @@ DEFINES = {
     "LBX_GUE_SPORT_MASK": "GUE_SPORT_MASK",
     "LBX_ICMP4_QUOTE": "ICMP4_QUOTE",
     "LBX_ICMP6_QUOTE": "ICMP6_QUOTE",
+    "LBX_SRC_LIMIT_CAPACITY": "SRC_LIMIT_CAPACITY",
+    "LBX_ACL_MAX": "ACL_MAX",
+    "LBX_ADMIT_F_ACL_V4": "ADMIT_F_ACL_V4",
+    "LBX_ADMIT_F_ACL_V6": "ADMIT_F_ACL_V6",
 }
 
 # struct -> the abi constant that mirrors its pinned size
-SIZES = {"lbx_ctl": "CTL_SIZE", "backend": "BACKEND_SIZE"}
+SIZES = {"lbx_ctl": "CTL_SIZE", "backend": "BACKEND_SIZE", "lbx_admit": "ADMIT_SIZE"}
 
 
 # --- the parser -------------------------------------------------------------------------------
