@@ -23,7 +23,7 @@ from typing import Callable, Mapping
 
 from . import abi, model, ring
 from .errors import LbxError
-from .maps import BackendEntry, Encap, Maps, VipMeta
+from .maps import BackendEntry, Encap, Maps, VipMeta, now_units
 
 WEIGHT_SCALE = 100   # weights are scaled so that a slow start can ramp in small steps
 
@@ -166,7 +166,9 @@ class Balancer:
         free_vips.reverse()
         free_bes.reverse()
 
+        self.maps.set_flood_threshold(cfg.balancer.flood_threshold or 0)
         diff, retired, switches = Diff(), [], []
+        admit: dict[int, model.Admission] = {}   # scope (vip id, or the global one) -> its rules
         for e in orphans:
             # An established flow finds its backend without a VIP lookup: an entry must not
             # outlive its VIP (an id's next owner gets a new generation, but this one is active).
@@ -181,6 +183,7 @@ class Balancer:
                 self.maps.reset_vip_counters(vip_id)
             else:
                 vip_id = meta.id
+            admit[vip_id] = vip.admission
             have = by_vip.get(vip_id, {}) if meta is not None else {}
             ids = []
             mode = vip.mode.abi   # every entry carries its VIP's mode: established flows read it there
@@ -208,6 +211,7 @@ class Balancer:
             switch = self._plan_switch(vip, vip_id, meta, ids, rt, diff)
             if switch is not None:
                 switches.append(switch)
+        self._apply_admission(cfg, admit, diff)   # before _switch_tables inserts new VIPs
         self._switch_tables(switches)
         for key, meta in current.items():
             if key not in desired:
@@ -221,6 +225,18 @@ class Balancer:
         self.maps.reset_vip_filter({v.address for v in cfg.vips})
         return diff
 
+    def _apply_admission(self, cfg: model.Config, admit: dict[int, model.Admission], diff: Diff) -> None:
+        """ACL and new-flow limits (bpf/admit.h). A changed rule set also purges the established
+        flows it refuses: their next packet is a new flow again, and is dropped (README: allow/deny)."""
+        if self.maps.admit_map is None:
+            self.maps.write_admission(admit | {-1: cfg.balancer.admission})   # refuses rules it cannot hold
+            return
+        admit[self.maps.global_scope] = cfg.balancer.admission
+        if self.maps.write_admission(admit):
+            rules = sum(a.rules for a in admit.values())
+            purged = self.maps.purge_refused(admit)
+            diff.add(f"~ allow/deny: {rules} rules; {purged} established flows they refuse purged")
+
     def _plan_switch(self, vip: model.Vip, vip_id: int, meta: VipMeta | None, ids: list[int],
                      rt: Runtime, diff: Diff) -> _Switch | None:
         sched, mode = vip.scheduler.abi, vip.mode.abi
@@ -228,7 +244,10 @@ class Balancer:
         flags = abi.VIP_F_PASS_NO_BACKEND if vip.on_all_down is model.OnAllDown.PASS else 0
         if meta is not None and (meta.table_tag, meta.sched, meta.mode, meta.flags) == (plan.tag, sched, mode, flags):
             return None
-        new_meta = VipMeta(vip_id, plan.size, sched, mode, plan.tag, flags)
+        # A changed table unsettles the VIP's SYNs for a while (bpf/select.h: reproducible());
+        # a new VIP's first table is settled: no packet used another one.
+        changed_at = 0 if meta is None else meta.changed_at if meta.table_tag == plan.tag else now_units()
+        new_meta = VipMeta(vip_id, plan.size, sched, mode, plan.tag, flags, changed_at)
         if meta is None:
             diff.add(f"+ vip {vip.name} ({vip.mode.value}, {vip.scheduler.value}, {len(vip.backends)} backends)")
         elif meta.sched != sched or meta.mode != mode:

@@ -45,13 +45,18 @@ from .errors import LbxError
 T = TypeVar("T")
 
 _VIP_KEYS = {"address", "port", "protocol", "mode", "scheduler", "table_size", "slow_start", "health",
-             "on_backend_down", "on_all_down", "backend", "gue_port", "ipip_source", "mtu", "mss_clamp"}
+             "on_backend_down", "on_all_down", "backend", "gue_port", "ipip_source", "mtu", "mss_clamp",
+             "allow", "deny", "new_flow_limit"}
 _BACKEND_KEYS = {"address", "port", "mac", "weight", "backup", "health"}
 _HEALTH_KEYS = {"type", "port", "interval", "timeout", "rise", "fall", "method", "path", "status", "host",
                 "send", "expect", "via"}
 _HTTP_ONLY, _UDP_ONLY = {"method", "path", "status", "host"}, {"send", "expect"}
 _METRICS_KEYS = {"listen"}
-_BALANCER_KEYS = {"ipv4_source", "ipv6_source", "flow_source_v4", "flow_source_v6", "mtu"}
+_GATE_KEYS = {"flood_threshold"}   # [balancer]: the handshake gate's (bpf/select.h)
+_BALANCER_KEYS = {"ipv4_source", "ipv6_source", "flow_source_v4", "flow_source_v6", "mtu",
+                  "allow", "deny", "new_flow_limit"}
+_ADMISSION_KEYS = ("allow", "deny", "new_flow_limit")
+_LIMIT_KEYS = {"rate", "burst"}
 MAX_WEIGHT, MAX_SLOW_START, MAX_BACKEND_ENTRIES = model.MAX_WEIGHT, model.MAX_SLOW_START, model.MAX_BACKEND_ENTRIES
 MAX_BYTES = 4 * 1024 * 1024   # a config file larger than this is refused before it is read
 
@@ -158,13 +163,53 @@ def _config(doc: dict[str, Any]) -> model.Config:
 def _balancer(d: Any) -> model.BalancerOptions:
     if not isinstance(d, dict):
         raise ConfigError("balancer", f"{_show(d)} must be a table: write [balancer]")
-    _no_unknown(d, _BALANCER_KEYS, "balancer")
+    _no_unknown(d, _BALANCER_KEYS | _GATE_KEYS, "balancer")
     return model.BalancerOptions(
+        flood_threshold=_get(d, "flood_threshold", "balancer", _integer, None),
         ipv4_source=_get(d, "ipv4_source", "balancer", _address, None),
         ipv6_source=_get(d, "ipv6_source", "balancer", _address, None),
         flow_source_v4=_get(d, "flow_source_v4", "balancer", _network, None),
         flow_source_v6=_get(d, "flow_source_v6", "balancer", _network, None),
-        mtu=_get(d, "mtu", "balancer", _integer, None))
+        mtu=_get(d, "mtu", "balancer", _integer, None),
+        admission=_admission(d, "balancer"))
+
+
+def _admission(d: dict[str, Any], path: str) -> model.Admission:
+    """allow = ["192.0.2.0/24", ...], deny = [...], new_flow_limit = { rate = 100, burst = 200 }
+    of a [[vip]] or [balancer]; the model's rules (families, limits > 0) come later, in problems()."""
+    def nets(key: str) -> tuple[model.IPNetwork, ...]:
+        v = d.get(key, [])
+        if not isinstance(v, list):
+            raise ConfigError(f"{path}.{key}", f"{_show(v)} must be an array of prefixes, e.g. [\"192.0.2.0/24\"]")
+        return tuple(_prefix(x, f"{path}.{key}[{j}]") for j, x in enumerate(v))
+    lim = d.get("new_flow_limit")
+    limit = None
+    if lim is not None:
+        where = f"{path}.new_flow_limit"
+        if not isinstance(lim, dict):
+            raise ConfigError(where, f"{_show(lim)} must be a table: write new_flow_limit = {{ rate = 100, burst = 200 }}")
+        _no_unknown(lim, _LIMIT_KEYS, where)
+        limit = model.NewFlowLimit(_get(lim, "rate", where, _integer), _get(lim, "burst", where, _integer))
+    return model.Admission(nets("allow"), nets("deny"), limit)
+
+
+def _prefix(v: Any, where: str) -> model.IPNetwork:
+    try:
+        return _network(v)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(where, f"{_show(v)} {e}") from None
+
+
+def admission_doc(a: model.Admission) -> dict[str, Any]:
+    """The keys of a as a config file writes them (none when a is the default)."""
+    d: dict[str, Any] = {}
+    if a.allow:
+        d["allow"] = [str(n) for n in a.allow]
+    if a.deny:
+        d["deny"] = [str(n) for n in a.deny]
+    if a.new_flow_limit is not None:
+        d["new_flow_limit"] = {"rate": a.new_flow_limit.rate, "burst": a.new_flow_limit.burst}
+    return d
 
 
 def _network(v: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -305,7 +350,7 @@ def _vip(d: Any, path: str) -> model.Vip:
         raise ConfigError(f"{path}.backend", f"{len(backends_doc)} backends; at most {abi.VIP_BACKENDS_MAX} per VIP")
     backends = tuple(_backend(bd, f"{path}.backend[{j}]", port, health_doc) for j, bd in enumerate(backends_doc))
     return model.Vip(address, port, protocol, mode, scheduler, backends, table_size, slow_start,
-                     vip_health, on_down, on_all_down, **encap)
+                     vip_health, on_down, on_all_down, **encap, admission=_admission(d, path))
 
 
 def _one_of(*choices: str) -> Callable[[Any], str]:
@@ -411,7 +456,8 @@ def dump(cfg: model.Config) -> str:
     doc: dict[str, Any] = {}
     if cfg.metrics_listen:
         doc["metrics"] = {"listen": cfg.metrics_listen}
-    bal = {k: str(v) if not isinstance(v, int) else v for k, v in vars(cfg.balancer).items() if v is not None}
+    bal = {k: str(v) if not isinstance(v, int) else v for k, v in vars(cfg.balancer).items()
+           if v is not None and k != "admission"} | admission_doc(cfg.balancer.admission)
     if bal:
         doc["balancer"] = bal
     vips = []
@@ -426,6 +472,7 @@ def dump(cfg: model.Config) -> str:
             d |= {"gue_port": v.gue_port, "ipip_source": v.ipip_source.value, "mss_clamp": v.mss_clamp}
             if v.mtu is not None:
                 d["mtu"] = v.mtu
+        d |= admission_doc(v.admission)
         if v.health:
             d["health"] = _health_doc(v.health)
         backends = []

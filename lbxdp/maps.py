@@ -12,6 +12,7 @@ import ipaddress
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -88,6 +89,22 @@ class VipMeta:
     mode: abi.FwdMode
     table_tag: int = 0
     flags: int = 0
+    changed_at: int = 0   # when the table last changed, in the program's clock (now_units()); 0 = settled
+
+
+def now_units() -> int:
+    """The program's clock for vip_meta.changed_at: CLOCK_MONOTONIC ns >> LBX_TIME_SHIFT (never 0)."""
+    return max(1, time.clock_gettime_ns(time.CLOCK_MONOTONIC) >> abi.TIME_SHIFT) & 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class FloodState:
+    """The handshake gate's state (bpf/select.h): the per-CPU insert threshold, how many CPUs are
+    over it in their current second, inserts skipped for it and half-open entries written, ever."""
+    threshold: int = abi.FLOOD_THRESHOLD
+    cpus_flooded: int = 0
+    skipped: int = 0
+    half_open_written: int = 0
 
 
 @dataclass(frozen=True)
@@ -180,6 +197,34 @@ class VipView:
     table_size: int = 0
 
 
+@dataclass(frozen=True)
+class AclEntry:
+    """One entry of the ACL trie (bpf/acl.h): scope is a VIP id or Maps.global_scope."""
+    scope: int
+    network: model.IPNetwork
+    action: abi.AclAction
+
+
+def acl_entries(scopes: dict[int, model.Admission]) -> frozenset[AclEntry]:
+    """The trie entries of these scopes' rules: each rule, and for a scope with an allow list the
+    implicit NOT_ALLOWED 0.0.0.0/0 and ::/0 (a rule for /0 itself replaces its family's)."""
+    out: dict[tuple[int, model.IPNetwork], AclEntry] = {}
+    for scope, a in scopes.items():
+        if a.allow:
+            for n in (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")):
+                out[(scope, n)] = AclEntry(scope, n, abi.AclAction.NOT_ALLOWED)
+        for nets, action in ((a.allow, abi.AclAction.ALLOW), (a.deny, abi.AclAction.DENY)):
+            for n in nets:
+                out[(scope, n)] = AclEntry(scope, n, action)
+    return frozenset(out.values())
+
+
+def admit_flags(scope: int, entries: frozenset[AclEntry]) -> int:
+    """lbx_admit flags of a scope: which families the trie has entries of."""
+    return sum({abi.ADMIT_F_ACL_V4 if e.network.version == 4 else abi.ADMIT_F_ACL_V6
+                for e in entries if e.scope == scope})
+
+
 class Maps:
     """Typed access to one instance's maps (from a fresh compile or from the pins)."""
 
@@ -196,6 +241,10 @@ class Maps:
         # A new table must have its template's flags (the kernel compares them when it is
         # stored); pins made before BPF_F_MMAPABLE was added are filled the slower way.
         self.table_flags = maps[abi.Map.TABLE_TMPL].info.flags
+        # Admission of new flows (issue 11); None for pins or programs of an older version.
+        self.admit_map = maps.get(abi.Map.ADMIT)
+        self.acl_map = maps.get(abi.Map.ACL)
+        self.acl_tmpl = maps.get(abi.Map.ACL_TMPL)
 
     def close(self) -> None:
         for m in self.m.values():
@@ -257,6 +306,38 @@ class Maps:
         self.ctl_map.update(0, ctl)
         return True
 
+    def flood_threshold(self) -> int:
+        """lbx_ctl's connection-table inserts per second per CPU (0: the program's default)."""
+        ctl = self.ctl_map.lookup(0) if self.ctl_map is not None else None
+        return getattr(ctl, "flood_threshold", 0) if ctl is not None else 0
+
+    def set_flood_threshold(self, per_cpu: int) -> bool:
+        """Write [balancer] flood_threshold into lbx_ctl (0: abi.FLOOD_THRESHOLD); returns whether it changed."""
+        if self.ctl_map is None or self.flood_threshold() == per_cpu:
+            return False
+        ctl = self.ctl_map.lookup(0) or make(self.ctl_map.Leaf)
+        ctl.flood_threshold = per_cpu
+        self.ctl_map.update(0, ctl)
+        return True
+
+    def flood(self) -> FloodState:
+        """The program's new-flow flood state, summed over CPUs (bpf/select.h: may_record)."""
+        m = self.m.get(abi.Map.FLOOD)
+        if m is None:
+            return FloodState()
+        limit = self.flood_threshold() or abi.FLOOD_THRESHOLD
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        under = skipped = half_open = 0
+        for f in m.lookup(0) or []:
+            skipped += f.skipped
+            half_open += f.half_open
+            under += 0 < now - f.window < 1_000_000_000 and f.inserts > limit
+        return FloodState(limit, under, skipped, half_open)
+
+    def half_open_entries(self) -> int:
+        m = self.m.get(abi.Map.HALF_OPEN)
+        return 0 if m is None else sum(n for _, _, n in m.batches())
+
     # --- VIPs ----------------------------------------------------------------------------------
     def vip_key(self, key: model.VipKey) -> Any:
         return make(self.vip_map.Key, addr=addr_bytes(key.address), port=socket.htons(key.port),
@@ -269,13 +350,14 @@ class Maps:
                 proto = {6: model.Protocol.TCP, 17: model.Protocol.UDP}[k.proto]
                 key = model.VipKey(addr_from(k.addr, k.family), socket.ntohs(k.port), proto)
                 out[key] = VipMeta(v.id, v.table_size, abi.Sched(v.sched), abi.FwdMode(v.mode), v.table_tag,
-                                   v.flags)
+                                   v.flags, getattr(v, "changed_at", 0))
         return out
 
     def put_vip(self, key: model.VipKey, meta: VipMeta) -> None:
         """One map write: size, scheduler and mode of the VIP change together."""
         leaf = make(self.vip_map.Leaf, id=meta.id, table_size=meta.table_size,
-                    sched=int(meta.sched), mode=int(meta.mode), table_tag=meta.table_tag, flags=meta.flags)
+                    sched=int(meta.sched), mode=int(meta.mode), table_tag=meta.table_tag, flags=meta.flags,
+                    **({"changed_at": meta.changed_at} if hasattr(self.vip_map.Leaf, "changed_at") else {}))
         self.vip_map.update(self.vip_key(key), leaf)
 
     def delete_vip(self, key: model.VipKey) -> None:
@@ -415,6 +497,103 @@ class Maps:
 
     def delete_table(self, vip_id: int) -> None:
         self.tables_map.delete(vip_id)
+
+    # --- admission of new flows (bpf/admit.h) ---------------------------------------------------
+    @property
+    def global_scope(self) -> int:
+        """The scope id of the [balancer] rules: LBX_ADMIT_GLOBAL, the index after the last VIP."""
+        return self.admit_map.info.max_entries - 1
+
+    def acl(self) -> frozenset[AclEntry]:
+        """The entries of the live ACL trie."""
+        if self.acl_map is None:
+            return frozenset()
+        inner_id = self.acl_map.lookup(0)
+        if inner_id is None or not inner_id.value:
+            return frozenset()
+        fd = bpfsys.map_fd_by_id(inner_id.value)
+        try:
+            trie = bpfsys.Map(fd, self.acl_tmpl.Key, ctypes.c_uint8)
+            out = set()
+            for k, v in trie.items():
+                fam, scope = k.scope >> 24, k.scope & 0xFFFFFF
+                raw = bytes(k.addr)
+                addr = raw[:4] if fam == abi.FAMILY_V4 else raw
+                out.add(AclEntry(scope, ipaddress.ip_network((addr, k.prefixlen - 32)),
+                                 abi.AclAction(v.value)))
+            return frozenset(out)
+        finally:
+            os.close(fd)
+
+    def admission(self) -> dict[int, tuple[int, int, int]]:
+        """Scopes with a limit or ACL flags: scope -> (interval_ns, burst_ns, flags)."""
+        if self.admit_map is None:
+            return {}
+        return {keys[i]: (values[i].interval_ns, values[i].burst_ns, values[i].flags)
+                for keys, values, n in self.admit_map.batches() for i in range(n)
+                if values[i].interval_ns or values[i].flags}
+
+    def write_admission(self, scopes: dict[int, model.Admission]) -> bool:
+        """Make the trie and lbx_admit hold these scopes' rules and limits (every other scope
+        none); returns whether the rule set changed.
+
+        A changed rule set is a new trie, built aside and swapped in with one write of lbx_acl,
+        so a packet sees the old rules or the new ones, never a half-written set. The flags are
+        written after the swap; either order is safe: a flag without entries, or entries
+        without a flag, just means the old answer a moment longer. Call it before a new VIP is
+        inserted, so its first packet already meets its rules.
+        """
+        if self.admit_map is None:
+            if any(a != model.Admission() for a in scopes.values()):
+                raise LookupError("this program has no admission maps: re-attach to upgrade it")
+            return False
+        want = acl_entries(scopes)
+        changed = want != self.acl()
+        if changed:
+            self._swap_acl(want)
+        have = self.admission()
+        for scope in set(have) | set(scopes):
+            a = scopes.get(scope, model.Admission())
+            lim = a.new_flow_limit
+            interval = lim.interval_ns if lim else 0
+            row = (interval, (lim.burst - 1) * interval if lim else 0, admit_flags(scope, want))
+            if have.get(scope, (0, 0, 0)) != row:
+                self.admit_map.update(scope, make(self.admit_map.Leaf, interval_ns=row[0], burst_ns=row[1],
+                                                  flags=row[2]))
+        return changed
+
+    def _swap_acl(self, entries: frozenset[AclEntry]) -> None:
+        tmpl = self.acl_tmpl
+        fd = bpfsys.lpm_trie_create("lbx_acl_t", tmpl.info.key_size, tmpl.info.value_size,
+                                    tmpl.info.max_entries, tmpl.info.flags)
+        try:
+            trie = bpfsys.Map(fd, tmpl.Key, ctypes.c_uint8)
+            for e in entries:
+                fam = abi.FAMILY_V4 if e.network.version == 4 else abi.FAMILY_V6
+                key = make(tmpl.Key, prefixlen=32 + e.network.prefixlen, scope=abi.acl_scope(fam, e.scope),
+                           addr=addr_bytes(e.network.network_address))
+                trie.update(key, ctypes.c_uint8(int(e.action)))
+            self.acl_map.update(0, self.acl_map.Leaf(fd))
+        finally:
+            os.close(fd)
+
+    def purge_refused(self, scopes: dict[int, model.Admission]) -> int:
+        """Delete the connection-table entries of flows these rules refuse (global first, then
+        their VIP's), so that their next packet is classified again and dropped; returns how
+        many. Established flows never meet the ACL otherwise (bpf/admit.h)."""
+        glob = scopes.get(self.global_scope, model.Admission())
+        vip_of = {e.id: e.vip_id for e in self.backends().values()}
+        doomed = []
+        for keys, values, n in self.flow_map.batches():
+            for i in range(n):
+                k = keys[i]
+                if k.proto not in (6, 17):
+                    continue
+                src = addr_from(k.src, k.family)
+                vip = scopes.get(vip_of.get(values[i].backend_id, -1), model.Admission())
+                if glob.verdict(src) != abi.AclAction.ALLOW or vip.verdict(src) != abi.AclAction.ALLOW:
+                    doomed.append(self.flow_map.Key.from_buffer_copy(k))
+        return sum(1 for k in doomed if self.flow_map.delete(k))
 
     # --- counters ------------------------------------------------------------------------------
     def _sum(self, name: str, key: int) -> Stats:

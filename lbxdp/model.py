@@ -219,6 +219,49 @@ class BackendId(NamedTuple):
         return cls(VipKey.parse(vip), *parse_endpoint(be))
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+MAX_NEW_FLOW_RATE = 10_000_000   # flows per second per source: above this the limit limits nothing
+MAX_NEW_FLOW_BURST = 10_000_000
+
+
+@dataclass(frozen=True)
+class NewFlowLimit:
+    """new_flow_limit = { rate = 100, burst = 200 }: per source (an IPv6 source's /64) and per CPU
+    (bpf/limit.h), new flows per second and how many a fresh source may start at once."""
+    rate: int
+    burst: int
+
+    @property
+    def interval_ns(self) -> int:
+        return max(1, 1_000_000_000 // self.rate)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Who may start flows, for a VIP or (in [balancer]) every VIP: bpf/acl.h and bpf/limit.h.
+    allow: when not empty, only these sources (either family) start flows; deny: these never do.
+    The longest matching prefix decides; the same prefix in both is a problem."""
+    allow: tuple[IPNetwork, ...] = ()
+    deny: tuple[IPNetwork, ...] = ()
+    new_flow_limit: NewFlowLimit | None = None
+
+    @property
+    def rules(self) -> int:
+        return len(self.allow) + len(self.deny)
+
+    def verdict(self, src: IPAddress) -> abi.AclAction:
+        """What bpf/acl.h answers for a new flow from src: the longest matching rule's action, or
+        NOT_ALLOWED when nothing matches and there is an allow list, else ALLOW."""
+        best: tuple[int, abi.AclAction] | None = None
+        for nets, action in ((self.allow, abi.AclAction.ALLOW), (self.deny, abi.AclAction.DENY)):
+            for n in nets:
+                if n.version == src.version and src in n and (best is None or n.prefixlen > best[0]):
+                    best = (n.prefixlen, action)
+        if best is not None:
+            return best[1]
+        return abi.AclAction.NOT_ALLOWED if self.allow else abi.AclAction.ALLOW
+
+
 @dataclass(frozen=True)
 class Vip:
     address: IPAddress
@@ -236,6 +279,7 @@ class Vip:
     ipip_source: EncapSource = EncapSource.BALANCER       # ipip: outer source, ours or flow-derived
     mtu: int | None = None                                # ipip, gue: path MTU to the backends (None: [balancer] mtu, else the interface's)
     mss_clamp: bool = False                               # ipip, gue: clamp SYNs' MSS to what the tunnel carries
+    admission: Admission = Admission()                    # allow, deny, new_flow_limit of this VIP
 
     def __post_init__(self) -> None:
         # A model built in code may spell a closed set as its string ("pass"): hold the enum. A
@@ -280,6 +324,9 @@ class BalancerOptions:
     flow_source_v4: ipaddress.IPv4Network | None = None  # ipip_source = "flow": the prefix sources come from
     flow_source_v6: ipaddress.IPv6Network | None = None
     mtu: int | None = None                              # path MTU to the backends (None: the interface's)
+    flood_threshold: int | None = None                  # connection-table inserts per second per CPU past
+                                                        # which bare ACKs are not recorded (None: abi.FLOOD_THRESHOLD)
+    admission: Admission = Admission()                  # allow, deny, new_flow_limit of every VIP
 
 
 @dataclass(frozen=True)
@@ -311,14 +358,19 @@ class Config:
             except ValueError as e:
                 out.append(Problem("metrics.listen", f"{show(self.metrics_listen)} {e}"))
         out += _balancer_problems(self.balancer)
+        out += _admission_problems(self.balancer.admission, "balancer", None)
         udp_ports = {v.port: i for i, v in enumerate(self.vips) if v.protocol is Protocol.UDP}
         seen: dict[VipKey, str] = {}
         for i, v in enumerate(self.vips):
             out += _vip_problems(v, f"vip[{i}]")
             out += _encap_problems(v, f"vip[{i}]", self.balancer, udp_ports)
+            out += _admission_problems(v.admission, f"vip[{i}]", v.address.version)
             if v.key in seen:
                 out.append(Problem(f"vip[{i}]", f"duplicate VIP {v.name} (also {seen[v.key]})"))
             seen.setdefault(v.key, f"vip[{i}]")
+        rules = self.balancer.admission.rules + sum(v.admission.rules for v in self.vips)
+        if rules > ACL_RULES_MAX:
+            out.append(Problem("vip", f"{rules} allow/deny rules in all; at most {ACL_RULES_MAX}"))
         if len(self.vips) > abi.MAX_VIPS:
             out.append(Problem("vip", f"{len(self.vips)} VIPs; at most {abi.MAX_VIPS}"))
         total = sum(len(v.backends) for v in self.vips)
@@ -514,6 +566,39 @@ def _balancer_problems(o: BalancerOptions) -> list[Problem]:
                            "of /64 or shorter (the low 64 bits carry the flow hash)"))
     if o.mtu is not None and (bad := _int(o.mtu, MIN_ENCAP_MTU, MAX_MTU)) is not None:
         out.append(Problem("balancer.mtu", bad))
+    if o.flood_threshold is not None and (bad := _int(o.flood_threshold, 1, 2**32 - 1)) is not None:
+        out.append(Problem("balancer.flood_threshold", bad))
+    return out
+
+
+# Every scope with an allow list adds two implicit entries (0.0.0.0/0 and ::/0) to the trie.
+ACL_RULES_MAX = abi.ACL_MAX - 2 * (abi.MAX_VIPS + 1)
+
+
+def _admission_problems(a: Admission, path: str, version: int | None) -> list[Problem]:
+    """allow/deny: networks, of the VIP's family (version; None: [balancer], either), no prefix
+    twice; new_flow_limit: rate and burst > 0."""
+    out = []
+    seen: dict[object, str] = {}
+    for key, nets in (("allow", a.allow), ("deny", a.deny)):
+        for j, n in enumerate(nets):
+            where = f"{path}.{key}[{j}]"
+            if not isinstance(n, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+                out.append(Problem(where, f"{show(n)} is not a network prefix like \"192.0.2.0/24\""))
+                continue
+            if version is not None and n.version != version:
+                out.append(Problem(where, f"{n} is an IPv{n.version} prefix; this VIP is IPv{version}: "
+                                   "its sources are never IPv" + str(n.version)))
+            if n in seen:
+                out.append(Problem(where, f"{n} is also {seen[n]}: a prefix is allowed or denied, not both"
+                                   if not seen[n].startswith(key) else f"{n} is listed twice (also {seen[n]})"))
+            seen.setdefault(n, f"{key}[{j}]")
+    lim = a.new_flow_limit
+    if lim is not None:
+        out += _fields(f"{path}.new_flow_limit", [
+            ("rate", _int(lim.rate, 1, MAX_NEW_FLOW_RATE, " new flows per second per source")),
+            ("burst", _int(lim.burst, 1, MAX_NEW_FLOW_BURST, " flows")),
+        ])
     return out
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import pytest
+from scapy.layers.inet import TCP
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet
 
@@ -59,6 +60,16 @@ class Lb:
 
     def run(self, frame: Packet | bytes) -> bpfsys.TestRun:
         return self.runner.run(bytes(frame))
+
+    def open(self, first: Packet) -> bpfsys.TestRun:
+        """Open a flow as a client does, so that the connection table records it (bpf/select.h's
+        handshake gate): a TCP SYN and then its ACK, or two UDP datagrams. Returns the first's run."""
+        out = self.run(first)
+        second = first.copy()
+        if TCP in second:
+            second[TCP].flags = "A"
+        self.run(second)
+        return out
 
     def apply(self, cfg: model.Config, rt: Runtime = Runtime()) -> None:
         """Balancer.apply with every MAC in the config; rt: drains and slow starts."""

@@ -109,12 +109,16 @@ def test_hash_picks_the_same_backend_for_a_flow_after_the_table_forgets_it(lb: L
     """A 5-tuple's backend is a function of the 5-tuple: table resets and CPUs do not change it."""
     vip = str(HASH4.address)
     syn = tcp(vip, 80, 44001)
+    ack = tcp(vip, 80, 44001, flags="A")
     first = send_to_any(lb, "syn to the hash vip", syn, HASH4.backends)
+    check(lb, Case("its ack records the flow", ack, XDP_TX, expect=forwarded(ack, first)))
     for cpu in sorted(os.sched_getaffinity(0)) * 2:
         assert lb.clear_flows() == 1, "the flow table should hold exactly this flow"
         with one_cpu(cpu):
             check(lb, Case(f"the same syn after a table reset, on cpu {cpu}", syn, XDP_TX,
                            expect=forwarded(syn, first)))
+            check(lb, Case(f"its ack after a table reset, on cpu {cpu}", ack, XDP_TX,
+                           expect=forwarded(ack, first)))
 
 
 def assert_even_spread(got: Counter, backends: tuple[model.Backend, ...]) -> None:

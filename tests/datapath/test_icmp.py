@@ -186,8 +186,8 @@ def test_error_follows_the_connection_table(lb: Lb, row) -> None:
     second's backend (not slot 0, not the next rr slot), and inserts nothing."""
     desc, first, reply, mk, n, port = row
     with one_cpu():   # round-robin positions are per CPU
-        out0 = lb.run(first(port)).data
-        out1 = lb.run(first(port + 1)).data
+        out0 = lb.open(first(port)).data
+        out1 = lb.open(first(port + 1)).data
         flows = lb.maps.flow_count()
         assert flows == 2
         [v] = [v for v in BASE.vips if any(b.mac == _mac_of(out1) for b in v.backends)]
@@ -219,7 +219,7 @@ def test_error_after_flush_goes_to_the_same_backend(lb: Lb, row) -> None:
     lb.apply(plus(BASE, MAG4, MAG6, MAGU6))
     owners = {}
     for p in range(42301, 42317):
-        out = lb.run(first(p))
+        out = lb.open(first(p))
         assert out.retval == XDP_TX
         owners[p] = _backend_with_mac(v, _mac_of(out.data))
     assert len({b.mac for b in owners.values()}) > 1, "16 flows on one backend: the test shows nothing"

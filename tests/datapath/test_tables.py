@@ -62,6 +62,15 @@ def ref(v: model.Vip, b: model.Backend) -> tuple[model.VipKey, Any, int]:
 
 
 # --- sending many flows ---------------------------------------------------------------------------------
+def opened(lb: Lb, addr: str, n: int, allowed: Iterable[model.Backend], first: int = 0) -> dict[bytes, model.Backend]:
+    """spread() n new flows' SYNs, then their ACKs: the handshakes complete, so the connection
+    table records the flows (bpf/select.h's handshake gate). Returns where each SYN went."""
+    placed = spread(lb, new_flows(addr, 80, n, first=first), allowed)
+    acked = spread(lb, new_flows(addr, 80, n, first=first, flags="A"), allowed)
+    assert [b.name for b in placed.values()] == [b.name for b in acked.values()], "an ACK left its SYN's backend"
+    return placed
+
+
 def spread(lb: Lb, frames: list[bytes], allowed: Iterable[model.Backend]) -> dict[bytes, model.Backend]:
     """Send each frame: every one must be forwarded, exactly (only the MACs rewritten), to one of
     `allowed`, and the reason counters must show exactly that many forwards. Returns where each
@@ -133,7 +142,7 @@ def test_a_table_switch_keeps_established_flows(lb: Lb) -> None:
     v = table_vip(31, (a, b, c, d, e))
     lb.apply(with_vip(v))
     addr, n = str(v.address), 1000
-    placed = spread(lb, new_flows(addr, 80, n), v.backends)
+    placed = opened(lb, addr, n, v.backends)
     assert set(placed.values()) == set(v.backends)
     after = dataclasses.replace(v, backends=(dataclasses.replace(a, weight=3), b, c, d, f))
     lb.apply(with_vip(after))
@@ -157,7 +166,7 @@ def test_backup_takes_new_flows_only_while_no_primary_can(lb: Lb) -> None:
     lb.apply(with_vip(v))
     addr = str(v.address)
     assert set(table_shares(lb, v)) == {p1.name, p2.name}, "the backup is in the table"
-    placed = spread(lb, new_flows(addr, 80, 1000), (p1, p2))
+    placed = opened(lb, addr, 1000, (p1, p2))
     assert counts(placed).keys() == {p1.name, p2.name}
     acks = new_flows(addr, 80, 1000, flags="A")
 
@@ -185,7 +194,7 @@ def test_a_draining_backend_gets_no_new_flows_and_keeps_its_own(lb: Lb) -> None:
     v = table_vip(33, bes)
     lb.apply(with_vip(v))
     addr = str(v.address)
-    placed = spread(lb, new_flows(addr, 80, 900), bes)
+    placed = opened(lb, addr, 900, bes)
     assert counts(placed)[b.name] > 0
     lb.apply(with_vip(v), Runtime(draining=frozenset({ref(v, b)})))
     assert set(table_shares(lb, v)) == {a.name, c.name}
@@ -231,7 +240,7 @@ def test_a_vip_with_no_usable_backend_drops_new_flows_and_keeps_established_ones
     v = table_vip(35, bes)
     lb.apply(with_vip(v))
     addr = str(v.address)
-    placed = spread(lb, new_flows(addr, 80, 8), bes)
+    placed = opened(lb, addr, 8, bes)
     nobody, rt = NOBODY[how](v)
     lb.apply(with_vip(nobody), rt)
     assert lb.maps.vips()[v.key].table_size == 0

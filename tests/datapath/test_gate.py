@@ -1,0 +1,132 @@
+"""The handshake gate (bpf/select.h, issue 11): what records a flow in the connection table.
+
+A TCP SYN is never recorded: on a settled Maglev/hash VIP the table alone forwards it (its ACK
+gets the same answer), on round robin or a table that just changed its choice goes into the
+half-open table, which the ACK promotes. A bare ACK of an unknown flow is forwarded by the table
+and recorded only while this CPU is under [balancer] flood_threshold inserts per second. UDP: a
+datagram with no entry opens the flow like a SYN where the table cannot repeat the choice.
+Every frame is checked as a Case (verdict, exact output, reason).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from scapy.layers.l2 import Ether
+
+from lbxdp import abi, model
+
+from .frames import BASE, DNS4, RR4, XDP_TX, backends, forwarded, plus, tcp, udp, vip
+from .harness import Case, Lb, check, one_cpu
+
+pytestmark = pytest.mark.root
+R = abi.Reason
+
+MAG = vip("10.10.0.40", 80, model.Protocol.TCP, backends("10.10.40.", 5, 0x40), model.Scheduler.MAGLEV)
+MAGU = vip("10.10.0.41", 53, model.Protocol.UDP, backends("10.10.41.", 3, 0x41), model.Scheduler.MAGLEV)
+GATED = plus(BASE, MAG, MAGU)
+
+
+@pytest.fixture
+def glb(lb: Lb) -> Lb:
+    """lb with MAG and MAGU added, no half-open entries and fresh per-CPU flood windows."""
+    lb.apply(GATED)
+    m = lb.maps.m[abi.Map.HALF_OPEN]
+    for k in list(m.keys()):
+        m.delete(k)
+    lb.maps.m[abi.Map.FLOOD].zero(0)
+    return lb
+
+
+def owner(v: model.Vip, frame: bytes) -> model.Backend:
+    [be] = [b for b in v.backends if b.mac == Ether(frame).dst]
+    return be
+
+
+def tx(lb: Lb, desc: str, pkt, v: model.Vip) -> model.Backend:
+    """Run pkt: forwarded, exactly, to one of v's backends; returns which."""
+    be = owner(v, lb.run(pkt).data)
+    check(lb, Case(desc, pkt, XDP_TX, expect=forwarded(pkt, be)))
+    return be
+
+
+def tx_once(lb: Lb, pkt, v: model.Vip) -> model.Backend:
+    """Run pkt once (a second run would be the flow's second packet): forwarded exactly."""
+    out = lb.run(pkt)
+    be = owner(v, out.data)
+    assert (out.retval, out.data) == (XDP_TX, bytes(forwarded(pkt, be)))
+    return be
+
+
+def counts(lb: Lb) -> tuple[int, int]:
+    return lb.maps.flow_count(), lb.maps.half_open_entries()
+
+
+def test_a_syn_to_a_settled_maglev_vip_records_nothing_and_its_ack_records_the_flow(glb: Lb) -> None:
+    addr = str(MAG.address)
+    be = tx(glb, "syn to a maglev vip", tcp(addr, 80, 50001), MAG)
+    assert counts(glb) == (0, 0), "a syn was recorded"
+    assert tx(glb, "its ack", tcp(addr, 80, 50001, flags="A"), MAG) == be
+    assert counts(glb) == (1, 0)
+
+
+def test_a_syn_to_a_round_robin_vip_goes_half_open_and_its_ack_promotes_it(glb: Lb) -> None:
+    addr = str(RR4.address)
+    with one_cpu():
+        syns = [tx(glb, f"syn {i} to an rr vip", tcp(addr, 80, 50100 + i), RR4) for i in range(6)]
+        assert counts(glb) == (0, 6)
+        assert len(set(syns)) == 3, "round robin should have used every backend"
+        again = tx(glb, "a retransmitted syn keeps its choice", tcp(addr, 80, 50100), RR4)
+        assert again == syns[0]
+        acks = [tx(glb, f"ack {i}", tcp(addr, 80, 50100 + i, flags="A"), RR4) for i in range(6)]
+    assert acks == syns, "an ack left its syn's backend"
+    assert glb.maps.flow_count() == 6
+
+
+def test_a_changed_maglev_table_sends_syns_half_open_until_it_settles(glb: Lb) -> None:
+    changed = dataclasses.replace(MAG, backends=(dataclasses.replace(MAG.backends[0], weight=3),) + MAG.backends[1:])
+    glb.apply(plus(BASE, changed, MAGU))
+    meta = glb.maps.vips()[MAG.key]
+    assert meta.changed_at > 0
+    be = tx(glb, "syn while the table is unsettled", tcp(str(MAG.address), 80, 50201), changed)
+    assert counts(glb) == (0, 1)
+    assert tx(glb, "its ack", tcp(str(MAG.address), 80, 50201, flags="A"), changed) == be
+    assert glb.maps.flow_count() == 1
+
+
+def test_udp_opens_half_open_on_round_robin_and_records_on_the_second_datagram(glb: Lb) -> None:
+    addr = str(DNS4.address)
+    first = tx_once(glb, udp(addr, 53, 50301), DNS4)
+    assert counts(glb) == (0, 1)
+    assert tx_once(glb, udp(addr, 53, 50301, payload=b"again"), DNS4) == first
+    assert glb.maps.flow_count() == 1
+    tx_once(glb, udp(str(MAGU.address), 53, 50302), MAGU)
+    assert glb.maps.flow_count() == 2, "a settled VIP's datagram is recorded (under the threshold)"
+
+
+def test_bare_acks_are_recorded_below_the_flood_threshold_and_forwarded_unrecorded_above(glb: Lb) -> None:
+    limit = 20
+    glb.apply(dataclasses.replace(GATED, balancer=model.BalancerOptions(flood_threshold=limit)))
+    assert glb.maps.flood_threshold() == limit
+    addr = str(MAG.address)
+    with one_cpu():   # the flood window is per CPU
+        # an rr handshake begun before the flood
+        rr_syn = tx(glb, "rr syn", tcp(str(RR4.address), 80, 50499), RR4)
+        for i in range(limit):
+            tx(glb, f"bare ack {i} of an unknown flow", tcp(addr, 80, 50400 + i, flags="A"), MAG)
+        assert glb.maps.flow_count() == limit
+        assert glb.maps.flood().cpus_flooded == 0
+        for i in range(limit, limit + 10):
+            tx(glb, f"bare ack {i} past the threshold: forwarded, not recorded", tcp(addr, 80, 50400 + i, flags="A"), MAG)
+        flooded = tcp(addr, 80, 50400 + limit, flags="A")
+        for _ in range(50):   # the same ack again and again (a test-run repeat would see its own output)
+            tx_once(glb, flooded, MAG)
+        state = glb.maps.flood()
+        assert glb.maps.flow_count() == limit, "a bare ack was recorded under flood"
+        assert state.cpus_flooded == 1 and state.skipped >= 10 + 50
+        # a handshake the half-open table saw is still recorded, and established flows still hit
+        assert tx(glb, "rr ack under flood promotes its syn", tcp(str(RR4.address), 80, 50499, flags="A"), RR4) == rr_syn
+        assert glb.maps.flow_count() == limit + 1
+        tx(glb, "an established flow under flood", tcp(addr, 80, 50400, flags="A"), MAG)
+        assert glb.maps.flow_count() == limit + 1
