@@ -151,14 +151,18 @@ def attach(inst: Instance, cfg: model.Config, mode: model.XdpMode = model.XdpMod
     private_dirs(inst, create=True)  # the roots and instance directories: root's, mode 0700
     upgraded = inst.exists()
     build = build or loader.BuildConfig(inst.pin_dir)
-    adopted = migrate.upgrade(inst, build) if upgraded else {}   # pins of another layout converted
-    before = pinned_map_ids(inst) if upgraded else {}
-    prog = loader.compile_program(build)
-    recreated = tuple(n for n, i in before.items() if n not in prog.maps or prog.maps[n].info.id != i)
-    recreated += tuple(n for n in prog.maps if upgraded and n not in before)
-    recreated += tuple(n for n, how in adopted.items() if how == migrate.RECREATED)
-    migrated = tuple(f"{n} {how.removeprefix('migrated ')}" for n, how in adopted.items() if how.startswith("migrated"))
+    prog = None
     try:
+        # bcc pins each map as it creates it: a compile or verifier failure of a first attach
+        # must not leave those pins behind (the except below removes them).
+        adopted = migrate.upgrade(inst, build) if upgraded else {}   # pins of another layout converted
+        before = pinned_map_ids(inst) if upgraded else {}
+        prog = loader.compile_program(build)
+        recreated = tuple(n for n, i in before.items() if n not in prog.maps or prog.maps[n].info.id != i)
+        recreated += tuple(n for n in prog.maps if upgraded and n not in before)
+        recreated += tuple(n for n, how in adopted.items() if how == migrate.RECREATED)
+        migrated = tuple(f"{n} {how.removeprefix('migrated ')}" for n, how in adopted.items()
+                         if how.startswith("migrated"))
         loader.save_schema(inst, prog.schema, prog.source, prog.layouts)
         maps = Maps(prog.maps)
         maps.set_own_mac(loader.hwaddr(inst.ifname))   # until then it forwards nothing
@@ -175,7 +179,8 @@ def attach(inst: Instance, cfg: model.Config, mode: model.XdpMode = model.XdpMod
             _remove_files(inst)
         raise
     finally:
-        prog.close()
+        if prog is not None:
+            prog.close()
     return AttachResult(used, prog.info.id, diff, upgraded, recreated, migrated)
 
 

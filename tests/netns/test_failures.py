@@ -198,3 +198,28 @@ def test_pin_or_run_root_not_private_is_refused(rig: Rig, tmp_path: Path, which:
         shutil.rmtree(pins, ignore_errors=True)
         if pins.exists():
             pins.rmdir()
+
+
+def test_a_first_attach_that_fails_to_compile_leaves_no_pin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bcc pins each map as it creates it; a first attach whose program then fails to load (here:
+    a connection table of 0 entries, which the kernel refuses) must remove the maps it pinned."""
+    from lbxdp import control, loader, model
+    from lbxdp.errors import LbxError
+    from lbxdp.lab.namespaces import in_netns
+
+    ns = f"lbxft{os.getpid()}"
+    pins = Path("/sys/fs/bpf") / f"lbxdp-test-{ns}"
+    monkeypatch.setenv("LBXDP_PIN_ROOT", str(pins))
+    monkeypatch.setenv("LBXDP_RUN_ROOT", str(tmp_path / "run"))
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1"], check=True)
+        inst = Instance("v0")
+        with in_netns(ns), pytest.raises(LbxError, match="failed to compile or load"):
+            control.attach(inst, model.Config(), build=loader.BuildConfig(inst.pin_dir, flow_capacity=0),
+                           allow_empty=True)
+        assert not list(pins.rglob("*")), "a failed first attach left pins"
+        assert not inst.run_dir.exists()
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+        shutil.rmtree(pins, ignore_errors=True)
