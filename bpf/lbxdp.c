@@ -27,6 +27,7 @@
 #include "classify.h"
 #include "guard.h"
 #include "select.h"
+#include "admit.h"
 #include "icmp.h"
 #include "forward.h"
 #include "stats.h"
@@ -60,6 +61,9 @@ int lbxdp_ingress(struct xdp_md *ctx)
 		vip = classify(&pkt);                   /* classify.h: the VIP lookup */
 		if (!vip)
 			return count(XDP_PASS, LBX_R_PASS_NOT_VIP, &pkt);
+		r = admit(ctx, vip, &pkt);              /* admit.h: ACLs, per-source new-flow limits */
+		if (r != LBX_R_OK)
+			return count(XDP_DROP, r, &pkt);
 		r = select_backend(vip, &pkt, &sel);    /* select.h: the VIP's table, by its scheduler */
 		if (r == LBX_R_PASS_NO_BACKEND || r == LBX_R_PASS_ICMP_NO_FLOW)
 			return count(XDP_PASS, r, &pkt);

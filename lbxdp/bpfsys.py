@@ -217,6 +217,18 @@ def array_create(name: str, max_entries: int, value_size: int = 4, flags: int = 
                   f"create array map {name} of {max_entries} entries")
 
 
+BPF_MAP_TYPE_LPM_TRIE = 11
+BPF_F_NO_PREALLOC = 1
+
+
+def lpm_trie_create(name: str, key_size: int, value_size: int, max_entries: int, flags: int) -> int:
+    """A new LPM trie (e.g. an inner map to swap in; flags: its template's); the caller owns the fd."""
+    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags)
+    return _check(lib().bpf_map_create(BPF_MAP_TYPE_LPM_TRIE, name.encode()[:15], key_size, value_size,
+                                       max_entries, ctypes.byref(opts)),
+                  f"create LPM trie {name} of {max_entries} entries")
+
+
 def array_fill(fd: int, values: "array.array[int]", *, mmapable: bool = False) -> None:
     """Write values[i] at index i of a u32 array map (created with at least len(values) entries).
 

@@ -278,7 +278,10 @@ OUTSIDE_THE_TABLE = {R.PASS_NO_OWN_MAC: "test_unset_own_mac_forwards_nothing",
                      R.PASS_ICMP_STEER_OFF: "test_icmp.py::test_steering_switched_off_passes_errors",
                      R.TX_ICMP_TOO_BIG: "test_encap.py (needs an encap VIP with an mtu)",
                      R.DROP_TOO_BIG: "test_encap.py::test_oversize_v4_without_df_is_dropped",
-                     R.DROP_NO_OWN_ADDR: "test_encap.py::test_no_own_address_drops"}
+                     R.DROP_NO_OWN_ADDR: "test_encap.py::test_no_own_address_drops",
+                     R.DROP_SRC_RATE: "test_admission.py (needs a limit)",
+                     R.DROP_ACL_DENY: "test_admission.py (needs rules)",
+                     R.DROP_ACL_NOT_ALLOWED: "test_admission.py (needs rules)"}
 
 
 def test_every_exit_reason_has_a_row() -> None:

@@ -1,0 +1,40 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Admission: may this packet start a flow on this VIP? Runs after established() and classify(),
+ * so established flows never pay it and traffic for no VIP never reaches it. Order: the global
+ * ACL, the VIP's ACL (a denied source takes no token), then the global limit, the VIP's limit.
+ * Returns LBX_R_OK or the drop reason. ICMP errors about a flow are no new flow: never charged.
+ */
+#ifndef LBX_ADMIT_H
+#define LBX_ADMIT_H
+
+#include "maps.h"
+#include "parse.h"
+#include "acl.h"
+#include "limit.h"
+
+static __always_inline int admit(struct xdp_md *ctx, const struct vip_meta *vip, const struct pkt *pkt)
+{
+	__u32 gid = LBX_ADMIT_GLOBAL, vid = vip->id;
+	struct lbx_admit *g = lbx_admit.lookup(&gid);
+	struct lbx_admit *v = lbx_admit.lookup(&vid);
+	__u64 now;
+	int r;
+
+	if (!g || !v || (pkt->flags & LBX_PKT_F_ICMP_ERR))
+		return LBX_R_OK;
+	if (g->flags && (r = acl_verdict(g, LBX_ADMIT_GLOBAL, pkt)) != LBX_R_OK)
+		return r;
+	if (v->flags && (r = acl_verdict(v, vid, pkt)) != LBX_R_OK)
+		return r;
+	if (!(g->interval_ns | v->interval_ns) || tcp_acks(ctx, pkt))
+		return LBX_R_OK;
+	now = bpf_ktime_get_ns();
+	if (g->interval_ns && over_limit(g, LBX_ADMIT_GLOBAL, pkt, now))
+		return LBX_R_DROP_SRC_RATE;
+	if (v->interval_ns && over_limit(v, vid, pkt, now))
+		return LBX_R_DROP_SRC_RATE;
+	return LBX_R_OK;
+}
+
+#endif /* LBX_ADMIT_H */

@@ -1,0 +1,70 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Per-source limit of new flows (issue 11): a token bucket per (source, scope) in its GCRA form,
+ * one u64 per source: the theoretical arrival time (TAT) of its next flow. A flow is admitted
+ * when TAT - now <= burst_ns ((burst - 1) tokens' worth of time), and then TAT = max(TAT, now) +
+ * interval_ns. So a fresh source gets `burst` flows at once, then `rate` per second; no
+ * division and no refill loop on the hot path (the control plane turns rate and burst into
+ * nanoseconds). An IPv6 source is keyed by its /64: one host can hold a whole /64.
+ *
+ * Per-CPU buckets (lbx_src_limit is an LRU per-CPU hash): a CPU reads and writes only its own
+ * TAT, so there is no atomic and no lock on the hot path. The cost is that a source whose flows
+ * are spread over N CPUs (RSS hashes each 5-tuple, so one client's flows usually are) has N
+ * buckets: its effective limit lies between rate (all its flows on one queue) and N x rate, and
+ * its burst between burst and N x burst. The control plane does NOT divide by the CPU count:
+ * a source whose flows all land on one queue would then get rate / N. The configured rate is
+ * thus a per-CPU rate, documented as such (README: new_flow_limit); size it as
+ * wanted-rate / receive-queues when every client spreads evenly.
+ *
+ * Charged: every packet that may start a flow, i.e. that is not established and is not a TCP
+ * segment with ACK set. A TCP connection pays once, for its SYN; its handshake-completing ACK
+ * (which may reach here while the flow is not recorded yet, issue 11's handshake gating) and
+ * mid-flow segments of unknown flows are free (floods of those are the flood threshold's job).
+ */
+#ifndef LBX_LIMIT_H
+#define LBX_LIMIT_H
+
+#include "maps.h"
+#include "parse.h"
+
+#define LBX_TCP_F_ACK 0x10
+
+/* A TCP segment with ACK set (the flags byte is the 14th of the TCP header). */
+static __always_inline int tcp_acks(struct xdp_md *ctx, const struct pkt *pkt)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	__u8 *flags;
+
+	if (pkt->flow.proto != IPPROTO_TCP)
+		return 0;
+	flags = data + (pkt->l4_off & 0x3ff) + 13;
+	if ((void *)(flags + 1) > end)
+		return 0;
+	return *flags & LBX_TCP_F_ACK;
+}
+
+/* 1 if this source has no token left in this scope, else 0 (and a token is taken). */
+static __always_inline int over_limit(const struct lbx_admit *adm, __u32 id, const struct pkt *pkt, __u64 now)
+{
+	struct src_limit_key key = { .src = pkt->flow.src, .scope = LBX_ACL_SCOPE(pkt->flow.family, id) };
+	__u64 *tat, t;
+
+	if (pkt->flow.family == LBX_FAMILY_V6) {
+		key.src.w[2] = 0;
+		key.src.w[3] = 0;
+	}
+	tat = lbx_src_limit.lookup(&key);
+	if (!tat) {
+		t = now + adm->interval_ns;
+		lbx_src_limit.update(&key, &t);
+		return 0;
+	}
+	t = *tat > now ? *tat : now;
+	if (t - now > adm->burst_ns)
+		return 1;
+	*tat = t + adm->interval_ns;
+	return 0;
+}
+
+#endif /* LBX_LIMIT_H */
