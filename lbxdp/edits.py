@@ -119,3 +119,39 @@ def backend_set_health(cfg: model.Config, bid: BackendId, state: HealthOverride)
     if bid not in cfg.backends():
         raise LbxError(f"no backend {bid.name} on VIP {bid.vip.name}", "list them: lbxdp backend ls", exit_code=2)
     return Change(cfg, health={bid: HealthOverride(state)})
+
+
+# --- allow/deny rules ------------------------------------------------------------------------------
+
+def _admission(cfg: model.Config, key: model.VipKey | None) -> model.Admission:
+    return cfg.balancer.admission if key is None else cfg.vips[vip_index(cfg, key)].admission
+
+
+def _with_admission(cfg: model.Config, key: model.VipKey | None, a: model.Admission) -> model.Config:
+    if key is None:
+        return replace(cfg, balancer=replace(cfg.balancer, admission=a))
+    i = vip_index(cfg, key)
+    return _with_vip(cfg, i, replace(cfg.vips[i], admission=a))
+
+
+def acl_add(cfg: model.Config, which: model.AclList, network: model.IPNetwork,
+            key: model.VipKey | None = None) -> Change:
+    """Put network on the allow or deny list of VIP key ([balancer]'s when None)."""
+    a = _admission(cfg, key)
+    nets = getattr(a, which.value)
+    if network in nets:
+        where = f"VIP {key.name}" if key else "the global rules"
+        raise LbxError(f"{network} is on the {which.value} list of {where} already", "list them: lbxdp acl ls",
+                       exit_code=2)
+    return Change(_with_admission(cfg, key, replace(a, **{which.value: nets + (network,)})))
+
+
+def acl_del(cfg: model.Config, which: model.AclList, network: model.IPNetwork,
+            key: model.VipKey | None = None) -> Change:
+    a = _admission(cfg, key)
+    nets = getattr(a, which.value)
+    if network not in nets:
+        where = f"VIP {key.name}" if key else "the global rules"
+        raise LbxError(f"{network} is not on the {which.value} list of {where}", "list them: lbxdp acl ls",
+                       exit_code=2)
+    return Change(_with_admission(cfg, key, replace(a, **{which.value: tuple(n for n in nets if n != network)})))

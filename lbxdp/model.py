@@ -224,6 +224,12 @@ MAX_NEW_FLOW_RATE = 10_000_000   # flows per second per source: above this the l
 MAX_NEW_FLOW_BURST = 10_000_000
 
 
+class AclList(enum.StrEnum):
+    """Which list of an Admission a rule is on."""
+    ALLOW = "allow"
+    DENY = "deny"
+
+
 @dataclass(frozen=True)
 class NewFlowLimit:
     """new_flow_limit = { rate = 100, burst = 200 }: per source (an IPv6 source's /64) and per CPU

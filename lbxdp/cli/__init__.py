@@ -24,7 +24,7 @@ import click
 from .. import __version__
 from ..errors import LbxError
 from ..paths import check_netns
-from . import daemon, decap, edit, instance, lab
+from . import acl, daemon, decap, edit, instance, lab
 from .params import BadValue
 
 log = logging.getLogger("lbxdp")
@@ -71,7 +71,8 @@ def enter_netns(name: str) -> None:
         raise LbxError(f"cannot enter network namespace {name!r}: {e.strerror}", "run as root") from e
 
 
-for _cmd in (*instance.COMMANDS, *edit.COMMANDS, *daemon.COMMANDS, *lab.COMMANDS, *decap.COMMANDS):
+for _cmd in (*instance.COMMANDS, *edit.COMMANDS, *daemon.COMMANDS, *lab.COMMANDS, *decap.COMMANDS,
+             *acl.COMMANDS):
     cli.add_command(_cmd)
 
 
