@@ -61,7 +61,7 @@ int lbxdp_ingress(struct xdp_md *ctx)
 		vip = classify(&pkt);                   /* classify.h: the VIP lookup */
 		if (!vip)
 			return count(XDP_PASS, LBX_R_PASS_NOT_VIP, &pkt);
-		r = admit(ctx, vip, &pkt);              /* admit.h: ACLs, per-source new-flow limits */
+		r = admit(vip, &pkt);                   /* admit.h: ACLs, per-source new-flow limits */
 		if (r != LBX_R_OK)
 			return count(XDP_DROP, r, &pkt);
 		r = select_backend(vip, &pkt, &sel);    /* select.h: the VIP's table, by its scheduler */

@@ -16,10 +16,13 @@
  * thus a per-CPU rate, documented as such (README: new_flow_limit); size it as
  * wanted-rate / receive-queues when every client spreads evenly.
  *
- * Charged: every packet that may start a flow, i.e. that is not established and is not a TCP
- * segment with ACK set. A TCP connection pays once, for its SYN; its handshake-completing ACK
- * (which may reach here while the flow is not recorded yet, issue 11's handshake gating) and
- * mid-flow segments of unknown flows are free (floods of those are the flood threshold's job).
+ * Charged: what opens a flow and is not established: a TCP SYN without ACK (parse.h's
+ * LBX_PKT_F_SYN, so no second read of the frame), and every UDP datagram of a flow until it is
+ * recorded (the handshake gate records a UDP flow at its second datagram: select.h). A TCP
+ * connection pays once, for its SYN (a retransmitted SYN pays again); its handshake-completing
+ * ACK (which may reach here while the flow is not recorded yet, issue 11's handshake gating) and
+ * any other segment of an unknown flow (ACK, RST, FIN) are free: floods of those are the flood
+ * threshold's job (select.h), and they never record a flow without it.
  */
 #ifndef LBX_LIMIT_H
 #define LBX_LIMIT_H
@@ -27,21 +30,10 @@
 #include "maps.h"
 #include "parse.h"
 
-#define LBX_TCP_F_ACK 0x10
-
-/* A TCP segment with ACK set (the flags byte is the 14th of the TCP header). */
-static __always_inline int tcp_acks(struct xdp_md *ctx, const struct pkt *pkt)
+/* Does this packet take a token: a TCP SYN without ACK, or anything else (UDP) not established. */
+static __always_inline int charged(const struct pkt *pkt)
 {
-	void *data = (void *)(long)ctx->data;
-	void *end = (void *)(long)ctx->data_end;
-	__u8 *flags;
-
-	if (pkt->flow.proto != IPPROTO_TCP)
-		return 0;
-	flags = data + (pkt->l4_off & 0x3ff) + 13;
-	if ((void *)(flags + 1) > end)
-		return 0;
-	return *flags & LBX_TCP_F_ACK;
+	return pkt->flow.proto != IPPROTO_TCP || (pkt->flags & LBX_PKT_F_SYN);
 }
 
 /* 1 if this source has no token left in this scope, else 0 (and a token is taken). */

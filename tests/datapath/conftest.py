@@ -24,16 +24,16 @@ from .harness import Lb
 
 
 @contextlib.contextmanager
-def compiled(source: loader.Source = loader.BALANCER) -> Iterator[loader.Program]:
-    """source compiled and loaded with its maps pinned under /sys/fs/bpf/lbxdp-test-<uuid>; the
-    program closed and the pin dir removed on exit, always, even when compiling fails. Skips
-    the test unless root."""
+def compiled(source: loader.Source = loader.BALANCER, defines: tuple[str, ...] = ()) -> Iterator[loader.Program]:
+    """source compiled (with the -D switches `defines`) and loaded with its maps pinned under
+    /sys/fs/bpf/lbxdp-test-<uuid>; the program closed and the pin dir removed on exit, always,
+    even when compiling fails. Skips the test unless root."""
     if os.geteuid() != 0:
         pytest.skip("the datapath tests load an XDP program: run them as root")
     pin_dir = Path(f"/sys/fs/bpf/lbxdp-test-{uuid.uuid4().hex[:12]}")
     prog = None
     try:
-        prog = loader.compile_program(loader.BuildConfig(pin_dir=pin_dir), source)
+        prog = loader.compile_program(loader.BuildConfig(pin_dir=pin_dir, defines=defines), source)
         yield prog
     finally:
         if prog is not None:

@@ -18,7 +18,8 @@ import pytest
 
 from lbxdp import abi, model
 
-from .frames import (BASE, CLIENT4, CLIENT6, DNS4, TCP_, WEB4, WEB6, OTHER4, XDP_DROP, XDP_PASS, XDP_TX, backends,
+from .conftest import compiled
+from .frames import (BASE, CLIENT4, LB_MAC, CLIENT6, DNS4, TCP_, WEB4, WEB6, OTHER4, XDP_DROP, XDP_PASS, XDP_TX, backends,
                      forwarded, plus, tcp, tcp_bytes, udp, vip)
 from .harness import Case, Lb, check
 
@@ -180,6 +181,10 @@ def test_burst_then_dropped_with_the_reason_per_source(fresh: Lb) -> None:
     check(fresh, _drop("the burst is spent", tcp(O4, 80, 43010), R.DROP_SRC_RATE))
     check(fresh, _tx("another source has its own bucket", tcp(O4, 80, 43011, src="192.0.2.11"), ONE4))
     check(fresh, _tx("nor does an ACK of an unknown flow (a handshake's last)", tcp(O4, 80, 43012, flags="A"), ONE4))
+    for i, flags in enumerate(("R", "F", "")):    # only a SYN opens a TCP flow (parse.h's LBX_PKT_F_SYN)
+        check(fresh, _tx(f"nor a segment of an unknown flow with flags {flags!r}", tcp(O4, 80, 43014 + i, flags=flags),
+                         ONE4))
+    check(fresh, _drop("a SYN still is", tcp(O4, 80, 43017), R.DROP_SRC_RATE))
     check(fresh, _tx("a VIP without a limit", udp(V4, 53, 43013), DNS4))
 
 
@@ -243,3 +248,32 @@ def test_the_limiter_admits_the_configured_rate_within_10_percent(fresh: Lb) -> 
     expected = 1 + rate * elapsed
     assert abs(admitted - expected) <= 0.1 * expected, \
         f"admitted {admitted} of {sent} in {elapsed:.3f} s; expected {expected:.0f} (rate {rate}/s)"
+
+
+# --- the rows above can fail ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def unprotected() -> Iterator[Lb]:
+    """The program built with -DLBX_NO_ADMISSION (admit.h admits everything), BASE applied; its own
+    pin dir, removed on exit (conftest.compiled)."""
+    with compiled(defines=("LBX_NO_ADMISSION",)) as prog:
+        lb = Lb(prog)
+        lb.apply(BASE)
+        lb.maps.set_own_mac(LB_MAC)
+        yield lb
+
+
+def test_without_the_admission_stage_the_drop_rows_fail(unprotected: Lb) -> None:
+    """Every ACL row that expects a drop, and the limiter's, fail on a build without admit():
+    the frames are forwarded instead. So the rows above test admit.h, not something else."""
+    unprotected.apply(ACL)
+    drops = [c for c in ACL_CASES if c.verdict == XDP_DROP]
+    assert len(drops) >= 5
+    for case in drops:
+        with pytest.raises(pytest.fail.Exception, match="verdict XDP_TX, expected XDP_DROP"):
+            check(unprotected, case)
+    unprotected.apply(limited(rate=1, burst=1))
+    clear_limiter(unprotected)
+    check(unprotected, _tx("first flow", tcp(O4, 80, 44000), ONE4))
+    with pytest.raises(pytest.fail.Exception, match="verdict XDP_TX, expected XDP_DROP"):
+        check(unprotected, _drop("the burst is spent", tcp(O4, 80, 44001), R.DROP_SRC_RATE))
