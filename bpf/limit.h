@@ -16,6 +16,14 @@
  * thus a per-CPU rate, documented as such (README: new_flow_limit); size it as
  * wanted-rate / receive-queues when every client spreads evenly.
  *
+ * The clock is bpf_ktime_get_coarse_ns(), the tick-resolution monotonic clock: bpf_ktime_get_ns()
+ * (a TSC read) cost ~80 ns per new flow in this VM, coarse ~5 (docs/benchmarks.md, admission
+ * rows). A coarse `now` advances a tick at a time (4 ms at HZ=250), so a bucket meets a tick's
+ * worth of tokens at once; were the burst smaller than that, the excess would be lost and the
+ * source would get less than its rate (rate 2000/s, burst 1: one flow per tick, 250/s). Hence
+ * LBX_LIMIT_SLACK_NS, one tick at HZ >= 100, added to the burst: the long-run rate is exact,
+ * the burst is `burst` plus up to rate x 10 ms (README: new_flow_limit).
+ *
  * Charged: what opens a flow and is not established: a TCP SYN without ACK (parse.h's
  * LBX_PKT_F_SYN, so no second read of the frame), and every UDP datagram of a flow until it is
  * recorded (the handshake gate records a UDP flow at its second datagram: select.h). A TCP
@@ -29,6 +37,8 @@
 
 #include "maps.h"
 #include "parse.h"
+
+#define LBX_LIMIT_SLACK_NS 10000000ULL   /* one tick of the coarse clock, HZ >= 100 */
 
 /* Does this packet take a token: a TCP SYN without ACK, or anything else (UDP) not established. */
 static __always_inline int charged(const struct pkt *pkt)
@@ -53,7 +63,7 @@ static __always_inline int over_limit(const struct lbx_admit *adm, __u32 id, con
 		return 0;
 	}
 	t = *tat > now ? *tat : now;
-	if (t - now > adm->burst_ns)
+	if (t - now > adm->burst_ns + LBX_LIMIT_SLACK_NS)
 		return 1;
 	*tat = t + adm->interval_ns;
 	return 0;

@@ -103,7 +103,7 @@ BPF_TABLE_PINNED("lpm_trie", struct acl_key, __u8, lbx_acl_tmpl, LBX_ACL_MAX,
 BPF_TABLE_PINNED("array_of_maps$lbx_acl_tmpl", int, int, lbx_acl, 1, LBX_PIN_DIR "/lbx_acl");
 
 /*
- * (source or its /64, scope) -> the source's theoretical arrival time (ns, bpf_ktime_get_ns; the
+ * (source or its /64, scope) -> the source's theoretical arrival time (ns, bpf_ktime_get_coarse_ns; the
  * GCRA form of a token bucket, limit.h). Written by the program only. Per-CPU values and per-CPU
  * LRU lists (BPF_F_NO_COMMON_LRU): a CPU reads and writes only its own bucket, without atomics
  * or a shared lock; the price is that each CPU has its own bucket (limit.h says what that does
