@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9842
+GLOBAL_SCOPE = "global"   # the vip label of the [balancer] admission scope (no VIP is named so)
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 
 
@@ -138,8 +139,22 @@ class LbxCollector(Collector):
                                 labels=["interface"])
         took = GaugeMetricFamily("lbxdp_scrape_duration_seconds",
                                  "Time this scrape took to read the instance's maps.", labels=["interface"])
+        acl_rules = GaugeMetricFamily("lbxdp_acl_rules", "CIDR rules of a scope (a VIP, or vip=\"global\": every "
+                                      "VIP) in the live ACL trie, by list (allow, deny); drops are the verdict "
+                                      "reasons acl_deny and acl_not_allowed.", labels=["interface", "vip", "list"])
+        lim_rate = GaugeMetricFamily("lbxdp_new_flow_limit_rate", "A scope's per-source limit of new flows per "
+                                     "second (per CPU); absent: no limit. Drops: reason src_rate.",
+                                     labels=["interface", "vip"])
+        lim_burst = GaugeMetricFamily("lbxdp_new_flow_limit_burst", "A scope's per-source burst of new flows; "
+                                      "absent: no limit.", labels=["interface", "vip"])
         for s in snaps:
             iface = s.interface
+            for scope, adm in ((GLOBAL_SCOPE, s.admission), *((v.name, v.admission) for v in s.vips)):
+                acl_rules.add_metric([iface, scope, "allow"], adm.allow)
+                acl_rules.add_metric([iface, scope, "deny"], adm.deny)
+                if adm.rate is not None:
+                    lim_rate.add_metric([iface, scope], adm.rate)
+                    lim_burst.add_metric([iface, scope], adm.burst or 0)
             for v in s.vips:
                 for k, fam in vip.items():
                     fam.add_metric([iface, v.name], getattr(v.stats, k))
@@ -160,7 +175,8 @@ class LbxCollector(Collector):
             info.add_metric([iface], {"version": s.state.version, "mode": s.state.mode,
                                       "prog_id": str(s.state.prog_id)})
             took.add_metric([iface], s.read_seconds)
-        yield from (*vip.values(), *be.values(), in_table, healthy, v_pkts, v_bytes, entries, capacity, info, took)
+        yield from (*vip.values(), *be.values(), in_table, healthy, v_pkts, v_bytes, entries, capacity, info, took,
+                    acl_rules, lim_rate, lim_burst)
 
 
 def make_registry(source: Source, registry: CollectorRegistry | None = None) -> CollectorRegistry:

@@ -59,11 +59,39 @@ class BackendStatus(BackendView):
 
 
 @dataclass(frozen=True)
+class AdmissionStatus:
+    """A scope's admission of new flows (bpf/admit.h) as the maps hold it: the ACL rules in the
+    live trie (the implicit "not allowed" /0 of an allow list not counted) and the per-source limit
+    (rate from the interval, exact up to ~20,000/s; burst without the clock's slack, limit.h)."""
+
+    allow: int = 0
+    deny: int = 0
+    rate: int | None = None       # new flows per second per source (and CPU); None: no limit
+    burst: int | None = None
+
+    @property
+    def rules(self) -> int:
+        return self.allow + self.deny
+
+    def to_json(self) -> dict[str, Any]:
+        return {"allow_rules": self.allow, "deny_rules": self.deny,
+                "new_flow_limit": None if self.rate is None else {"rate": self.rate, "burst": self.burst}}
+
+    def text(self) -> str:
+        lim = "no limit" if self.rate is None else f"limit {self.rate}/s, burst {self.burst}"
+        return f"allow {self.allow} rules, deny {self.deny}, {lim}"
+
+
+NO_ADMISSION = AdmissionStatus()
+
+
+@dataclass(frozen=True)
 class VipStatus(VipView):
     """A VIP as the maps show it (lbxdp.maps.VipView: name, counters, id, mode, scheduler, table
     size) with its backends' status."""
 
     backends: tuple[BackendStatus, ...] = ()
+    admission: AdmissionStatus = NO_ADMISSION
 
     @property
     def key(self) -> model.VipKey:
@@ -75,7 +103,7 @@ class VipStatus(VipView):
     def to_json(self) -> dict[str, Any]:
         return {"vip": self.name, "id": self.id, "mode": self.mode, "scheduler": self.scheduler,
                 "table_size": self.table_size, **_stats(self.stats),
-                "backends": [b.to_json() for b in self.backends]}
+                "backends": [b.to_json() for b in self.backends], "admission": self.admission.to_json()}
 
 
 @dataclass(frozen=True)
@@ -142,6 +170,7 @@ class InstanceStatus:
     flow_entries: int = 0
     flow_capacity: int = 0
     read_seconds: float = 0.0     # what reading it took (not in the JSON: the exporter shows it)
+    admission: AdmissionStatus = NO_ADMISSION   # the [balancer] scope's (each VIP's: VipStatus)
 
     def vip(self, name: str) -> VipStatus | None:
         return next((v for v in self.vips if v.name == name), None)
@@ -154,7 +183,8 @@ class InstanceStatus:
         return {"interface": self.interface, "netns": self.netns, "pin_dir": self.pin_dir,
                 "xdp": self.xdp.to_json(), "state": self.state.to_json(),
                 "vips": [v.to_json() for v in self.vips], "reasons": [r.to_json() for r in self.reasons],
-                "flows": {"entries": self.flow_entries, "capacity": self.flow_capacity}}
+                "flows": {"entries": self.flow_entries, "capacity": self.flow_capacity},
+                "admission": self.admission.to_json()}
 
 
 def _stats(s: Stats) -> dict[str, int]:
@@ -178,9 +208,30 @@ def read(inst: Instance, told: Callable[[Instance], applied.State] = applied.loa
         reasons = tuple(ReasonCount(r, p, b) for r, (p, b) in maps.reasons().items())
         entries = maps.flow_count()   # batched: 16 system calls for a full table
         capacity = maps.flow_map.info.max_entries
+        admission = read_admission(maps)
+        glob = admission.get(maps.global_scope, NO_ADMISSION) if admission else NO_ADMISSION
     return InstanceStatus(inst.ifname, inst.netns, str(inst.pin_dir), _xdp(inst), record,
-                          tuple(_vip(v, health) for v in views), reasons, entries, capacity,
-                          time.monotonic() - t0)
+                          tuple(_vip(v, health, admission) for v in views), reasons, entries, capacity,
+                          time.monotonic() - t0, admission=glob)
+
+
+def read_admission(maps: Any) -> dict[int, AdmissionStatus]:
+    """Scope (VIP id or maps.global_scope) -> its AdmissionStatus, for scopes with rules or a
+    limit. The trie is walked only when some scope has rules (one syscall per entry)."""
+    scopes = maps.admission()
+    counts: dict[int, dict[abi.AclAction, int]] = {}
+    if any(flags for _, _, flags in scopes.values()):
+        for e in maps.acl():
+            per = counts.setdefault(e.scope, {})
+            per[e.action] = per.get(e.action, 0) + 1
+    out = {}
+    for scope in set(scopes) | set(counts):
+        interval, burst_ns, _ = scopes.get(scope, (0, 0, 0))
+        c = counts.get(scope, {})
+        out[scope] = AdmissionStatus(c.get(abi.AclAction.ALLOW, 0), c.get(abi.AclAction.DENY, 0),
+                                     round(1e9 / interval) if interval else None,
+                                     burst_ns // interval + 1 if interval else None)
+    return out
 
 
 def _xdp(inst: Instance) -> Xdp:
@@ -232,7 +283,8 @@ class _Told:
 UNCHECKED_HEALTH = Health()
 
 
-def _vip(v: VipView, told: _Told) -> VipStatus:
+def _vip(v: VipView, told: _Told, admission: dict[int, AdmissionStatus]) -> VipStatus:
     bes = tuple(BackendStatus(b.name, b.stats, b.in_table, b.id, b.mac, told.health(f"{v.name}|{b.name}"))
                 for b in v.backends)
-    return VipStatus(v.name, v.stats, bes, v.id, v.mode, v.scheduler, v.table_size)
+    return VipStatus(v.name, v.stats, bes, v.id, v.mode, v.scheduler, v.table_size,
+                     admission=admission.get(v.id, NO_ADMISSION))

@@ -105,6 +105,7 @@ def _health_text(b: BackendStatus) -> str:
 
 
 def print_status(r: InstanceStatus) -> None:
+    from ..view import NO_ADMISSION
     x, st = r.xdp, r.state
     where = r.interface + (f" (netns {r.netns})" if r.netns else "")
     if x.attached:
@@ -114,11 +115,15 @@ def print_status(r: InstanceStatus) -> None:
         click.echo(f"{where}: maps pinned at {r.pin_dir} but no XDP program is attached"
                    + (f" ({x.error})" if x.error else ""))
     click.echo(f"  connection table: {r.flow_entries} / {r.flow_capacity} entries")
+    if r.admission != NO_ADMISSION:
+        click.echo(f"  admission of new flows (every VIP): {r.admission.text()}")
     row = "  {:<34} {:>6} {:>12} {:>14} {:>10}  {}"
     click.echo(row.format("VIP / backend", "sched", "packets", "bytes", "new flows", "health (last check)"))
     for v in r.vips:
         click.echo(row.format(f"{v.name} ({v.mode})", v.scheduler, v.stats.packets, v.stats.bytes,
                               v.stats.new_flows, ""))
+        if v.admission != NO_ADMISSION:
+            click.echo(f"    admission: {v.admission.text()}")
         for b in v.backends:
             mark = "" if b.in_table else " (not in table)"
             click.echo(row.format(f"  {b.name}{mark}", "", b.stats.packets, b.stats.bytes, b.stats.new_flows,

@@ -115,6 +115,21 @@ def test_the_trie_holds_the_rules_and_an_implicit_not_allowed_per_allow_list(fre
     assert fresh.maps.acl() == frozenset() and fresh.maps.admission() == {}
 
 
+def test_status_reads_each_scopes_rules_and_limit_back(fresh: Lb) -> None:
+    """lbxdp.view.read_admission (status, the exporter) over the real maps: rule counts without the
+    implicit "not allowed" /0s, the limit back from lbx_admit's nanoseconds."""
+    from lbxdp import view
+    cfg = with_admission(ACL, model.Admission(deny=ACL.balancer.admission.deny,
+                                              new_flow_limit=model.NewFlowLimit(300, 40)))
+    fresh.apply(cfg)
+    got = view.read_admission(fresh.maps)
+    assert got[fresh.maps.global_scope] == view.AdmissionStatus(0, 2, 300, 40)
+    assert got[fresh.vip_id(WEB4)] == view.AdmissionStatus(1, 1)
+    assert got[fresh.vip_id(WEB6)] == view.AdmissionStatus(1, 0)
+    fresh.apply(BASE)
+    assert view.read_admission(fresh.maps) == {}
+
+
 def test_replacing_rules_never_drops_allowed_traffic(fresh: Lb) -> None:
     """A thread sends new flows from an allowed source while the rule set flips between two that
     both allow it, 40 times (each flip a new trie swapped in). Zero drops. A rule set updated in

@@ -23,7 +23,7 @@ from lbxdp import abi
 from lbxdp.exporter import make_registry
 from lbxdp.maps import Stats
 from lbxdp.paths import Instance
-from lbxdp.view import AttachRecord, BackendStatus, Health, InstanceStatus, ReasonCount, VipStatus
+from lbxdp.view import AdmissionStatus, AttachRecord, BackendStatus, Health, InstanceStatus, ReasonCount, VipStatus
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "dashboards" / "lbxdp.json"
 
@@ -69,9 +69,11 @@ def exporter_samples() -> dict[str, set[str]]:
 
 def standalone_samples() -> dict[str, set[str]]:
     """Sample name -> label names of `lbxdp exporter`: the real collector over a fake instance
-    with data (a checked backend, so that lbxdp_backend_healthy appears)."""
+    with data (a checked backend, so that lbxdp_backend_healthy appears; a VIP with a limit, for
+    lbxdp_new_flow_limit_*)."""
     snap = InstanceStatus("eth0", vips=(VipStatus("10.112.0.10:8080/tcp", Stats(1, 2, 3), (
-        BackendStatus("10.111.0.11:8080", Stats(1, 2, 3), True, health=Health("up", passing=True)),)),),
+        BackendStatus("10.111.0.11:8080", Stats(1, 2, 3), True, health=Health("up", passing=True)),),
+        admission=AdmissionStatus(allow=1, rate=10, burst=20)),),
         reasons=tuple(ReasonCount(r, 1, 1) for r in abi.Reason.exits()), flow_entries=1, flow_capacity=65536,
         state=AttachRecord({"version": "0.1.0", "mode": "generic", "prog_id": 7}), read_seconds=0.01)
 

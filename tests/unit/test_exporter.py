@@ -15,7 +15,7 @@ from lbxdp.errors import LbxError
 from lbxdp.exporter import LbxCollector, make_registry, parse_listen, serve
 from lbxdp.maps import Stats
 from lbxdp.paths import Instance
-from lbxdp.view import AttachRecord, BackendStatus, Health, InstanceStatus, ReasonCount, VipStatus
+from lbxdp.view import AdmissionStatus, AttachRecord, BackendStatus, Health, InstanceStatus, ReasonCount, VipStatus
 
 VIP = "10.112.0.10:8080/tcp"
 VIP6 = "[fd00:112::10]:8080/udp"
@@ -28,11 +28,12 @@ ETH0 = InstanceStatus(
             BackendStatus(BE1, Stats(60, 3840, 6), True, health=Health("up", passing=True)),
             BackendStatus(BE2, Stats(40, 2560, 4), False, health=Health("down", passing=False)),
         )),
-        VipStatus(VIP6, Stats(7, 700, 7), ()),
+        VipStatus(VIP6, Stats(7, 700, 7), (), admission=AdmissionStatus(allow=2, deny=1)),
     ),
     reasons=(ReasonCount(abi.Reason.TX_FORWARD, 107, 7100), ReasonCount(abi.Reason.PASS_NOT_VIP, 3, 180)),
     flow_entries=17, flow_capacity=65536,
     state=AttachRecord({"version": "0.1.0", "mode": "generic", "prog_id": 42}),
+    admission=AdmissionStatus(deny=3, rate=50, burst=100),
 )
 
 
@@ -94,6 +95,17 @@ def test_gauges_info_and_up(registry: CollectorRegistry) -> None:
     assert g("lbxdp_info", {"interface": "eth0", "version": "0.1.0", "mode": "generic", "prog_id": "42"}) == 1
     assert g("lbxdp_up", {"interface": "eth0"}) == 1
     assert g("lbxdp_scrape_errors_total") == 0
+
+
+def test_each_scopes_rules_and_limit(registry: CollectorRegistry) -> None:
+    """Every scope has its rule counts (0 included: the series exist before the first rule); the
+    limit only where one is configured."""
+    g = registry.get_sample_value
+    glob, v4, v6 = ({"interface": "eth0", "vip": v} for v in ("global", VIP, VIP6))
+    assert [g("lbxdp_acl_rules", {**s, "list": k}) for s in (glob, v4, v6) for k in ("allow", "deny")] == \
+        [0, 3, 0, 0, 2, 1]
+    assert (g("lbxdp_new_flow_limit_rate", glob), g("lbxdp_new_flow_limit_burst", glob)) == (50, 100)
+    assert g("lbxdp_new_flow_limit_rate", v4) is None and g("lbxdp_new_flow_limit_burst", v6) is None
 
 
 def test_every_exit_reason_is_exported_with_its_verdict(registry: CollectorRegistry) -> None:

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 from lbxdp import abi, config, control, model, view
 from lbxdp.cli import params
 from lbxdp.exporter import PinnedMaps, make_registry
-from lbxdp.maps import BackendView, Stats, VipView
+from lbxdp.maps import AclEntry, BackendView, Stats, VipView
 from lbxdp.paths import Instance
 
 VIP = "10.112.0.10:8080/tcp"
@@ -47,6 +47,19 @@ class FakeMaps:
 
     def flow_count(self) -> int:
         return 17
+
+    global_scope = 1024
+
+    def admission(self) -> dict[int, tuple[int, int, int]]:
+        # the VIP: new_flow_limit = { rate = 100, burst = 200 } and a v4 allow list; [balancer]: two denies
+        return {0: (10_000_000, 199 * 10_000_000, abi.ADMIT_F_ACL_V4 | abi.ADMIT_F_ACL_V6),
+                1024: (0, 0, abi.ADMIT_F_ACL_V4 | abi.ADMIT_F_ACL_V6)}
+
+    def acl(self) -> frozenset[AclEntry]:
+        net, A = ipaddress.ip_network, abi.AclAction
+        return frozenset({AclEntry(0, net("192.0.2.0/24"), A.ALLOW), AclEntry(0, net("0.0.0.0/0"), A.NOT_ALLOWED),
+                          AclEntry(0, net("::/0"), A.NOT_ALLOWED), AclEntry(1024, net("198.51.100.0/24"), A.DENY),
+                          AclEntry(1024, net("2001:db8:bad::/48"), A.DENY)})
 
     class flow_map:
         class info:
@@ -77,10 +90,12 @@ EXPECTED = {
                    "last_check": "refused", "check_latency": 0.001, "last_check_at": 1700000200.0, "checks": 9},
                   {"backend": BE3, "id": 2, "mac": "02:00:00:00:00:13", "in_table": True, "packets": 0, "bytes": 0,
                    "new_flows": 0, "health": "up", "forced": "up", "health_since": None, "last_check": None,
-                   "check_latency": None, "last_check_at": None, "checks": None}]}],
+                   "check_latency": None, "last_check_at": None, "checks": None}],
+              "admission": {"allow_rules": 1, "deny_rules": 0, "new_flow_limit": {"rate": 100, "burst": 200}}}],
     "reasons": [{"reason": "forward", "verdict": "tx", "packets": 107, "bytes": 7100},
                 {"reason": "not_ip", "verdict": "pass", "packets": 0, "bytes": 0}],
     "flows": {"entries": 17, "capacity": 65536},
+    "admission": {"allow_rules": 0, "deny_rules": 2, "new_flow_limit": None},   # keys added for issue 11
 }
 
 
@@ -116,6 +131,19 @@ def test_status_to_json_is_the_status_document(inst: Instance, tmp_path: Path) -
     assert (be1.health.passing, be2.health.passing, be3.health.passing) == (True, False, None)
     assert be3.health.forced is model.HealthOverride.UP
     assert st.vips[0].backend_id(be2) == model.BackendId.parse(f"{VIP}|{BE2}")
+
+
+def test_status_shows_each_scopes_rules_and_limit(inst: Instance, capsys: pytest.CaptureFixture[str]) -> None:
+    """Counted from the live trie (an allow list's implicit "not allowed" /0s are no rules) and
+    lbx_admit (rate and burst back from the nanoseconds); the text names both scopes."""
+    from lbxdp.cli.instance import print_status
+    st = control.status(inst)
+    assert st.admission == view.AdmissionStatus(0, 2, None, None)
+    assert st.vips[0].admission == view.AdmissionStatus(1, 0, 100, 200)
+    print_status(st)
+    out = capsys.readouterr().out
+    assert "admission of new flows (every VIP): allow 0 rules, deny 2, no limit" in out
+    assert f"admission: allow 1 rules, deny 0, limit 100/s, burst 200" in out
 
 
 def test_status_without_a_daemon_is_unchecked(inst: Instance) -> None:
