@@ -236,6 +236,64 @@ def encap_cases(prog: loader.Program, new_flows: dict[str, list[bytes]]) -> list
     ]
 
 
+ACL_PREFIXES = 1000   # per family, in the admission rows' VIP scope
+
+
+def acl_rules(client: str, n: int | None = None) -> model.Admission:
+    """n prefixes of client's family (lengths /12../32 or /24../64, random but seeded), half allow
+    and half deny, none covering client but two: a deny of its /10 (/32) and an allow of its /16
+    (/48) inside it, so client's new flows take the longest-match-allows path."""
+    import random
+    rnd, n = random.Random(11), n or ACL_PREFIXES
+    c = ipaddress.ip_address(client)
+    bits, lens = (32, (12, 32)) if c.version == 4 else (128, (24, 64))
+    wide, narrow = ((10, 16) if c.version == 4 else (32, 48))
+    cover = {ipaddress.ip_network(f"{c}/{wide}", strict=False), ipaddress.ip_network(f"{c}/{narrow}", strict=False)}
+    nets: set = set()
+    while len(nets) < n - 2:
+        length = rnd.randint(*lens)
+        net = ipaddress.ip_network((rnd.getrandbits(bits) >> (bits - length) << (bits - length), length))
+        if c not in net and not any(net.overlaps(x) for x in cover):
+            nets.add(net)
+    ordered = sorted(nets, key=lambda x: (x.version, x.network_address, x.prefixlen))
+    return model.Admission(allow=(min(cover, key=lambda x: -x.prefixlen), *ordered[0::2]),
+                           deny=(max(cover, key=lambda x: -x.prefixlen), *ordered[1::2]))
+
+
+def admission_cases(prog: loader.Program, new_flows: dict[str, list[bytes]]) -> list[Case]:
+    """New flows through admit.h (bpf/acl.h, bpf/limit.h) on the current program: beside config()'s
+    VIPs, three with the same 8 backends and scheduler (Maglev) on port 83 and 84: v4:83 with a
+    per-source limit that admits everything (rate 10M/s, burst 10M; the frames come from ~13
+    sources, so nearly every flow finds its source's bucket: the admitted path), v4:84 and v6:84
+    with ACL_PREFIXES prefixes of their family each (the client's on an allow rule). The v4:80 and
+    v6:80 rows of this program are the same VIP shape without rules; established and non-VIP rows
+    never reach admission."""
+    ip = ipaddress.ip_address
+    base = config()
+    like = {4: base.vips[0], 6: base.vips[1]}
+    limit = model.Admission(new_flow_limit=model.NewFlowLimit(model.MAX_NEW_FLOW_RATE, model.MAX_NEW_FLOW_BURST))
+    extra = (model.Vip(ip(VIP4), 83, model.Protocol.TCP, backends=like[4].backends, admission=limit),
+             model.Vip(ip(VIP4), 84, model.Protocol.TCP, backends=like[4].backends, admission=acl_rules(CLIENT4)),
+             model.Vip(ip(VIP6), 84, model.Protocol.TCP, backends=like[6].backends, admission=acl_rules(CLIENT6)))
+    maps = Maps(prog.maps)
+    Balancer(maps).apply(model.Config(vips=base.vips + extra, balancer=base.balancer), macs={})
+    maps.set_own_mac(LB_MAC)
+    lb = bpfsys.TestRunner(prog.fd)
+
+    def clear() -> None:
+        clear_flows(maps)
+    return [
+        Case("admit: tcp syn new flow v4, no rules", lb, new_flows["v4"], XDP_TX, clear),
+        Case("admit: tcp syn new flow v4, source limit", lb, new_flows["lim4"], XDP_TX, clear),
+        Case(f"admit: tcp syn new flow v4, {ACL_PREFIXES} prefixes", lb, new_flows["acl4"], XDP_TX, clear),
+        Case("admit: tcp syn new flow v6, no rules", lb, new_flows["v6"], XDP_TX, clear),
+        Case(f"admit: tcp syn new flow v6, {ACL_PREFIXES} prefixes", lb, new_flows["acl6"], XDP_TX, clear),
+        Case("admit: tcp established v4, source limit", lb, [frame(CLIENT4, VIP4, 999, 83, 6, tcp_flags=0x10)], XDP_TX,
+             recorded=recorded(maps, 999, 83)),
+        Case("admit: non-vip pass v4", lb, [frame(CLIENT4, NOT_VIP4, 999, 80, 6)], XDP_PASS),
+    ]
+
+
 def decap_cases(prog: loader.Program, label: str = "") -> list[Case]:
     """lbxdp_decap (bpf/decap.c) filled as `lbxdp decap attach` fills it: a tunnelled SYN opened
     (IPIP over v4, GUE over v6: the longest parse), and traffic that is no tunnel; label prefixes
@@ -353,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-dir", type=Path, default=None,
                     help="also measure the C sources in this directory in the same run (rows marked 'before:'), "
                          "interleaved with the current ones, so that before/after share the machine's state")
+    ap.add_argument("--no-admission", action="store_true",
+                    help="skip the admission rows (a per-source limit, ACL tries: bpf/admit.h)")
     ap.add_argument("--fib", action="store_true",
                     help="also measure a per-packet bpf_fib_lookup (scripts/fib_lookup.c) in a namespace of its own")
     ap.add_argument("--max-seconds", type=float, default=900.0, help="give up after this long (900)")
@@ -377,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
         new_flows = {"v4": new_flow_frames(n, VIP4, CLIENT4), "rr": new_flow_frames(n, VIP4, CLIENT4, 81),
                      "v6": new_flow_frames(n, VIP6, CLIENT6), "ipip": new_flow_frames(n, VIP4, CLIENT4, 82),
                      "ack4": new_flow_frames(n, VIP4, CLIENT4, tcp_flags=0x10)}
+        if not args.no_admission:
+            new_flows |= {"lim4": new_flow_frames(n, VIP4, CLIENT4, 83), "acl4": new_flow_frames(n, VIP4, CLIENT4, 84),
+                          "acl6": new_flow_frames(n, VIP6, CLIENT6, 84)}
         sources = [("", args.bpf_dir)] + ([("before: ", args.baseline_dir)] if args.baseline_dir else [])
         for label, src in sources:
             pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
@@ -385,6 +448,11 @@ def main(argv: list[str] | None = None) -> int:
             cases += program_cases(label, progs[-1], new_flows, syn4)
             if not label:
                 cases += encap_cases(progs[-1], new_flows)
+        if not args.no_admission:   # a program of its own: its rules never touch the rows above
+            pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
+            progs.append(loader.compile_program(loader.BuildConfig(pin_dir=pin_dirs[-1], src_dir=args.bpf_dir,
+                                                                   flow_capacity=args.flow_capacity)))
+            cases += admission_cases(progs[-1], new_flows)
         for label, src in sources:
             if ((src or loader.bpf_dir()) / loader.DECAP.entry).is_file():
                 pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
