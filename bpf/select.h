@@ -18,6 +18,7 @@ struct selection {
 	__u32 backend_id;
 	__u32 vip_id;
 	__u8 new_flow;
+	__u8 unlooked;    /* a flood SYN that skipped the connection table (established()) */
 };
 
 /* Final mixer of MurmurHash3 (public domain): every input bit flips about half the output. */
@@ -86,6 +87,36 @@ static __always_inline struct backend *backend_by_id(__u32 id)
 }
 
 /*
+ * Katran's "is under flood", per CPU (no atomics): this CPU's new flows (pure SYNs, and the
+ * packets that record a flow or were refused a record) counted in one-second windows, against
+ * lbx_ctl.flood_threshold. The coarse clock: see now_units().
+ */
+static __always_inline struct lbx_flood *new_flow_window(void)
+{
+	__u32 zero = 0;
+	struct lbx_flood *f = lbx_flood.lookup(&zero);
+	__u64 now;
+
+	if (!f)
+		return NULL;
+	now = bpf_ktime_get_coarse_ns();
+	if (now - f->window > 1000000000ULL) {
+		f->window = now;
+		f->inserts = 0;
+	}
+	f->inserts++;
+	return f;
+}
+
+static __always_inline int flooded(const struct lbx_flood *f)
+{
+	__u32 zero = 0;
+	struct lbx_ctl *ctl = lbx_ctl.lookup(&zero);
+
+	return f && f->inserts > (ctl && ctl->flood_threshold ? ctl->flood_threshold : LBX_FLOOD_THRESHOLD);
+}
+
+/*
  * A known flow whose backend entry is still the one it started on. A match proves the VIP still
  * has that backend: deleting a VIP or removing a backend deactivates the entry, and giving the id
  * to another backend (of any VIP, even one that reused the VIP id) bumps its generation. So an
@@ -93,9 +124,27 @@ static __always_inline struct backend *backend_by_id(__u32 id)
  */
 static __always_inline int established(struct pkt *pkt, struct selection *sel)
 {
-	struct flow_val *known = lbx_flows.lookup(&pkt->flow);
+	struct flow_val *known;
 	struct backend *be;
 
+#ifndef LBX_NO_HANDSHAKE_GATE
+	/*
+	 * Under a new-flow flood a pure SYN skips the lookup (a miss in a large table is a cache
+	 * miss: ~140 ns of the flood SYN's cost, docs/benchmarks.md). The gate never records a SYN,
+	 * so a recorded tuple seeing one is a spoofed or stray SYN, which needs no recorded backend,
+	 * or a client reusing the tuple (after TIME_WAIT): select_backend() then deletes the stale
+	 * record where the SYN's choice goes into the half-open table, and on a settled VIP the
+	 * table's choice is the recorded one unless the table changed since (the README's
+	 * residual). Not under flood, the SYN follows the recorded flow as before. A retransmitted
+	 * SYN cannot follow its own handshake's ACK; an ICMP error never skips.
+	 */
+	if ((pkt->flags & (LBX_PKT_F_SYN | LBX_PKT_F_ICMP_ERR)) == LBX_PKT_F_SYN &&
+	    flooded(new_flow_window())) {
+		sel->unlooked = 1;
+		return 0;
+	}
+#endif
+	known = lbx_flows.lookup(&pkt->flow);
 	if (!known)
 		return 0;
 	be = backend_by_id(known->backend_id);
@@ -139,17 +188,41 @@ static __always_inline int table_choice(const struct vip_meta *vip, struct pkt *
 }
 
 /*
+ * The gate's clock, in LBX_TIME_SHIFT units (abi.h): the coarse clock is the same CLOCK_MONOTONIC
+ * at tick resolution and costs ~5 ns where bpf_ktime_get_ns() costs ~80 in this VM (limit.h).
+ */
+static __always_inline __u32 now_units(void)
+{
+	return bpf_ktime_get_coarse_ns() >> LBX_TIME_SHIFT;
+}
+
+/*
+ * How long after its table last changed a hash or Maglev VIP may still have half-open entries
+ * waiting: they are written only within LBX_SETTLE_UNITS of a change, and a handshake's ACK comes
+ * within the backend's SYN-ACK retries (~63 s on Linux's defaults, tcp_synack_retries = 5).
+ * Past it the client's packets skip the half-open lookup (the recorded new flow's cost).
+ */
+#define LBX_HALF_OPEN_UNITS 64
+
+/*
  * Whether the table gives this flow's next packet the backend it gives this one: a hash or Maglev
  * VIP whose table has not changed for LBX_SETTLE_UNITS (abi.h). changed_at 0 (a VIP's first
- * table, which no earlier packet of any flow can have used) skips the clock.
+ * table, which no earlier packet of any flow can have used) skips the clock. *ho: whether the
+ * VIP may have half-open entries (round robin always; else see LBX_HALF_OPEN_UNITS).
  */
-static __always_inline int reproducible(const struct vip_meta *vip)
+static __always_inline int reproducible(const struct vip_meta *vip, int *ho)
 {
+	__u32 age;
+
+	*ho = 1;
 	if (vip->sched == LBX_SCHED_RR)
 		return 0;
+	*ho = 0;
 	if (!vip->changed_at)
 		return 1;
-	return (__u32)(bpf_ktime_get_ns() >> LBX_TIME_SHIFT) - vip->changed_at > LBX_SETTLE_UNITS;
+	age = now_units() - vip->changed_at;
+	*ho = age <= LBX_HALF_OPEN_UNITS;
+	return age > LBX_SETTLE_UNITS;
 }
 
 /* A half-open entry whose backend entry still is the one the opening packet got. */
@@ -170,33 +243,17 @@ static __always_inline int half_open(struct pkt *pkt, struct selection *sel)
 }
 
 /*
- * Katran's "is under flood", per CPU (no atomics): every connection-table insert counts in this
- * CPU's one-second window; past lbx_ctl.flood_threshold, inserts that are optional (a packet that
- * proves no handshake) are skipped and counted. 1: record.
+ * Whether to record this flow: always unless optional (a packet that proves no handshake), then
+ * only while this CPU is not under a new-flow flood; a refused record is counted.
  */
 static __always_inline int may_record(int optional)
 {
-	__u32 zero = 0;
-	struct lbx_flood *f = lbx_flood.lookup(&zero);
-	struct lbx_ctl *ctl;
-	__u64 now;
-	__u32 limit;
+	struct lbx_flood *f = new_flow_window();
 
-	if (!f)
+	if (!optional || !flooded(f))
 		return 1;
-	now = bpf_ktime_get_ns();
-	if (now - f->window > 1000000000ULL) {
-		f->window = now;
-		f->inserts = 0;
-	}
-	f->inserts++;
-	if (!optional)
-		return 1;
-	ctl = lbx_ctl.lookup(&zero);
-	limit = ctl && ctl->flood_threshold ? ctl->flood_threshold : LBX_FLOOD_THRESHOLD;
-	if (f->inserts <= limit)
-		return 1;
-	f->skipped++;
+	if (f)
+		f->skipped++;
 	return 0;
 }
 
@@ -231,7 +288,7 @@ static __always_inline void record_half_open(struct pkt *pkt, const struct selec
 static __always_inline int select_backend(const struct vip_meta *vip, struct pkt *pkt,
 					  struct selection *sel)
 {
-	int r, again;
+	int r, again, ho;
 
 	/* An error about a flow still in its handshake follows its half-open entry. */
 	if (pkt->flags & LBX_PKT_F_ICMP_ERR)
@@ -244,12 +301,12 @@ static __always_inline int select_backend(const struct vip_meta *vip, struct pkt
 	}
 	return r;
 #endif
-	again = reproducible(vip);
+	again = reproducible(vip, &ho);
 	if ((pkt->flags & LBX_PKT_F_SYN) && again) {
 		sel->new_flow = 1;
 		return table_choice(vip, pkt, sel);
 	}
-	if (half_open(pkt, sel)) {
+	if (ho && half_open(pkt, sel)) {
 		if (!(pkt->flags & LBX_PKT_F_SYN) && may_record(0))
 			record(pkt, sel);
 		return LBX_R_OK;
@@ -259,6 +316,8 @@ static __always_inline int select_backend(const struct vip_meta *vip, struct pkt
 		return r;
 	if ((pkt->flags & LBX_PKT_F_SYN) || (pkt->flow.proto == IPPROTO_UDP && !again)) {
 		sel->new_flow = 1;
+		if (sel->unlooked)     /* a reused tuple's ACK must not meet its old record */
+			lbx_flows.delete(&pkt->flow);
 		record_half_open(pkt, sel);
 		return LBX_R_OK;
 	}

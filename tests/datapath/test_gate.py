@@ -113,6 +113,7 @@ def test_bare_acks_are_recorded_below_the_flood_threshold_and_forwarded_unrecord
     with one_cpu():   # the flood window is per CPU
         # an rr handshake begun before the flood
         rr_syn = tx(glb, "rr syn", tcp(str(RR4.address), 80, 50499), RR4)
+        glb.maps.m[abi.Map.FLOOD].zero(0)   # the window counts the acks below from 0 (a syn counts too)
         for i in range(limit):
             tx(glb, f"bare ack {i} of an unknown flow", tcp(addr, 80, 50400 + i, flags="A"), MAG)
         assert glb.maps.flow_count() == limit
@@ -130,3 +131,34 @@ def test_bare_acks_are_recorded_below_the_flood_threshold_and_forwarded_unrecord
         assert glb.maps.flow_count() == limit + 1
         tx(glb, "an established flow under flood", tcp(addr, 80, 50400, flags="A"), MAG)
         assert glb.maps.flow_count() == limit + 1
+
+
+def test_under_a_flood_a_syn_skips_the_connection_table_and_a_reused_tuple_follows_its_new_choice(glb: Lb) -> None:
+    """A pure SYN skips the connection-table lookup only while this CPU is over the threshold
+    (the flood SYN's cost). A client reusing a recorded tuple then gets round robin's next choice
+    for its SYN, and its ACK must get the same one: the stale record is deleted, not followed."""
+    limit = 10
+    glb.apply(dataclasses.replace(GATED, balancer=model.BalancerOptions(flood_threshold=limit)))
+    addr, reused = str(RR4.address), 50601
+    with one_cpu():
+        old = tx(glb, "an rr syn", tcp(addr, 80, reused), RR4)
+        assert tx(glb, "its ack records it", tcp(addr, 80, reused, flags="A"), RR4) == old
+        assert counts(glb)[0] == 1
+        assert tx_once(glb, tcp(addr, 80, reused), RR4) == old, "below the threshold a syn follows its record"
+        for i in range(limit):   # a flood of syns to the settled Maglev VIP: this CPU goes over
+            tx_once(glb, tcp(str(MAG.address), 80, 50610 + i), MAG)
+        assert glb.maps.flood().cpus_flooded == 1
+        # other clients' syns move round robin past the old backend (its table may repeat a backend)
+        for port in range(50700, 51100):
+            if tx_once(glb, tcp(addr, 80, port), RR4) != old:
+                break
+        # the old handshake's half-open entry churned out meanwhile (the flood's syns fill that table)
+        glb.maps.m[abi.Map.HALF_OPEN].delete(glb.maps.m[abi.Map.HALF_OPEN].Key.from_buffer_copy(
+            next(e.key for e in glb.maps.flow_entries() if e.sport == reused)))
+        new = tx_once(glb, tcp(addr, 80, reused), RR4)
+        assert new != old, "round robin's next choice (the record was not looked up)"
+        assert counts(glb)[0] == 0, "the reused tuple's stale record was not deleted"
+        assert tx_once(glb, tcp(addr, 80, reused, flags="A"), RR4) == new, "the ack went to the old record"
+        assert counts(glb)[0] == 1
+        # the recorded flow's own packets still find it under flood
+        assert tx_once(glb, tcp(addr, 80, reused, flags="A"), RR4) == new
