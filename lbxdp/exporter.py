@@ -147,8 +147,27 @@ class LbxCollector(Collector):
                                      labels=["interface", "vip"])
         lim_burst = GaugeMetricFamily("lbxdp_new_flow_limit_burst", "A scope's per-source burst of new flows; "
                                       "absent: no limit.", labels=["interface", "vip"])
+        half_open = GaugeMetricFamily("lbxdp_half_open_entries", "Entries in the half-open table: handshakes "
+                                      "whose SYN's choice waits for the client's ACK (bpf/select.h).",
+                                      labels=["interface"])
+        flood_threshold = GaugeMetricFamily("lbxdp_flood_threshold", "New flows per second per CPU past which "
+                                            "that CPU is under a new-flow flood ([balancer] flood_threshold).",
+                                            labels=["interface"])
+        flood_cpus = GaugeMetricFamily("lbxdp_flood_cpus", "CPUs over the flood threshold in their current "
+                                       "second.", labels=["interface"])
+        skipped = CounterMetricFamily("lbxdp_flood_inserts_skipped", "Connection-table records refused because "
+                                      "the CPU was under a new-flow flood (packets proving no handshake).",
+                                      labels=["interface"])
+        ho_written = CounterMetricFamily("lbxdp_half_open_written", "Half-open entries written (SYNs and first "
+                                         "datagrams whose choice the VIP's table cannot repeat).",
+                                         labels=["interface"])
         for s in snaps:
             iface = s.interface
+            half_open.add_metric([iface], s.gate.half_open_entries)
+            flood_threshold.add_metric([iface], s.gate.threshold)
+            flood_cpus.add_metric([iface], s.gate.cpus_flooded)
+            skipped.add_metric([iface], s.gate.inserts_skipped)
+            ho_written.add_metric([iface], s.gate.half_open_written)
             for scope, adm in ((GLOBAL_SCOPE, s.admission), *((v.name, v.admission) for v in s.vips)):
                 acl_rules.add_metric([iface, scope, "allow"], adm.allow)
                 acl_rules.add_metric([iface, scope, "deny"], adm.deny)
@@ -176,7 +195,7 @@ class LbxCollector(Collector):
                                       "prog_id": str(s.state.prog_id)})
             took.add_metric([iface], s.read_seconds)
         yield from (*vip.values(), *be.values(), in_table, healthy, v_pkts, v_bytes, entries, capacity, info, took,
-                    acl_rules, lim_rate, lim_burst)
+                    acl_rules, lim_rate, lim_burst, half_open, flood_threshold, flood_cpus, skipped, ho_written)
 
 
 def make_registry(source: Source, registry: CollectorRegistry | None = None) -> CollectorRegistry:

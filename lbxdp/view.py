@@ -159,6 +159,28 @@ class AttachRecord:
 
 
 @dataclass(frozen=True)
+class GateStatus:
+    """The handshake gate (bpf/select.h): the half-open table and the per-CPU new-flow flood
+    state (maps.FloodState), as `status` and the exporter show them."""
+    half_open_entries: int = 0
+    half_open_capacity: int = 0
+    threshold: int = abi.FLOOD_THRESHOLD   # new flows per second per CPU past which a CPU is flooded
+    cpus_flooded: int = 0                  # CPUs over it in their current second
+    inserts_skipped: int = 0               # records refused under flood, ever
+    half_open_written: int = 0             # half-open entries written, ever
+
+    def to_json(self) -> dict[str, Any]:
+        return {"half_open": {"entries": self.half_open_entries, "capacity": self.half_open_capacity,
+                              "written": self.half_open_written},
+                "flood": {"threshold": self.threshold, "cpus_flooded": self.cpus_flooded,
+                          "inserts_skipped": self.inserts_skipped}}
+
+    def text(self) -> str:
+        return (f"half-open: {self.half_open_entries} / {self.half_open_capacity} entries; new-flow flood: "
+                f"{self.cpus_flooded} CPU(s) over {self.threshold}/s, {self.inserts_skipped} records skipped")
+
+
+@dataclass(frozen=True)
 class InstanceStatus:
     interface: str
     netns: str | None = None
@@ -171,6 +193,7 @@ class InstanceStatus:
     flow_capacity: int = 0
     read_seconds: float = 0.0     # what reading it took (not in the JSON: the exporter shows it)
     admission: AdmissionStatus = NO_ADMISSION   # the [balancer] scope's (each VIP's: VipStatus)
+    gate: GateStatus = GateStatus()
 
     def vip(self, name: str) -> VipStatus | None:
         return next((v for v in self.vips if v.name == name), None)
@@ -184,7 +207,7 @@ class InstanceStatus:
                 "xdp": self.xdp.to_json(), "state": self.state.to_json(),
                 "vips": [v.to_json() for v in self.vips], "reasons": [r.to_json() for r in self.reasons],
                 "flows": {"entries": self.flow_entries, "capacity": self.flow_capacity},
-                "admission": self.admission.to_json()}
+                "admission": self.admission.to_json(), "gate": self.gate.to_json()}
 
 
 def _stats(s: Stats) -> dict[str, int]:
@@ -210,9 +233,18 @@ def read(inst: Instance, told: Callable[[Instance], applied.State] = applied.loa
         capacity = maps.flow_map.info.max_entries
         admission = read_admission(maps)
         glob = admission.get(maps.global_scope, NO_ADMISSION) if admission else NO_ADMISSION
+        gate = read_gate(maps)
     return InstanceStatus(inst.ifname, inst.netns, str(inst.pin_dir), _xdp(inst), record,
                           tuple(_vip(v, health, admission) for v in views), reasons, entries, capacity,
-                          time.monotonic() - t0, admission=glob)
+                          time.monotonic() - t0, admission=glob, gate=gate)
+
+
+def read_gate(maps: Any) -> GateStatus:
+    """The half-open table's entries (a batched walk, at most 16k) and the flood state."""
+    f = maps.flood()
+    ho = maps.m.get(abi.Map.HALF_OPEN)
+    return GateStatus(maps.half_open_entries(), ho.info.max_entries if ho is not None else 0,
+                      f.threshold, f.cpus_flooded, f.skipped, f.half_open_written)
 
 
 def read_admission(maps: Any) -> dict[int, AdmissionStatus]:

@@ -115,6 +115,7 @@ def print_status(r: InstanceStatus) -> None:
         click.echo(f"{where}: maps pinned at {r.pin_dir} but no XDP program is attached"
                    + (f" ({x.error})" if x.error else ""))
     click.echo(f"  connection table: {r.flow_entries} / {r.flow_capacity} entries")
+    click.echo(f"  {r.gate.text()}")
     if r.admission != NO_ADMISSION:
         click.echo(f"  admission of new flows (every VIP): {r.admission.text()}")
     row = "  {:<34} {:>6} {:>12} {:>14} {:>10}  {}"

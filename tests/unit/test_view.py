@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 from lbxdp import abi, config, control, model, view
 from lbxdp.cli import params
 from lbxdp.exporter import PinnedMaps, make_registry
-from lbxdp.maps import AclEntry, BackendView, Stats, VipView
+from lbxdp.maps import AclEntry, BackendView, FloodState, Stats, VipView
 from lbxdp.paths import Instance
 
 VIP = "10.112.0.10:8080/tcp"
@@ -65,6 +65,17 @@ class FakeMaps:
         class info:
             max_entries = 65536
 
+    def flood(self) -> FloodState:
+        return FloodState(threshold=200, cpus_flooded=1, skipped=5, half_open_written=9)
+
+    def half_open_entries(self) -> int:
+        return 3
+
+    class _HalfOpen:
+        class info:
+            max_entries = 16384
+    m = {abi.Map.HALF_OPEN: _HalfOpen}
+
 
 STATE = {"ifname": "eth0", "netns": None, "mode": "generic", "prog_id": 42, "attached_at": 1700000000.0,
          "config": "/etc/lbxdp/lb.toml", "version": "0.1.0"}
@@ -96,6 +107,8 @@ EXPECTED = {
                 {"reason": "not_ip", "verdict": "pass", "packets": 0, "bytes": 0}],
     "flows": {"entries": 17, "capacity": 65536},
     "admission": {"allow_rules": 0, "deny_rules": 2, "new_flow_limit": None},   # keys added for issue 11
+    "gate": {"half_open": {"entries": 3, "capacity": 16384, "written": 9},      # issue 11: the handshake gate
+             "flood": {"threshold": 200, "cpus_flooded": 1, "inserts_skipped": 5}},
 }
 
 
@@ -220,3 +233,25 @@ def test_enum_choices_give_members() -> None:
         only.convert("maglev", None, None)
 
 
+
+
+def test_status_and_the_exporter_show_the_handshake_gate(inst: Instance, capsys: pytest.CaptureFixture[str]) -> None:
+    """Half-open entries and the flood state (bpf/select.h): a line of `status`, five series."""
+    from lbxdp.cli.instance import print_status
+    st = control.status(inst)
+    assert st.gate == view.GateStatus(3, 16384, 200, 1, 5, 9)
+    print_status(st)
+    assert "half-open: 3 / 16384 entries; new-flow flood: 1 CPU(s) over 200/s, 5 records skipped" in capsys.readouterr().out
+
+    class Source:
+        def instances(self) -> list[Instance]:
+            return [inst]
+
+        def read(self, i: Instance) -> view.InstanceStatus:
+            return st
+    reg = make_registry(Source(), CollectorRegistry())
+    got = {n: reg.get_sample_value(n, {"interface": "eth0"}) for n in (
+        "lbxdp_half_open_entries", "lbxdp_flood_threshold", "lbxdp_flood_cpus",
+        "lbxdp_flood_inserts_skipped_total", "lbxdp_half_open_written_total")}
+    assert got == {"lbxdp_half_open_entries": 3, "lbxdp_flood_threshold": 200, "lbxdp_flood_cpus": 1,
+                   "lbxdp_flood_inserts_skipped_total": 5, "lbxdp_half_open_written_total": 9}
