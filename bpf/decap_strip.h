@@ -6,38 +6,33 @@
  * header, and then the frame start is moved there with bpf_xdp_adjust_head(). Copying before
  * the move needs no save on the stack and no second bounds check after the helper, whose
  * packet pointers are void (docs/benchmarks.md "decap": the saved-header version cost ~5 ns
- * more). Source and destination never overlap: the outer header is at least 20 bytes, the L2
- * header at most 18. MACs are kept. The inner packet is not touched: its checksums were valid
- * and stay so. Ethernet padding after the outer packet stays too (the stack trims to the inner
- * total length).
+ * more). The copy is 3 or 4 whole-word moves (u64 + u32 of MACs, [u32 of VLAN], u16 EtherType).
+ * Source and destination never overlap: the outer header is at least 20 bytes, the L2 header
+ * at most 18. MACs are kept. The inner packet is not touched: its checksums were valid and stay
+ * so. Ethernet padding after the outer packet stays too (the stack trims to the inner total
+ * length).
  */
 #ifndef LBX_DECAP_STRIP_H
 #define LBX_DECAP_STRIP_H
 
 #include "decap_parse.h"
 
-struct l2_hdr {   /* Ethernet with one VLAN tag; the untagged header is its first 14 bytes */
-	__u8 macs[12];
-	__be16 proto;
-	struct vlan_hdr vlan;
-};
-
-static __always_inline int strip_outer(struct xdp_md *ctx, const struct tunnel *t)
+/* data: the frame start, already checked to hold l2_len + strip + an inner IP header. */
+static __always_inline int strip_outer(struct xdp_md *ctx, void *data, void *end, const struct tunnel *t)
 {
-	void *data = (void *)(long)ctx->data;
-	void *end = (void *)(long)ctx->data_end;
 	__u32 strip = t->strip & 0x7f;   /* <= 40 + 8 + 4: a bound the verifier can see */
-	struct l2_hdr *from = data, *to = data + strip;
+	__be16 proto = t->inner_family == LBX_FAMILY_V4 ? bpf_htons(ETH_P_IP) : bpf_htons(ETH_P_IPV6);
+	void *to = data + strip;
 
-	if ((void *)(from + 1) > end || (void *)(to + 1) > end)
+	if (to + sizeof(struct ethhdr) + sizeof(struct vlan_hdr) > end || data + sizeof(struct ethhdr) + sizeof(struct vlan_hdr) > end)
 		return LBX_D_PASS_TRUNCATED_OUTER;   /* cannot happen: the inner IP header follows */
-	__builtin_memcpy(to->macs, from->macs, sizeof(to->macs));
-	if (t->l2_len != sizeof(struct ethhdr)) {
-		to->proto = from->proto;
-		to->vlan.tci = from->vlan.tci;
-		to->vlan.proto = bpf_htons(t->inner_eth_proto);
+	*(__u64 *)to = *(__u64 *)data;
+	*(__u32 *)(to + 8) = *(__u32 *)(data + 8);
+	if (LBX_D_LIKELY(t->l2_len == sizeof(struct ethhdr))) {
+		*(__be16 *)(to + 12) = proto;
 	} else {
-		to->proto = bpf_htons(t->inner_eth_proto);
+		*(__u32 *)(to + 12) = *(__u32 *)(data + 12);   /* TPID, TCI */
+		*(__be16 *)(to + 16) = proto;
 	}
 	/* Cannot fail: more than ETH_HLEN bytes stay in the frame. Were it to fail, the frame
 	 * would pass with its outer header's tail overwritten, counted under this reason. */

@@ -9,35 +9,68 @@
 #include "decap_maps.h"
 #include "decap_parse.h"
 
-/* The slot holding (a, family) in the table the control plane made active, or NULL. */
-static __always_inline struct decap_slot *find_addr(const struct lbx_addr *a, __u8 family, __u8 active)
+/* Does slot s hold (w0..w3, family)? A v4 slot's other words are 0 (decap.py: addr_bytes). */
+static __always_inline int slot_is(const struct decap_slot *s, __u8 family, __u32 w0, __u32 w1, __u32 w2, __u32 w3)
 {
-	__u32 h = ((a->w[0] ^ a->w[1] ^ a->w[2] ^ a->w[3]) * LBX_VIP_FILTER_MUL) >> (32 - LBX_DECAP_SLOT_BITS);
-	__u32 base = active ? LBX_DECAP_SLOTS : 0;
-	struct decap_slot *s;
-	__u32 k;
+	if (family == LBX_FAMILY_V4)
+		return s->family == family && s->addr.w[0] == w0;
+	return s->family == family && s->addr.w[0] == w0 && s->addr.w[1] == w1 && s->addr.w[2] == w2 &&
+	       s->addr.w[3] == w3;
+}
 
-#pragma unroll
-	for (int i = 0; i < LBX_DECAP_PROBES; i++) {
+/*
+ * The slot holding the address at a (in the frame: 1 word for LBX_FAMILY_V4, 4 for V6) in the
+ * table starting at slot base (0 or LBX_DECAP_SLOTS: the one lbxd_ctl.active names), or NULL.
+ * family is a constant at each call (find_addr_in): the v4 version neither loads nor compares
+ * the words an IPv4 address leaves 0. The home slot is probed first, straight; the next ones
+ * (collisions: rare, the table stays at most 1/4 full) in a loop that is not unrolled, so the
+ * program's code is not 2 x 2 x 8 inlined probes.
+ */
+static __always_inline struct decap_slot *find_addr(const __be32 *a, __u8 family, __u32 base)
+{
+	__u32 w0 = a[0], w1 = 0, w2 = 0, w3 = 0, h, k;
+	struct decap_slot *s;
+
+	if (family == LBX_FAMILY_V6) {
+		w1 = a[1];
+		w2 = a[2];
+		w3 = a[3];
+	}
+	h = ((w0 ^ w1 ^ w2 ^ w3) * LBX_VIP_FILTER_MUL) >> (32 - LBX_DECAP_SLOT_BITS);
+	k = base + h;
+	s = lbxd_addrs.lookup(&k);
+	if (!s || !s->family)
+		return NULL;   /* an empty slot ends the probe sequence */
+	if (LBX_D_LIKELY(slot_is(s, family, w0, w1, w2, w3)))
+		return s;
+#pragma clang loop unroll(disable)
+	for (int i = 1; i < LBX_DECAP_PROBES; i++) {
 		k = base + ((h + i) & (LBX_DECAP_SLOTS - 1));
 		s = lbxd_addrs.lookup(&k);
 		if (!s || !s->family)
-			return NULL;   /* an empty slot ends the probe sequence */
-		if (s->family == family && s->addr.w[0] == a->w[0] && s->addr.w[1] == a->w[1] &&
-		    s->addr.w[2] == a->w[2] && s->addr.w[3] == a->w[3])
+			return NULL;
+		if (slot_is(s, family, w0, w1, w2, w3))
 			return s;
 	}
 	return NULL;
 }
 
-/* Count a frame under its reason; every exit of lbxdp_decap reads `return decap_count(...)`. */
-static __always_inline int decap_count(__u32 reason, const struct tunnel *t)
+static __always_inline struct decap_slot *find_addr_in(const __be32 *a, __u8 family, __u32 base)
+{
+	if (LBX_D_LIKELY(family == LBX_FAMILY_V4))
+		return find_addr(a, LBX_FAMILY_V4, base);
+	return find_addr(a, LBX_FAMILY_V6, base);
+}
+
+/* Count a frame of len bytes under its reason; every exit of lbxdp_decap reads
+ * `return decap_count(...)`. */
+static __always_inline int decap_count(__u32 reason, __u64 len)
 {
 	struct lbx_count *c = lbxd_reasons.lookup(&reason);
 
 	if (c) {
 		c->packets++;
-		c->bytes += t->len;
+		c->bytes += len;
 	}
 	return XDP_PASS;
 }
@@ -48,14 +81,14 @@ static __always_inline int decap_count(__u32 reason, const struct tunnel *t)
  * (lbxdp.decap.reason_counts). A per-CPU counter update costs ~8 ns here (docs/benchmarks.md
  * "decap"), a sixth of the whole program: one per packet, not two.
  */
-static __always_inline int count_vip(const struct decap_slot *vip, const struct tunnel *t)
+static __always_inline int count_vip(const struct decap_slot *vip, __u64 len)
 {
 	__u32 id = vip->vip_id;
 	struct lbx_count *c = lbxd_vip_stats.lookup(&id);
 
 	if (c) {
 		c->packets++;
-		c->bytes += t->len;
+		c->bytes += len;
 	}
 	return XDP_PASS;
 }

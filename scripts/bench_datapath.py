@@ -332,7 +332,22 @@ def decap_cases(prog: loader.Program, label: str = "") -> list[Case]:
              [bytes(eth / IP(src="192.0.2.1", dst=host4) / IP(src=CLIENT4, dst=NOT_VIP4) / TCP(sport=999, dport=80))],
              XDP_PASS),
         Case(f"{label}decap: non-tunnel pass v4", run, [frame(CLIENT4, host4, 999, 22, 6)], XDP_PASS),
-    ]
+    ] + ([] if label else decap_bound_cases(bytes(eth / IP(src="192.0.2.1", dst=host4) / syn4)))
+
+
+_BOUNDS: list[object] = []   # the bcc module of scripts/decap_bounds.c, alive as long as its programs
+
+
+def decap_bound_cases(ipip4: bytes) -> list[Case]:
+    """The least a decapsulating program must do to the IPIP frame (scripts/decap_bounds.c, scratch
+    programs never attached, no maps): parse Ethernet + IPv4 and return; that and open it (move the
+    Ethernet header, bpf_xdp_adjust_head)."""
+    bcc = loader._import_bcc()
+    _BOUNDS.append(b := bcc.BPF(src_file=str(Path(__file__).with_name("decap_bounds.c")).encode()))
+    return [Case(f"decap bound: {desc} (scratch program)", bpfsys.TestRunner(b.load_func(fn.encode(), bcc.BPF.XDP).fd),
+                 [ipip4], XDP_PASS)
+            for fn, desc in (("bound_parse", "parse ethernet + ipv4, return"),
+                             ("bound_strip", "parse, move ethernet, adjust_head"))]
 
 
 class FibLab:

@@ -152,6 +152,12 @@ ROWS = [
        eth() / outer4() / inner_tcp4(flags="MF", id=7), inner_tcp4(flags="MF", id=7), IPV4, 0),
     ok("ethernet padding after the outer packet stays behind the inner one",
        eth() / outer4() / T4, T4, IPV4, 0, tail=bytes(6)),
+    # IPIP over IPv4 has a one-test parse (decap_parse.h: parse_ipip4); these leave it for the
+    # full parse, which must open them all the same
+    ok("ipip with a vlan tag", eth(vlan=7) / outer4() / T4, T4, IPV4, 0, vlan=7),
+    ok("ipip whose inner header has options",
+       eth() / outer4() / inner_tcp4(options=[IPOption_Router_Alert()]), inner_tcp4(options=[IPOption_Router_Alert()]),
+       IPV4, 0),
     # --- refused: passed unchanged, counted ------------------------------------------------------
     refused("inner destination is no vip (strict)", eth() / outer4() / inner_tcp4(NOVIP4), D.PASS_NOT_VIP),
     refused("v6 inner destination is no vip (strict)", eth() / outer6() / inner_udp6(NOVIP6), D.PASS_NOT_VIP),
@@ -181,6 +187,8 @@ ROWS = [
     refused("inner total length past the outer packet", eth() / outer4() / inner_tcp4(len=400),
             D.PASS_TRUNCATED_INNER),
     refused("ipip announcing v4 carrying v6", eth() / outer4(proto=4) / U6, D.PASS_BAD_INNER),
+    refused("ipip: inner total length shorter than its header", eth() / outer4() / inner_tcp4(len=12),
+            D.PASS_BAD_INNER),
     refused("gue on another udp port is no tunnel", eth() / outer4() / gue(dport=6081) / T4, D.PASS_NOT_TUNNEL),
     refused("gue variant 0 with optional fields", eth() / outer4() / gue() / Raw(b"\x01\x04\x00\x00" + bytes(4)) / T4,
             D.PASS_GUE_UNSUPPORTED),
