@@ -31,9 +31,9 @@
  * (~1.07 s units, CLOCK_MONOTONIC; lbxdp/maps.py writes the same). A VIP's table is settled
  * LBX_SETTLE_UNITS after it last changed (vip_meta.changed_at): until then its choice for a SYN
  * may not be the one its ACK gets, so SYNs go into the half-open table. Connection-table inserts
- * of packets that prove no handshake (a bare ACK, a settled VIP's UDP) stop, and pure SYNs skip
- * the connection table, on a CPU past lbx_ctl.flood_threshold new flows (SYNs and records) per
- * second (0: LBX_FLOOD_THRESHOLD).
+ * of packets that prove no handshake (a bare ACK, a settled VIP's UDP) stop on a CPU past
+ * lbx_ctl.flood_threshold records per second, and pure SYNs skip the connection table on a CPU
+ * past that many pure SYNs per second (0: LBX_FLOOD_THRESHOLD).
  */
 #define LBX_TIME_SHIFT 30
 #define LBX_SETTLE_UNITS 2
@@ -278,8 +278,9 @@ struct lbx_ctl {
 	__be32 flow_src_v4;      /* the IPv4 prefix's network address */
 	__be32 flow_src_v4_mask; /* its netmask; the other bits come from the flow hash */
 	__be32 flow_src_v6[2];   /* the top 64 bits of the IPv6 prefix (a /64 or shorter); the low 64 from the hash */
-	__u32 flood_threshold; /* new flows (SYNs, records) per second per CPU past which bare ACKs
-			       * are not recorded (select.h); 0 = LBX_FLOOD_THRESHOLD */
+	__u32 flood_threshold; /* records (and, separately, pure SYNs) per second per CPU past which
+			       * bare ACKs are not recorded (and SYNs skip the connection table,
+			       * select.h); 0 = LBX_FLOOD_THRESHOLD */
 	__u8 reserved[4];     /* zero */
 };
 _Static_assert(sizeof(struct lbx_ctl) == 64, "also update lbxdp/abi.py");
@@ -287,11 +288,12 @@ _Static_assert(sizeof(struct lbx_ctl) == 64, "also update lbxdp/abi.py");
 /* Per-CPU new-flow flood state (select.h, lbx_flood). Written by the program only. */
 struct lbx_flood {
 	__u64 window;   /* bpf_ktime_get_ns() when this CPU's one-second window began */
-	__u64 inserts;  /* new flows in that window: pure SYNs, records and skipped records */
+	__u64 inserts;  /* connection-table records (and skipped ones) in that window */
 	__u64 skipped;  /* inserts skipped because the window was over the threshold, ever */
 	__u64 half_open; /* half-open entries written, ever */
+	__u64 syns;     /* pure SYNs in that window */
 };
-_Static_assert(sizeof(struct lbx_flood) == 32, "also update lbxdp/abi.py");
+_Static_assert(sizeof(struct lbx_flood) == 40, "also update lbxdp/abi.py");
 
 /* Per-CPU counters of one reason. */
 struct lbx_count {

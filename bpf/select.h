@@ -87,11 +87,13 @@ static __always_inline struct backend *backend_by_id(__u32 id)
 }
 
 /*
- * Katran's "is under flood", per CPU (no atomics): this CPU's new flows (pure SYNs, and the
- * packets that record a flow or were refused a record) counted in one-second windows, against
- * lbx_ctl.flood_threshold. The coarse clock: see now_units().
+ * Katran's "is under flood", per CPU (no atomics): this CPU's new flows counted in one-second
+ * windows against lbx_ctl.flood_threshold, two counts: records (and refused ones), which gate
+ * bare ACKs, and pure SYNs, which only decide whether a SYN skips the connection table. Kept
+ * apart so that a SYN flood (or a legitimate burst of handshakes) does not stop the records of
+ * completed handshakes. The coarse clock: see now_units().
  */
-static __always_inline struct lbx_flood *new_flow_window(void)
+static __always_inline struct lbx_flood *new_flow_window(int syn)
 {
 	__u32 zero = 0;
 	struct lbx_flood *f = lbx_flood.lookup(&zero);
@@ -103,17 +105,23 @@ static __always_inline struct lbx_flood *new_flow_window(void)
 	if (now - f->window > 1000000000ULL) {
 		f->window = now;
 		f->inserts = 0;
+		f->syns = 0;
 	}
-	f->inserts++;
+	if (syn)
+		f->syns++;
+	else
+		f->inserts++;
 	return f;
 }
 
-static __always_inline int flooded(const struct lbx_flood *f)
+static __always_inline int flooded(const struct lbx_flood *f, int syn)
 {
 	__u32 zero = 0;
 	struct lbx_ctl *ctl = lbx_ctl.lookup(&zero);
 
-	return f && f->inserts > (ctl && ctl->flood_threshold ? ctl->flood_threshold : LBX_FLOOD_THRESHOLD);
+	if (!f)
+		return 0;
+	return (syn ? f->syns : f->inserts) > (ctl && ctl->flood_threshold ? ctl->flood_threshold : LBX_FLOOD_THRESHOLD);
 }
 
 /*
@@ -139,7 +147,7 @@ static __always_inline int established(struct pkt *pkt, struct selection *sel)
 	 * SYN cannot follow its own handshake's ACK; an ICMP error never skips.
 	 */
 	if ((pkt->flags & (LBX_PKT_F_SYN | LBX_PKT_F_ICMP_ERR)) == LBX_PKT_F_SYN &&
-	    flooded(new_flow_window())) {
+	    flooded(new_flow_window(1), 1)) {
 		sel->unlooked = 1;
 		return 0;
 	}
@@ -248,9 +256,9 @@ static __always_inline int half_open(struct pkt *pkt, struct selection *sel)
  */
 static __always_inline int may_record(int optional)
 {
-	struct lbx_flood *f = new_flow_window();
+	struct lbx_flood *f = new_flow_window(0);
 
-	if (!optional || !flooded(f))
+	if (!optional || !flooded(f, 0))
 		return 1;
 	if (f)
 		f->skipped++;

@@ -331,7 +331,7 @@ class Maps:
         for f in m.lookup(0) or []:
             skipped += f.skipped
             half_open += f.half_open
-            under += 0 < now - f.window < 1_000_000_000 and f.inserts > limit
+            under += 0 < now - f.window < 1_000_000_000 and max(f.inserts, getattr(f, "syns", 0)) > limit
         return FloodState(limit, under, skipped, half_open)
 
     def half_open_entries(self) -> int:

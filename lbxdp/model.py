@@ -330,8 +330,9 @@ class BalancerOptions:
     flow_source_v4: ipaddress.IPv4Network | None = None  # ipip_source = "flow": the prefix sources come from
     flow_source_v6: ipaddress.IPv6Network | None = None
     mtu: int | None = None                              # path MTU to the backends (None: the interface's)
-    flood_threshold: int | None = None                  # new flows (SYNs, records) per second per CPU past
-                                                        # which bare ACKs are not recorded (None: abi.FLOOD_THRESHOLD)
+    flood_threshold: int | None = None                  # connection-table records (and pure SYNs) per second per
+                                                        # CPU past which bare ACKs are not recorded and SYNs skip
+                                                        # the table (None: abi.FLOOD_THRESHOLD)
     admission: Admission = Admission()                  # allow, deny, new_flow_limit of every VIP
 
 
