@@ -4,8 +4,8 @@ Three ways in, each for what it shows best:
 - CliRunner on lbxdp.cli.cli: help text and plain successful output. In standalone mode an
   LbxError is not a ClickException, so CliRunner reports it as result.exception, exit code 1:
   it does not show what the user sees.
-- run_main(): lbxdp.cli.main() (the console-script entry point, which turns LbxError into one
-  line and its exit code) with sys.argv patched, stdout/stderr captured by pytest.
+- run_main (tests/unit/conftest.py): lbxdp.cli.main() (the console-script entry point, which
+  turns LbxError into one line and its exit code) with sys.argv patched, output captured by pytest.
 - the real console script in a subprocess, as a non-root user (setpriv to nobody when the tests
   run as root), for exit codes and the absence of tracebacks end to end.
 
@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import types
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -62,13 +61,6 @@ protocol = "tcp"
 """
 
 
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
 @pytest.fixture
 def configs(tmp_path: Path) -> dict[str, Path]:
     """good.toml and bad.toml in this test's tmp_path (removed by pytest)."""
@@ -106,21 +98,6 @@ def tripwires(monkeypatch: pytest.MonkeyPatch) -> dict[str, Tripwire]:
 def as_user(monkeypatch: pytest.MonkeyPatch) -> None:
     """os.geteuid() says 1000: the process is not root (whoever runs the tests)."""
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-
-
-@pytest.fixture
-def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
-    """Call lbxdp.cli.main() as `lbxdp ARGS...`; return its exit code and captured output."""
-    def run(*args: str) -> Run:
-        monkeypatch.setattr(sys, "argv", ["lbxdp", *map(str, args)])
-        try:
-            cli_mod.main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        out, err = capsys.readouterr()
-        return Run(code, out, err)
-    return run
 
 
 # --- help ---------------------------------------------------------------------------------------

@@ -10,22 +10,13 @@ outside the roots) and checks that every one is still there afterwards.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from lbxdp import cli as cli_mod
 from lbxdp.errors import LbxError
 from lbxdp.paths import Instance, check_ifname, check_netns
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
 
 
 @dataclass
@@ -59,21 +50,6 @@ def layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Layout:
     monkeypatch.setenv("LBXDP_RUN_ROOT", str(run))
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     return Layout(pins, run, outside, sentinels)
-
-
-@pytest.fixture
-def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
-    """Call lbxdp.cli.main() as `lbxdp ARGS...`; its exit code and captured output."""
-    def run(*args: str) -> Run:
-        monkeypatch.setattr(sys, "argv", ["lbxdp", *map(str, args)])
-        try:
-            cli_mod.main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        out, err = capsys.readouterr()
-        return Run(code, out, err)
-    return run
 
 
 BAD_IFNAMES = ["", ".", "..", "../x", "../../../../x", "../x/data", "a/b", "x" * 16, "a b", "a\tb", "a:b",
