@@ -22,17 +22,10 @@ import socket
 import struct
 import time
 
+from lbxdp.lab.traffic import inet_checksum
+
 MAX_PACKETS = 20_000_000
 MAX_SECONDS = 120.0
-
-
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def mac(text: str) -> bytes:
@@ -46,13 +39,13 @@ def frame(dst_mac: bytes, src_mac: bytes, src, dst, sport: int, dport: int, flag
         pseudo = src.packed + dst.packed + struct.pack("!BBH", 0, 6, len(tcp))
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), rng.getrandbits(16), 0x4000, 64, 6, 0,
                          src.packed, dst.packed)
-        ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+        ip = ip[:10] + struct.pack("!H", inet_checksum(ip)) + ip[12:]
         ethertype = 0x0800
     else:
         pseudo = src.packed + dst.packed + struct.pack("!IxxxB", len(tcp), 6)
         ip = struct.pack("!IHBB16s16s", 6 << 28, len(tcp), 6, 64, src.packed, dst.packed)
         ethertype = 0x86DD
-    tcp = tcp[:16] + struct.pack("!H", checksum(pseudo + tcp)) + tcp[18:]
+    tcp = tcp[:16] + struct.pack("!H", inet_checksum(pseudo + tcp)) + tcp[18:]
     return dst_mac + src_mac + struct.pack("!H", ethertype) + ip + tcp
 
 
