@@ -20,7 +20,7 @@ from lbxdp import abi, bpfsys, loader, model
 from lbxdp.balancer import Balancer, Runtime
 from lbxdp.maps import Maps
 
-from .frames import LB_MAC, VERDICT_NAMES, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX
+from .frames import LB_MAC, VERDICT_NAMES, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, forwarded
 
 _VERDICT_OF_REASON = {"tx": XDP_TX, "pass": XDP_PASS, "drop": XDP_DROP, "abort": XDP_ABORTED}
 
@@ -46,6 +46,12 @@ class Case:
     @property
     def want(self) -> bytes:
         return self.frame if self.expect is None else bytes(self.expect)
+
+
+def new_flow(desc: str, pkt: Packet, vip: model.Vip) -> Case:
+    """A row: a new flow to `vip` is forwarded to the VIP's first backend (slot 0 of a fresh
+    round-robin table)."""
+    return Case(desc, pkt, XDP_TX, expect=forwarded(pkt, vip.backends[0]), reason=abi.Reason.TX_FORWARD)
 
 
 class Lb:

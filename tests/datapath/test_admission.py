@@ -20,8 +20,9 @@ from lbxdp import abi, model
 
 from .conftest import compiled
 from .frames import (BASE, CLIENT4, LB_MAC, CLIENT6, DNS4, TCP_, WEB4, WEB6, OTHER4, XDP_DROP, XDP_PASS, XDP_TX, backends,
-                     forwarded, plus, tcp, tcp_bytes, udp, vip)
+                     plus, tcp, tcp_bytes, udp, vip)
 from .harness import Case, Lb, check
+from .harness import new_flow as _tx
 
 pytestmark = pytest.mark.root
 R = abi.Reason
@@ -58,10 +59,6 @@ def fresh(lb: Lb) -> Iterator[Lb]:
     yield lb
     lb.apply(BASE)
     clear_limiter(lb)
-
-
-def _tx(desc: str, pkt, vip: model.Vip) -> Case:
-    return Case(desc, pkt, XDP_TX, expect=forwarded(pkt, vip.backends[0]), reason=R.TX_FORWARD)
 
 
 def _drop(desc: str, pkt, reason: abi.Reason) -> Case:

@@ -16,18 +16,14 @@ from scapy.packet import Raw
 from lbxdp import abi
 
 from .frames import (BASE, CLIENT4, CLIENT6, CLIENT_MAC, DNS4, DNS6, EMPTY4, PASSEMPTY4, LB_MAC, OTHER4, OTHER6, WEB4, WEB6,
-                     XDP_DROP, XDP_PASS, XDP_TX, forwarded, icmp_echo, tcp, udp)
+                     XDP_DROP, XDP_PASS, XDP_TX, icmp_echo, tcp, udp)
 from .harness import Case, Lb, check
+from .harness import new_flow as _tx
 
 pytestmark = pytest.mark.root
 R = abi.Reason
 
 V4, V6 = str(WEB4.address), str(WEB6.address)  # the TCP/80 and UDP/53 VIPs share these addresses
-
-
-def _tx(desc: str, pkt, vip) -> Case:
-    """A new flow to vip: forwarded to the VIP's first backend (slot 0 of a fresh rr table)."""
-    return Case(desc, pkt, XDP_TX, expect=forwarded(pkt, vip.backends[0]), reason=R.TX_FORWARD)
 
 
 def _pass(desc: str, pkt, reason: abi.Reason) -> Case:
