@@ -30,52 +30,11 @@ from lbxdp import abi, bpfsys, paths
 from lbxdp.lab import configs
 from lbxdp.lab.rig import HOST_IF, RT, Rig, Shape
 
+from . import transfer
+
 PORT = 9000
 SIZE = 1 << 20
 DOWNLOADS = 20
-
-SERVER = r"""
-import socket, sys, threading
-data = b"z" * int(sys.argv[1])
-s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("::", int(sys.argv[2]))); s.listen(64)
-print("ready", flush=True)
-def serve(c):
-    try:
-        c.recv(16); c.sendall(data)
-    except OSError:
-        pass
-    finally:
-        c.close()
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"""
-
-CLIENT = r"""
-import json, socket, sys, time
-host, port, n, size, deadline = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
-out = []
-for i in range(n):
-    t0 = time.monotonic(); got = 0
-    try:
-        c = socket.create_connection((host, port), timeout=deadline)
-        c.sendall(b"get")
-        while got < size and time.monotonic() - t0 < deadline:
-            c.settimeout(max(0.05, deadline - (time.monotonic() - t0)))
-            b = c.recv(65536)
-            if not b:
-                break
-            got += len(b)
-        c.close()
-    except OSError:
-        pass
-    out.append({"bytes": got, "seconds": round(time.monotonic() - t0, 3)})
-print(json.dumps(out))
-"""
-
 
 class _Ctl(ctypes.Structure):   # struct lbx_ctl (bpf/abi.h): only flags is touched
     _fields_ = [("mac", ctypes.c_uint8 * 6), ("flags", ctypes.c_uint16), ("rest", ctypes.c_uint8 * 56)]
@@ -101,16 +60,11 @@ def set_steering(rig: Rig, on: bool) -> None:
 
 
 def flush_pmtu(rig: Rig) -> None:
-    for be in rig.backends:
-        rig.run(be, "ip", "-4", "route", "flush", "cache")
-        rig.run(be, "ip", "-6", "route", "flush", "cache")
+    transfer.forget_pmtu(rig, *rig.backends)
 
 
 def downloads(rig: Rig, family: int, n: int, deadline: float) -> list[dict]:
-    vip = str(rig.spec.vip4 if family == 4 else rig.spec.vip6)
-    proc = rig.run("cli", sys.executable, "-c", CLIENT, vip, str(PORT), str(n), str(SIZE), str(deadline),
-                   timeout=n * deadline + 30)
-    return json.loads(proc.stdout)
+    return transfer.run(rig, transfer.Direction.DOWNLOAD, family, PORT, SIZE, n, deadline)
 
 
 @pytest.fixture
@@ -121,25 +75,19 @@ def pmtu_rig(rig_factory):
             for v in (rig.vip(f, "tcp", scheduler="maglev") for f in (4, 6))]
     with tempfile.NamedTemporaryFile("w", prefix="lbxdp-pmtu-", suffix=".toml", delete=False) as f:
         f.write(configs.dump(*vips))
-    servers: list[subprocess.Popen] = []
     attached: list[str] = []
     try:
-        for be in rig.backends:
-            p = subprocess.Popen([*rig.ns_cmd(be), sys.executable, "-c", SERVER, str(SIZE), str(PORT)],
-                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            servers.append(p)
-            assert p.stdout.readline().strip() == "ready"
-        for lb in rig.balancers:
-            lbxdp(rig, lb, "attach", HOST_IF, "--config", f.name, "--mode", "generic")
-            attached.append(lb)
-        yield rig
+        with transfer.servers(rig, transfer.Direction.DOWNLOAD, SIZE, PORT):
+            try:
+                for lb in rig.balancers:
+                    lbxdp(rig, lb, "attach", HOST_IF, "--config", f.name, "--mode", "generic")
+                    attached.append(lb)
+                yield rig
+            finally:
+                for lb in attached:
+                    subprocess.run([sys.executable, "-m", "lbxdp", "--netns", rig.ns(lb), "detach", HOST_IF],
+                                   capture_output=True, timeout=60)
     finally:
-        for lb in attached:
-            subprocess.run([sys.executable, "-m", "lbxdp", "--netns", rig.ns(lb), "detach", HOST_IF],
-                           capture_output=True, timeout=60)
-        for p in servers:
-            p.kill()
-            p.wait(timeout=10)
         Path(f.name).unlink()
 
 

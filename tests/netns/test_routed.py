@@ -35,6 +35,7 @@ from lbxdp import config, model
 from lbxdp.health import HealthCheck
 from lbxdp.lab.rig import CLI, FAILED, HOST_IF, LB, RT, Rig, RigSpec, Shape
 
+from . import transfer
 from .daemon import started_daemons
 
 pytestmark = pytest.mark.root
@@ -46,55 +47,6 @@ FLOW_PREFIX = "10.113.0.0/24"
 # variant -> (VIP family, backend family, mode)
 VARIANTS = {"ipip": (4, 4, "ipip"), "ip6ip6": (6, 6, "ipip"), "4in6": (4, 6, "ipip"),
             "gue4": (4, 4, "gue"), "gue6": (6, 6, "gue")}
-
-UPLOAD_SERVER = r"""
-import socket, sys, threading
-want = int(sys.argv[1])
-s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("::", int(sys.argv[2]))); s.listen(64)
-print("ready", flush=True)
-def serve(c):
-    got = 0
-    try:
-        while got < want:
-            b = c.recv(65536)
-            if not b:
-                break
-            got += len(b)
-        c.sendall(b"ok %d\n" % got)
-    except OSError:
-        pass
-    finally:
-        c.close()
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"""
-
-UPLOAD_CLIENT = r"""
-import json, socket, sys, time
-host, port, n, size, deadline = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
-data, out = b"u" * size, []
-for i in range(n):
-    t0 = time.monotonic(); reply = b""
-    try:
-        c = socket.create_connection((host, port), timeout=deadline)
-        c.settimeout(deadline)
-        c.sendall(data)
-        while b"\n" not in reply and time.monotonic() - t0 < deadline:
-            b = c.recv(64)
-            if not b:
-                break
-            reply += b
-        c.close()
-    except OSError:
-        pass
-    out.append({"reply": reply.decode(errors="replace").strip(), "seconds": round(time.monotonic() - t0, 3)})
-print(json.dumps(out))
-"""
-
 
 def lbxdp(rig: Rig, role: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
     r = subprocess.run([sys.executable, "-m", "lbxdp", "--netns", rig.ns(role), *argv], capture_output=True,
@@ -244,31 +196,8 @@ def test_flow_derived_source(routed: Routed) -> None:
 
 @pytest.fixture(scope="module")
 def uploads(routed: Routed) -> Iterator[Routed]:
-    rig = routed.rig
-    servers = []
-    try:
-        for be in rig.backends:
-            p = subprocess.Popen([*rig.ns_cmd(be), sys.executable, "-c", UPLOAD_SERVER, str(UPLOAD_SIZE),
-                                  str(UPLOAD_PORT)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            servers.append(p)
-            assert p.stdout.readline().strip() == "ready"
+    with transfer.servers(routed.rig, transfer.Direction.UPLOAD, UPLOAD_SIZE, UPLOAD_PORT):
         yield routed
-    finally:
-        for p in servers:
-            p.kill()
-            p.wait(timeout=10)
-
-
-def _upload(rig: Rig, family: int, n: int, deadline: float) -> list[dict]:
-    vip = str(rig.spec.vip4 if family == 4 else rig.spec.vip6)
-    proc = rig.run(CLI, sys.executable, "-c", UPLOAD_CLIENT, vip, str(UPLOAD_PORT), str(n), str(UPLOAD_SIZE),
-                   str(deadline), timeout=n * deadline + 30)
-    return json.loads(proc.stdout)
-
-
-def _forget_pmtu(rig: Rig) -> None:
-    rig.run(CLI, "ip", "-4", "route", "flush", "cache")
-    rig.run(CLI, "ip", "-6", "route", "flush", "cache")
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -281,9 +210,9 @@ def test_uploads_learn_the_tunnel_mtu(uploads: Routed, family: int) -> None:
     for phase in ("fresh", "after flows flush"):
         if phase != "fresh":
             lbxdp(rig, LB, "flows", "flush", "-i", HOST_IF)
-        _forget_pmtu(rig)
+        transfer.forget_pmtu(rig, CLI)
         before = r.reasons()["tx_icmp_too_big"]
-        runs = _upload(rig, family, UPLOADS, deadline=10.0)
+        runs = transfer.run(rig, transfer.Direction.UPLOAD, family, UPLOAD_PORT, UPLOAD_SIZE, UPLOADS, deadline=10.0)
         assert all(x["reply"] == f"ok {UPLOAD_SIZE}" for x in runs), f"{phase}: incomplete uploads: {runs}"
         assert max(x["seconds"] for x in runs) < 5.0, f"{phase}: {runs}"
         assert r.reasons()["tx_icmp_too_big"] > before, f"{phase}: no ICMP too-big sent"
