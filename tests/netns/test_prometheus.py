@@ -27,11 +27,13 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
+from lbxdp import config, model
 from lbxdp.health import HealthCheck
 from lbxdp.lab.rig import FAILED, HOST_IF, LB, Rig
 
@@ -106,8 +108,11 @@ def daemon(rig: Rig) -> Iterator[tuple[Rig, str]]:
     """
     port = rig.run(LB, sys.executable, "-c", FREE_PORT).stdout.strip()
     target = f"127.0.0.1:{port}"
-    text = rig.lb_config_toml(scheduler="rr", with_mac=False,
-                              health=HealthCheck(type="tcp", interval=0.5, timeout=0.4))
+    # Every dashboard panel needs data, the admission table too: a [balancer] new-flow limit far
+    # above anything this test sends (it never refuses a flow here).
+    cfg = rig.lb_config(scheduler="rr", with_mac=False, health=HealthCheck(type="tcp", interval=0.5, timeout=0.4))
+    limit = model.Admission(new_flow_limit=model.NewFlowLimit(rate=100_000, burst=100_000))
+    text = config.dump(replace(cfg, balancer=replace(cfg.balancer, admission=limit)))
     with tempfile.NamedTemporaryFile("w", prefix="lbxdp-", suffix=".toml", delete=False) as f:
         f.write(text)
     proc = subprocess.Popen(lbxdp_cmd(rig, "run", HOST_IF, "--config", f.name, "--mode", "generic",
