@@ -5,11 +5,34 @@ Layout, and the same Layout answers "which address does be2 have" for tests and 
 Shapes (segments are Linux bridges in the namespace <prefix>-sw; every host is a namespace):
 
     l2      front: cli, lb, be1..N                 DSR by MAC rewrite (today's lbxdp)
-    nat     front: cli, lb   back: lb, be1..N      backends route everything via lb (lb forwards)
+    nat     front: cli, lb, be1..N                 one-armed NAT: backends route the client's
+                                                   addresses via lb (DNAT replies cross lb)
     routed  front: cli, rt   core: rt, lb          backends in another subnet behind the router
-            back: rt, be1..N                       (IPIP/GUE: lb sends to them through rt)
+            back: rt, be1..N                       (IPIP/GUE: lb sends to them through rt; SNAT:
+                                                   replies come back to lb's own address via rt)
     multi   front: cli, rt   core: rt, lb1..K,     the client reaches K balancers through rt,
             be1..N                                 whose VIP route is ECMP over them (scale-out)
+
+NAT (issue 12) is one-armed: lbxdp runs on ONE interface, lb's eth0, and sends both directions
+back out of it with XDP_TX (client -> backend: DNAT; backend -> client: the reply translated
+back). So the nat shape puts cli, lb and the backends on one segment, and each backend has host
+routes (/32 and /128) to the client's addresses via lb: a backend's reply to the client (DNAT,
+`snat = false`: the backend sees the client's address) goes to lb's MAC instead of straight to
+the on-link client. lb also forwards in the kernel (a one-armed router for what XDP passes, so
+the shape routes without lbxdp and nftables' DNAT works as a baseline: scripts/bench_e2e_nat.py),
+with IPv4 redirects off; the backends accept no redirects (v4 or v6), because a redirect ("the
+client is on-link, go direct") would take their replies past lb for good. Full NAT (`snat = true`)
+needs none of those routes: the replies go to lb's own address, from anywhere routable. The
+routed shape proves that: backends behind rt, whose replies come back to lb's address (on core)
+via rt, and which lb reaches through rt's MAC (lbxdp.nexthop), as its tunnels do.
+
+The veth rule (lbxdp.lab.stub): a frame sent with XDP_TX in native mode reaches the veth's peer
+only if the peer runs an XDP program, so every interface lbxdp may transmit on needs the stub on
+its bridge port. One-armed NAT transmits only on eth0: one stub port per balancer, as DSR. (Two-
+armed NAT, XDP_REDIRECT between a front and a back interface, would need both peers stubbed; it
+is out of scope for issue 12.) And the checksum rule (topology.disable_tx_checksum): every host
+whose frames lbxdp rewrites sends full checksums; in nat and routed that includes the backends,
+whose replies lbxdp translates back.
 
 Numbering, the same on every segment a host is on: rt 1, cli 2, lb 3 (lbK: 2 + K), beI 10 + I.
 Segment s (0-based, in the order above) is the s-th block after RigSpec.v4_net / v6_net:
@@ -162,6 +185,14 @@ _HOST_SYSCTLS = {
 _BACKEND_SYSCTLS = {"net.ipv4.conf.all.arp_ignore": 1, "net.ipv4.conf.default.arp_ignore": 1,
                     "net.ipv4.conf.all.arp_announce": 2, "net.ipv4.conf.default.arp_announce": 2}
 _FORWARDING = {"net.ipv4.ip_forward": 1, "net.ipv6.conf.all.forwarding": 1}
+# One-armed (the nat shape): lb forwards out of the interface a packet came in on, which makes
+# the kernel send ICMP redirects ("the client is on-link"); a backend that took one would send its
+# replies past lb. IPv4 sends none with these off (the kernel ORs 'all' and the interface's value);
+# IPv6 has no switch for sending, so the backends refuse them (v4 and v6).
+_ONE_ARMED_ROUTER = {**_FORWARDING, "net.ipv4.conf.all.send_redirects": 0,
+                     "net.ipv4.conf.default.send_redirects": 0}
+_NO_REDIRECTS = {"net.ipv4.conf.all.accept_redirects": 0, "net.ipv4.conf.default.accept_redirects": 0,
+                 "net.ipv6.conf.all.accept_redirects": 0, "net.ipv6.conf.default.accept_redirects": 0}
 # A router in front of several next hops: a route whose link is down is not used (a dead
 # balancer's link drops out of the ECMP set at once), and ECMP hashes on the L4 5-tuple (policy 1)
 # so the flows of one client spread over the balancers instead of all taking one path.
@@ -190,7 +221,7 @@ class Layout:
         if s is Shape.L2:
             return [("front", [CLI, *lbs, *bes])]
         if s is Shape.NAT:
-            return [("front", [CLI, *lbs]), ("back", [*lbs, *bes])]
+            return [("front", [CLI, *lbs, *bes])]
         if s is Shape.ROUTED:
             return [("front", [CLI, RT]), ("core", [RT, *lbs]), ("back", [RT, *bes])]
         return [("front", [CLI, RT]), ("core", [RT, *lbs, *bes])]
@@ -270,9 +301,9 @@ class Layout:
         if s.shape is Shape.L2:
             return [vips] if role == CLI else []
         if s.shape is Shape.NAT:
-            back = self.segment("back")
-            return {CLI: [vips, Route(back.v4, back.v6, (LB,))],
-                    **{b: [Route(None, None, (LB,))] for b in self.backends}}.get(role, [])
+            # The client's own addresses, more specific than the on-link segment: replies via lb.
+            cli = Route(IPv4Network(self.addr4(CLI)), IPv6Network(self.addr6(CLI)), (LB,))
+            return {CLI: [vips], **{b: [cli] for b in self.backends}}.get(role, [])
         if role in self.routers:
             return [vips]
         return [Route(None, None, (RT,))]
@@ -281,30 +312,37 @@ class Layout:
         values = dict(_HOST_SYSCTLS)
         if role in self.backends:
             values |= _BACKEND_SYSCTLS
+            if self.spec.shape is Shape.NAT:
+                values |= _NO_REDIRECTS
         if role in self.routers:
             values |= _ROUTER_SYSCTLS
             if self.spec.shape is Shape.MULTI:
                 values |= _ECMP_SYSCTLS
         if role in self.balancers and self.spec.shape is Shape.NAT:
-            values |= _FORWARDING
+            values |= _ONE_ARMED_ROUTER
         return values
 
     def interface_sysctls(self, role: str) -> dict[str, int]:
         """Per-interface values, written once the interfaces exist (they inherit 'default' too;
         writing them names them in what a test reads back)."""
-        if role not in self.backends:
-            return {}
+        nat = self.spec.shape is Shape.NAT
         out = {}
         for seg in self.segments_of(role):
             i = self.ifname(role, seg.name)
-            out |= {f"net.ipv4.conf.{i}.arp_ignore": 1, f"net.ipv4.conf.{i}.arp_announce": 2,
-                    f"net.ipv4.conf.{i}.rp_filter": 0}
+            if role in self.backends:
+                out |= {f"net.ipv4.conf.{i}.arp_ignore": 1, f"net.ipv4.conf.{i}.arp_announce": 2,
+                        f"net.ipv4.conf.{i}.rp_filter": 0}
+                if nat:
+                    out |= {f"net.ipv4.conf.{i}.accept_redirects": 0, f"net.ipv6.conf.{i}.accept_redirects": 0}
+            elif role in self.balancers and nat:
+                out |= {f"net.ipv4.conf.{i}.send_redirects": 0}
         return out
 
     def tx_checksum_off(self) -> list[str]:
         """Hosts whose frames lbxdp's XDP program forwards (see topology.disable_tx_checksum):
-        the client, and in nat the backends too (their replies come back through lb)."""
-        return [CLI, *(self.backends if self.spec.shape is Shape.NAT else [])]
+        the client, and in nat and routed the backends too (their NAT replies come back through
+        lb: DNAT via the nat shape's host routes, SNAT to lb's address via rt)."""
+        return [CLI, *(self.backends if self.spec.shape in (Shape.NAT, Shape.ROUTED) else [])]
 
     def neighbors(self, balancer: str) -> list[tuple[str, str]]:
         """(host, segment) pairs a balancer gets permanent neighbour entries for: the backends

@@ -3,8 +3,8 @@ the hosts they should by plain routing (through the router where there is one), 
 the sysctls its shape needs, the peer stub lands on every balancer's bridge port, and nothing is
 left afterwards, also when the build fails half-way.
 
-lbxdp does not forward in nat, routed or multi yet (issues 10, 12, 14): these tests pin the
-topology those issues build on.
+These tests pin the topology without the balancer; tests/netns/test_nat.py, test_routed.py and
+test_pmtu.py run lbxdp through the shapes.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ def test_a_shape_comes_up_routes_and_takes_the_stub(rig_factory, shape):
         if shape is Shape.L2:
             assert (lb_via, be_via) == (None, None)            # one segment: on-link
         elif shape is Shape.NAT:
-            assert lb_via is None and be_via is None           # lb is on both segments
-            assert gateway(rig, "be1", addr(rig, CLI, family), family) == str(addr(rig, "lb", family, "back"))
+            assert lb_via is None and be_via is None           # one-armed: one segment
+            # ... but the backends' replies to the client go via lb (DNAT's return path)
+            assert gateway(rig, "be1", addr(rig, CLI, family), family) == str(addr(rig, "lb", family))
         elif shape is Shape.ROUTED:
             assert lb_via == str(addr(rig, RT, family, "front"))
             assert be_via == str(addr(rig, RT, family, "core"))
@@ -70,6 +71,27 @@ def test_a_shape_comes_up_routes_and_takes_the_stub(rig_factory, shape):
         assert with_stub == want
     finally:
         rig.detach_peer_stub()
+
+
+def test_nat_is_one_armed_and_its_replies_cross_lb_without_redirects(rig_factory):
+    """The nat shape (one-armed NAT): a backend's packets to the client go to lb's MAC, lb
+    forwards them out of the interface they came in on (that is what lbxdp's XDP_TX does for
+    NAT replies; without lbxdp the kernel does it), and no redirect teaches the backend a way
+    around lb: after pings in both families its route to the client still goes via lb."""
+    rig = rig_factory(shape=Shape.NAT, backends=1)
+    assert [s.name for s in rig.layout.segments_of("lb")] == ["front"]
+    fwd0 = json.loads(rig.run("lb", "ip", "-s", "-j", "link", "show", "eth0").stdout)[0]["stats64"]["tx"]["packets"]
+    for _ in range(3):
+        assert reach(rig, [("be1", CLI, None)]) == []
+    for family in (4, 6):
+        assert gateway(rig, "be1", addr(rig, CLI, family), family) == str(addr(rig, "lb", family))
+    fwd1 = json.loads(rig.run("lb", "ip", "-s", "-j", "link", "show", "eth0").stdout)[0]["stats64"]["tx"]["packets"]
+    assert fwd1 - fwd0 >= 6                            # lb sent the 6 forwarded requests on
+    v4 = rig.run("be1", "ip", "-4", "route", "show", "cache").stdout
+    assert "redirected" not in v4, v4
+    assert rig.run("lb", "sysctl", "-n", "net.ipv4.conf.eth0.send_redirects").stdout.strip() == "0"
+    for key in ("net.ipv4.conf.eth0.accept_redirects", "net.ipv6.conf.eth0.accept_redirects"):
+        assert rig.run("be1", "sysctl", "-n", key).stdout.strip() == "0"
 
 
 def test_the_multi_router_spreads_the_vips_over_every_balancer(rig_factory):

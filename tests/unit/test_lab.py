@@ -12,7 +12,7 @@ import pytest
 
 import lbxdp
 from lbxdp.lab import stub
-from lbxdp.lab.shapes import CLI, Layout, RigSpec, Shape
+from lbxdp.lab.shapes import CLI, LB, Layout, RigSpec, Shape
 
 
 def test_the_product_does_not_import_the_lab() -> None:
@@ -59,3 +59,24 @@ def test_a_layout_is_consistent(shape: Shape) -> None:
 def test_a_bad_spec_is_refused(bad) -> None:
     with pytest.raises(ValueError):
         RigSpec(prefix="lbxunit", **bad)
+
+
+def test_the_nat_shape_is_one_armed() -> None:
+    """One segment, lb's eth0 the only interface (one stub port), backends route the client's
+    addresses (host routes) via lb, lb forwards without sending v4 redirects, backends take none,
+    and every host whose frames lbxdp rewrites (client, backends) sends full checksums."""
+    lay = Layout(RigSpec(prefix="lbxunit", shape=Shape.NAT, backends=2))
+    assert [s.name for s in lay.segments] == ["front"] and lay.segments_of(LB)[0].hosts == (CLI, LB, "be1", "be2")
+    assert stub.stub_ports(lay) == [LB] and lay.ifname(LB) == "eth0"
+    for be in lay.backends:
+        (route,) = lay.routes(be)
+        assert (str(route.dst4), str(route.dst6), route.via) == ("10.111.0.2/32", "fd00:111::2/128", (LB,))
+        assert lay.sysctls(be)["net.ipv6.conf.default.accept_redirects"] == 0
+        assert lay.interface_sysctls(be)["net.ipv4.conf.eth0.accept_redirects"] == 0
+        assert not lay.holds_vips(be)
+    assert lay.sysctls(LB)["net.ipv4.ip_forward"] == 1
+    assert lay.interface_sysctls(LB) == {"net.ipv4.conf.eth0.send_redirects": 0}
+    assert lay.tx_checksum_off() == [CLI, "be1", "be2"]
+    routed = Layout(RigSpec(prefix="lbxunit", shape=Shape.ROUTED, backends=2))
+    assert routed.tx_checksum_off() == [CLI, "be1", "be2"]        # SNAT replies via rt to lb
+    assert Layout(RigSpec(prefix="lbxunit")).tx_checksum_off() == [CLI]
