@@ -79,12 +79,14 @@ enum lbx_sched {
  * Forwarding mode of a VIP, copied into each of its backend entries (struct backend.mode), so
  * that an established flow knows how to forward without a VIP lookup. forward() (forward.h)
  * switches on it; a value it does not know is LBX_R_DROP_UNKNOWN_MODE, never a fallback.
- * Planned: LBX_MODE_NAT (nat.h, issue 12).
+ * LBX_MODE_NAT (issue 12) translates addresses and ports both ways and keeps state in lbx_nat.
  */
 enum lbx_fwd_mode {
 	LBX_MODE_DSR = 0,  /* L2 direct server return: rewrite the destination MAC, XDP_TX (dsr.h) */
 	LBX_MODE_IPIP = 1, /* L3 DSR: IPIP, IP6IP6 or 4-in-6 by the backend's family (encap.h) */
 	LBX_MODE_GUE = 2,  /* L3 DSR: GUE variant 1 (the inner IP header right after UDP) (encap.h) */
+	LBX_MODE_NAT = 3,  /* NAT: destination (and with LBX_NAT_F_SNAT source) rewritten, replies
+			    * translated back (nat.h, return_path.h) */
 };
 
 /* Backend encap flags (struct backend.encap_flags). */
@@ -159,6 +161,16 @@ enum lbx_reason {
 	LBX_R_DROP_SRC_RATE,      /* the source (an IPv6 source's /64) is over its new-flow limit (limit.h) */
 	LBX_R_DROP_ACL_DENY,      /* the source matches a deny rule (acl.h) */
 	LBX_R_DROP_ACL_NOT_ALLOWED, /* the scope has an allow list and the source is on none of it (acl.h) */
+	/* NAT (bpf/nat.h, bpf/return_path.h, issue 12). */
+	LBX_R_TX_NAT_REPLY,       /* a backend's reply, translated back to come from the VIP, sent to the client */
+	LBX_R_TX_NAT_ICMP_REPLY,  /* an ICMP error about a NAT flow from the backend's side, translated (outer
+				   * and quoted headers), sent to the client */
+	LBX_R_PASS_NAT_NO_FLOW,   /* from a NAT backend's address (lbx_nat_filter) but no live lbx_nat entry:
+				   * the backend's own traffic, or a reply of an expired connection */
+	LBX_R_DROP_NAT_NO_PORT,   /* SNAT: no free port in the pool after LBX_NAT_PORT_TRIES candidates */
+	LBX_R_DROP_NAT_TUPLE_TAKEN, /* DNAT: the reply tuple (backend -> client) belongs to another live
+				   * connection (the same client port to two NAT VIPs with one backend) */
+	LBX_R_PASS_NAT_ICMP_NO_FLOW, /* an ICMP error about a NAT VIP flow that lbx_nat does not know */
 	LBX_R_MAX,
 };
 
@@ -193,7 +205,7 @@ _Static_assert(sizeof(struct vip_meta) == 20, "also update lbxdp/abi.py");
  * The encap fields (issue 10) came out of a reserved tail; the rest of it holds the per-backend
  * fields the planned modes need, so that adding them changes no map layout (see
  * lbxdp/migrate.py for what a layout change costs):
- *   nat (issue 12): __u8 nat_flags (SNAT), __u16 nat_pool (index of the SNAT address/port pool);
+ *   nat (issue 12): __u8 nat_flags (LBX_NAT_F_SNAT; the pool is lbx_nat_cfg's, one per instance);
  *   scheduling (issue 13): __u32 max_conns (connection cap), __u32 server_id (QUIC).
  * 64 bytes, one cache line: no entry straddles two, and the verifier's inlined array lookup
  * scales the index by a shift (a 48-byte entry took a multiply; docs/benchmarks.md).
@@ -213,7 +225,8 @@ struct backend {
 	__be16 encap_port; /* gue: the UDP destination port, network order */
 	__u16 mtu;        /* ipip, gue: largest outer IP packet towards the backend; 0 = no check */
 	__u16 mss;        /* ipip, gue: clamp a SYN's MSS option to this; 0 = off */
-	__u8 reserved[24]; /* zero; planned use above */
+	__u8 nat_flags;   /* nat: LBX_NAT_F_* */
+	__u8 reserved[23]; /* zero; planned use above */
 };
 _Static_assert(sizeof(struct backend) == 64, "also update lbxdp/abi.py");
 
@@ -343,5 +356,83 @@ struct src_limit_key {
 	__u32 scope;           /* LBX_ACL_SCOPE(family, vip id or LBX_ADMIT_GLOBAL) */
 };
 _Static_assert(sizeof(struct src_limit_key) == 20, "also update lbxdp/abi.py");
+
+/*
+ * NAT (issue 12): bpf/nat.h (client -> backend), bpf/return_path.h (backend -> client).
+ * Conntrack is lbx_nat: every connection has two entries, one per direction, keyed by the tuple
+ * that direction's packets carry on arrival (the forward key: client -> VIP as received; the
+ * reply key: backend -> client (DNAT) or backend -> SNAT address:port (SNAT)). Each entry says
+ * how to rewrite its direction (the addresses and ports to write), so a packet costs one lookup.
+ * The peer entry's key is the entry's rewritten tuple reversed (nat.h: nat_peer_key()).
+ * Time is bpf_ktime_get_coarse_ns() >> LBX_NAT_TIME_SHIFT (~1.05 ms units, CLOCK_MONOTONIC; u32
+ * arithmetic, so it wraps after ~52 days and only differences are compared).
+ */
+#define LBX_NAT_F_SNAT 0x01       /* struct backend.nat_flags: also rewrite the source (SNAT) */
+#define LBX_NAT_TIME_SHIFT 20
+#define LBX_NAT_PORT_TRIES 8      /* SNAT port candidates tried before LBX_R_DROP_NAT_NO_PORT */
+#ifndef LBX_NAT_CAPACITY
+#define LBX_NAT_CAPACITY 131072   /* lbx_nat entries: two per connection */
+#endif
+
+/* Connection state of a lbx_nat entry; the entry's timeout is lbx_nat_cfg's for its state. */
+enum lbx_nat_state {
+	LBX_NAT_SYN_SENT = 0,     /* TCP: the client's SYN seen, no SYN-ACK yet (timeout tcp_syn) */
+	LBX_NAT_ESTABLISHED = 1,  /* TCP: the backend's SYN-ACK seen (tcp_established) */
+	LBX_NAT_CLOSING = 2,      /* TCP: a FIN or RST seen from either side (tcp_close) */
+	LBX_NAT_UDP = 3,          /* UDP (udp) */
+	LBX_NAT_STATES = 4,
+};
+
+/* Which direction a lbx_nat entry's key is. */
+enum lbx_nat_dir {
+	LBX_NAT_DIR_FWD = 0,      /* client -> VIP: rewritten to go to the backend */
+	LBX_NAT_DIR_REPLY = 1,    /* backend -> client / SNAT address: rewritten to come from the VIP */
+};
+
+/* lbx_nat value: how to rewrite a packet of this entry's direction, and the connection's state. */
+struct nat_entry {
+	struct lbx_addr saddr;    /* the source to write (fwd: SNAT address or the client; reply: the VIP) */
+	struct lbx_addr daddr;    /* the destination to write (fwd: the backend; reply: the client) */
+	__be16 sport;             /* the source port to write, network order */
+	__be16 dport;             /* the destination port to write, network order */
+	__u8 mac[6];              /* reply: the next hop towards the client (the source MAC of the
+				   * connection's first packet); fwd: unused (the backend entry's mac) */
+	__u8 dir;                 /* enum lbx_nat_dir */
+	__u8 state;               /* enum lbx_nat_state (both entries of a connection keep it alike) */
+	__u32 backend_id;         /* the backend entry the connection went to */
+	__u16 gen;                /* that entry's struct backend.gen */
+	__u8 family;              /* LBX_FAMILY_* */
+	__u8 proto;               /* IPPROTO_TCP or IPPROTO_UDP */
+	__u32 seen;               /* last packet of this direction (LBX_NAT_TIME_SHIFT units) */
+	__u32 timeout;            /* the state's timeout (same units); past seen + timeout = absent */
+	__u32 created;            /* when the connection's first packet came (same units) */
+};
+_Static_assert(sizeof(struct nat_entry) == 64, "also update lbxdp/abi.py");
+
+/* lbx_nat_cfg[0]: the instance's NAT settings ([balancer] snat_*, nat_timeouts). Written by
+ * lbxdp.maps.Maps.set_nat_cfg only. */
+struct nat_cfg {
+	struct lbx_addr snat_v6;  /* SNAT source (IPv6); :: = none */
+	__be32 snat_v4;           /* SNAT source (IPv4), network order; 0 = none */
+	__u16 port_min;           /* the SNAT port pool, host order, inclusive; per address and protocol */
+	__u16 port_max;
+	__u32 timeout[LBX_NAT_STATES]; /* by enum lbx_nat_state, LBX_NAT_TIME_SHIFT units */
+	__u32 reserved[2];        /* zero */
+};
+_Static_assert(sizeof(struct nat_cfg) == 48, "also update lbxdp/abi.py");
+
+/*
+ * lbx_nat_health[backend id]: passive-health signals of a NAT backend (issue 12). Written by the
+ * program with atomic adds (a handshake's events only, never an established packet); the
+ * control plane reads them (and may zero an entry when its id gets a new owner).
+ */
+struct nat_health {
+	__u32 consecutive;        /* failed handshakes since the last SYN-ACK (reset to 0 by one) */
+	__u32 last_failure;       /* when the last one was seen (LBX_NAT_TIME_SHIFT units) */
+	__u64 syn_rst;            /* RSTs answering a SYN (the connection was SYN_SENT), ever */
+	__u64 syn_retx;           /* clients' SYNs retransmitted while SYN_SENT, ever */
+	__u64 synack;             /* SYN-ACKs (successful handshakes), ever */
+};
+_Static_assert(sizeof(struct nat_health) == 32, "also update lbxdp/abi.py");
 
 #endif /* LBX_ABI_H */

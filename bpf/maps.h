@@ -112,4 +112,30 @@ BPF_TABLE_PINNED("array_of_maps$lbx_acl_tmpl", int, int, lbx_acl, 1, LBX_PIN_DIR
 BPF_TABLE_PINNED("lru_percpu_hash", struct src_limit_key, __u64, lbx_src_limit, LBX_SRC_LIMIT_CAPACITY,
 		 LBX_PIN_DIR "/lbx_src_limit", BPF_F_NO_COMMON_LRU);
 
+/*
+ * NAT conntrack (issue 12; abi.h says what an entry is): a connection's forward key (client ->
+ * VIP as received) and its reply key (backend -> client or SNAT address:port) -> how to rewrite
+ * that direction. Written by the program (nat.h opens both entries on a connection's first
+ * packet, return_path.h and nat.h move their state); read and aged by the control plane. A
+ * shared LRU: one connection's directions may run on different CPUs.
+ */
+BPF_TABLE_PINNED("lru_hash", struct flow_key, struct nat_entry, lbx_nat, LBX_NAT_CAPACITY,
+		 LBX_PIN_DIR "/lbx_nat");
+
+/* 0 -> struct nat_cfg (SNAT addresses, port pool, timeouts). Written by lbxdp.maps.Maps.set_nat_cfg only. */
+BPF_TABLE_PINNED("array", __u32, struct nat_cfg, lbx_nat_cfg, 1, LBX_PIN_DIR "/lbx_nat_cfg");
+
+/*
+ * The NAT address filter: the VIP filter's hash and layout (abi.h), with the bits of every NAT
+ * VIP's address and every NAT backend's address. A clear bit at the destination means "no NAT
+ * VIP" (a DSR or encap flow then skips the lbx_nat lookup), at the source "no NAT backend" (a
+ * non-VIP frame then skips the reply lookup). Written by lbxdp.maps.Maps.set_nat_filter only.
+ */
+BPF_TABLE_PINNED("array", __u32, __u64, lbx_nat_filter, LBX_VIP_FILTER_WORDS,
+		 LBX_PIN_DIR "/lbx_nat_filter");
+
+/* backend id -> passive-health signals (struct nat_health). Written by the program (atomics). */
+BPF_TABLE_PINNED("array", __u32, struct nat_health, lbx_nat_health, LBX_MAX_BACKENDS,
+		 LBX_PIN_DIR "/lbx_nat_health");
+
 #endif /* LBX_MAPS_H */

@@ -58,6 +58,31 @@ class AclAction(enum.IntEnum):
     NOT_ALLOWED = 2
 
 
+# NAT (bpf/nat.h, bpf/return_path.h, issue 12)
+NAT_F_SNAT = 0x01        # LBX_NAT_F_SNAT (struct backend.nat_flags)
+NAT_TIME_SHIFT = 20      # LBX_NAT_TIME_SHIFT: lbx_nat times are CLOCK_MONOTONIC ns >> this
+NAT_PORT_TRIES = 8       # LBX_NAT_PORT_TRIES
+NAT_CAPACITY = 131072    # LBX_NAT_CAPACITY (entries: two per connection)
+NAT_ENTRY_SIZE = 64      # sizeof(struct nat_entry)
+NAT_CFG_SIZE = 48        # sizeof(struct nat_cfg)
+NAT_HEALTH_SIZE = 32     # sizeof(struct nat_health)
+
+
+class NatState(enum.IntEnum):
+    """enum lbx_nat_state: a lbx_nat entry's connection state (its timeout is the state's)."""
+    SYN_SENT = 0
+    ESTABLISHED = 1
+    CLOSING = 2
+    UDP = 3
+    STATES = 4
+
+
+class NatDir(enum.IntEnum):
+    """enum lbx_nat_dir: which direction a lbx_nat entry's key is."""
+    FWD = 0
+    REPLY = 1
+
+
 CTL_SIZE = 64            # sizeof(struct lbx_ctl)
 BACKEND_SIZE = 64        # sizeof(struct backend)
 
@@ -79,6 +104,7 @@ class FwdMode(enum.IntEnum):
     DSR = 0
     IPIP = 1
     GUE = 2
+    NAT = 3
 
 
 class Reason(enum.IntEnum):
@@ -121,7 +147,13 @@ class Reason(enum.IntEnum):
     DROP_SRC_RATE = 34
     DROP_ACL_DENY = 35
     DROP_ACL_NOT_ALLOWED = 36
-    MAX = 37
+    TX_NAT_REPLY = 37
+    TX_NAT_ICMP_REPLY = 38
+    PASS_NAT_NO_FLOW = 39
+    DROP_NAT_NO_PORT = 40
+    DROP_NAT_TUPLE_TAKEN = 41
+    PASS_NAT_ICMP_NO_FLOW = 42
+    MAX = 43
 
     @property
     def verdict(self) -> str:
@@ -159,6 +191,10 @@ class Map(str, enum.Enum):
     ACL_TMPL = "lbx_acl_tmpl"
     ACL = "lbx_acl"
     SRC_LIMIT = "lbx_src_limit"
+    NAT = "lbx_nat"
+    NAT_CFG = "lbx_nat_cfg"
+    NAT_FILTER = "lbx_nat_filter"
+    NAT_HEALTH = "lbx_nat_health"
 
 
 # --- lbxdp_decap (bpf/decap_abi.h, bpf/decap_maps.h): the backend's decapsulation program -----

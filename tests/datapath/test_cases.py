@@ -277,7 +277,13 @@ OUTSIDE_THE_TABLE = {R.PASS_NO_OWN_MAC: "test_unset_own_mac_forwards_nothing",
                      R.DROP_NO_OWN_ADDR: "test_encap.py::test_no_own_address_drops",
                      R.DROP_SRC_RATE: "test_admission.py (needs a limit)",
                      R.DROP_ACL_DENY: "test_admission.py (needs rules)",
-                     R.DROP_ACL_NOT_ALLOWED: "test_admission.py (needs rules)"}
+                     R.DROP_ACL_NOT_ALLOWED: "test_admission.py (needs rules)",
+                     R.TX_NAT_REPLY: "test_nat.py (needs a NAT connection)",
+                     R.TX_NAT_ICMP_REPLY: "test_nat.py (needs a NAT connection)",
+                     R.PASS_NAT_NO_FLOW: "test_nat.py (needs a NAT VIP's backends)",
+                     R.DROP_NAT_NO_PORT: "test_nat.py::test_pool_exhaustion_drops_and_counts",
+                     R.DROP_NAT_TUPLE_TAKEN: "test_nat.py (needs two NAT VIPs sharing a backend)",
+                     R.PASS_NAT_ICMP_NO_FLOW: "test_nat.py (needs a NAT VIP)"}
 
 
 def test_every_exit_reason_has_a_row() -> None:

@@ -26,6 +26,8 @@ ENUMS: dict[str, tuple[str, type[enum.IntEnum]]] = {
     "lbx_sched": ("LBX_SCHED_", abi.Sched),
     "lbx_fwd_mode": ("LBX_MODE_", abi.FwdMode),
     "lbx_acl_action": ("LBX_ACL_", abi.AclAction),
+    "lbx_nat_state": ("LBX_NAT_", abi.NatState),
+    "lbx_nat_dir": ("LBX_NAT_DIR_", abi.NatDir),
 }
 
 # #define in C -> the abi constant that mirrors it
@@ -60,10 +62,15 @@ DEFINES = {
     "LBX_ACL_MAX": "ACL_MAX",
     "LBX_ADMIT_F_ACL_V4": "ADMIT_F_ACL_V4",
     "LBX_ADMIT_F_ACL_V6": "ADMIT_F_ACL_V6",
+    "LBX_NAT_F_SNAT": "NAT_F_SNAT",
+    "LBX_NAT_TIME_SHIFT": "NAT_TIME_SHIFT",
+    "LBX_NAT_PORT_TRIES": "NAT_PORT_TRIES",
+    "LBX_NAT_CAPACITY": "NAT_CAPACITY",
 }
 
 # struct -> the abi constant that mirrors its pinned size
-SIZES = {"lbx_ctl": "CTL_SIZE", "backend": "BACKEND_SIZE", "lbx_admit": "ADMIT_SIZE"}
+SIZES = {"lbx_ctl": "CTL_SIZE", "backend": "BACKEND_SIZE", "lbx_admit": "ADMIT_SIZE",
+         "nat_entry": "NAT_ENTRY_SIZE", "nat_cfg": "NAT_CFG_SIZE", "nat_health": "NAT_HEALTH_SIZE"}
 
 
 # --- the parser -------------------------------------------------------------------------------
