@@ -422,17 +422,20 @@ struct nat_cfg {
 _Static_assert(sizeof(struct nat_cfg) == 48, "also update lbxdp/abi.py");
 
 /*
- * lbx_nat_health[backend id]: passive-health signals of a NAT backend (issue 12). Written by the
- * program with atomic adds (a handshake's events only, never an established packet); the
- * control plane reads them (and may zero an entry when its id gets a new owner).
+ * lbx_nat_be[backend id]: per NAT backend entry state written by the program: passive-health
+ * signals (issue 12; only a handshake's events, with atomic adds, never an established packet)
+ * and the SNAT port allocator's cursor. The control plane reads the signals and zeroes an entry
+ * when its id gets a new owner.
  */
-struct nat_health {
-	__u32 consecutive;        /* failed handshakes since the last SYN-ACK (reset to 0 by one) */
+struct nat_backend {
+	__u32 consecutive;        /* failed handshakes since the last SYN-ACK (a SYN-ACK resets it to 0) */
 	__u32 last_failure;       /* when the last one was seen (LBX_NAT_TIME_SHIFT units) */
 	__u64 syn_rst;            /* RSTs answering a SYN (the connection was SYN_SENT), ever */
 	__u64 syn_retx;           /* clients' SYNs retransmitted while SYN_SENT, ever */
 	__u64 synack;             /* SYN-ACKs (successful handshakes), ever */
+	__u32 port_cursor;        /* SNAT: index into the pool of the next port to try (program only) */
+	__u32 reserved;           /* zero */
 };
-_Static_assert(sizeof(struct nat_health) == 32, "also update lbxdp/abi.py");
+_Static_assert(sizeof(struct nat_backend) == 40, "also update lbxdp/abi.py");
 
 #endif /* LBX_ABI_H */

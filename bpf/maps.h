@@ -134,8 +134,9 @@ BPF_TABLE_PINNED("array", __u32, struct nat_cfg, lbx_nat_cfg, 1, LBX_PIN_DIR "/l
 BPF_TABLE_PINNED("array", __u32, __u64, lbx_nat_filter, LBX_VIP_FILTER_WORDS,
 		 LBX_PIN_DIR "/lbx_nat_filter");
 
-/* backend id -> passive-health signals (struct nat_health). Written by the program (atomics). */
-BPF_TABLE_PINNED("array", __u32, struct nat_health, lbx_nat_health, LBX_MAX_BACKENDS,
-		 LBX_PIN_DIR "/lbx_nat_health");
+/* backend id -> passive-health signals and SNAT port cursor (struct nat_backend). Written by the
+ * program; zeroed by the control plane when the id gets a new owner. */
+BPF_TABLE_PINNED("array", __u32, struct nat_backend, lbx_nat_be, LBX_MAX_BACKENDS,
+		 LBX_PIN_DIR "/lbx_nat_be");
 
 #endif /* LBX_MAPS_H */

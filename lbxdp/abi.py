@@ -65,7 +65,7 @@ NAT_PORT_TRIES = 8       # LBX_NAT_PORT_TRIES
 NAT_CAPACITY = 131072    # LBX_NAT_CAPACITY (entries: two per connection)
 NAT_ENTRY_SIZE = 64      # sizeof(struct nat_entry)
 NAT_CFG_SIZE = 48        # sizeof(struct nat_cfg)
-NAT_HEALTH_SIZE = 32     # sizeof(struct nat_health)
+NAT_BACKEND_SIZE = 40    # sizeof(struct nat_backend)
 
 
 class NatState(enum.IntEnum):
@@ -194,7 +194,7 @@ class Map(str, enum.Enum):
     NAT = "lbx_nat"
     NAT_CFG = "lbx_nat_cfg"
     NAT_FILTER = "lbx_nat_filter"
-    NAT_HEALTH = "lbx_nat_health"
+    NAT_BE = "lbx_nat_be"
 
 
 # --- lbxdp_decap (bpf/decap_abi.h, bpf/decap_maps.h): the backend's decapsulation program -----

@@ -70,7 +70,7 @@ DEFINES = {
 
 # struct -> the abi constant that mirrors its pinned size
 SIZES = {"lbx_ctl": "CTL_SIZE", "backend": "BACKEND_SIZE", "lbx_admit": "ADMIT_SIZE",
-         "nat_entry": "NAT_ENTRY_SIZE", "nat_cfg": "NAT_CFG_SIZE", "nat_health": "NAT_HEALTH_SIZE"}
+         "nat_entry": "NAT_ENTRY_SIZE", "nat_cfg": "NAT_CFG_SIZE", "nat_backend": "NAT_BACKEND_SIZE"}
 
 
 # --- the parser -------------------------------------------------------------------------------
