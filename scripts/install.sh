@@ -55,7 +55,8 @@ headers_ok() { [ -d "$MODDIR/build/include" ]; }
 # Each entry is "pkg" or "alt1|alt2|...": the first alternative that exists is installed,
 # an entry counts as done when any alternative is installed.
 PKGS=(python3-bpfcc bpfcc-tools libbpfcc python3-venv python3-pip gcc libc6-dev
-      iproute2 ethtool nftables python3-scapy python3-pyroute2 python3-tomli-w tcpdump sudo)
+      iproute2 ethtool nftables python3-scapy python3-pyroute2 python3-tomli-w tcpdump sudo
+      wrk nginx)     # wrk, nginx: scripts/bench_e2e_nat.py (keep-alive HTTP through the VIP)
 if [ "$OS_ID" = ubuntu ]; then
     PKGS+=("bpftool|linux-tools-$KVER|linux-tools-common")
     HEADERS_PKG="linux-headers-$KVER|linux-headers-generic"
