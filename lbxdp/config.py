@@ -14,13 +14,13 @@ value, e.g.
     address = "10.112.0.10"
     port = 8080               # 0 = any port
     protocol = "tcp"          # tcp | udp
-    mode = "dsr"              # dsr (L2 direct server return) | ipip | gue (L3 DSR by encapsulation)
+    mode = "dsr"              # dsr (L2 direct server return) | ipip | gue (L3 DSR by encapsulation) | nat
     scheduler = "maglev"      # maglev (default) | rr | hash
     table_size = 65537        # maglev only: a prime, more than 100 x backends for even shares
     slow_start = 0            # seconds over which a new backend's weight ramps up (`lbxdp run`)
       [[vip.backend]]
       address = "10.111.0.11"
-      port = 8080             # optional; in dsr mode it must equal the VIP's port
+      port = 8080             # optional; in dsr/ipip/gue mode it must equal the VIP's port (nat: any)
       mac = "02:00:00:00:00:11"   # optional; else resolved from the neighbour table
       weight = 1              # 0-1000; 0 = no new flows
       backup = false          # true: new flows only while no primary is usable
@@ -46,7 +46,7 @@ T = TypeVar("T")
 
 _VIP_KEYS = {"address", "port", "protocol", "mode", "scheduler", "table_size", "slow_start", "health",
              "on_backend_down", "on_all_down", "backend", "gue_port", "ipip_source", "mtu", "mss_clamp",
-             "allow", "deny", "new_flow_limit"}
+             "allow", "deny", "new_flow_limit", "snat", "passive_health"}
 _BACKEND_KEYS = {"address", "port", "mac", "weight", "backup", "health"}
 _HEALTH_KEYS = {"type", "port", "interval", "timeout", "rise", "fall", "method", "path", "status", "host",
                 "send", "expect", "via"}
@@ -55,6 +55,9 @@ _METRICS_KEYS = {"listen"}
 _GATE_KEYS = {"flood_threshold"}   # [balancer]: the handshake gate's (bpf/select.h)
 _BALANCER_KEYS = {"ipv4_source", "ipv6_source", "flow_source_v4", "flow_source_v6", "mtu",
                   "allow", "deny", "new_flow_limit"}
+_NAT_KEYS = {"snat_v4", "snat_v6", "snat_ports", "nat_timeouts"}   # [balancer]: NAT mode's (issue 12)
+_NAT_TIMEOUT_KEYS = {"tcp_syn", "tcp_established", "tcp_close", "udp"}
+_PASSIVE_HEALTH_KEYS = {"failures", "timeout", "max_ejected"}
 _ADMISSION_KEYS = ("allow", "deny", "new_flow_limit")
 _LIMIT_KEYS = {"rate", "burst"}
 MAX_WEIGHT, MAX_SLOW_START, MAX_BACKEND_ENTRIES = model.MAX_WEIGHT, model.MAX_SLOW_START, model.MAX_BACKEND_ENTRIES
@@ -163,8 +166,19 @@ def _config(doc: dict[str, Any]) -> model.Config:
 def _balancer(d: Any) -> model.BalancerOptions:
     if not isinstance(d, dict):
         raise ConfigError("balancer", f"{_show(d)} must be a table: write [balancer]")
-    _no_unknown(d, _BALANCER_KEYS | _GATE_KEYS, "balancer")
+    _no_unknown(d, _BALANCER_KEYS | _GATE_KEYS | _NAT_KEYS, "balancer")
+    timeouts = d.get("nat_timeouts", {})
+    if not isinstance(timeouts, dict):
+        raise ConfigError("balancer.nat_timeouts", f"{_show(timeouts)} must be a table, e.g. "
+                          "nat_timeouts = { tcp_established = 600 }")
+    _no_unknown(timeouts, _NAT_TIMEOUT_KEYS, "balancer.nat_timeouts")
+    dt = model.NatTimeouts()
     return model.BalancerOptions(
+        snat_v4=_get(d, "snat_v4", "balancer", _address, None),
+        snat_v6=_get(d, "snat_v6", "balancer", _address, None),
+        snat_ports=_get(d, "snat_ports", "balancer", _port_range, None),
+        nat_timeouts=model.NatTimeouts(**{k: _get(timeouts, k, "balancer.nat_timeouts", _integer, getattr(dt, k))
+                                          for k in sorted(_NAT_TIMEOUT_KEYS)}),
         flood_threshold=_get(d, "flood_threshold", "balancer", _integer, None),
         ipv4_source=_get(d, "ipv4_source", "balancer", _address, None),
         ipv6_source=_get(d, "ipv6_source", "balancer", _address, None),
@@ -210,6 +224,32 @@ def admission_doc(a: model.Admission) -> dict[str, Any]:
     if a.new_flow_limit is not None:
         d["new_flow_limit"] = {"rate": a.new_flow_limit.rate, "burst": a.new_flow_limit.burst}
     return d
+
+
+def _port_range(v: Any) -> tuple[int, int]:
+    """snat_ports = "20000-32767" (inclusive) or "40000" (one port); the model checks the range."""
+    if not isinstance(v, str):
+        raise TypeError("is not a string like \"20000-32767\"")
+    m = re.fullmatch(r"\s*(\d{1,5})\s*(?:-\s*(\d{1,5})\s*)?", v)
+    if not m:
+        raise ValueError("is not a port range like \"20000-32767\" (LO-HI, inclusive)")
+    return int(m[1]), int(m[2] or m[1])
+
+
+def _passive_health(d: Any, path: str) -> model.PassiveHealth:
+    if not isinstance(d, dict):
+        raise ConfigError(path, f"{_show(d)} must be a table: write [vip.passive_health]")
+    _no_unknown(d, _PASSIVE_HEALTH_KEYS, path)
+    dp = model.PassiveHealth()
+    return model.PassiveHealth(_get(d, "failures", path, _integer, dp.failures),
+                               _get(d, "timeout", path, _seconds, dp.timeout),
+                               _get(d, "max_ejected", path, _share, dp.max_ejected))
+
+
+def _share(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError("is not a number from 0 to 1")
+    return float(v)
 
 
 def _network(v: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -349,8 +389,11 @@ def _vip(d: Any, path: str) -> model.Vip:
     if len(backends_doc) > abi.VIP_BACKENDS_MAX:   # before converting a huge array
         raise ConfigError(f"{path}.backend", f"{len(backends_doc)} backends; at most {abi.VIP_BACKENDS_MAX} per VIP")
     backends = tuple(_backend(bd, f"{path}.backend[{j}]", port, health_doc) for j, bd in enumerate(backends_doc))
+    ph = d.get("passive_health")
     return model.Vip(address, port, protocol, mode, scheduler, backends, table_size, slow_start,
-                     vip_health, on_down, on_all_down, **encap, admission=_admission(d, path))
+                     vip_health, on_down, on_all_down, **encap, admission=_admission(d, path),
+                     snat=_get(d, "snat", path, _bool, False),
+                     passive_health=_passive_health(ph, f"{path}.passive_health") if ph is not None else None)
 
 
 def _one_of(*choices: str) -> Callable[[Any], str]:
@@ -457,7 +500,11 @@ def dump(cfg: model.Config) -> str:
     if cfg.metrics_listen:
         doc["metrics"] = {"listen": cfg.metrics_listen}
     bal = {k: str(v) if not isinstance(v, int) else v for k, v in vars(cfg.balancer).items()
-           if v is not None and k != "admission"} | admission_doc(cfg.balancer.admission)
+           if v is not None and k not in ("admission", "snat_ports", "nat_timeouts")} | admission_doc(cfg.balancer.admission)
+    if cfg.balancer.snat_ports is not None:
+        bal["snat_ports"] = "{}-{}".format(*cfg.balancer.snat_ports)
+    if cfg.balancer.nat_timeouts != model.NatTimeouts():
+        bal["nat_timeouts"] = dict(vars(cfg.balancer.nat_timeouts))
     if bal:
         doc["balancer"] = bal
     vips = []
@@ -473,6 +520,10 @@ def dump(cfg: model.Config) -> str:
             if v.mtu is not None:
                 d["mtu"] = v.mtu
         d |= admission_doc(v.admission)
+        if v.mode is model.Mode.NAT:
+            d["snat"] = v.snat
+        if v.passive_health is not None:
+            d["passive_health"] = dict(vars(v.passive_health))
         if v.health:
             d["health"] = _health_doc(v.health)
         backends = []

@@ -53,10 +53,16 @@ class Mode(str, enum.Enum):
     DSR = "dsr"    # L2 direct server return: backends on the balancer's segment
     IPIP = "ipip"  # L3 DSR: IPIP / IP6IP6 / 4-in-6 by the backend's family
     GUE = "gue"    # L3 DSR: GUE variant 1 over UDP
+    NAT = "nat"    # NAT: destination (and with snat = true source) translated, replies back through us
 
     @property
     def encap(self) -> bool:
         return self in (Mode.IPIP, Mode.GUE)
+
+    @property
+    def routed(self) -> bool:
+        """Its backends may be anywhere routable: next hop = the route's gateway (lbxdp.nexthop)."""
+        return self.encap or self is Mode.NAT
 
     @property
     def abi(self) -> abi.FwdMode:
@@ -269,6 +275,33 @@ class Admission:
 
 
 @dataclass(frozen=True)
+class PassiveHealth:
+    """[vip.passive_health] of a NAT VIP (issue 12): what the data path sees of handshakes
+    (bpf/nat.h counts them per backend in lbx_nat_be) marks a backend suspected after `failures`
+    consecutive failed handshakes (an RST answering a SYN, a SYN retransmitted or unanswered for
+    `timeout` seconds); at most `max_ejected` of the VIP's backends are down for it at once."""
+    failures: int = 10
+    timeout: float = 2.0
+    max_ejected: float = 0.5
+
+
+@dataclass(frozen=True)
+class NatTimeouts:
+    """[balancer] nat_timeouts, seconds per connection state (bpf/abi.h enum lbx_nat_state).
+    For comparison: nftables/nf_conntrack syn_sent 120, established 432000, close/time_wait 120,
+    udp 30 (120 once replied); IPVS tcp 900, tcpfin 120, udp 300."""
+    tcp_syn: int = 10
+    tcp_established: int = 600
+    tcp_close: int = 10
+    udp: int = 30
+
+
+DEFAULT_SNAT_PORTS = (20000, 32767)   # below Linux's ip_local_port_range (32768-60999): the
+                                      # balancer's own connections (health checks) never share a port
+MAX_NAT_TIMEOUT = 30 * 86400          # seconds; u32 of ~1 ms units (bpf/abi.h LBX_NAT_TIME_SHIFT)
+
+
+@dataclass(frozen=True)
 class Vip:
     address: IPAddress
     port: int
@@ -286,6 +319,8 @@ class Vip:
     mtu: int | None = None                                # ipip, gue: path MTU to the backends (None: [balancer] mtu, else the interface's)
     mss_clamp: bool = False                               # ipip, gue: clamp SYNs' MSS to what the tunnel carries
     admission: Admission = Admission()                    # allow, deny, new_flow_limit of this VIP
+    snat: bool = False                                    # nat: also translate the source to [balancer] snat_v4/v6
+    passive_health: PassiveHealth | None = None           # nat: [vip.passive_health] (None: off)
 
     def __post_init__(self) -> None:
         # A model built in code may spell a closed set as its string ("pass"): hold the enum. A
@@ -334,6 +369,14 @@ class BalancerOptions:
                                                         # CPU past which bare ACKs are not recorded and SYNs skip
                                                         # the table (None: abi.FLOOD_THRESHOLD)
     admission: Admission = Admission()                  # allow, deny, new_flow_limit of every VIP
+    snat_v4: ipaddress.IPv4Address | None = None        # SNAT source (None: the interface's first IPv4)
+    snat_v6: ipaddress.IPv6Address | None = None
+    snat_ports: tuple[int, int] | None = None           # SNAT port pool, inclusive (None: DEFAULT_SNAT_PORTS)
+    nat_timeouts: NatTimeouts = NatTimeouts()
+
+    @property
+    def snat_pool(self) -> tuple[int, int]:
+        return self.snat_ports or DEFAULT_SNAT_PORTS
 
 
 @dataclass(frozen=True)
@@ -372,6 +415,7 @@ class Config:
             out += _vip_problems(v, f"vip[{i}]")
             out += _encap_problems(v, f"vip[{i}]", self.balancer, udp_ports)
             out += _admission_problems(v.admission, f"vip[{i}]", v.address.version)
+            out += _nat_problems(v, f"vip[{i}]")
             if v.key in seen:
                 out.append(Problem(f"vip[{i}]", f"duplicate VIP {v.name} (also {seen[v.key]})"))
             seen.setdefault(v.key, f"vip[{i}]")
@@ -547,7 +591,7 @@ def _backend_problems(v: Vip, b: Backend, path: str) -> list[Problem]:
                else f"{mode} mode cannot cross address families (ipip and gue carry an IPv4 VIP to an IPv6 backend)")
         out.append(Problem(f"{path}.address", f"{str(b.address)!r} is IPv{b.address.version} but the VIP "
                            f"is IPv{v.address.version}; {why}"))
-    elif isinstance(v.mode, Mode) and b.port != v.port:
+    elif isinstance(v.mode, Mode) and v.mode is not Mode.NAT and b.port != v.port:
         out.append(Problem(f"{path}.port", f"{b.port} differs from the VIP port {v.port}; {v.mode.value} mode "
                            "cannot rewrite ports (the backend answers the client directly)"))
     return out
@@ -575,6 +619,47 @@ def _balancer_problems(o: BalancerOptions) -> list[Problem]:
         out.append(Problem("balancer.mtu", bad))
     if o.flood_threshold is not None and (bad := _int(o.flood_threshold, 1, 2**32 - 1)) is not None:
         out.append(Problem("balancer.flood_threshold", bad))
+    for key, want, v in (("snat_v4", ipaddress.IPv4Address, o.snat_v4), ("snat_v6", ipaddress.IPv6Address, o.snat_v6)):
+        if v is None:
+            continue
+        if not isinstance(v, want):
+            out.append(Problem(f"balancer.{key}", f"{show(str(v))} is not an IPv{4 if key == 'snat_v4' else 6} address"))
+        elif (bad := _address(v, "SNAT source")) is not None:
+            out.append(Problem(f"balancer.{key}", bad))
+    if o.snat_ports is not None:
+        lo, hi = o.snat_ports
+        if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= 65535 and 1 <= hi <= 65535):
+            out.append(Problem("balancer.snat_ports", f"{show(f'{lo}-{hi}')} is out of range (ports 1-65535)"))
+        elif hi < lo:
+            out.append(Problem("balancer.snat_ports", f"\"{lo}-{hi}\" holds no port (a pool needs at least 1 port: LO <= HI)"))
+    t = o.nat_timeouts
+    for key in ("tcp_syn", "tcp_established", "tcp_close", "udp"):
+        if (bad := _int(getattr(t, key), 1, MAX_NAT_TIMEOUT, " seconds")) is not None:
+            out.append(Problem(f"balancer.nat_timeouts.{key}", bad))
+    return out
+
+
+def _nat_problems(v: Vip, path: str) -> list[Problem]:
+    """snat and passive_health: booleans and ranges, nat VIPs only. (Whether the SNAT address is
+    the balancer's own needs the interface: lbxdp.nexthop.nat_sources.)"""
+    out = []
+    if not isinstance(v.snat, bool):
+        out.append(Problem(f"{path}.snat", f"{show(v.snat)} is not true or false"))
+    elif v.snat and v.mode is not Mode.NAT:
+        out.append(Problem(f"{path}.snat", f"applies to mode nat only (this VIP's is {getattr(v.mode, 'value', v.mode)!r})"))
+    ph = v.passive_health
+    if ph is None:
+        return out
+    if v.mode is not Mode.NAT:
+        out.append(Problem(f"{path}.passive_health", f"applies to mode nat only (this VIP's is "
+                           f"{getattr(v.mode, 'value', v.mode)!r}): only NAT sees the backends' answers"))
+    out += _fields(f"{path}.passive_health", [
+        ("failures", _int(ph.failures, 1, 1000, " failed handshakes")),
+        ("timeout", None if not isinstance(ph.timeout, bool) and isinstance(ph.timeout, (int, float))
+         and 0.1 <= ph.timeout <= 3600 else f"{show(ph.timeout)} is not a number of seconds (0.1-3600)"),
+        ("max_ejected", None if not isinstance(ph.max_ejected, bool) and isinstance(ph.max_ejected, (int, float))
+         and 0 <= ph.max_ejected <= 1 else f"{show(ph.max_ejected)} is not a share of the VIP's backends (0-1)"),
+    ])
     return out
 
 
