@@ -80,13 +80,8 @@ http {{
 
 
 def nat_config(rig: Rig, family: int) -> str:
-    """lbxdp's config: one NAT VIP (DNAT) on port 80, every backend on 8080. Built as model values
-    when the model knows mode = "nat" (the lab's configs), else as the TOML of the design's keys."""
-    vip = rig.spec.vip4 if family == 4 else rig.spec.vip6
-    addrs = [rig.addr4(b) if family == 4 else rig.addr6(b) for b in rig.backends]
-    bes = ",\n".join(f'    {{ address = "{a}", port = {BACKEND_PORT} }}' for a in addrs)
-    return (f'[[vip]]\naddress = "{vip}"\nport = {VIP_PORT}\nprotocol = "tcp"\nmode = "nat"\n'
-            f'snat = false\nscheduler = "rr"\nbackend = [\n{bes},\n]\n')
+    """lbxdp's config: one NAT VIP (DNAT, round robin) on port 80, every backend on 8080."""
+    return rig.nat_config_toml(rig.nat_vip(family, "tcp", port=VIP_PORT, backend_port=BACKEND_PORT))
 
 
 def lbxdp(rig: Rig, *argv: str, check: bool = True) -> subprocess.CompletedProcess:

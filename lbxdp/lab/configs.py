@@ -66,6 +66,26 @@ class Configs:
         """lb_config() as a config file."""
         return config.dump(self.lb_config(scheduler, with_mac, **kw))
 
+    def nat_vip(self, version: int = 4, proto: str = "tcp", backends: list[str] | None = None, *,
+                port: int | None = None, backend_port: int | None = None, snat: bool = False,
+                scheduler: str = "rr", **fields: Any) -> model.Vip:
+        """A NAT VIP (issue 12) of this family and protocol on `port` (default: the rig's port)
+        with these backend roles (default: all) on `backend_port` (default: the rig's port, where
+        the echo servers listen): port translation when the two differ. snat: full NAT (source
+        becomes the balancer's address, [balancer] snat_v4/v6 and snat_ports: nat_config())."""
+        roles = self.backends if backends is None else backends
+        bes = tuple(model.Backend(address=self.addr4(r) if version == 4 else self.addr6(r),
+                                  port=backend_port or self.spec.port) for r in roles)
+        return model.Vip(address=self.spec.vip4 if version == 4 else self.spec.vip6,
+                         port=port or self.spec.port, protocol=model.Protocol(proto), mode=model.Mode.NAT,
+                         scheduler=model.Scheduler(scheduler), backends=bes, snat=snat,
+                         **{k: _vip_field(k, v) for k, v in fields.items()})
+
+    def nat_config_toml(self, *vips: model.Vip, **balancer: Any) -> str:
+        """A config file with these VIPs and [balancer] options (snat_v4, snat_ports=(lo, hi),
+        nat_timeouts=model.NatTimeouts(...), ...)."""
+        return config.dump(model.Config(vips=tuple(vips), balancer=model.BalancerOptions(**balancer)))
+
     def endpoint(self, role: str, version: int = 4) -> str:
         """A backend as lbxdp names it: '10.111.0.11:8080' or '[fd00:111::11]:8080'."""
         return self.backend(role, version).name
