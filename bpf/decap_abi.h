@@ -18,8 +18,9 @@
  *   slot = ((w[0] ^ w[1] ^ w[2] ^ w[3]) * LBX_VIP_FILTER_MUL) >> (32 - LBX_DECAP_SLOT_BITS),
  * then the next slots, at most LBX_DECAP_PROBES of them; an empty slot (family 0) ends the
  * search. The map holds two tables of LBX_DECAP_SLOTS slots: the control plane writes the one
- * the program does not read and then flips lbxd_ctl.active, so a packet never sees a table
- * half written (lbxdp/decap.py: build_table()).
+ * the program does not read, compiles a program that reads it (LBXD_HALF below), replaces the
+ * attached program with it and then records the half in lbxd_ctl.active (for readers), so a
+ * packet never sees a table half written (lbxdp/decap.py: build_table(), attach()).
  */
 #define LBX_DECAP_SLOT_BITS 12
 #define LBX_DECAP_SLOTS 4096 /* 1 << LBX_DECAP_SLOT_BITS */
@@ -27,6 +28,23 @@
 #define LBX_DECAP_MAX_ENTRIES 1024 /* addresses + VIPs: the table stays at most 1/4 full */
 #define LBX_DECAP_MAX_VIPS 1024
 _Static_assert(LBX_DECAP_SLOTS == 1 << LBX_DECAP_SLOT_BITS, "decap slots and bits disagree");
+
+/*
+ * The program is compiled for its instance (lbxdp/decap.py: program_defines() writes these -D
+ * switches; every attach compiles anyway, and the kernel swaps the attached program atomically):
+ *   LBXD_HALF      which half of lbxd_addrs the program reads (0 or 1);
+ *   LBXD_GUE_PORT  GUE's UDP port as the program loads it (network order); 0: GUE off;
+ *   LBXD_LOOSE     1: any inner destination is opened (--loose), 0: VIPs only;
+ *   LBXD_HOSTS4(X), LBXD_HOSTS6(X)  the host addresses, X(w0) / X(w0, w1, w2, w3) each (words as
+ *                  the CPU loads them), when there are at most lbxdp.decap.CONST_ADDRS of that
+ *                  family; left undefined when there are more: the table is searched instead;
+ *   LBXD_VIPS4(X), LBXD_VIPS6(X)    the same for VIPs, X(w0, id) / X(w0, w1, w2, w3, id).
+ * The table is written in full either way (status reads it). No default: a program compiled
+ * without them would open nothing it should.
+ */
+#if !defined(LBXD_HALF) || !defined(LBXD_GUE_PORT) || !defined(LBXD_LOOSE)
+#error "lbxdp_decap is compiled by lbxdp/decap.py (program_defines): LBXD_HALF, LBXD_GUE_PORT, LBXD_LOOSE"
+#endif
 
 /* struct decap_slot flags: what the address is to this host (both for a VIP on lo). */
 #define LBX_DECAP_F_HOST 0x01 /* one of the host's addresses: tunnels to it are decapsulated */
@@ -64,11 +82,12 @@ struct decap_slot {
 };
 _Static_assert(sizeof(struct decap_slot) == 20, "also update lbxdp/abi.py");
 
-/* Per-instance settings, one entry; written by lbxdp.decap only. */
+/* Per-instance settings, one entry; written by lbxdp.decap only. The program does not read it
+ * (the same values are its compile-time constants, above): it is the record status reads. */
 struct decap_ctl {
 	__be16 gue_port; /* UDP destination port of GUE, network order; 0: GUE off */
 	__u8 flags;      /* LBX_DECAP_CTL_F_* */
-	__u8 active;     /* which of the two address tables the program reads (0 or 1) */
+	__u8 active;     /* which of the two address tables the program reads (0 or 1): its LBXD_HALF */
 	__u8 reserved[12];
 };
 _Static_assert(sizeof(struct decap_ctl) == 16, "also update lbxdp/abi.py");

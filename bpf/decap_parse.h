@@ -16,6 +16,9 @@
  * laid out to fall through (LBX_D_LIKELY), and addresses stay in the frame (struct tunnel points
  * at them) instead of being copied to the stack.
  *
+ * The two common tunnels, IPIP over IPv4 and GUE over IPv6, are also recognised in one test each
+ * (parse_ipip4, parse_gue6) before this full parse, which sees every frame they do not take.
+ *
  * Tunnels understood, as Linux and Katran make them:
  *   IPv4|IPv6 outer, protocol 4 (IPv4 inside) or 41 (IPv6 inside): IPIP, 6in4, 4-in-6, IP6IP6;
  *   IPv4|IPv6 outer, UDP to the GUE port, then GUE (draft-ietf-intarea-gue):
@@ -260,6 +263,37 @@ static __always_inline int parse_ipip4(void *data, void *end, struct tunnel *t)
 	t->strip = sizeof(*ip);
 	t->outer_family = LBX_FAMILY_V4;
 	t->inner_family = LBX_FAMILY_V4;
+	return 1;
+}
+
+/*
+ * The common GUE tunnel in one test, as parse_ipip4: untagged Ethernet, IPv6 without extension
+ * headers, UDP to the GUE port whose length is the outer payload's, GUE variant 1 carrying
+ * IPv6, the inner packet inside the outer one. True exactly when parse_tunnel() would return
+ * LBX_D_OK with outer and inner family 6, l2_len 14, strip 48; anything else is left to
+ * parse_tunnel(). One bounds check for all four headers (102 bytes), whole-field loads.
+ */
+static __always_inline int parse_gue6(void *data, void *end, struct tunnel *t, __be16 gue_port)
+{
+	struct ipv6hdr *ip6 = data + sizeof(struct ethhdr), *in = (void *)(ip6 + 1) + sizeof(struct udphdr);
+	struct udphdr *udp = (void *)(ip6 + 1);
+	__u16 plen;
+
+	if ((void *)(in + 1) > end || *(__be16 *)(data + 12) != bpf_htons(ETH_P_IPV6) ||
+	    (*(__u8 *)ip6 & 0xf0) != 0x60 || ip6->nexthdr != IPPROTO_UDP || udp->dest != gue_port ||
+	    (*(__u8 *)in & 0xf0) != 0x60)
+		return 0;
+	plen = bpf_ntohs(ip6->payload_len);
+	if ((void *)(ip6 + 1) + plen > end || udp->len != ip6->payload_len ||
+	    bpf_ntohs(in->payload_len) + sizeof(*udp) + sizeof(*in) > plen)
+		return 0;
+	t->outer_end = (void *)(ip6 + 1) + plen;
+	t->outer_dst = ip6->daddr.s6_addr32;
+	t->inner_dst = in->daddr.s6_addr32;
+	t->l2_len = sizeof(struct ethhdr);
+	t->strip = sizeof(*ip6) + sizeof(*udp);
+	t->outer_family = LBX_FAMILY_V6;
+	t->inner_family = LBX_FAMILY_V6;
 	return 1;
 }
 

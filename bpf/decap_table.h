@@ -20,8 +20,8 @@ static __always_inline int slot_is(const struct decap_slot *s, __u8 family, __u3
 
 /*
  * The slot holding the address at a (in the frame: 1 word for LBX_FAMILY_V4, 4 for V6) in the
- * table starting at slot base (0 or LBX_DECAP_SLOTS: the one lbxd_ctl.active names), or NULL.
- * family is a constant at each call (find_addr_in): the v4 version neither loads nor compares
+ * table starting at slot base (0 or LBX_DECAP_SLOTS: LBXD_BASE, the half this program reads), or NULL.
+ * family is a constant at each call (is_host, vip_of): the v4 version neither loads nor compares
  * the words an IPv4 address leaves 0. The home slot is probed first, straight; the next ones
  * (collisions: rare, the table stays at most 1/4 full) in a loop that is not unrolled, so the
  * program's code is not 2 x 2 x 8 inlined probes.
@@ -55,11 +55,72 @@ static __always_inline struct decap_slot *find_addr(const __be32 *a, __u8 family
 	return NULL;
 }
 
-static __always_inline struct decap_slot *find_addr_in(const __be32 *a, __u8 family, __u32 base)
+/*
+ * The lookups the program makes (family is a constant at each call): compile-time constants
+ * when the set was small enough to be compiled in (decap_abi.h: LBXD_HOSTS4 and the others; a
+ * chain of compares with immediates, no map, no cache line to fetch), the table otherwise.
+ * LBXD_BASE: the first slot of the half this program reads.
+ */
+#define LBXD_BASE (LBXD_HALF ? LBX_DECAP_SLOTS : 0)
+#define LBXD_IS4(x) || (w0 == (x))
+#define LBXD_IS6(x0, x1, x2, x3) || (w0 == (x0) && w1 == (x1) && w2 == (x2) && w3 == (x3))
+#define LBXD_VIP4(x, id) if (w0 == (x)) return (id) + 1;
+#define LBXD_VIP6(x0, x1, x2, x3, id) if (w0 == (x0) && w1 == (x1) && w2 == (x2) && w3 == (x3)) return (id) + 1;
+
+/* Is the address at a (in the frame) one of the host's? */
+static __always_inline int is_host(const __be32 *a, __u8 family)
 {
-	if (LBX_D_LIKELY(family == LBX_FAMILY_V4))
-		return find_addr(a, LBX_FAMILY_V4, base);
-	return find_addr(a, LBX_FAMILY_V6, base);
+	struct decap_slot *s;
+
+	if (LBX_D_LIKELY(family == LBX_FAMILY_V4)) {
+#ifdef LBXD_HOSTS4
+		__be32 w0 = a[0];
+
+		return 0 LBXD_HOSTS4(LBXD_IS4);
+#else
+		s = find_addr(a, LBX_FAMILY_V4, LBXD_BASE);
+		return s && (s->flags & LBX_DECAP_F_HOST);
+#endif
+	}
+#ifdef LBXD_HOSTS6
+	{
+		__be32 w0 = a[0], w1 = a[1], w2 = a[2], w3 = a[3];
+
+		return 0 LBXD_HOSTS6(LBXD_IS6);
+	}
+#else
+	s = find_addr(a, LBX_FAMILY_V6, LBXD_BASE);
+	return s && (s->flags & LBX_DECAP_F_HOST);
+#endif
+}
+
+/* The VIP at a (in the frame): its id (lbxd_vip_stats) + 1, or 0 when it is no VIP. */
+static __always_inline __u32 vip_of(const __be32 *a, __u8 family)
+{
+	struct decap_slot *s;
+
+	if (LBX_D_LIKELY(family == LBX_FAMILY_V4)) {
+#ifdef LBXD_VIPS4
+		__be32 w0 = a[0];
+
+		LBXD_VIPS4(LBXD_VIP4)
+		return 0;
+#else
+		s = find_addr(a, LBX_FAMILY_V4, LBXD_BASE);
+		return s && (s->flags & LBX_DECAP_F_VIP) ? s->vip_id + 1 : 0;
+#endif
+	}
+#ifdef LBXD_VIPS6
+	{
+		__be32 w0 = a[0], w1 = a[1], w2 = a[2], w3 = a[3];
+
+		LBXD_VIPS6(LBXD_VIP6)
+		return 0;
+	}
+#else
+	s = find_addr(a, LBX_FAMILY_V6, LBXD_BASE);
+	return s && (s->flags & LBX_DECAP_F_VIP) ? s->vip_id + 1 : 0;
+#endif
 }
 
 /* Count a frame of len bytes under its reason; every exit of lbxdp_decap reads
@@ -79,11 +140,10 @@ static __always_inline int decap_count(__u32 reason, __u64 len)
  * Count a frame decapsulated to a VIP under that VIP only: lbxd_reasons[LBX_D_PASS_DECAP] holds
  * just the ones opened to no VIP (loose mode), and readers add the VIP rows to it
  * (lbxdp.decap.reason_counts). A per-CPU counter update costs ~8 ns here (docs/benchmarks.md
- * "decap"), a sixth of the whole program: one per packet, not two.
+ * "decap"): one per packet, not two.
  */
-static __always_inline int count_vip(const struct decap_slot *vip, __u64 len)
+static __always_inline int count_vip(__u32 id, __u64 len)
 {
-	__u32 id = vip->vip_id;
 	struct lbx_count *c = lbxd_vip_stats.lookup(&id);
 
 	if (c) {

@@ -13,8 +13,15 @@ under /sys/fs/bpf/lbxdp-decap/<ifname>/ (netns/<name>/<ifname> in a namespace), 
 /run/lbxdp-decap/; both roots follow LBXDP_PIN_ROOT / LBXDP_RUN_ROOT with "-decap" appended.
 The same rules as lbxdp.paths: names validated, directories root's and 0700, and an attach
 that fails leaves what was there: everything is validated and compiled first, the address table
-is written into the half the program does not read, and only after the program is attached is
-the half flipped (lbxd_ctl.active), so a packet sees the old settings or the new, whole.
+is written into the half the attached program does not read, and the program compiled for it
+replaces the old one in one atomic swap, so a packet sees the old settings or the new, whole.
+
+The program is specialised to its configuration (program_defines; bpf/decap_abi.h): the table
+half it reads, the GUE port, strict or loose and, for up to CONST_ADDRS addresses of a family,
+the host addresses and VIPs themselves are compile-time constants, so an opened packet reads no
+map but its counter. Every attach compiles anyway; lbxd_ctl records what the program was
+compiled with (status reads it). The host addresses are taken at attach, as before: after an
+address change, attach again.
 """
 
 from __future__ import annotations
@@ -98,6 +105,34 @@ def build_table(entries: Iterable[Entry]) -> dict[int, Entry]:
             raise LbxError(f"{e.addr} collides with {abi.DECAP_PROBES} other addresses in the decap table",
                            "remove an address or VIP and try again", exit_code=2)
     return table
+
+
+CONST_ADDRS = 8   # at most this many host addresses (VIPs) of a family are compiled into the program
+
+
+def _words(a: IPAddress) -> list[str]:
+    b = addr_bytes(a)
+    return [f"{struct.unpack('=I', b[4 * i:4 * i + 4])[0]:#x}" for i in range(1 if a.version == 4 else 4)]
+
+
+def program_defines(table: dict[int, Entry], gue_port: int, loose: bool, half: int,
+                    const_addrs: int = CONST_ADDRS) -> tuple[str, ...]:
+    """The -D switches that specialise lbxdp_decap to one configuration (bpf/decap_abi.h): the
+    table half it reads, the GUE port (as the program loads it, network order), loose or strict,
+    and each set (host addresses, VIPs; per family) of at most const_addrs addresses as constants
+    compared in the code, so that the program reads no map to decide; a larger set is left to the
+    table. Words as the CPU loads them, like the table's (addr_bytes)."""
+    defs = [f"LBXD_HALF={half}", f"LBXD_GUE_PORT={struct.unpack('=H', struct.pack('!H', check_port(gue_port)))[0]:#x}",
+            f"LBXD_LOOSE={int(loose)}"]
+    entries = sorted(table.values(), key=lambda e: (e.addr.version, e.addr))
+    for flag, name in ((abi.DECAP_F_HOST, "HOSTS"), (abi.DECAP_F_VIP, "VIPS")):
+        for version in (4, 6):
+            mine = [e for e in entries if e.flags & flag and e.addr.version == version]
+            if len(mine) > const_addrs:
+                continue   # the table
+            items = [",".join(_words(e.addr) + ([str(e.vip_id)] if flag == abi.DECAP_F_VIP else [])) for e in mine]
+            defs.append(f"LBXD_{name}{version}(X)=" + " ".join(f"X({i})" for i in items))
+    return tuple(defs)
 
 
 def host_addresses(exclude: Iterable[IPAddress] = ()) -> list[IPAddress]:
@@ -189,9 +224,13 @@ def attach(inst: DecapInstance, vips: Iterable[Any], gue_port: int = DEFAULT_GUE
     build = loader.BuildConfig(inst.pin_dir)
     upgraded = inst.exists()
     same = upgraded and migrate.pins_unchanged(inst, build, loader.read_schema(inst), loader.DECAP, abi.DecapReason)
+    # The new program reads the table half the attached one does not (fresh maps: half 1); its
+    # constants are not part of `build`, whose fingerprint says whether the pins can be kept.
+    half = 1 - _active_half(inst) if same else 1
     staging = inst.pin_dir / STAGING
     shutil.rmtree(staging, ignore_errors=True)
     target = build if same or not upgraded else dataclasses.replace(build, pin_dir=staging)
+    target = dataclasses.replace(target, defines=program_defines(table, gue_port, loose, half))
     try:
         prog = loader.compile_program(target, loader.DECAP)
     except BaseException:
@@ -206,12 +245,11 @@ def attach(inst: DecapInstance, vips: Iterable[Any], gue_port: int = DEFAULT_GUE
             for v in vip_list:
                 if v not in known:
                     maps[abi.DecapMap.VIP_STATS].zero(vip_ids[v])
-        new_ctl = stage(maps, table, gue_port, loose)
-        if not same:   # nobody reads these maps yet: the settings go in before the program runs
-            flip(maps, new_ctl)
-        used = loader.attach(inst.ifname, prog.fd, mode)
-        if same:       # the program reads the pinned maps: switch to the new table now
-            flip(maps, new_ctl)
+        # The half the attached program does not read; the new program reads it from its
+        # first packet (LBXD_HALF), and lbxd_ctl records it once that program is attached.
+        new_ctl = stage(maps, table, gue_port, loose, half)
+        used = loader.attach(inst.ifname, prog.fd, mode)   # the kernel swaps programs atomically
+        flip(maps, new_ctl)
         if upgraded and not same:
             for name in prog.maps:   # bpffs renames atomically
                 os.rename(staging / name, inst.pin_dir / name)
@@ -245,19 +283,29 @@ def _save_schema(inst: DecapInstance, prog: loader.Program, build: loader.BuildC
         "source": loader.fingerprint(build, loader.DECAP), "layouts": prog.layouts}))
 
 
-def stage(maps: dict[str, bpfsys.Map], table: dict[int, Entry], gue_port: int, loose: bool) -> Any:
-    """Write table into the half of lbxd_addrs the program does not read; returns the lbxd_ctl
-    value that makes it read that half with these settings (flip() writes it)."""
-    active = maps[abi.DecapMap.CTL].lookup(0).active
-    _write_table(maps[abi.DecapMap.ADDRS], 1 - active, table)
+def _active_half(inst: DecapInstance) -> int:
+    """The table half the attached program reads (lbxd_ctl.active), 0 if none can be read."""
+    try:
+        with opened(inst) as maps:
+            return int(maps[abi.DecapMap.CTL].lookup(0).active)
+    except (LbxError, OSError):
+        return 0
+
+
+def stage(maps: dict[str, bpfsys.Map], table: dict[int, Entry], gue_port: int, loose: bool, half: int) -> Any:
+    """Write table into half `half` of lbxd_addrs (the one the attached program does not read);
+    returns the lbxd_ctl value that records it with these settings (flip() writes it once a
+    program compiled with program_defines(table, gue_port, loose, half) is attached)."""
+    _write_table(maps[abi.DecapMap.ADDRS], half, table)
     ctl = maps[abi.DecapMap.CTL].Leaf()
     ctl.gue_port = struct.unpack("=H", struct.pack("!H", check_port(gue_port)))[0]   # network order
     ctl.flags = abi.DECAP_CTL_F_LOOSE if loose else 0
-    ctl.active = 1 - active
+    ctl.active = half
     return ctl
 
 
 def flip(maps: dict[str, bpfsys.Map], ctl: Any) -> None:
+    """Record the half (and settings) the attached program uses: what status and the next attach read."""
     maps[abi.DecapMap.CTL].update(0, ctl)
 
 

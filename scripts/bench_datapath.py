@@ -306,6 +306,24 @@ def admission_cases(prog: loader.Program, new_flows: dict[str, list[bytes]]) -> 
     ]
 
 
+DECAP_HOST4, DECAP_HOST6 = "192.0.2.50", "2001:db8::50"
+
+
+def decap_table() -> dict:
+    from lbxdp import decap
+    ip = ipaddress.ip_address
+    return decap.build_table([decap.Entry(ip(DECAP_HOST4), abi.DECAP_F_HOST), decap.Entry(ip(DECAP_HOST6), abi.DECAP_F_HOST),
+                              decap.Entry(ip(VIP4), abi.DECAP_F_VIP, 0), decap.Entry(ip(VIP6), abi.DECAP_F_VIP, 1)])
+
+
+def compile_decap(pin_dir: Path, src: Path | None) -> loader.Program:
+    """lbxdp_decap compiled as `lbxdp decap attach` compiles it for decap_table() (fresh maps:
+    it reads table half 1; an older source ignores the -D switches and reads lbxd_ctl)."""
+    from lbxdp import decap
+    defines = decap.program_defines(decap_table(), 6080, False, 1)
+    return loader.compile_program(loader.BuildConfig(pin_dir=pin_dir, src_dir=src, defines=defines), loader.DECAP)
+
+
 def decap_cases(prog: loader.Program, label: str = "") -> list[Case]:
     """lbxdp_decap (bpf/decap.c) filled as `lbxdp decap attach` fills it: a tunnelled SYN opened
     (IPIP over v4, GUE over v6: the longest parse), and traffic that is no tunnel; label prefixes
@@ -315,11 +333,8 @@ def decap_cases(prog: loader.Program, label: str = "") -> list[Case]:
     from scapy.layers.l2 import Ether
 
     from lbxdp import decap
-    ip = ipaddress.ip_address
-    host4, host6 = "192.0.2.50", "2001:db8::50"
-    entries = [decap.Entry(ip(host4), abi.DECAP_F_HOST), decap.Entry(ip(host6), abi.DECAP_F_HOST),
-               decap.Entry(ip(VIP4), abi.DECAP_F_VIP, 0), decap.Entry(ip(VIP6), abi.DECAP_F_VIP, 1)]
-    decap.flip(prog.maps, decap.stage(prog.maps, decap.build_table(entries), 6080, False))
+    host4, host6 = DECAP_HOST4, DECAP_HOST6
+    decap.flip(prog.maps, decap.stage(prog.maps, decap_table(), 6080, False, 1))
     eth = Ether(dst=LB_MAC, src=CLIENT_MAC)
     syn4 = IP(src=CLIENT4, dst=VIP4) / TCP(sport=999, dport=80, flags="S")
     syn6 = IPv6(src=CLIENT6, dst=VIP6) / TCP(sport=999, dport=80, flags="S")
@@ -483,8 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, src in sources:
             if ((src or loader.bpf_dir()) / loader.DECAP.entry).is_file():
                 pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
-                progs.append(loader.compile_program(loader.BuildConfig(pin_dir=pin_dirs[-1], src_dir=src),
-                                                    loader.DECAP))
+                progs.append(compile_decap(pin_dirs[-1], src))
                 cases += decap_cases(progs[-1], label)
         if args.fib:
             fib = FibLab()

@@ -1,6 +1,7 @@
 """lbxdp_decap (bpf/decap.c) through BPF_PROG_TEST_RUN: one frame in, the exact frame out, one
-reason counter up, as in test_cases.py. The program is compiled once (its own pin dir) and filled
-by lbxdp.decap's own functions (build_table, stage, flip), as `lbxdp decap attach` fills it.
+reason counter up, as in test_cases.py. The program is compiled and filled by lbxdp.decap's own
+functions (build_table, program_defines, stage, flip), as `lbxdp decap attach` does it, once per
+configuration, and every test runs twice: addresses compiled in as constants, and the table.
 
 An accepted tunnel packet must come out as exactly its inner packet behind the same MACs (and
 VLAN tag), with the inner EtherType; every refused one must come out byte for byte unchanged.
@@ -9,18 +10,21 @@ VLAN tag), with the inner EtherType; every refused one must come out byte for by
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP, IPOption_Router_Alert
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.packet import Packet, Raw
 
 from lbxdp import abi, bpfsys, decap, loader
 
-from .conftest import compiled
 from .frames import VERDICT_NAMES, XDP_PASS
 from .harness import decode, hexdiff
 
@@ -39,19 +43,42 @@ GUE = 6080
 
 @dataclass
 class Decap:
-    prog: loader.Program
-    runner: bpfsys.TestRunner
+    """lbxdp_decap as `lbxdp decap attach` makes it, reconfigurable: configure() writes the
+    table half the current program does not read and switches to a program compiled for it
+    (decap.program_defines), compiled once per configuration. Every program of one Decap shares
+    the maps (the same pin dir), so counters carry over. const_addrs: how many addresses of a
+    family are compiled in as constants (0: every lookup goes through the table)."""
+
+    pin_dir: Path
+    const_addrs: int
+    progs: dict[tuple[str, ...], loader.Program] = field(default_factory=dict)
+    prog: loader.Program | None = None
+    runner: bpfsys.TestRunner | None = None
+    config: tuple | None = None
 
     @property
     def maps(self) -> dict[str, bpfsys.Map]:
+        assert self.prog is not None
         return self.prog.maps
+
+    def program(self, defines: tuple[str, ...]) -> loader.Program:
+        if defines not in self.progs:
+            self.progs[defines] = loader.compile_program(loader.BuildConfig(self.pin_dir, defines=defines), loader.DECAP)
+        return self.progs[defines]
 
     def configure(self, vips: list[str], loose: bool = False, gue_port: int = GUE) -> None:
         """What decap.attach writes: host addresses BE4/BE6, the VIPs, the port and mode."""
+        config = (tuple(vips), loose, gue_port)
+        if config == self.config:
+            return
         ids = {ipaddress.ip_address(v): i for i, v in enumerate(vips)}
         entries = [decap.Entry(ipaddress.ip_address(a), abi.DECAP_F_HOST) for a in (BE4, BE6)] + \
                   [decap.Entry(a, abi.DECAP_F_VIP, i) for a, i in ids.items()]
-        decap.flip(self.maps, decap.stage(self.maps, decap.build_table(entries), gue_port, loose))
+        table = decap.build_table(entries)
+        half = 1 - self.maps[abi.DecapMap.CTL].lookup(0).active if self.prog is not None else 1
+        prog = self.program(decap.program_defines(table, gue_port, loose, half, self.const_addrs))
+        decap.flip(prog.maps, decap.stage(prog.maps, table, gue_port, loose, half))
+        self.prog, self.runner, self.config = prog, bpfsys.TestRunner(prog.fd), config
 
     def reasons(self) -> dict[D, tuple[int, int]]:
         return decap.reason_counts(self.maps)
@@ -59,13 +86,26 @@ class Decap:
     def vip_packets(self, vip_id: int) -> int:
         return decap._sum(self.maps[abi.DecapMap.VIP_STATS].lookup(vip_id))[0]
 
+    def close(self) -> None:
+        for p in self.progs.values():
+            p.close()
 
-@pytest.fixture(scope="module")
-def compiled_decap() -> Iterator[Decap]:
-    """bpf/decap.c compiled once for this module (conftest.compiled: pins removed always, even
-    when compiling fails). Root, bpffs and bcc needed."""
-    with compiled(loader.DECAP) as prog:
-        yield Decap(prog, bpfsys.TestRunner(prog.fd))
+
+@pytest.fixture(scope="module", params=[decap.CONST_ADDRS, 0], ids=["constants", "table"])
+def compiled_decap(request: pytest.FixtureRequest) -> Iterator[Decap]:
+    """bpf/decap.c as attach compiles it, twice over: with the small address sets compiled in
+    as constants (what attach does for up to decap.CONST_ADDRS addresses a family) and with
+    every lookup through the table (what it does for more); its own pin dir, removed always,
+    even when compiling fails. Root, bpffs and bcc needed."""
+    if os.geteuid() != 0:
+        pytest.skip("the datapath tests load an XDP program: run them as root")
+    dc = Decap(Path(f"/sys/fs/bpf/lbxdp-test-{uuid.uuid4().hex[:12]}"), request.param)
+    try:
+        dc.configure([VIP4, VIP6])
+        yield dc
+    finally:
+        dc.close()
+        shutil.rmtree(dc.pin_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -158,6 +198,17 @@ ROWS = [
     ok("ipip whose inner header has options",
        eth() / outer4() / inner_tcp4(options=[IPOption_Router_Alert()]), inner_tcp4(options=[IPOption_Router_Alert()]),
        IPV4, 0),
+    # GUE over IPv6 has a one-test parse too (parse_gue6): the same for its edges
+    ok("gue over v6 with a vlan tag", eth(vlan=5) / outer6() / gue() / U6, U6, IPV6, 1, vlan=5),
+    ok("gue over v6: padding after the outer packet stays", eth() / outer6() / gue() / U6, U6, IPV6, 1,
+       tail=bytes(6)),
+    refused("gue over v6: inner destination is no vip", eth() / outer6() / gue() / inner_udp6(NOVIP6), D.PASS_NOT_VIP),
+    refused("gue over v6: udp length disagrees with the outer packet",
+            eth() / outer6() / UDP(sport=50000, dport=GUE, len=200) / U6, D.PASS_TRUNCATED_OUTER),
+    refused("gue over v6: inner payload length past the outer packet",
+            eth() / outer6() / gue() / IPv6(src=CLIENT6, dst=VIP6, plen=400) / UDP(dport=53), D.PASS_TRUNCATED_INNER),
+    refused("gue over v6 behind a hop-by-hop header (not walked)", eth() / outer6() / IPv6ExtHdrHopByHop() / gue() / U6,
+            D.PASS_NOT_TUNNEL),
     # --- refused: passed unchanged, counted ------------------------------------------------------
     refused("inner destination is no vip (strict)", eth() / outer4() / inner_tcp4(NOVIP4), D.PASS_NOT_VIP),
     refused("v6 inner destination is no vip (strict)", eth() / outer6() / inner_udp6(NOVIP6), D.PASS_NOT_VIP),
@@ -295,3 +346,38 @@ def test_table_probes_like_the_program(compiled_decap: Decap) -> None:
     if len(too_many) == abi.DECAP_PROBES + 1:
         with pytest.raises(Exception, match="collides"):
             decap.build_table([decap.Entry(ipaddress.ip_address(a), abi.DECAP_F_VIP) for a in too_many])
+
+
+def test_more_vips_than_compiled_in(compiled_decap: Decap) -> None:
+    """A set larger than decap.CONST_ADDRS is looked up in the table, the others still compiled
+    in (in the constants variant): every VIP of both kinds is opened and counted as its own."""
+    vips = [f"10.30.0.{i}" for i in range(1, decap.CONST_ADDRS + 2)] + [VIP6]
+    entries = [decap.Entry(ipaddress.ip_address(a), abi.DECAP_F_HOST) for a in (BE4, BE6)] + \
+              [decap.Entry(ipaddress.ip_address(v), abi.DECAP_F_VIP, i) for i, v in enumerate(vips)]
+    defines = " ".join(decap.program_defines(decap.build_table(entries), GUE, False, 0, compiled_decap.const_addrs))
+    assert "LBXD_VIPS4" not in defines
+    assert ("LBXD_VIPS6" in defines and "LBXD_HOSTS4" in defines) == (compiled_decap.const_addrs > 0)
+    try:
+        compiled_decap.configure(vips)
+        for n, v in enumerate(vips[:-1]):
+            inner = inner_tcp4(v)
+            _run(compiled_decap, Row(f"vip {v}", bytes(eth() / outer4() / inner), D.PASS_DECAP, stripped(inner, IPV4), n))
+        _run(compiled_decap, Row("gue v6", bytes(eth() / outer6() / gue() / U6), D.PASS_DECAP, stripped(U6, IPV6),
+                                 len(vips) - 1))
+        _run(compiled_decap, Row("no vip", bytes(eth() / outer4() / inner_tcp4(NOVIP4)), D.PASS_NOT_VIP))
+        _run(compiled_decap, Row("not this host", bytes(eth() / outer4(OTHER_HOST4) / T4), D.PASS_NOT_LOCAL))
+    finally:
+        compiled_decap.configure([VIP4, VIP6])
+
+
+def test_program_defines_compile_in_small_sets_only() -> None:
+    """What attach compiles: settings always, each set of up to CONST_ADDRS addresses as
+    constants with the words the table holds, a larger one left out (the table)."""
+    ip = ipaddress.ip_address
+    table = decap.build_table([decap.Entry(ip(BE4), abi.DECAP_F_HOST), decap.Entry(ip(VIP6), abi.DECAP_F_VIP, 7)] +
+                              [decap.Entry(ip(f"10.0.0.{i}"), abi.DECAP_F_VIP, i) for i in range(decap.CONST_ADDRS + 1)])
+    d = decap.program_defines(table, 6080, True, 1)
+    assert d[:3] == ("LBXD_HALF=1", "LBXD_GUE_PORT=0xc017", "LBXD_LOOSE=1")
+    assert "LBXD_HOSTS4(X)=X(0x320200c0)" in d and "LBXD_HOSTS6(X)=" in d
+    assert not any(x.startswith("LBXD_VIPS4") for x in d)
+    assert "LBXD_VIPS6(X)=X(0x10fd,0x0,0x0,0x1000000,7)" in d
