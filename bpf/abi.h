@@ -438,4 +438,14 @@ struct nat_backend {
 };
 _Static_assert(sizeof(struct nat_backend) == 40, "also update lbxdp/abi.py");
 
+/* lbx_nat_scratch[0]: a CPU's room to build a new connection's entries and keys (nat.h), which
+ * do not fit the program's 512-byte stack beside the rest of the pipeline. Program only. */
+struct nat_scratch {
+	struct nat_entry fwd;
+	struct nat_entry rep;
+	struct flow_key rk;       /* the reply key */
+	struct flow_key k;        /* a peer's key */
+};
+_Static_assert(sizeof(struct nat_scratch) == 208, "also update lbxdp/abi.py");
+
 #endif /* LBX_ABI_H */

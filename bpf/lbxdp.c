@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * lbxdp_ingress: the XDP program, one per attached interface. This file is the table of
- * contents: parse -> return path -> VIP prefilter -> guards -> connection table, or classify
- * and select -> forward (by the backend entry's mode) -> account; every exit names its reason.
+ * contents: parse -> return path (NAT replies) -> VIP prefilter -> guards -> NAT conntrack or
+ * the connection table, or classify and select -> forward (by the backend entry's mode) ->
+ * account; every exit names its reason.
  * The order is cost-driven: most traffic for no VIP leaves after one bit of the VIP address
  * filter, and an established flow after one connection-table lookup (its backend entry names
  * its VIP and its mode); only a new flow pays for the VIP lookup too (docs/benchmarks.md has
@@ -23,8 +24,8 @@
 #include "abi.h"
 #include "maps.h"
 #include "parse.h"
-#include "return_path.h"
 #include "classify.h"
+#include "return_path.h"
 #include "guard.h"
 #include "select.h"
 #include "admit.h"
@@ -36,6 +37,7 @@ int lbxdp_ingress(struct xdp_md *ctx)
 {
 	struct pkt pkt = {};
 	struct selection sel = {};
+	struct nat_flow nf = {};
 	struct vip_meta *vip;
 	int r, verdict;
 
@@ -57,20 +59,24 @@ int lbxdp_ingress(struct xdp_md *ctx)
 		if (r != LBX_R_OK)
 			return count(icmp_guard_verdict(r), r, &pkt);
 	}
-	if (!established(&pkt, &sel)) {                 /* select.h: the connection table */
+	if (!nat_established(&pkt, &sel, &nf) &&       /* nat.h: NAT conntrack, behind one bit */
+	    !established(&pkt, &sel)) {                 /* select.h: the connection table */
 		vip = classify(&pkt);                   /* classify.h: the VIP lookup */
 		if (!vip)
 			return count(XDP_PASS, LBX_R_PASS_NOT_VIP, &pkt);
 		r = admit(vip, &pkt);                   /* admit.h: ACLs, per-source new-flow limits */
 		if (r != LBX_R_OK)
 			return count(XDP_DROP, r, &pkt);
-		r = select_backend(vip, &pkt, &sel);    /* select.h: the VIP's table, by its scheduler */
-		if (r == LBX_R_PASS_NO_BACKEND || r == LBX_R_PASS_ICMP_NO_FLOW)
+		if (vip->mode == LBX_MODE_NAT)          /* nat.h: the VIP's table, nothing recorded */
+			r = nat_select(vip, &pkt, &sel);
+		else
+			r = select_backend(vip, &pkt, &sel); /* select.h: the VIP's table, by its scheduler */
+		if (r == LBX_R_PASS_NO_BACKEND || r == LBX_R_PASS_ICMP_NO_FLOW || r == LBX_R_PASS_NAT_ICMP_NO_FLOW)
 			return count(XDP_PASS, r, &pkt);
 		if (r != LBX_R_OK)
 			return count(XDP_DROP, r, &pkt);
 	}
-	r = forward(ctx, &pkt, sel.be);                 /* forward.h: by the entry's mode */
+	r = forward(ctx, &pkt, &sel, &nf);              /* forward.h: by the entry's mode */
 	if (r != LBX_R_OK)
 		return count(forward_verdict(r), r, &pkt);
 	account(&sel, &pkt);                            /* stats.h */

@@ -139,4 +139,9 @@ BPF_TABLE_PINNED("array", __u32, __u64, lbx_nat_filter, LBX_VIP_FILTER_WORDS,
 BPF_TABLE_PINNED("array", __u32, struct nat_backend, lbx_nat_be, LBX_MAX_BACKENDS,
 		 LBX_PIN_DIR "/lbx_nat_be");
 
+/* 0 -> this CPU's scratch space for opening a NAT connection (struct nat_scratch). Program only;
+ * pinned like every map, though it holds nothing between packets. */
+BPF_TABLE_PINNED("percpu_array", __u32, struct nat_scratch, lbx_nat_scratch, 1,
+		 LBX_PIN_DIR "/lbx_nat_scratch");
+
 #endif /* LBX_MAPS_H */

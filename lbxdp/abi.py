@@ -195,6 +195,7 @@ class Map(str, enum.Enum):
     NAT_CFG = "lbx_nat_cfg"
     NAT_FILTER = "lbx_nat_filter"
     NAT_BE = "lbx_nat_be"
+    NAT_SCRATCH = "lbx_nat_scratch"
 
 
 # --- lbxdp_decap (bpf/decap_abi.h, bpf/decap_maps.h): the backend's decapsulation program -----

@@ -23,7 +23,7 @@ from typing import Callable, Mapping
 
 from . import abi, model, ring
 from .errors import LbxError
-from .maps import BackendEntry, Encap, Maps, VipMeta, now_units
+from .maps import BackendEntry, Encap, Maps, NatCfg, VipMeta, now_units
 
 WEIGHT_SCALE = 100   # weights are scaled so that a slow start can ramp in small steps
 
@@ -76,6 +76,23 @@ def encap_of(vip: model.Vip, b: model.Backend, opts: model.BalancerOptions, link
         if vip.mss_clamp and vip.protocol is model.Protocol.TCP else 0
     flags = abi.ENC_F_FLOW_SOURCE if vip.mode is model.Mode.IPIP and vip.ipip_source is model.EncapSource.FLOW else 0
     return Encap(vip.gue_port if vip.mode is model.Mode.GUE else 0, flags, mtu, mss)
+
+
+def nat_flags_of(vip: model.Vip) -> int:
+    """struct backend.nat_flags of the VIP's entries."""
+    return abi.NAT_F_SNAT if vip.mode is model.Mode.NAT and vip.snat else 0
+
+
+def nat_cfg_of(opts: model.BalancerOptions, sources: tuple[model.IPAddress | None, model.IPAddress | None]) -> NatCfg:
+    """lbx_nat_cfg: [balancer] snat_v4/snat_v6, else `sources` (the interface's addresses,
+    lbxdp.nexthop.nat_sources), the port pool and the timeouts."""
+    return NatCfg(opts.snat_v4 or sources[0], opts.snat_v6 or sources[1], opts.snat_pool,  # type: ignore[arg-type]
+                  opts.nat_timeouts)
+
+
+def nat_addresses(cfg: model.Config) -> set[model.IPAddress]:
+    """The addresses whose bit lbx_nat_filter needs: every NAT VIP's and every NAT backend's."""
+    return {a for v in cfg.vips if v.mode is model.Mode.NAT for a in [v.address, *(b.address for b in v.backends)]}
 
 
 @dataclass(frozen=True)
@@ -148,10 +165,12 @@ class Balancer:
         self.maps = maps
 
     def apply(self, cfg: model.Config, macs: dict[model.IPAddress, str], rt: Runtime = Runtime(),
-              link_mtu: int = 1500) -> Diff:
+              link_mtu: int = 1500,
+              nat_sources: tuple[model.IPAddress | None, model.IPAddress | None] = (None, None)) -> Diff:
         """Make the maps hold cfg. macs: next-hop MAC of every backend whose config has none;
         rt: drains and slow starts in progress; link_mtu: the interface's MTU (the encap modes'
-        default path MTU)."""
+        default path MTU); nat_sources: the interface's IPv4 and IPv6 address, the SNAT sources
+        where [balancer] names none (lbxdp.nexthop.nat_sources checked them)."""
         current = self.maps.vips()
         entries = self.maps.backends()
         live_ids = {m.id for m in current.values()}
@@ -167,6 +186,9 @@ class Balancer:
         free_bes.reverse()
 
         self.maps.set_flood_threshold(cfg.balancer.flood_threshold or 0)
+        # NAT: settings and filter bits before any entry that needs them (bpf/nat.h)
+        self.maps.set_nat_cfg(nat_cfg_of(cfg.balancer, nat_sources))
+        self.maps.add_to_nat_filter(nat_addresses(cfg))
         diff, retired, switches = Diff(), [], []
         admit: dict[int, model.Admission] = {}   # scope (vip id, or the global one) -> its rules
         for e in orphans:
@@ -187,6 +209,7 @@ class Balancer:
             have = by_vip.get(vip_id, {}) if meta is not None else {}
             ids = []
             mode = vip.mode.abi   # every entry carries its VIP's mode: established flows read it there
+            nat = nat_flags_of(vip)
             for b in vip.backends:
                 mac = b.mac or macs[b.address]
                 enc = encap_of(vip, b, cfg.balancer, link_mtu)
@@ -194,12 +217,12 @@ class Balancer:
                 if old is None:
                     bid = free_bes.pop()
                     self.maps.reset_backend_counters(bid)
-                    self.maps.put_backend(bid, vip_id, b, mac, mode, enc)
+                    self.maps.put_backend(bid, vip_id, b, mac, mode, enc, nat)
                     diff.add(f"+ backend {b.name} ({mac}) on {vip.name}")
                 else:
                     bid = old.id
-                    if old.mac != mac or old.mode != mode or old.encap != enc:
-                        self.maps.put_backend(bid, vip_id, b, mac, mode, enc)
+                    if old.mac != mac or old.mode != mode or old.encap != enc or old.nat_flags != nat:
+                        self.maps.put_backend(bid, vip_id, b, mac, mode, enc, nat)
                     if old.mac != mac:
                         diff.add(f"~ backend {b.name} mac {old.mac} -> {mac} on {vip.name}")
                 ids.append(bid)
@@ -223,6 +246,7 @@ class Balancer:
             self.maps.deactivate_backend(bid)
         diff.retired = retired
         self.maps.reset_vip_filter({v.address for v in cfg.vips})
+        self.maps.reset_nat_filter(nat_addresses(cfg))
         return diff
 
     def _apply_admission(self, cfg: model.Config, admit: dict[int, model.Admission], diff: Diff) -> None:

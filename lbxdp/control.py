@@ -59,11 +59,11 @@ def pinned_map_ids(inst: Instance) -> dict[str, int]:
 
 def resolve_macs(ifname: str, cfg: model.Config) -> dict[model.IPAddress, str]:
     """Next-hop MAC of every backend whose config has none: a dsr backend is a neighbour on the
-    segment; an ipip/gue backend's next hop is its route's gateway, or itself when on-link
+    segment; an ipip/gue/nat backend's next hop is its route's gateway, or itself when on-link
     (lbxdp.nexthop). An unreachable backend is an LbxError before anything is applied."""
     idx = loader.ifindex(ifname)
-    dsr = [b.address for v in cfg.vips if not v.mode.encap for b in v.backends if b.mac is None]
-    enc = [b.address for v in cfg.vips if v.mode.encap for b in v.backends if b.mac is None]
+    dsr = [b.address for v in cfg.vips if not v.mode.routed for b in v.backends if b.mac is None]
+    enc = [b.address for v in cfg.vips if v.mode.routed for b in v.backends if b.mac is None]
     out = nexthop.resolve(ifname, idx, list(dict.fromkeys(enc))) if enc else {}
     if dsr:
         out |= neigh.resolve(ifname, idx, list(dict.fromkeys(dsr)))
@@ -92,12 +92,21 @@ def own_addresses(ifname: str, cfg: model.Config) -> OwnAddresses:
     return own
 
 
+def nat_sources(ifname: str, cfg: model.Config) -> tuple[model.IPAddress | None, model.IPAddress | None]:
+    """The SNAT sources lbx_nat_cfg should hold (lbxdp.nexthop.nat_sources: LbxError naming
+    balancer.snat_v4/snat_v6 if unusable); (None, None) without NAT VIPs or SNAT keys."""
+    if not any(v.mode is model.Mode.NAT for v in cfg.vips) and cfg.balancer.snat_v4 is None \
+            and cfg.balancer.snat_v6 is None:
+        return None, None
+    return nexthop.nat_sources(ifname, loader.ifindex(ifname), cfg)
+
+
 def refresh_next_hops(inst: Instance) -> Diff | None:
     """The daemon's tick: re-resolve next hops (gateway or neighbour MACs), the interface's MTU and
     own addresses, and apply what changed (a moved gateway, a renumbered interface). None when
     nothing changed, so a quiet tick writes nothing."""
     st = applied.load(inst)
-    if not any(v.mode.encap for v in st.cfg.vips):
+    if not any(v.mode.routed for v in st.cfg.vips):
         return None
     macs = resolve_macs(inst.ifname, st.cfg)
     own = own_addresses(inst.ifname, st.cfg)
@@ -108,7 +117,7 @@ def refresh_next_hops(inst: Instance) -> Diff | None:
         stale = m.own_addresses() != own or any(
             (e := have.get((vip_ids.get(v.key), b.address, b.port))) is not None
             and (e.mac != (b.mac or macs[b.address]) or e.encap != encap_of(v, b, st.cfg.balancer, mtu))
-            for v in st.cfg.vips if v.mode.encap for b in v.backends)
+            for v in st.cfg.vips if v.mode.routed for b in v.backends)
     return apply(inst) if stale else None
 
 
@@ -140,6 +149,7 @@ def attach(inst: Instance, cfg: model.Config, mode: model.XdpMode = model.XdpMod
     resolve_macs(inst.ifname, cfg)   # fail on an unknown neighbour or route before compiling anything
     if any(v.mode.encap for v in cfg.vips):
         own_addresses(inst.ifname, cfg)
+    nat_sources(inst.ifname, cfg)
     if not allow_empty and not cfg.vips and inst.exists():
         try:                           # refuse before compiling anything (apply checks again)
             with open_maps(inst) as m:
@@ -275,13 +285,14 @@ def _apply_locked(inst: Instance, st: applied.State, cfg: model.Config | None, n
     if expired:
         st = st.moved_to(st.without(expired), now)
     macs = resolve_macs(inst.ifname, st.cfg)
+    snat = nat_sources(inst.ifname, st.cfg)
     encap = any(v.mode.encap for v in st.cfg.vips)
     own = own_addresses(inst.ifname, st.cfg) if encap else None
     mtu = link_mtu(inst.ifname) if encap else 1500
     with (nullcontext(maps) if maps is not None else open_maps(inst)) as m:
         if own is not None:
             m.set_own_addresses(own)   # before any entry that needs them
-        diff = Balancer(m).apply(st.cfg, macs, st.runtime(now), mtu)
+        diff = Balancer(m).apply(st.cfg, macs, st.runtime(now), mtu, snat)
         doomed = list(diff.retired)
         newly_down = st.down() - was_down
         if newly_down:

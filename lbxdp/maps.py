@@ -126,6 +126,65 @@ class OwnAddresses:
 
 
 @dataclass(frozen=True)
+class NatCfg:
+    """What lbx_nat_cfg holds (bpf/abi.h struct nat_cfg): SNAT sources, the port pool, and the
+    timeouts in seconds by enum lbx_nat_state."""
+    snat_v4: ipaddress.IPv4Address | None = None
+    snat_v6: ipaddress.IPv6Address | None = None
+    ports: tuple[int, int] = model.DEFAULT_SNAT_PORTS
+    timeouts: model.NatTimeouts = model.NatTimeouts()
+
+    def timeout_units(self) -> list[int]:
+        """The timeouts as the program compares them: LBX_NAT_TIME_SHIFT units, rounded up."""
+        t = self.timeouts
+        secs = {abi.NatState.SYN_SENT: t.tcp_syn, abi.NatState.ESTABLISHED: t.tcp_established,
+                abi.NatState.CLOSING: t.tcp_close, abi.NatState.UDP: t.udp}
+        return [-(-secs[abi.NatState(i)] * 1_000_000_000 >> abi.NAT_TIME_SHIFT) for i in range(abi.NatState.STATES)]
+
+
+def nat_now() -> int:
+    """The program's conntrack clock (nat_now() in bpf/nat.h): CLOCK_MONOTONIC ns >> LBX_NAT_TIME_SHIFT, u32.
+    The coarse clock the program reads lags this by at most a tick."""
+    return (time.clock_gettime_ns(time.CLOCK_MONOTONIC) >> abi.NAT_TIME_SHIFT) & 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class NatEntry:
+    """One lbx_nat entry: its key (the tuple its direction's packets carry) and what it writes."""
+    dir: abi.NatDir
+    src: model.IPAddress
+    sport: int
+    dst: model.IPAddress
+    dport: int
+    protocol: model.Protocol
+    new_src: model.IPAddress
+    new_sport: int
+    new_dst: model.IPAddress
+    new_dport: int
+    state: int            # abi.NatState as stored
+    backend_id: int
+    gen: int
+    mac: str
+    seen: int             # nat_now() units
+    timeout: int          # units
+    created: int
+
+    def expired(self, now: int) -> bool:
+        """What the program decides: past seen + timeout, the entry counts as absent."""
+        return (now - self.seen) & 0xFFFFFFFF > self.timeout
+
+
+@dataclass(frozen=True)
+class NatBackendState:
+    """lbx_nat_be[id]: passive-health signals of a NAT backend entry (bpf/nat.h)."""
+    consecutive: int = 0
+    last_failure: int = 0
+    syn_rst: int = 0
+    syn_retx: int = 0
+    synack: int = 0
+
+
+@dataclass(frozen=True)
 class BackendEntry:
     id: int
     vip_id: int
@@ -135,6 +194,7 @@ class BackendEntry:
     in_table: bool = False
     mode: int = abi.FwdMode.DSR   # enum lbx_fwd_mode as stored (an int: a raw write may hold any value)
     encap: Encap = Encap()
+    nat_flags: int = 0            # abi.NAT_F_*
 
     @property
     def name(self) -> str:
@@ -385,6 +445,98 @@ class Maps:
             if have.get(i, 0) != w:
                 self.filter_map.update(i, self.filter_map.Leaf(w))
 
+    # --- NAT (bpf/nat.h, bpf/return_path.h, issue 12) ---------------------------------------------
+    def nat_cfg(self) -> NatCfg | None:
+        """What lbx_nat_cfg holds (None: a program without NAT maps)."""
+        m = self.m.get(abi.Map.NAT_CFG)
+        c = m.lookup(0) if m is not None else None
+        if c is None:
+            return None
+        v4 = ipaddress.IPv4Address(struct.pack("=I", c.snat_v4))
+        v6 = ipaddress.IPv6Address(bytes(c.snat_v6))
+        units = list(c.timeout)
+        secs = [round(u * (1 << abi.NAT_TIME_SHIFT) / 1e9) for u in units]
+        return NatCfg(v4 if int(v4) else None, v6 if int(v6) else None, (c.port_min, c.port_max),
+                      model.NatTimeouts(*secs))
+
+    def set_nat_cfg(self, cfg: NatCfg) -> bool:
+        """Write lbx_nat_cfg; returns whether it changed. Open connections keep their entries'
+        timeouts until their next state change."""
+        m = self.m.get(abi.Map.NAT_CFG)
+        if m is None:
+            return False
+        leaf = make(m.Leaf, snat_v4=struct.unpack("=I", cfg.snat_v4.packed)[0] if cfg.snat_v4 else 0,
+                    snat_v6=cfg.snat_v6.packed if cfg.snat_v6 else bytes(16),
+                    port_min=cfg.ports[0], port_max=cfg.ports[1])
+        for i, u in enumerate(cfg.timeout_units()):
+            leaf.timeout[i] = u
+        old = m.lookup(0)
+        if old is not None and bytes(old) == bytes(leaf):
+            return False
+        m.update(0, leaf)
+        return True
+
+    def nat_filter(self) -> dict[int, int]:
+        m = self.m.get(abi.Map.NAT_FILTER)
+        if m is None:
+            return {}
+        return {keys[i]: values[i] for keys, values, n in m.batches() for i in range(n) if values[i]}
+
+    def add_to_nat_filter(self, addrs: set[model.IPAddress]) -> None:
+        """Set the bits of addrs (NAT VIP and NAT backend addresses), keeping the others: call
+        before the VIPs and backends they are for take traffic."""
+        m = self.m.get(abi.Map.NAT_FILTER)
+        if m is None:
+            if addrs:
+                raise LookupError("this program has no NAT maps: re-attach to upgrade it")
+            return
+        have = self.nat_filter()
+        for i, w in sorted(filter_words(addrs).items()):
+            if have.get(i, 0) | w != have.get(i, 0):
+                m.update(i, m.Leaf(have.get(i, 0) | w))
+
+    def reset_nat_filter(self, addrs: set[model.IPAddress]) -> None:
+        """Make the NAT filter exactly the bits of addrs (after deleting what no longer uses them)."""
+        m = self.m.get(abi.Map.NAT_FILTER)
+        if m is None:
+            return
+        have, want = self.nat_filter(), filter_words(addrs)
+        for i in sorted(set(have) | set(want)):
+            if have.get(i, 0) != want.get(i, 0):
+                m.update(i, m.Leaf(want.get(i, 0)))
+
+    def nat_entries(self, limit: int | None = None) -> list[NatEntry]:
+        """The NAT conntrack (both directions' entries; expired ones included: see NatEntry.expired)."""
+        m = self.m.get(abi.Map.NAT)
+        out: list[NatEntry] = []
+        if m is None:
+            return out
+        for keys, values, n in m.batches():
+            for i in range(n):
+                if limit is not None and len(out) >= limit:
+                    return out
+                k, v = keys[i], values[i]
+                proto = {6: model.Protocol.TCP, 17: model.Protocol.UDP}.get(k.proto)
+                if proto is None:
+                    continue
+                out.append(NatEntry(abi.NatDir(v.dir), addr_from(k.src, k.family), socket.ntohs(k.sport),
+                                    addr_from(k.dst, k.family), socket.ntohs(k.dport), proto,
+                                    addr_from(v.saddr, v.family), socket.ntohs(v.sport),
+                                    addr_from(v.daddr, v.family), socket.ntohs(v.dport), v.state, v.backend_id,
+                                    v.gen, mac_str(v.mac), v.seen, v.timeout, v.created))
+        return out
+
+    def nat_entry_count(self) -> int:
+        m = self.m.get(abi.Map.NAT)
+        return 0 if m is None else sum(n for _, _, n in m.batches())
+
+    def nat_backend(self, backend_id: int) -> NatBackendState:
+        m = self.m.get(abi.Map.NAT_BE)
+        v = m.lookup(backend_id) if m is not None else None
+        if v is None:
+            return NatBackendState()
+        return NatBackendState(v.consecutive, v.last_failure, v.syn_rst, v.syn_retx, v.synack)
+
     # --- backends ------------------------------------------------------------------------------
     def backends(self) -> dict[int, BackendEntry]:
         """Active backend entries by id."""
@@ -397,11 +549,11 @@ class Maps:
                         if hasattr(b, "encap_port") else Encap()
                     out[bid] = BackendEntry(bid, b.vip_id, addr_from(b.addr, b.family), socket.ntohs(b.port),
                                             mac_str(b.mac), bool(b.flags & abi.BE_F_IN_TABLE),
-                                            getattr(b, "mode", abi.FwdMode.DSR), enc)
+                                            getattr(b, "mode", abi.FwdMode.DSR), enc, getattr(b, "nat_flags", 0))
         return out
 
     def put_backend(self, backend_id: int, vip_id: int, b: model.Backend, mac: str,
-                    mode: abi.FwdMode = abi.FwdMode.DSR, encap: Encap = Encap()) -> None:
+                    mode: abi.FwdMode = abi.FwdMode.DSR, encap: Encap = Encap(), nat_flags: int = 0) -> None:
         """Write a backend entry; mode is its VIP's (the program forwards by the entry's mode).
         Giving the id to another (VIP, backend) bumps its generation, so flows that started on
         the id's previous owner start over instead of following the id; rewriting the same (VIP,
@@ -415,6 +567,8 @@ class Maps:
                       flags=flags, mac=mac_bytes(mac), gen=gen, vip_id=vip_id, mode=int(mode))
         if encap != Encap():
             fields |= dict(encap_port=socket.htons(encap.port), encap_flags=encap.flags, mtu=encap.mtu, mss=encap.mss)
+        if nat_flags:
+            fields["nat_flags"] = nat_flags
         if mode == abi.FwdMode.DSR and not hasattr(self.be_map.Leaf, "mode"):
             del fields["mode"]   # a program built from older sources (the scripts' --bpf-dir): DSR only
         self.be_map.update(backend_id, make(self.be_map.Leaf, **fields))
@@ -622,6 +776,8 @@ class Maps:
 
     def reset_backend_counters(self, backend_id: int) -> None:
         self.m[abi.Map.BE_STATS].zero(backend_id)
+        if abi.Map.NAT_BE in self.m:   # a new owner starts with no handshake history and no SNAT cursor
+            self.m[abi.Map.NAT_BE].zero(backend_id)
 
     def vip_views(self) -> tuple[VipView, ...]:
         """Every VIP with its backends and counters, read once (for status and the exporter)."""

@@ -77,6 +77,42 @@ def own_addresses(ifindex: int, cfg: model.Config) -> OwnAddresses:
     return OwnAddresses(v4, v6, o.flow_source_v4, o.flow_source_v6)
 
 
+def interface_addresses(ifindex: int) -> list[model.IPAddress]:
+    """Every global (RT_SCOPE_UNIVERSE) address of the interface, in the kernel's order."""
+    out: list[model.IPAddress] = []
+    with IPRoute() as ipr:
+        for fam in (socket.AF_INET, socket.AF_INET6):
+            out += [ipaddress.ip_address(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(family=fam, index=ifindex)
+                    if a["scope"] == 0]
+    return out
+
+
+def nat_sources(ifname: str, ifindex: int, cfg: model.Config) -> tuple[ipaddress.IPv4Address | None,
+                                                                        ipaddress.IPv6Address | None]:
+    """The SNAT source of each family (lbx_nat_cfg): [balancer] snat_v4 / snat_v6, which must be
+    one of the interface's own addresses (replies come back to it: XDP sees them only there), else
+    the interface's first. LbxError (exit 2) naming the key when a configured one is not the
+    balancer's, or when a snat = true VIP has backends of a family with no source."""
+    have = interface_addresses(ifindex)
+    out: list[model.IPAddress | None] = []
+    for fam, key in ((4, "snat_v4"), (6, "snat_v6")):
+        want = getattr(cfg.balancer, key)
+        if want is not None and want not in have:
+            mine = ", ".join(str(a) for a in have if a.version == fam) or "none"
+            raise LbxError(f"balancer.{key}: {want} is not an address of {ifname} (its IPv{fam} addresses: {mine})",
+                           "the SNAT source must be the balancer's own address on the attached interface, where the "
+                           "replies come back; nothing was applied", exit_code=2)
+        src = want or next((a for a in have if a.version == fam), None)
+        users = [v for v in cfg.vips if v.mode is model.Mode.NAT and v.snat
+                 and any(b.address.version == fam for b in v.backends)]
+        if users and src is None:
+            raise LbxError(f"balancer.{key}: VIP {users[0].name} has snat = true and IPv{fam} backends, but {ifname} "
+                           f"has no IPv{fam} address to be their source",
+                           f"give {ifname} an IPv{fam} address or set [balancer] {key}; nothing was applied", exit_code=2)
+        out.append(src)
+    return out[0], out[1]  # type: ignore[return-value]
+
+
 def missing_sources(cfg: model.Config, own: OwnAddresses) -> list[str]:
     """Encap backends whose outer source family the balancer has no address of."""
     out = []

@@ -88,3 +88,40 @@ def test_bad_nat_input_is_one_error_naming_the_key(text: str, key: str, words: s
         config.parse(text)
     first = str(e.value).splitlines()[0]
     assert first.startswith(f"{key}:") and words in first, first
+
+
+# --- what needs the interface: lbxdp.nexthop.nat_sources (its addresses faked) -----------------------
+@pytest.fixture
+def iface(monkeypatch: pytest.MonkeyPatch) -> list:
+    from lbxdp import nexthop
+    addrs = [ipaddress.ip_address("10.111.0.3"), ipaddress.ip_address("fd00:111::3")]
+    monkeypatch.setattr(nexthop, "interface_addresses", lambda ifindex: addrs)
+    return addrs
+
+
+def test_snat_sources_default_to_the_interface(iface: list) -> None:
+    from lbxdp import nexthop
+    cfg = config.parse(VIP + BE)
+    assert nexthop.nat_sources("eth9", 9, cfg) == tuple(iface)
+
+
+@pytest.mark.parametrize("text, key, words", [
+    (BALANCER + VIP + BE, "balancer.snat_v6", "is not an address of eth9"),
+    (BALANCER.replace('snat_v6 = "fd00:111::3"\n', "").replace("10.111.0.3", "10.111.0.4") + VIP + BE,
+     "balancer.snat_v4", "is not an address of eth9"),
+])
+def test_a_snat_source_that_is_not_ours_is_refused(iface: list, text: str, key: str, words: str) -> None:
+    from lbxdp import nexthop
+    iface[1] = ipaddress.ip_address("fd00:111::9")
+    with pytest.raises(LbxError) as e:
+        nexthop.nat_sources("eth9", 9, config.parse(text))
+    assert str(e.value).startswith(f"{key}:") and words in str(e.value).splitlines()[0]
+
+
+def test_snat_without_a_usable_source_is_refused(iface: list) -> None:
+    from lbxdp import nexthop
+    iface[:] = [ipaddress.ip_address("fd00:111::3")]   # no IPv4 address on the interface
+    with pytest.raises(LbxError) as e:
+        nexthop.nat_sources("eth9", 9, config.parse(VIP + BE))
+    first = str(e.value).splitlines()[0]
+    assert first.startswith("balancer.snat_v4:") and "snat = true" in first

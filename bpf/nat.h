@@ -1,0 +1,582 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * LBX_MODE_NAT (issue 12), the forward side: client -> VIP becomes client (or, with
+ * LBX_NAT_F_SNAT, the SNAT address and a pool port) -> backend:port. return_path.h translates
+ * the replies back with the same entries. One-armed: both directions arrive on and leave by
+ * the attached interface (XDP_TX).
+ *
+ * Conntrack (abi.h, lbx_nat): a connection's first packet opens two entries, the forward one
+ * under the client's tuple as received and the reply one under the tuple the backend's replies
+ * carry; each says what to write into its direction's packets, so an established packet costs
+ * one lookup per direction. Both keep the TCP state (SYN_SENT -> ESTABLISHED on the backend's
+ * SYN-ACK -> CLOSING on a FIN or RST from either side) and its timeout; an entry past
+ * seen + timeout counts as absent (the LRU or the control plane removes it later).
+ *
+ * Checksums are updated incrementally (csum.h): the sum of every changed word's complement and
+ * its new value is added to the complemented old checksum (RFC 1624 eqn. 3, 32-bit words at
+ * even offsets, which sum like their two 16-bit halves). IPv4 UDP without a checksum (0) keeps
+ * none; a computed 0 is sent as 0xffff (RFC 768).
+ *
+ * Every function returns LBX_R_OK or the reason the frame cannot be forwarded.
+ */
+#ifndef LBX_NAT_H
+#define LBX_NAT_H
+
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <linux/in.h>
+#include <linux/icmp.h>
+#include <linux/icmpv6.h>
+
+#include "abi.h"
+#include "maps.h"
+#include "parse.h"
+#include "select.h"
+#include "csum.h"
+
+#define LBX_TCP_FIN 0x01
+#define LBX_TCP_SYN 0x02
+#define LBX_TCP_RST 0x04
+#define LBX_TCP_ACK 0x10
+#define LBX_ICMP_QUOTE_HDR 8 /* the ICMP header before the quote (v4 and v6) */
+
+/* What nat_established() found for the packet, for forward_nat(). */
+struct nat_flow {
+	struct nat_entry *e;  /* the connection's entry for this direction; NULL: open one */
+	__u32 now;            /* nat_now() when it was looked up */
+};
+
+/* The conntrack clock (abi.h LBX_NAT_TIME_SHIFT): the coarse clock costs ~5 ns here, the fine one ~80 (limit.h). */
+static __always_inline __u32 nat_now(void)
+{
+	return bpf_ktime_get_coarse_ns() >> LBX_NAT_TIME_SHIFT;
+}
+
+/* One bit of lbx_nat_filter: whether addr may be a NAT VIP's or a NAT backend's (maps.h). */
+static __always_inline int nat_filter_has(const struct lbx_addr *a)
+{
+	const __u32 *w = (const __u32 *)a->w;
+	__u32 bit = ((w[0] ^ w[1] ^ w[2] ^ w[3]) * LBX_VIP_FILTER_MUL) >> (32 - LBX_VIP_FILTER_BITS);
+	__u32 word = bit / 64;
+	__u64 *bits = lbx_nat_filter.lookup(&word);
+
+	return bits && ((*bits >> (bit % 64)) & 1);
+}
+
+static __always_inline int nat_expired(const struct nat_entry *e, __u32 now)
+{
+	return now - e->seen > e->timeout;
+}
+
+/* The live entry under key k, or NULL (none, or past its timeout: absent). */
+static __always_inline struct nat_entry *nat_lookup(struct flow_key *k, __u32 now)
+{
+	struct nat_entry *e = lbx_nat.lookup(k);
+
+	return e && !nat_expired(e, now) ? e : NULL;
+}
+
+/* The key of e's other direction: e's rewritten tuple, reversed. */
+static __always_inline void nat_peer_key(const struct nat_entry *e, struct flow_key *k)
+{
+	k->src = e->daddr;
+	k->dst = e->saddr;
+	k->sport = e->dport;
+	k->dport = e->sport;
+	k->proto = e->proto;
+	k->family = e->family;
+}
+
+/* Move both entries of e's connection to state (its timeout from lbx_nat_cfg). Only on a
+ * state change: the second lookup is the peer's. */
+static __always_inline void nat_set_state(struct nat_entry *e, __u8 state)
+{
+	__u32 zero = 0;
+	struct nat_cfg *cfg = lbx_nat_cfg.lookup(&zero);
+	struct flow_key k = {};
+	struct nat_entry *peer;
+	__u32 t = cfg ? cfg->timeout[state & 3] : 0;
+
+	e->state = state;
+	e->timeout = t;
+	nat_peer_key(e, &k);
+	peer = lbx_nat.lookup(&k);
+	if (peer) {
+		peer->state = state;
+		peer->timeout = t;
+	}
+}
+
+/* Passive health (issue 12): a handshake's outcome for its backend entry; atomics, as both
+ * directions of different connections update one backend on different CPUs. */
+static __always_inline void nat_handshake(__u32 backend_id, int ok, __u64 kind_syn_rst, __u32 now)
+{
+	struct nat_backend *b = lbx_nat_be.lookup(&backend_id);
+
+	if (!b)
+		return;
+	if (ok) {
+		b->consecutive = 0;
+		__sync_fetch_and_add(&b->synack, 1);
+		return;
+	}
+	__sync_fetch_and_add(&b->consecutive, 1);
+	b->last_failure = now;
+	if (kind_syn_rst)
+		__sync_fetch_and_add(&b->syn_rst, 1);
+	else
+		__sync_fetch_and_add(&b->syn_retx, 1);
+}
+
+/* The TCP flags byte of the packet's TCP header (0 for UDP and ICMP errors). */
+static __always_inline __u8 nat_tcp_flags(struct xdp_md *ctx, const struct pkt *pkt)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	__u8 *flags = data + (pkt->l4_off & 0x3f) + 13;
+
+	if (pkt->flow.proto != IPPROTO_TCP || (pkt->flags & LBX_PKT_F_ICMP_ERR) || (void *)(flags + 1) > end)
+		return 0;
+	return *flags;
+}
+
+/*
+ * A packet of an open connection, its direction's entry e: refresh e (a write only when the
+ * clock moved, so an established flow's entry is not written per packet) and follow the TCP
+ * state. Forward: a SYN again while SYN_SENT is the client retransmitting (no SYN-ACK came: a
+ * failed handshake). Reply: the SYN-ACK establishes, an RST while SYN_SENT refuses (failed).
+ * A FIN or RST from either side closes.
+ */
+static __always_inline void nat_track(struct xdp_md *ctx, const struct pkt *pkt, struct nat_entry *e, __u32 now)
+{
+	__u8 f = nat_tcp_flags(ctx, pkt);
+
+	if (e->seen != now)
+		e->seen = now;
+	if (!f)
+		return;
+	if (e->state == LBX_NAT_SYN_SENT) {
+		if (e->dir == LBX_NAT_DIR_FWD && (f & (LBX_TCP_SYN | LBX_TCP_ACK)) == LBX_TCP_SYN) {
+			nat_handshake(e->backend_id, 0, 0, now);
+		} else if (e->dir == LBX_NAT_DIR_REPLY && (f & (LBX_TCP_SYN | LBX_TCP_ACK)) == (LBX_TCP_SYN | LBX_TCP_ACK)) {
+			nat_handshake(e->backend_id, 1, 0, now);
+			nat_set_state(e, LBX_NAT_ESTABLISHED);
+		} else if (e->dir == LBX_NAT_DIR_REPLY && (f & LBX_TCP_RST)) {
+			nat_handshake(e->backend_id, 0, 1, now);
+		}
+	}
+	if ((f & (LBX_TCP_FIN | LBX_TCP_RST)) && e->state != LBX_NAT_CLOSING)
+		nat_set_state(e, LBX_NAT_CLOSING);
+}
+
+/*
+ * The forward entry of the packet's connection, if live and its backend entry is still the one
+ * it went to. Gated by one bit of lbx_nat_filter at the destination, so that DSR, encap and
+ * other traffic never pays the lookup. A SYN on a closing connection's tuple (a client reusing
+ * its port) opens a new connection instead.
+ */
+static __always_inline int nat_established(struct pkt *pkt, struct selection *sel, struct nat_flow *nf)
+{
+	struct nat_entry *e;
+	struct backend *be;
+
+	if (!nat_filter_has(&pkt->flow.dst))
+		return 0;
+	nf->now = nat_now();
+	e = nat_lookup(&pkt->flow, nf->now);
+	if (!e || e->dir != LBX_NAT_DIR_FWD)
+		return 0;
+	if ((pkt->flags & LBX_PKT_F_SYN) && e->state == LBX_NAT_CLOSING)
+		return 0;
+	be = backend_by_id(e->backend_id);
+	if (!be || be->gen != e->gen)
+		return 0;
+	nf->e = e;
+	sel->be = be;
+	sel->backend_id = e->backend_id;
+	sel->vip_id = be->vip_id;
+	return 1;
+}
+
+/*
+ * A new connection to a NAT VIP: the VIP's table chooses (table_choice(), select.h); nothing is
+ * recorded in the DSR connection table or the half-open table (NAT's own entries, made by
+ * nat_open(), hold the choice). An ICMP error about a connection lbx_nat does not know has no
+ * translation to apply.
+ */
+static __always_inline int nat_select(const struct vip_meta *vip, struct pkt *pkt, struct selection *sel)
+{
+	int r;
+
+	if (pkt->flags & LBX_PKT_F_ICMP_ERR)
+		return LBX_R_PASS_NAT_ICMP_NO_FLOW;
+	r = table_choice(vip, pkt, sel);
+	if (r == LBX_R_OK)
+		sel->new_flow = 1;
+	return r;
+}
+
+static __always_inline int nat_same(const struct lbx_addr *a, const struct lbx_addr *b)
+{
+	return a->w[0] == b->w[0] && a->w[1] == b->w[1] && a->w[2] == b->w[2] && a->w[3] == b->w[3];
+}
+
+/* Whether old, found under a reply key wanted for rep, may be replaced: it is rep's own client
+ * tuple (the same client reopening), or it and its peer are past their timeouts. */
+static __always_inline int nat_replaceable(struct nat_entry *old, const struct nat_entry *rep, struct flow_key *k,
+					   __u32 now)
+{
+	struct nat_entry *peer;
+
+	if (old->dport == rep->dport && old->sport == rep->sport && nat_same(&old->daddr, &rep->daddr) &&
+	    nat_same(&old->saddr, &rep->saddr))
+		return 1;
+	if (!nat_expired(old, now))
+		return 0;
+	nat_peer_key(old, k);
+	peer = lbx_nat.lookup(k);
+	return !peer || nat_expired(peer, now);
+}
+
+/* Insert rep under the reply key k unless a live connection holds it (never a silent collision). */
+static __always_inline int nat_claim(struct flow_key *k, struct nat_entry *rep, struct flow_key *tmp, __u32 now)
+{
+	struct nat_entry *old;
+
+	if (lbx_nat.insert(k, rep) == 0)
+		return 1;
+	old = lbx_nat.lookup(k);
+	if (old && !nat_replaceable(old, rep, tmp, now))
+		return 0;
+	lbx_nat.update(k, rep);
+	return 1;
+}
+
+/*
+ * SNAT: a port of the pool for this backend. The candidates follow the backend entry's cursor
+ * (lbx_nat_be.port_cursor): sequential allocation fills a pool before it reuses a port, so a
+ * pool of N ports holds N connections to one backend (random candidates would start failing
+ * long before). A port is unique per (SNAT address, backend address and port, protocol): the
+ * reply key. LBX_NAT_PORT_TRIES candidates, then LBX_R_DROP_NAT_NO_PORT.
+ */
+static __always_inline int nat_alloc_port(const struct nat_cfg *cfg, __u32 backend_id, struct nat_scratch *s,
+					  __u32 now)
+{
+	struct nat_backend *nb = lbx_nat_be.lookup(&backend_id);
+	__u32 size, idx;
+
+	if (!cfg->port_min || cfg->port_max < cfg->port_min)
+		return LBX_R_DROP_NAT_NO_PORT;
+	size = (__u32)cfg->port_max - cfg->port_min + 1;
+	idx = nb ? nb->port_cursor : 0;
+	for (int i = 0; i < LBX_NAT_PORT_TRIES; i++) {
+		__be16 port = bpf_htons(cfg->port_min + (idx + i) % size);
+
+		s->rk.dport = port;
+		s->fwd.sport = port;
+		if (nat_claim(&s->rk, &s->rep, &s->k, now)) {
+			if (nb)
+				nb->port_cursor = idx + i + 1;
+			return LBX_R_OK;
+		}
+	}
+	if (nb)
+		nb->port_cursor = idx + LBX_NAT_PORT_TRIES;
+	return LBX_R_DROP_NAT_NO_PORT;
+}
+
+/* The SNAT source of the family (lbx_nat_cfg), or LBX_R_DROP_NO_OWN_ADDR. */
+static __always_inline int nat_source(const struct nat_cfg *cfg, __u8 family, struct lbx_addr *src)
+{
+	if (family == LBX_FAMILY_V4) {
+		*src = (struct lbx_addr){ .w = { cfg->snat_v4 } };
+		return cfg->snat_v4 ? LBX_R_OK : LBX_R_DROP_NO_OWN_ADDR;
+	}
+	*src = cfg->snat_v6;
+	return (src->w[0] | src->w[1] | src->w[2] | src->w[3]) ? LBX_R_OK : LBX_R_DROP_NO_OWN_ADDR;
+}
+
+/*
+ * Open a connection's two entries from its first packet (fwd gets the forward entry): the
+ * reply entry first (its key may be taken: SNAT then tries other ports), then the forward one.
+ * The reply entry remembers the source MAC of this packet: the next hop back to the client.
+ */
+static __always_inline int nat_open(struct xdp_md *ctx, const struct pkt *pkt, const struct selection *sel,
+				    struct nat_scratch *s)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	__u32 zero = 0;
+	struct nat_cfg *cfg = lbx_nat_cfg.lookup(&zero);
+	const struct backend *be = sel->be;
+	struct nat_entry *fwd = &s->fwd, *rep = &s->rep;
+	__u32 now = nat_now();
+	int r = LBX_R_OK;
+
+	if (!cfg || (void *)(eth + 1) > end)
+		return LBX_R_ABORT_REWRITE;
+	__builtin_memset(s, 0, sizeof(*s));
+	fwd->state = pkt->flow.proto == IPPROTO_UDP ? LBX_NAT_UDP :
+		     (pkt->flags & LBX_PKT_F_SYN) ? LBX_NAT_SYN_SENT : LBX_NAT_ESTABLISHED;
+	fwd->timeout = cfg->timeout[fwd->state & 3];
+	fwd->backend_id = sel->backend_id;
+	fwd->gen = be->gen;
+	fwd->family = pkt->flow.family;
+	fwd->proto = pkt->flow.proto;
+	fwd->seen = now;
+	fwd->created = now;
+	__builtin_memcpy(rep, fwd, sizeof(*rep));
+	fwd->dir = LBX_NAT_DIR_FWD;
+	fwd->saddr = pkt->flow.src;
+	fwd->sport = pkt->flow.sport;
+	fwd->daddr = be->addr;
+	fwd->dport = be->port ? be->port : pkt->flow.dport;   /* an any-port VIP's backend keeps the port */
+	rep->dir = LBX_NAT_DIR_REPLY;
+	rep->saddr = pkt->flow.dst;
+	rep->sport = pkt->flow.dport;
+	rep->daddr = pkt->flow.src;
+	rep->dport = pkt->flow.sport;
+	__builtin_memcpy(rep->mac, eth->h_source, ETH_ALEN);
+	if (be->nat_flags & LBX_NAT_F_SNAT) {
+		r = nat_source(cfg, pkt->flow.family, &fwd->saddr);
+		if (r != LBX_R_OK)
+			return r;
+	}
+	nat_peer_key(fwd, &s->rk);
+	if (be->nat_flags & LBX_NAT_F_SNAT)
+		r = nat_alloc_port(cfg, sel->backend_id, s, now);
+	else if (!nat_claim(&s->rk, rep, &s->k, now))
+		r = LBX_R_DROP_NAT_TUPLE_TAKEN;
+	if (r != LBX_R_OK)
+		return r;
+	lbx_nat.update((struct flow_key *)&pkt->flow, fwd);
+	return LBX_R_OK;
+}
+
+/* Write *p = v and return what the change adds to a sum that covers p (csum.h's convention). */
+static __always_inline __u64 nat_put32(__be32 *p, __be32 v)
+{
+	__u64 d = (__u32)~*p + (__u64)v;
+
+	*p = v;
+	return d;
+}
+
+static __always_inline __u64 nat_put16(__be16 *p, __be16 v)
+{
+	__u64 d = (__u16)~*p + (__u64)v;
+
+	*p = v;
+	return d;
+}
+
+static __always_inline __u64 nat_put_addr(__be32 *p, const struct lbx_addr *a, int v6)
+{
+	__u64 d = nat_put32(&p[0], a->w[0]);
+
+	if (v6) {
+		d += nat_put32(&p[1], a->w[1]);
+		d += nat_put32(&p[2], a->w[2]);
+		d += nat_put32(&p[3], a->w[3]);
+	}
+	return d;
+}
+
+/* A TCP or UDP checksum after its pseudo-header and ports changed by d. */
+static __always_inline void nat_l4_csum(__be16 *check, __u8 proto, int v6, __u64 d)
+{
+	__u16 c;
+
+	if (proto == IPPROTO_UDP && !v6 && !*check)
+		return;
+	c = lbx_csum_fold((__u16)~*check + d);
+	*check = (proto == IPPROTO_UDP && !c) ? 0xffff : c;
+}
+
+/* The ports and the L4 checksum after the addresses changed by d (the pseudo-header's share).
+ * The checksum: TCP's at byte 16, UDP's at byte 6 (parse.h checked the whole header). */
+static __always_inline int nat_rewrite_l4(__be16 *ports, void *end, const struct pkt *pkt, const struct nat_entry *e,
+					  int v6, __u64 d)
+{
+	__be16 *check = pkt->flow.proto == IPPROTO_TCP ? ports + 8 : ports + 3;
+
+	if ((void *)(ports + 2) > end || (void *)(check + 1) > end)
+		return LBX_R_ABORT_REWRITE;
+	d += nat_put16(&ports[0], e->sport) + nat_put16(&ports[1], e->dport);
+	nat_l4_csum(check, pkt->flow.proto, v6, d);
+	return LBX_R_OK;
+}
+
+/* A TCP/UDP packet: addresses and ports from e, IPv4 header and L4 checksums. One function per
+ * family: the verifier must see each header's own bounds check before its writes. */
+static __always_inline int nat_rewrite4(void *data, void *end, __u16 off, const struct pkt *pkt,
+					const struct nat_entry *e)
+{
+	struct iphdr *ip = data + off;
+	__u64 d;
+
+	if ((void *)(ip + 1) > end)
+		return LBX_R_ABORT_REWRITE;
+	d = nat_put32(&ip->saddr, e->saddr.w[0]) + nat_put32(&ip->daddr, e->daddr.w[0]);
+	ip->check = lbx_csum_fold((__u16)~ip->check + d);
+	return nat_rewrite_l4((void *)(ip + 1), end, pkt, e, 0, d);
+}
+
+static __always_inline int nat_rewrite6(void *data, void *end, __u16 off, const struct pkt *pkt,
+					const struct nat_entry *e)
+{
+	struct ipv6hdr *ip6 = data + off;
+	__u64 d;
+
+	if ((void *)(ip6 + 1) > end)
+		return LBX_R_ABORT_REWRITE;
+	d = nat_put_addr(ip6->saddr.in6_u.u6_addr32, &e->saddr, 1) +
+	    nat_put_addr(ip6->daddr.in6_u.u6_addr32, &e->daddr, 1);
+	return nat_rewrite_l4((void *)(ip6 + 1), end, pkt, e, 1, d);
+}
+
+static __always_inline int nat_rewrite(struct xdp_md *ctx, const struct pkt *pkt, const struct nat_entry *e)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	__u16 off = pkt->l3_off;
+
+	/* l3_off is 14 or 18 (parse_eth): bound it so the verifier sees a constant range. */
+	if (off > 18)
+		return LBX_R_ABORT_REWRITE;
+	if (pkt->flow.family == LBX_FAMILY_V6)
+		return nat_rewrite6(data, end, off, pkt, e);
+	return nat_rewrite4(data, end, off, pkt, e);
+}
+
+/*
+ * An ICMP error about a NAT connection, its flow key the quoted tuple reversed (parse.h), e the
+ * entry of that key's direction: the outer destination becomes e's destination, and the quote
+ * (the packet as the other side sent or got it) becomes the packet as this side knows it:
+ * quoted source e's destination, quoted destination e's source. Checksums: the outer IPv4
+ * header, the quoted IPv4 header, the quoted UDP checksum and a quoted TCP checksum that the
+ * quote holds, and the ICMP checksum over all of them (ICMPv6's covers the outer addresses too).
+ */
+static __always_inline int nat_icmp_quote_l4(__be16 *qports, void *end, const struct pkt *pkt,
+					     const struct nat_entry *e, int v6, __u64 dq, __u64 di, __be16 *icheck)
+{
+	__be16 *qcheck = pkt->flow.proto == IPPROTO_UDP ? qports + 3 : qports + 8;
+	__u64 dp;
+
+	if ((void *)(qports + 4) > end || (void *)(icheck + 1) > end)
+		return LBX_R_ABORT_REWRITE;
+	dp = nat_put16(&qports[0], e->dport) + nat_put16(&qports[1], e->sport);
+	di += dp;
+	/* The quoted L4 checksum: UDP's is in the 8 bytes every quote has; TCP's only in a longer
+	 * quote (the ICMP payload must hold it, not just the frame). */
+	if ((void *)(qcheck + 1) <= end &&
+	    pkt->l4_len >= LBX_ICMP_QUOTE_HDR + (v6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr)) +
+			   (pkt->flow.proto == IPPROTO_UDP ? 8 : 18)) {
+		__be16 old = *qcheck;
+
+		nat_l4_csum(qcheck, pkt->flow.proto, v6, dq + dp);
+		di += (__u16)~old + (__u64)*qcheck;
+	}
+	*icheck = lbx_csum_fold((__u16)~*icheck + di);
+	return LBX_R_OK;
+}
+
+static __always_inline int nat_rewrite_icmp4(void *data, void *end, __u16 off, const struct pkt *pkt,
+					     const struct nat_entry *e)
+{
+	struct iphdr *ip = data + off;
+	struct icmphdr *icmp = (void *)(ip + 1);
+	struct iphdr *q = (void *)(icmp + 1);
+	__u64 dq, di;
+
+	if ((void *)(q + 1) > end)
+		return LBX_R_ABORT_REWRITE;
+	ip->check = lbx_csum_fold((__u16)~ip->check + nat_put32(&ip->daddr, e->daddr.w[0]));
+	dq = nat_put32(&q->saddr, e->daddr.w[0]) + nat_put32(&q->daddr, e->saddr.w[0]);
+	di = dq + nat_put16(&q->check, lbx_csum_fold((__u16)~q->check + dq));
+	return nat_icmp_quote_l4((void *)(q + 1), end, pkt, e, 0, dq, di, &icmp->checksum);
+}
+
+static __always_inline int nat_rewrite_icmp6(void *data, void *end, __u16 off, const struct pkt *pkt,
+					     const struct nat_entry *e)
+{
+	struct ipv6hdr *ip6 = data + off;
+	struct icmp6hdr *icmp = (void *)(ip6 + 1);
+	struct ipv6hdr *q = (void *)(icmp + 1);
+	__u64 dq, di;
+
+	if ((void *)(q + 1) > end)
+		return LBX_R_ABORT_REWRITE;
+	di = nat_put_addr(ip6->daddr.in6_u.u6_addr32, &e->daddr, 1);  /* ICMPv6's pseudo-header */
+	dq = nat_put_addr(q->saddr.in6_u.u6_addr32, &e->daddr, 1) +
+	     nat_put_addr(q->daddr.in6_u.u6_addr32, &e->saddr, 1);
+	return nat_icmp_quote_l4((void *)(q + 1), end, pkt, e, 1, dq, di + dq, &icmp->icmp6_cksum);
+}
+
+static __always_inline int nat_rewrite_icmp(struct xdp_md *ctx, const struct pkt *pkt, const struct nat_entry *e)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	__u16 off = pkt->l3_off;
+
+	if (off > 18)
+		return LBX_R_ABORT_REWRITE;
+	if (pkt->flow.family == LBX_FAMILY_V6)
+		return nat_rewrite_icmp6(data, end, off, pkt, e);
+	return nat_rewrite_icmp4(data, end, off, pkt, e);
+}
+
+/* Ethernet: from us (the frame came to our MAC: the guards made sure) to the next hop. */
+static __always_inline int nat_l2(struct xdp_md *ctx, const __u8 *next_hop)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > end)
+		return LBX_R_ABORT_REWRITE;
+	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, next_hop, ETH_ALEN);
+	return LBX_R_OK;
+}
+
+/* Translate a frame by its direction's entry e (TCP/UDP or an ICMP error) and send it to next_hop. */
+static __always_inline int nat_translate(struct xdp_md *ctx, const struct pkt *pkt, const struct nat_entry *e,
+					 const __u8 *next_hop)
+{
+	int r = (pkt->flags & LBX_PKT_F_ICMP_ERR) ? nat_rewrite_icmp(ctx, pkt, e) : nat_rewrite(ctx, pkt, e);
+
+	return r == LBX_R_OK ? nat_l2(ctx, next_hop) : r;
+}
+
+/*
+ * forward() for LBX_MODE_NAT: a new connection's entries are opened here (after the VIP's table
+ * chose sel->be), a known one's state is followed; then the frame is translated and sent to the
+ * backend's next hop (the backend entry's MAC: the backend, or its route's gateway).
+ */
+static __always_inline int forward_nat(struct xdp_md *ctx, const struct pkt *pkt, const struct selection *sel,
+				       struct nat_flow *nf)
+{
+	__u32 zero = 0;
+	struct nat_scratch *s;
+	int r;
+
+	if (!nf->e) {
+		s = lbx_nat_scratch.lookup(&zero);
+		if (!s)
+			return LBX_R_ABORT_REWRITE;
+		r = nat_open(ctx, pkt, sel, s);
+		if (r != LBX_R_OK)
+			return r;
+		return nat_translate(ctx, pkt, &s->fwd, sel->be->mac);
+	}
+	if (!(pkt->flags & LBX_PKT_F_ICMP_ERR))
+		nat_track(ctx, pkt, nf->e, nf->now);
+	return nat_translate(ctx, pkt, nf->e, sel->be->mac);
+}
+
+#endif /* LBX_NAT_H */

@@ -1,0 +1,320 @@
+"""NAT mode (issue 12, bpf/nat.h and bpf/return_path.h): exact frames both directions.
+
+Every expected frame is built with scapy from the input with the translated fields set and its
+checksums left for scapy to compute (IPv4 header, TCP/UDP with the pseudo-header, ICMP, the
+quoted headers of an ICMP error): the program updates them incrementally, so equal bytes mean
+the incremental maths agrees with a full recomputation. Set up through the real control plane
+(Balancer.apply writes lbx_nat_cfg, the NAT filter and the backend entries' nat_flags); the
+conntrack is read back through Maps.nat_entries / Maps.nat_backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
+from scapy.layers.l2 import Ether
+from scapy.packet import Packet, Raw
+
+from lbxdp import abi, model
+
+from .frames import BASE, CLIENT4, CLIENT6, CLIENT_MAC, LB_MAC, TCP_, UDP_, XDP_DROP, XDP_PASS, XDP_TX, ip
+from .harness import Case, Lb, check
+
+pytestmark = pytest.mark.root
+
+R = abi.Reason
+SNAT4, SNAT6 = "10.30.255.1", "fd30::ff:1"
+ROUTER4, ROUTER6 = "10.30.254.1", "fd30::fe:1"   # a router on the backends' side
+CROUTER4, CROUTER6 = "192.0.2.254", "2001:db8::fe"  # a router on the clients' side
+POOL = (40000, 40099)
+
+
+def nvip(addr: str, port: int, proto: model.Protocol, be: str, be_port: int, tag: int, snat: bool) -> model.Vip:
+    b = model.Backend(ip(be), be_port, mac=f"02:be:30:00:00:{tag:02x}")
+    return model.Vip(ip(addr), port, proto, model.Mode.NAT, model.Scheduler.RR, (b,), snat=snat)
+
+
+DNAT4 = nvip("10.30.0.1", 80, TCP_, "10.30.1.1", 8080, 1, False)
+DNAT4U = nvip("10.30.0.1", 53, UDP_, "10.30.1.2", 5353, 2, False)
+SNAT4T = nvip("10.30.0.2", 80, TCP_, "10.30.2.1", 8080, 3, True)
+SNAT4U = nvip("10.30.0.2", 53, UDP_, "10.30.2.2", 5353, 4, True)
+DNAT6 = nvip("fd30::1", 80, TCP_, "fd30:1::1", 8080, 5, False)
+SNAT6T = nvip("fd30::2", 80, TCP_, "fd30:2::1", 8443, 6, True)
+SNAT6U = nvip("fd30::2", 53, UDP_, "fd30:2::2", 5353, 7, True)
+DNAT4B = nvip("10.30.0.4", 80, TCP_, "10.30.1.1", 8080, 1, False)   # shares DNAT4's backend
+NAT_VIPS = (DNAT4, DNAT4U, SNAT4T, SNAT4U, DNAT6, SNAT6T, SNAT6U, DNAT4B)
+OPTS = model.BalancerOptions(snat_v4=ip(SNAT4), snat_v6=ip(SNAT6), snat_ports=POOL,  # type: ignore[arg-type]
+                             nat_timeouts=model.NatTimeouts(tcp_syn=10, tcp_established=600, tcp_close=10, udp=30))
+CFG = model.Config(vips=BASE.vips + NAT_VIPS, balancer=OPTS)
+
+
+def reset_nat(lb: Lb) -> None:
+    m = lb.maps.m[abi.Map.NAT]
+    for k in list(m.keys()):
+        m.delete(k)
+    for bid in lb.maps.backends():
+        lb.maps.m[abi.Map.NAT_BE].zero(bid)
+
+
+@pytest.fixture
+def nlb(lb: Lb) -> Lb:
+    assert not model.Config(vips=NAT_VIPS, balancer=OPTS).problems()
+    lb.apply(CFG)
+    reset_nat(lb)
+    yield lb
+    reset_nat(lb)
+
+
+# --- frames -----------------------------------------------------------------------------------------
+def l3(src: str, dst: str) -> Packet:
+    return IP(src=src, dst=dst, id=7) if ":" not in dst else IPv6(src=src, dst=dst)
+
+
+def seg(src: str, dst: str, sport: int, dport: int, flags: str = "S", smac: str = CLIENT_MAC,
+        payload: bytes = b"") -> Packet:
+    p = Ether(src=smac, dst=LB_MAC) / l3(src, dst) / TCP(sport=sport, dport=dport, flags=flags, seq=1000, ack=0)
+    return p / Raw(payload) if payload else p
+
+
+def dgram(src: str, dst: str, sport: int, dport: int, smac: str = CLIENT_MAC, payload: bytes = b"query") -> Packet:
+    return Ether(src=smac, dst=LB_MAC) / l3(src, dst) / UDP(sport=sport, dport=dport) / Raw(payload)
+
+
+def translated(pkt: Packet, *, src: str, dst: str, sport: int, dport: int, dmac: str) -> Packet:
+    """pkt with new addresses, ports and MACs; every checksum left for scapy to compute."""
+    out = pkt.copy()
+    out[Ether].src, out[Ether].dst = LB_MAC, dmac
+    l3_ = out[IP] if IP in out else out[IPv6]
+    l3_.src, l3_.dst = src, dst
+    l4 = out[TCP] if TCP in out else out[UDP]
+    l4.sport, l4.dport = sport, dport
+    if IP in out:
+        out[IP].chksum = None
+    l4.chksum = None
+    return out
+
+
+def be_mac(v: model.Vip) -> str:
+    return v.backends[0].mac  # type: ignore[return-value]
+
+
+def be(v: model.Vip) -> str:
+    return str(v.backends[0].address)
+
+
+def fwd_case(desc: str, v: model.Vip, pkt: Packet, sport_out: int) -> Case:
+    src = pkt[IP].src if IP in pkt else pkt[IPv6].src
+    if v.snat:
+        src = SNAT4 if v.address.version == 4 else SNAT6
+    l4 = pkt[TCP] if TCP in pkt else pkt[UDP]
+    want = translated(pkt, src=src, dst=be(v), sport=sport_out, dport=v.backends[0].port, dmac=be_mac(v))
+    assert l4.dport == v.port
+    return Case(desc, pkt, XDP_TX, want, R.TX_FORWARD)
+
+
+def reply_case(desc: str, v: model.Vip, client: str, cport: int, sport_seen: int, flags: str = "SA",
+               udp: bool = False) -> Case:
+    """The backend's reply to the connection client:cport -> v, as it arrives (to the client in
+    DNAT, to the SNAT address and port sport_seen in SNAT) and as it must leave (from the VIP)."""
+    dst = (SNAT4 if v.address.version == 4 else SNAT6) if v.snat else client
+    bport = v.backends[0].port
+    pkt = (dgram(be(v), dst, bport, sport_seen, smac=be_mac(v), payload=b"answer") if udp
+           else seg(be(v), dst, bport, sport_seen, flags, smac=be_mac(v)))
+    want = translated(pkt, src=str(v.address), dst=client, sport=v.port, dport=cport, dmac=CLIENT_MAC)
+    return Case(desc, pkt, XDP_TX, want, R.TX_NAT_REPLY)
+
+
+def states(lb: Lb) -> dict[abi.NatDir, tuple[int, int]]:
+    """direction -> (state, timeout) of the (one) connection in lbx_nat."""
+    return {e.dir: (e.state, e.timeout) for e in lb.maps.nat_entries()}
+
+
+def units(seconds: int) -> int:
+    return -(-seconds * 1_000_000_000 >> abi.NAT_TIME_SHIFT)
+
+
+# --- both directions, both setups, both families, both protocols -------------------------------------
+CONNECTIONS = [
+    # (id, VIP, client, client port, the source port the backend sees)
+    ("dnat v4 tcp", DNAT4, CLIENT4, 41000, 41000),
+    ("snat v4 tcp", SNAT4T, CLIENT4, 41001, POOL[0]),
+    ("dnat v6 tcp", DNAT6, CLIENT6, 41002, 41002),
+    ("snat v6 tcp", SNAT6T, CLIENT6, 41003, POOL[0]),
+]
+
+
+@pytest.mark.parametrize("name, v, client, cport, seen", CONNECTIONS, ids=[c[0] for c in CONNECTIONS])
+def test_tcp_connection_both_directions(nlb: Lb, name: str, v: model.Vip, client: str, cport: int, seen: int) -> None:
+    syn = seg(client, str(v.address), cport, v.port, "S")
+    check(nlb, fwd_case(f"{name}: SYN to the backend", v, syn, seen))
+    assert states(nlb) == {abi.NatDir.FWD: (abi.NatState.SYN_SENT, units(10)),
+                           abi.NatDir.REPLY: (abi.NatState.SYN_SENT, units(10))}
+    check(nlb, reply_case(f"{name}: SYN-ACK back from the VIP", v, client, cport, seen, "SA"))
+    assert states(nlb) == {d: (abi.NatState.ESTABLISHED, units(600)) for d in abi.NatDir}
+    data = seg(client, str(v.address), cport, v.port, "PA", payload=b"GET / HTTP/1.0\r\n\r\n")
+    check(nlb, fwd_case(f"{name}: data to the backend", v, data, seen))
+    check(nlb, reply_case(f"{name}: data back", v, client, cport, seen, "PA"))
+    fin = seg(client, str(v.address), cport, v.port, "FA")
+    check(nlb, fwd_case(f"{name}: client's FIN", v, fin, seen))
+    assert states(nlb) == {d: (abi.NatState.CLOSING, units(10)) for d in abi.NatDir}
+    check(nlb, reply_case(f"{name}: backend's FIN", v, client, cport, seen, "FA"))
+
+
+UDP_FLOWS = [
+    ("dnat v4 udp", DNAT4U, CLIENT4, 42000, 42000),
+    ("snat v4 udp", SNAT4U, CLIENT4, 42001, POOL[0]),
+    ("snat v6 udp", SNAT6U, CLIENT6, 42002, POOL[0]),
+]
+
+
+@pytest.mark.parametrize("name, v, client, cport, seen", UDP_FLOWS, ids=[c[0] for c in UDP_FLOWS])
+def test_udp_flow_both_directions(nlb: Lb, name: str, v: model.Vip, client: str, cport: int, seen: int) -> None:
+    q = dgram(client, str(v.address), cport, v.port)
+    check(nlb, fwd_case(f"{name}: query to the backend", v, q, seen))
+    assert states(nlb) == {d: (abi.NatState.UDP, units(30)) for d in abi.NatDir}
+    check(nlb, reply_case(f"{name}: answer back", v, client, cport, seen, udp=True))
+    check(nlb, fwd_case(f"{name}: second query, same port", v, q, seen))
+
+
+def test_ipv4_udp_without_checksum_keeps_none(nlb: Lb) -> None:
+    q = dgram(CLIENT4, "10.30.0.1", 42010, 53)
+    q[UDP].chksum = 0
+    want = translated(q, src=CLIENT4, dst=be(DNAT4U), sport=42010, dport=5353, dmac=be_mac(DNAT4U))
+    want[UDP].chksum = 0
+    check(nlb, Case("a v4 datagram without checksum stays without", q, XDP_TX, want, R.TX_FORWARD))
+
+
+def test_snat_ports_are_allocated_in_turn_per_backend(nlb: Lb) -> None:
+    for i in range(3):
+        syn = seg(CLIENT4, "10.30.0.2", 43000 + i, 80, "S")
+        check(nlb, fwd_case(f"SNAT connection {i} gets pool port {POOL[0] + i}", SNAT4T, syn, POOL[0] + i))
+    ports = sorted(e.dport for e in nlb.maps.nat_entries() if e.dir is abi.NatDir.REPLY)
+    assert ports == [POOL[0], POOL[0] + 1, POOL[0] + 2]
+
+
+def test_pool_exhaustion_drops_and_counts(nlb: Lb) -> None:
+    nlb.apply(dataclasses.replace(CFG, balancer=dataclasses.replace(OPTS, snat_ports=(40000, 40001))))
+    for i in range(2):
+        check(nlb, fwd_case(f"connection {i} of a 2-port pool", SNAT4T, seg(CLIENT4, "10.30.0.2", 44000 + i, 80), 40000 + i))
+    third = seg(CLIENT4, "10.30.0.2", 44002, 80)
+    check(nlb, Case("a third connection finds no port: dropped, counted", third, XDP_DROP, None, R.DROP_NAT_NO_PORT))
+    assert len(nlb.maps.nat_entries()) == 4, "the refused connection left no entry"
+    # a port whose connection closed and timed out is free again (an expired entry counts as absent)
+    nlb.apply(dataclasses.replace(CFG, balancer=dataclasses.replace(
+        OPTS, snat_ports=(40000, 40001), nat_timeouts=model.NatTimeouts(tcp_syn=1, tcp_established=600, tcp_close=1, udp=1))))
+    check(nlb, fwd_case("RST closes connection 0", SNAT4T, seg(CLIENT4, "10.30.0.2", 44000, 80, "R"), 40000))
+    time.sleep(1.3)
+    check(nlb, fwd_case("after its close timeout its port serves a new connection", SNAT4T, third, 40000))
+
+
+def test_a_reply_with_no_tracked_connection_is_passed_and_counted(nlb: Lb) -> None:
+    stray = seg(be(DNAT4), CLIENT4, 8080, 45000, "SA", smac=be_mac(DNAT4))
+    check(nlb, Case("a backend's segment no connection knows: passed", stray, XDP_PASS, None, R.PASS_NAT_NO_FLOW))
+    to_snat = seg(be(SNAT4T), SNAT4, 8080, 33000, "SA", smac=be_mac(SNAT4T))
+    check(nlb, Case("a backend's answer to the balancer's own port (a health check): passed", to_snat, XDP_PASS,
+                    None, R.PASS_NAT_NO_FLOW))
+
+
+def test_an_expired_connection_is_absent(nlb: Lb) -> None:
+    nlb.apply(dataclasses.replace(CFG, balancer=dataclasses.replace(
+        OPTS, nat_timeouts=model.NatTimeouts(tcp_syn=1, tcp_established=1, tcp_close=1, udp=1))))
+    check(nlb, fwd_case("SYN", DNAT4, seg(CLIENT4, "10.30.0.1", 45100, 80), 45100))
+    time.sleep(1.3)
+    late = seg(be(DNAT4), CLIENT4, 8080, 45100, "SA", smac=be_mac(DNAT4))
+    check(nlb, Case("a SYN-ACK after the SYN's timeout: no connection", late, XDP_PASS, None, R.PASS_NAT_NO_FLOW))
+
+
+def test_dnat_reply_tuple_taken_by_a_live_connection(nlb: Lb) -> None:
+    check(nlb, fwd_case("client:41500 -> VIP A", DNAT4, seg(CLIENT4, "10.30.0.1", 41500, 80), 41500))
+    again = seg(CLIENT4, "10.30.0.4", 41500, 80)
+    check(nlb, Case("the same client port to VIP B with the same backend: its replies could not be told "
+                    "apart", again, XDP_DROP, None, R.DROP_NAT_TUPLE_TAKEN))
+
+
+def test_a_syn_reusing_a_closed_tuple_opens_a_new_connection(nlb: Lb) -> None:
+    check(nlb, fwd_case("SYN", DNAT4, seg(CLIENT4, "10.30.0.1", 41600, 80), 41600))
+    check(nlb, fwd_case("RST", DNAT4, seg(CLIENT4, "10.30.0.1", 41600, 80, "R"), 41600))
+    check(nlb, fwd_case("SYN again on the same tuple", DNAT4, seg(CLIENT4, "10.30.0.1", 41600, 80), 41600))
+    assert states(nlb) == {d: (abi.NatState.SYN_SENT, units(10)) for d in abi.NatDir}
+
+
+# --- ICMP errors: outer and quoted headers, both directions ----------------------------------------
+def test_icmp_from_the_backend_side_reaches_the_client_translated(nlb: Lb) -> None:
+    check(nlb, fwd_case("SYN", SNAT4T, seg(CLIENT4, "10.30.0.2", 46000, 80), POOL[0]))
+    quoted = IP(src=SNAT4, dst=be(SNAT4T), id=7) / TCP(sport=POOL[0], dport=8080, flags="S", seq=1000)
+    err = Ether(src=be_mac(SNAT4T), dst=LB_MAC) / IP(src=ROUTER4, dst=SNAT4) / ICMP(type=3, code=4, nexthopmtu=1400) / quoted
+    want = Ether(src=LB_MAC, dst=CLIENT_MAC) / IP(src=ROUTER4, dst=CLIENT4) / ICMP(type=3, code=4, nexthopmtu=1400) / \
+        IP(src=CLIENT4, dst="10.30.0.2", id=7) / TCP(sport=46000, dport=80, flags="S", seq=1000)
+    check(nlb, Case("frag-needed about the SNAT'd SYN: outer to the client, quote as the client sent it",
+                    err, XDP_TX, want, R.TX_NAT_ICMP_REPLY))
+
+
+def test_icmp_from_the_client_side_reaches_the_backend_translated(nlb: Lb) -> None:
+    check(nlb, fwd_case("SYN", SNAT4T, seg(CLIENT4, "10.30.0.2", 46001, 80), POOL[0]))
+    quoted = IP(src="10.30.0.2", dst=CLIENT4, id=9) / TCP(sport=80, dport=46001, flags="SA", seq=5)
+    err = Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=CROUTER4, dst="10.30.0.2") / ICMP(type=3, code=4, nexthopmtu=1300) / quoted
+    want = Ether(src=LB_MAC, dst=be_mac(SNAT4T)) / IP(src=CROUTER4, dst=be(SNAT4T)) / \
+        ICMP(type=3, code=4, nexthopmtu=1300) / IP(src=be(SNAT4T), dst=SNAT4, id=9) / \
+        TCP(sport=8080, dport=POOL[0], flags="SA", seq=5)
+    check(nlb, Case("frag-needed about the VIP's SYN-ACK: to the backend, quote as the backend sent it",
+                    err, XDP_TX, want, R.TX_ICMP_STEERED))
+
+
+def test_icmpv6_too_big_both_directions(nlb: Lb) -> None:
+    check(nlb, fwd_case("SYN", SNAT6T, seg(CLIENT6, "fd30::2", 46002, 80), POOL[0]))
+    quoted = IPv6(src=SNAT6, dst=be(SNAT6T)) / TCP(sport=POOL[0], dport=8443, flags="A", seq=1000) / Raw(b"x" * 64)
+    err = Ether(src=be_mac(SNAT6T), dst=LB_MAC) / IPv6(src=ROUTER6, dst=SNAT6) / ICMPv6PacketTooBig(mtu=1280) / quoted
+    want = Ether(src=LB_MAC, dst=CLIENT_MAC) / IPv6(src=ROUTER6, dst=CLIENT6) / ICMPv6PacketTooBig(mtu=1280) / \
+        IPv6(src=CLIENT6, dst="fd30::2") / TCP(sport=46002, dport=80, flags="A", seq=1000) / Raw(b"x" * 64)
+    check(nlb, Case("packet-too-big from the backends' side", err, XDP_TX, want, R.TX_NAT_ICMP_REPLY))
+    quoted = IPv6(src="fd30::2", dst=CLIENT6) / TCP(sport=80, dport=46002, flags="A", seq=5) / Raw(b"y" * 64)
+    err = Ether(src=CLIENT_MAC, dst=LB_MAC) / IPv6(src=CROUTER6, dst="fd30::2") / ICMPv6PacketTooBig(mtu=1280) / quoted
+    want = Ether(src=LB_MAC, dst=be_mac(SNAT6T)) / IPv6(src=CROUTER6, dst=be(SNAT6T)) / ICMPv6PacketTooBig(mtu=1280) / \
+        IPv6(src=be(SNAT6T), dst=SNAT6) / TCP(sport=8443, dport=POOL[0], flags="A", seq=5) / Raw(b"y" * 64)
+    check(nlb, Case("packet-too-big from the clients' side", err, XDP_TX, want, R.TX_ICMP_STEERED))
+
+
+def test_icmp_udp_quote_with_checksum_dnat(nlb: Lb) -> None:
+    check(nlb, fwd_case("query", DNAT4U, dgram(CLIENT4, "10.30.0.1", 46003, 53), 46003))
+    quoted = IP(src=CLIENT4, dst=be(DNAT4U), id=7) / UDP(sport=46003, dport=5353) / Raw(b"query")
+    err = Ether(src=be_mac(DNAT4U), dst=LB_MAC) / IP(src=ROUTER4, dst=CLIENT4) / ICMP(type=3, code=3) / quoted
+    want = Ether(src=LB_MAC, dst=CLIENT_MAC) / IP(src=ROUTER4, dst=CLIENT4) / ICMP(type=3, code=3) / \
+        IP(src=CLIENT4, dst="10.30.0.1", id=7) / UDP(sport=46003, dport=53) / Raw(b"query")
+    check(nlb, Case("port unreachable about a DNAT'd datagram: the quote shows the VIP", err, XDP_TX, want,
+                    R.TX_NAT_ICMP_REPLY))
+
+
+def test_icmp_about_an_unknown_nat_flow_is_passed(nlb: Lb) -> None:
+    quoted = IP(src="10.30.0.2", dst=CLIENT4) / TCP(sport=80, dport=46999, flags="SA")
+    err = Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=CROUTER4, dst="10.30.0.2") / ICMP(type=3, code=4, nexthopmtu=1300) / quoted
+    check(nlb, Case("an error about no connection: nothing to translate", err, XDP_PASS, None, R.PASS_NAT_ICMP_NO_FLOW))
+
+
+# --- passive health -----------------------------------------------------------------------------------
+def test_passive_health_signals(nlb: Lb) -> None:
+    bid = nlb.backend_id(DNAT4, DNAT4.backends[0])
+    check(nlb, fwd_case("SYN 1", DNAT4, seg(CLIENT4, "10.30.0.1", 47000, 80), 47000))
+    check(nlb, reply_case("the backend refuses: RST to the SYN", DNAT4, CLIENT4, 47000, 47000, "RA"))
+    h = nlb.maps.nat_backend(bid)
+    assert (h.consecutive, h.syn_rst, h.syn_retx, h.synack) == (1, 1, 0, 0)
+    assert states(nlb) == {d: (abi.NatState.CLOSING, units(10)) for d in abi.NatDir}
+    syn2 = seg(CLIENT4, "10.30.0.1", 47001, 80)
+    check(nlb, fwd_case("SYN 2", DNAT4, syn2, 47001))
+    check(nlb, fwd_case("SYN 2 retransmitted: no SYN-ACK came", DNAT4, syn2, 47001))
+    h = nlb.maps.nat_backend(bid)
+    assert (h.consecutive, h.syn_rst, h.syn_retx, h.synack) == (2, 1, 1, 0)
+    assert h.last_failure
+    check(nlb, reply_case("then a SYN-ACK: the failures in a row reset", DNAT4, CLIENT4, 47001, 47001, "SA"))
+    h = nlb.maps.nat_backend(bid)
+    assert (h.consecutive, h.syn_rst, h.syn_retx, h.synack) == (0, 1, 1, 1)
+
+
+def test_dsr_flows_and_other_traffic_never_touch_nat_state(nlb: Lb) -> None:
+    from .frames import WEB4, forwarded, tcp
+    syn = tcp("10.10.0.1", 80, 48000)
+    check(nlb, Case("a DSR VIP beside NAT VIPs forwards as before", syn, XDP_TX, forwarded(syn, WEB4.backends[0])))
+    assert nlb.maps.nat_entries() == []
