@@ -44,6 +44,7 @@ Decisions (HAProxy's, where HAProxy has one):
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import enum
 import ipaddress
@@ -329,6 +330,27 @@ class Checker:
         """A copy of every target's state."""
         with self._lock:
             return {k: dataclasses.replace(s) for k, s in self._states.items()}
+
+    def probe_now(self, t: Target) -> "concurrent.futures.Future[Result]":
+        """One check of t now, outside its schedule and its rise/fall (passive health's
+        confirmation, lbxdp.passive): a future of its Result, from the checker's loop."""
+        with self._lock:
+            loop = self._loop
+        if loop is None:
+            raise RuntimeError("the health checker is not running")
+        return asyncio.run_coroutine_threadsafe(probe(t), loop)
+
+    def mark_down(self, key: Hashable, r: Result) -> bool:
+        """Set a target DOWN without a callback (the caller applied it: passive health), so that
+        `rise` successes in a row bring it back up. False if key is not a target."""
+        with self._lock:
+            s = self._states.get(key)
+            if s is None:
+                return False
+            if s.healthy:
+                s.healthy, s.since = False, r.at
+            s.successes, s.last = 0, r
+            return True
 
     def start(self) -> None:
         """Start checking, in a daemon thread of its own."""
