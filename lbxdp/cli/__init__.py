@@ -7,6 +7,7 @@ modules never import this one, so there is no import circle):
   daemon    run, reload
   lab       demo, rig (lbxdp.lab)
   decap     decap attach, status, detach (lbxdp.decap: the backend side)
+  nat       nat ls, nat status (NAT connections and the SNAT pool, lbxdp.conntrack)
   params    VIP and ADDR:PORT parameter types, enum choices
   common    the root check, which instance a command is about
 
@@ -24,7 +25,7 @@ import click
 from .. import __version__
 from ..errors import LbxError
 from ..paths import check_netns
-from . import acl, daemon, decap, edit, instance, lab
+from . import acl, daemon, decap, edit, instance, lab, nat
 from .params import BadValue
 
 log = logging.getLogger("lbxdp")
@@ -72,7 +73,7 @@ def enter_netns(name: str) -> None:
 
 
 for _cmd in (*instance.COMMANDS, *edit.COMMANDS, *daemon.COMMANDS, *lab.COMMANDS, *decap.COMMANDS,
-             *acl.COMMANDS):
+             *acl.COMMANDS, *nat.COMMANDS):
     cli.add_command(_cmd)
 
 

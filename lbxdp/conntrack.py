@@ -1,0 +1,289 @@
+"""NAT conntrack (lbx_nat, issue 12) as the control plane sees it: a bounded summary for
+`status` and the exporter, the connections for `lbxdp nat ls`, and the daemon's garbage
+collector.
+
+Why a module of its own: a full table is LBX_NAT_CAPACITY = 131,072 entries (two per
+connection). Building a Python object per entry (maps.Maps.nat_entries) costs ~5 us each,
+~0.7 s for a full table: too slow for a scrape. summarize() reads the table in batches (one
+system call per 16k entries) and counts over the raw bytes with strided slices, so a scrape of
+a full table stays in tens of milliseconds (scripts/bench_scrape.py --nat-entries prints it).
+The offsets come from the compiled struct (bcc's ctypes types), never from a re-declaration.
+
+An entry past seen + timeout counts as absent for the program (bpf/nat.h nat_expired): the
+summary counts such entries apart ("expired"), and Gc deletes them, a bounded chunk per tick,
+re-reading each entry right before deleting it so that one the program refreshed or reused in
+the meantime stays.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from . import abi, model
+from .maps import Maps, NatEntry, nat_now
+
+_U32 = 0xFFFFFFFF
+CHUNK = 16384              # entries read per batch (and per GC tick)
+
+
+@dataclass(frozen=True)
+class PortUse:
+    """SNAT ports in use for one source address and protocol (live reply entries to it)."""
+    address: str
+    protocol: str
+    in_use: int
+
+
+@dataclass(frozen=True)
+class NatStatus:
+    """The NAT side of an instance: conntrack entries by direction and state (live ones), the
+    expired ones not yet collected, and the SNAT pool with its use per source and protocol."""
+    capacity: int = 0
+    entries: dict[tuple[str, str], int] = field(default_factory=dict)   # (direction, state) -> live entries
+    expired: int = 0
+    pool: tuple[int, int] | None = None                                 # inclusive port range
+    sources: tuple[str, ...] = ()                                       # SNAT addresses (v4, v6)
+    ports: tuple[PortUse, ...] = ()
+    timeouts: dict[str, int] = field(default_factory=dict)              # seconds by state
+
+    @property
+    def pool_size(self) -> int:
+        return 0 if self.pool is None else self.pool[1] - self.pool[0] + 1
+
+    @property
+    def live(self) -> int:
+        return sum(self.entries.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"capacity": self.capacity, "live": self.live, "expired": self.expired,
+                "entries": [{"direction": d, "state": s, "entries": n} for (d, s), n in sorted(self.entries.items())],
+                "snat_pool": {"ports": list(self.pool) if self.pool else None, "size": self.pool_size,
+                              "sources": list(self.sources),
+                              "in_use": [{"address": p.address, "protocol": p.protocol, "ports": p.in_use}
+                                         for p in self.ports]},
+                "timeouts": self.timeouts}
+
+    def text(self) -> list[str]:
+        by_state: Counter[str] = Counter()
+        for (d, s), n in self.entries.items():
+            by_state[f"{d} {s}"] += n
+        states = ", ".join(f"{k} {n}" for k, n in sorted(by_state.items())) or "none"
+        out = [f"NAT conntrack: {self.live} live + {self.expired} expired / {self.capacity} entries ({states})"]
+        if self.pool is not None:
+            use = ", ".join(f"{p.address}/{p.protocol} {p.in_use}" for p in self.ports) or "none in use"
+            out.append(f"SNAT pool: ports {self.pool[0]}-{self.pool[1]} ({self.pool_size} per address and "
+                       f"protocol) on {', '.join(self.sources) or 'no address'}: {use}")
+        return out
+
+
+def state_name(state: int, proto: int) -> str:
+    try:
+        return abi.NatState(state).name.lower()
+    except ValueError:
+        return f"state{state}"
+
+
+def dir_name(d: int) -> str:
+    try:
+        return {abi.NatDir.FWD: "forward", abi.NatDir.REPLY: "reply"}[abi.NatDir(d)]
+    except ValueError:
+        return f"dir{d}"
+
+
+class _Layout:
+    """Offsets of the fields summarize() and Gc read, from the compiled structs."""
+
+    def __init__(self, m: Any):
+        L, K = m.Leaf, m.Key
+        self.esize, self.ksize = ctypes.sizeof(L), ctypes.sizeof(K)
+        assert self.esize % 4 == 0 and self.ksize % 4 == 0
+        self.dir, self.state = L.dir.offset, L.state.offset
+        self.seen, self.timeout = L.seen.offset // 4, L.timeout.offset // 4
+        self.created, self.backend = L.created.offset // 4, L.backend_id.offset // 4
+        self.kdst, self.kproto, self.kfamily = K.dst.offset // 4, K.proto.offset, K.family.offset
+
+
+def _raw(arr: Any, size: int, n: int) -> bytes:
+    return ctypes.string_at(ctypes.addressof(arr), size * n)
+
+
+def summarize(maps: Maps, now: int | None = None) -> NatStatus | None:
+    """The NAT status of an instance (None: a program without NAT maps). One batched walk."""
+    m = maps.m.get(abi.Map.NAT)
+    if m is None:
+        return None
+    cfg = maps.nat_cfg()
+    now = nat_now() if now is None else now
+    lay = _Layout(m)
+    snat = [a for a in ((cfg.snat_v4, cfg.snat_v6) if cfg else ()) if a is not None]
+    # The first word of each SNAT address as the CPU loads it (struct lbx_addr: network order,
+    # IPv4 in w[0]): the strided compare below needs no per-entry slicing.
+    first_word = {int.from_bytes(a.packed[:4], "little"): a for a in snat}
+    counts: Counter[tuple[int, int]] = Counter()
+    ports: Counter[tuple[Any, int]] = Counter()
+    expired = 0
+    for keys, values, n in m.batches(CHUNK):
+        raw, kraw = _raw(values, lay.esize, n), _raw(keys, lay.ksize, n)
+        w, kw = memoryview(raw).cast("I"), memoryview(kraw).cast("I")
+        ew, kwn = lay.esize // 4, lay.ksize // 4
+        live = [(now - s) & _U32 <= t for s, t in zip(w[lay.seen::ew], w[lay.timeout::ew])]
+        dirs, states = raw[lay.dir::lay.esize], raw[lay.state::lay.esize]
+        counts.update(k for k, ok in zip(zip(dirs, states), live) if ok)
+        expired += live.count(False)
+        if not first_word:
+            continue
+        rep = abi.NatDir.REPLY
+        for i, (d, ok, dw) in enumerate(zip(dirs, live, kw[lay.kdst::kwn])):
+            if d == rep and ok and dw in first_word:
+                a = first_word[dw]
+                off = i * lay.ksize + lay.kdst * 4
+                if kraw[off:off + len(a.packed)] == a.packed and kraw[i * lay.ksize + lay.kfamily] == model.family(a):
+                    ports[(a, kraw[i * lay.ksize + lay.kproto])] += 1
+    entries = {(dir_name(d), state_name(s, 0)): c for (d, s), c in counts.items()}
+    names = {6: "tcp", 17: "udp"}
+    use = tuple(PortUse(str(a), names.get(p, str(p)), c) for (a, p), c in sorted(ports.items(), key=lambda kv: (
+        kv[0][0].version, str(kv[0][0]), kv[0][1])))
+    timeouts = dict(vars(cfg.timeouts)) if cfg is not None else {}
+    return NatStatus(m.info.max_entries, entries, expired, cfg.ports if cfg and snat else None,
+                     tuple(str(a) for a in snat), use, timeouts)
+
+
+# ------------------------------------------------------------------------------ connections
+
+
+@dataclass(frozen=True)
+class Connection:
+    """One NAT connection as `lbxdp nat ls` shows it, from its forward entry."""
+    protocol: str
+    client: str
+    vip: str
+    backend: str
+    snat: str | None          # the source the backend sees, when it is not the client
+    state: str
+    age: float                # seconds since the first packet
+    idle: float               # seconds since the client's last packet
+    expired: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"protocol": self.protocol, "client": self.client, "vip": self.vip, "backend": self.backend,
+                "snat": self.snat, "state": self.state, "age": round(self.age, 3), "idle": round(self.idle, 3),
+                "expired": self.expired}
+
+
+def _secs(units: int) -> float:
+    return (units & _U32) * (1 << abi.NAT_TIME_SHIFT) / 1e9
+
+
+def connection(e: NatEntry, now: int) -> Connection:
+    client = model.endpoint(e.src, e.sport)
+    snat = None if (e.new_src, e.new_sport) == (e.src, e.sport) else model.endpoint(e.new_src, e.new_sport)
+    return Connection(e.protocol.value, client, model.endpoint(e.dst, e.dport), model.endpoint(e.new_dst, e.new_dport),
+                      snat, state_name(e.state, 0), _secs(now - e.created), _secs(now - e.seen), e.expired(now))
+
+
+def connections(maps: Maps, limit: int | None = None, expired: bool = False) -> list[Connection]:
+    """The connections (forward entries), oldest first; expired ones only if asked."""
+    now = nat_now()
+    out = [connection(e, now) for e in maps.nat_entries() if e.dir == abi.NatDir.FWD]
+    out = [c for c in out if expired or not c.expired]
+    out.sort(key=lambda c: -c.age)
+    return out if limit is None else out[:limit]
+
+
+# ------------------------------------------------------------------------------------- GC
+
+
+@dataclass
+class GcTick:
+    """What one Gc.tick() did."""
+    scanned: int = 0
+    removed: Counter[str] = field(default_factory=Counter)   # by state name
+    pass_done: bool = False
+    syn_timeouts: Counter[int] = field(default_factory=Counter)   # backend id -> handshakes past the timeout
+
+
+class Gc:
+    """Removes lbx_nat entries past their state's timeout, at most `chunk` entries read (and
+    `max_deletes` deleted) per tick, resuming where the last tick stopped (the kernel's batch
+    cursor); a pass over a full table takes capacity / chunk ticks. An entry is deleted only if
+    a fresh read right before the delete still finds it expired (the program may have reused
+    the tuple for a new connection meanwhile).
+
+    syn_timeout: units (LBX_NAT_TIME_SHIFT) after which a forward entry still in SYN_SENT is a
+    handshake that got no SYN-ACK in time (passive health, by backend entry id); each counted
+    once per connection (remembered by key and creation time)."""
+
+    def __init__(self, chunk: int = CHUNK, max_deletes: int = CHUNK):
+        self.chunk, self.max_deletes = chunk, max_deletes
+        self._walk: Iterator[tuple[Any, Any, int]] | None = None
+        self._maps: Maps | None = None
+        self.syn_timeout: dict[int, int] = {}      # backend id -> units; only backends with passive health
+        self._timed_out: set[bytes] = set()
+        self._seen_this_pass: set[bytes] = set()
+
+    def close(self) -> None:
+        self._walk = None
+        if self._maps is not None:
+            self._maps.close()
+            self._maps = None
+
+    def tick(self, open_maps: Any, now: int | None = None) -> GcTick:
+        """One bounded step. open_maps() -> Maps (opened at the start of each pass, kept for it)."""
+        out = GcTick()
+        if self._walk is None:
+            self.close()
+            self._maps = open_maps()
+            m = self._maps.m.get(abi.Map.NAT)
+            if m is None:
+                self.close()
+                out.pass_done = True
+                return out
+            self._walk = m.batches(self.chunk)
+        m = self._maps.m[abi.Map.NAT]    # type: ignore[union-attr]
+        now = nat_now() if now is None else now
+        try:
+            keys, values, n = next(self._walk)
+        except StopIteration:
+            out.pass_done = True
+            self._end_pass()
+            return out
+        out.scanned = n
+        lay = _Layout(m)
+        raw = _raw(values, lay.esize, n)
+        w, ew = memoryview(raw).cast("I"), lay.esize // 4
+        doomed = [i for i, (s, t) in enumerate(zip(w[lay.seen::ew], w[lay.timeout::ew])) if (now - s) & _U32 > t]
+        for i in doomed[:self.max_deletes]:
+            k = m.Key.from_buffer_copy(keys[i])
+            v = m.lookup(k)
+            if v is None or (now - v.seen) & _U32 <= v.timeout:
+                continue
+            if m.delete(k):
+                out.removed[state_name(v.state, 0)] += 1
+        if self.syn_timeout:
+            self._syn_timeouts(keys, raw, lay, n, now, out)
+        return out
+
+    def _syn_timeouts(self, keys: Any, raw: bytes, lay: _Layout, n: int, now: int, out: GcTick) -> None:
+        w, ew = memoryview(raw).cast("I"), lay.esize // 4
+        fwd, syn = abi.NatDir.FWD, abi.NatState.SYN_SENT
+        for i, (d, s, be, c, seen, t) in enumerate(zip(raw[lay.dir::lay.esize], raw[lay.state::lay.esize],
+                                                        w[lay.backend::ew], w[lay.created::ew],
+                                                        w[lay.seen::ew], w[lay.timeout::ew])):
+            limit = self.syn_timeout.get(be)
+            if d != fwd or s != syn or limit is None or (now - c) & _U32 <= limit or (now - seen) & _U32 > t:
+                continue
+            ident = bytes(keys[i]) + c.to_bytes(4, "little")
+            self._seen_this_pass.add(ident)
+            if ident not in self._timed_out:
+                self._timed_out.add(ident)
+                out.syn_timeouts[be] += 1
+
+    def _end_pass(self) -> None:
+        self._walk = None
+        # forget handshakes no longer in SYN_SENT (established, closed or collected)
+        self._timed_out &= self._seen_this_pass
+        self._seen_this_pass = set()
