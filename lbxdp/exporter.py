@@ -23,6 +23,12 @@ Cost: the counters are one lookup per VIP/backend/reason, but lbxdp_flow_table_e
 keys of the connection table (one syscall per entry: ~64k at a full table, tens of ms). It is
 kept because a filling table is what an operator needs to see; lbxdp_scrape_duration_seconds
 shows what it costs.
+
+NAT (issue 12): lbxdp_nat_entries / _expired_entries / _capacity, lbxdp_snat_pool_ports and
+lbxdp_snat_ports_in_use come from one batched walk of the NAT conntrack (lbxdp.conntrack.summarize:
+counted over the raw bytes, no object per entry); the per-backend handshake signals are one
+lookup per NAT backend. The NAT reasons are lbxdp_verdict_packets_total's (every reason is).
+The daemon's own: lbxdp_nat_gc_*, lbxdp_passive_{suspects,ejections,ejections_capped}_total.
 """
 
 from __future__ import annotations
@@ -161,8 +167,48 @@ class LbxCollector(Collector):
         ho_written = CounterMetricFamily("lbxdp_half_open_written", "Half-open entries written (SYNs and first "
                                          "datagrams whose choice the VIP's table cannot repeat).",
                                          labels=["interface"])
+        nat_entries = GaugeMetricFamily("lbxdp_nat_entries", "Live NAT conntrack entries (two per connection) by "
+                                        "direction and state (counted at scrape time).",
+                                        labels=["interface", "direction", "state"])
+        nat_expired = GaugeMetricFamily("lbxdp_nat_expired_entries", "NAT conntrack entries past their state's "
+                                        "timeout (absent for the program) not yet removed by the daemon's GC.",
+                                        labels=["interface"])
+        nat_capacity = GaugeMetricFamily("lbxdp_nat_capacity", "Size of the NAT conntrack (max entries).",
+                                         labels=["interface"])
+        pool_size = GaugeMetricFamily("lbxdp_snat_pool_ports", "Ports in the SNAT pool, per source address and "
+                                      "protocol ([balancer] snat_ports).", labels=["interface"])
+        pool_use = GaugeMetricFamily("lbxdp_snat_ports_in_use", "SNAT ports held by live connections, per source "
+                                     "address and protocol.", labels=["interface", "address", "protocol"])
+        hs_fail = GaugeMetricFamily("lbxdp_backend_handshake_failures_in_a_row", "NAT backend: failed handshakes "
+                                    "(RST to a SYN, SYN retransmitted) since its last SYN-ACK: passive health's signal.",
+                                    labels=["interface", "vip", "backend"])
+        hs_total = CounterMetricFamily("lbxdp_backend_handshakes", "NAT backend handshakes seen by the program, by "
+                                       "result: synack (completed), syn_rst (refused), syn_retx (SYN retransmitted).",
+                                       labels=["interface", "vip", "backend", "result"])
+        passive_down = GaugeMetricFamily("lbxdp_backend_passive_down", "1 if the backend is down because passive "
+                                         "health ejected it (NAT VIPs with [vip.passive_health]), else 0.",
+                                         labels=["interface", "vip", "backend"])
         for s in snaps:
             iface = s.interface
+            if s.nat is not None:
+                for (d, st), n in sorted(s.nat.entries.items()):
+                    nat_entries.add_metric([iface, d, st], n)
+                nat_expired.add_metric([iface], s.nat.expired)
+                nat_capacity.add_metric([iface], s.nat.capacity)
+                if s.nat.pool is not None:
+                    pool_size.add_metric([iface], s.nat.pool_size)
+                    have = {(p.address, p.protocol): p.in_use for p in s.nat.ports}
+                    for a in s.nat.sources:   # every source and protocol, 0 when unused
+                        for proto in ("tcp", "udp"):
+                            pool_use.add_metric([iface, a, proto], have.get((a, proto), 0))
+            for v in s.vips:
+                for b in v.backends:
+                    if b.handshakes is not None:
+                        labels = [iface, v.name, b.name]
+                        hs_fail.add_metric(labels, b.handshakes.consecutive)
+                        for result in ("synack", "syn_rst", "syn_retx"):
+                            hs_total.add_metric([*labels, result], getattr(b.handshakes, result))
+                        passive_down.add_metric(labels, 1 if b.health.cause == "passive" else 0)
             half_open.add_metric([iface], s.gate.half_open_entries)
             flood_threshold.add_metric([iface], s.gate.threshold)
             flood_cpus.add_metric([iface], s.gate.cpus_flooded)
@@ -195,7 +241,8 @@ class LbxCollector(Collector):
                                       "prog_id": str(s.state.prog_id)})
             took.add_metric([iface], s.read_seconds)
         yield from (*vip.values(), *be.values(), in_table, healthy, v_pkts, v_bytes, entries, capacity, info, took,
-                    acl_rules, lim_rate, lim_burst, half_open, flood_threshold, flood_cpus, skipped, ho_written)
+                    acl_rules, lim_rate, lim_burst, half_open, flood_threshold, flood_cpus, skipped, ho_written,
+                    nat_entries, nat_expired, nat_capacity, pool_size, pool_use, hs_fail, hs_total, passive_down)
 
 
 def make_registry(source: Source, registry: CollectorRegistry | None = None) -> CollectorRegistry:

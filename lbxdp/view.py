@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import abi, applied, model
+from . import abi, applied, conntrack, model
+from .conntrack import NatStatus
 from .maps import BackendView, Stats, VipView
 from .model import BackendId, HealthOverride
 from .paths import Instance, private_dirs
@@ -39,11 +40,29 @@ class Health:
     last_check_at: float | None = None
     checks: int | None = None            # checks done since the daemon started
     passing: bool | None = None          # the checker's verdict (after rise/fall); None: not checked
+    cause: str | None = None             # why it is down: 'active' (its check) or 'passive' (NAT passive health)
+    detail: str | None = None            # what took it down (the check's result, or passive health's account)
 
     def to_json(self) -> dict[str, Any]:
         return {"health": self.state, "forced": self.forced.value if self.forced else None,
                 "health_since": self.since, "last_check": self.last_check, "check_latency": self.latency,
-                "last_check_at": self.last_check_at, "checks": self.checks}
+                "last_check_at": self.last_check_at, "checks": self.checks, "down_cause": self.cause,
+                "down_detail": self.detail}
+
+
+@dataclass(frozen=True)
+class Handshakes:
+    """A NAT backend's handshakes as the program counts them (lbx_nat_be, bpf/nat.h): the
+    passive-health signals."""
+
+    consecutive: int = 0     # failed in a row since the last SYN-ACK
+    syn_rst: int = 0         # RSTs answering a SYN, ever
+    syn_retx: int = 0        # clients' SYNs retransmitted while waiting for a SYN-ACK, ever
+    synack: int = 0          # SYN-ACKs (completed), ever
+
+    def to_json(self) -> dict[str, Any]:
+        return {"failed_in_a_row": self.consecutive, "syn_rst": self.syn_rst, "syn_retx": self.syn_retx,
+                "synack": self.synack}
 
 
 @dataclass(frozen=True)
@@ -52,10 +71,12 @@ class BackendStatus(BackendView):
     MAC) with its health."""
 
     health: Health = Health()
+    handshakes: Handshakes | None = None   # NAT backends only
 
     def to_json(self) -> dict[str, Any]:
         return {"backend": self.name, "id": self.id, "mac": self.mac, "in_table": self.in_table,
-                **_stats(self.stats), **self.health.to_json()}
+                **_stats(self.stats), **self.health.to_json(),
+                "handshakes": self.handshakes.to_json() if self.handshakes else None}
 
 
 @dataclass(frozen=True)
@@ -194,6 +215,7 @@ class InstanceStatus:
     read_seconds: float = 0.0     # what reading it took (not in the JSON: the exporter shows it)
     admission: AdmissionStatus = NO_ADMISSION   # the [balancer] scope's (each VIP's: VipStatus)
     gate: GateStatus = GateStatus()
+    nat: NatStatus | None = None   # NAT conntrack and SNAT pool (None: no NAT VIP)
 
     def vip(self, name: str) -> VipStatus | None:
         return next((v for v in self.vips if v.name == name), None)
@@ -207,7 +229,8 @@ class InstanceStatus:
                 "xdp": self.xdp.to_json(), "state": self.state.to_json(),
                 "vips": [v.to_json() for v in self.vips], "reasons": [r.to_json() for r in self.reasons],
                 "flows": {"entries": self.flow_entries, "capacity": self.flow_capacity},
-                "admission": self.admission.to_json(), "gate": self.gate.to_json()}
+                "admission": self.admission.to_json(), "gate": self.gate.to_json(),
+                "nat": self.nat.to_json() if self.nat else None}
 
 
 def _stats(s: Stats) -> dict[str, int]:
@@ -234,9 +257,17 @@ def read(inst: Instance, told: Callable[[Instance], applied.State] = applied.loa
         admission = read_admission(maps)
         glob = admission.get(maps.global_scope, NO_ADMISSION) if admission else NO_ADMISSION
         gate = read_gate(maps)
+        nat_vips = [v for v in views if v.mode == "nat"]
+        nat = conntrack.summarize(maps) if nat_vips else None
+        hs = {b.id: _handshakes(maps, b.id) for v in nat_vips for b in v.backends}
     return InstanceStatus(inst.ifname, inst.netns, str(inst.pin_dir), _xdp(inst), record,
-                          tuple(_vip(v, health, admission) for v in views), reasons, entries, capacity,
-                          time.monotonic() - t0, admission=glob, gate=gate)
+                          tuple(_vip(v, health, admission, hs) for v in views), reasons, entries, capacity,
+                          time.monotonic() - t0, admission=glob, gate=gate, nat=nat)
+
+
+def _handshakes(maps: Any, backend_id: int) -> Handshakes:
+    s = maps.nat_backend(backend_id)
+    return Handshakes(s.consecutive, s.syn_rst, s.syn_retx, s.synack)
 
 
 def read_gate(maps: Any) -> GateStatus:
@@ -308,15 +339,19 @@ class _Told:
         else:
             state = "down" if key in self.down else "up"
         passing = last.get("healthy")
+        down = state == "down" and not forced
         return Health(state, forced, rec.get("since", last.get("since")), last.get("last"), last.get("latency"),
-                      last.get("at"), last.get("checks"), bool(passing) if passing is not None else None)
+                      last.get("at"), last.get("checks"), bool(passing) if passing is not None else None,
+                      rec.get("cause", "active") if down and rec else None, rec.get("detail") if down else None)
 
 
 UNCHECKED_HEALTH = Health()
 
 
-def _vip(v: VipView, told: _Told, admission: dict[int, AdmissionStatus]) -> VipStatus:
-    bes = tuple(BackendStatus(b.name, b.stats, b.in_table, b.id, b.mac, told.health(f"{v.name}|{b.name}"))
-                for b in v.backends)
+def _vip(v: VipView, told: _Told, admission: dict[int, AdmissionStatus],
+         handshakes: dict[int, Handshakes] | None = None) -> VipStatus:
+    hs = handshakes or {}
+    bes = tuple(BackendStatus(b.name, b.stats, b.in_table, b.id, b.mac, told.health(f"{v.name}|{b.name}"),
+                              hs.get(b.id)) for b in v.backends)
     return VipStatus(v.name, v.stats, bes, v.id, v.mode, v.scheduler, v.table_size,
                      admission=admission.get(v.id, NO_ADMISSION))

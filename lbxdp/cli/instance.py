@@ -96,7 +96,7 @@ def _health_text(b: BackendStatus) -> str:
     h = b.health
     if h.state == "unchecked":
         return "-"
-    out = h.state + (" (forced)" if h.forced else "")
+    out = h.state + (" (forced)" if h.forced else "") + (" (passive health)" if h.cause == "passive" else "")
     if h.since:
         out += f" for {max(0, time.time() - h.since):.0f}s"
     if h.last_check:
@@ -118,6 +118,8 @@ def print_status(r: InstanceStatus) -> None:
     click.echo(f"  {r.gate.text()}")
     if r.admission != NO_ADMISSION:
         click.echo(f"  admission of new flows (every VIP): {r.admission.text()}")
+    for line in r.nat.text() if r.nat else ():
+        click.echo(f"  {line}")
     row = "  {:<34} {:>6} {:>12} {:>14} {:>10}  {}"
     click.echo(row.format("VIP / backend", "sched", "packets", "bytes", "new flows", "health (last check)"))
     for v in r.vips:
@@ -129,6 +131,10 @@ def print_status(r: InstanceStatus) -> None:
             mark = "" if b.in_table else " (not in table)"
             click.echo(row.format(f"  {b.name}{mark}", "", b.stats.packets, b.stats.bytes, b.stats.new_flows,
                                   _health_text(b)))
+            if b.handshakes is not None:
+                hs = b.handshakes
+                click.echo(f"      handshakes: {hs.synack} ok, {hs.syn_rst} rst, {hs.syn_retx} syn retransmitted; "
+                           f"{hs.consecutive} failed in a row")
     click.echo("  verdicts by reason:")
     for reason in r.reasons:
         if reason.packets:

@@ -95,13 +95,16 @@ EXPECTED = {
               "packets": 100, "bytes": 6400, "new_flows": 10, "backends": [
                   {"backend": BE1, "id": 0, "mac": "02:00:00:00:00:11", "in_table": True, "packets": 60, "bytes": 3840,
                    "new_flows": 6, "health": "up", "forced": None, "health_since": 1700000050.0,
-                   "last_check": "connected", "check_latency": 0.0005, "last_check_at": 1700000200.0, "checks": 9},
+                   "last_check": "connected", "check_latency": 0.0005, "last_check_at": 1700000200.0, "checks": 9,
+                   "down_cause": None, "down_detail": None, "handshakes": None},   # keys added for issue 12
                   {"backend": BE2, "id": 1, "mac": "02:00:00:00:00:12", "in_table": False, "packets": 40,
                    "bytes": 2560, "new_flows": 4, "health": "down", "forced": None, "health_since": 1700000100.0,
-                   "last_check": "refused", "check_latency": 0.001, "last_check_at": 1700000200.0, "checks": 9},
+                   "last_check": "refused", "check_latency": 0.001, "last_check_at": 1700000200.0, "checks": 9,
+                   "down_cause": "active", "down_detail": "refused", "handshakes": None},
                   {"backend": BE3, "id": 2, "mac": "02:00:00:00:00:13", "in_table": True, "packets": 0, "bytes": 0,
                    "new_flows": 0, "health": "up", "forced": "up", "health_since": None, "last_check": None,
-                   "check_latency": None, "last_check_at": None, "checks": None}],
+                   "check_latency": None, "last_check_at": None, "checks": None,
+                   "down_cause": None, "down_detail": None, "handshakes": None}],
               "admission": {"allow_rules": 1, "deny_rules": 0, "new_flow_limit": {"rate": 100, "burst": 200}}}],
     "reasons": [{"reason": "forward", "verdict": "tx", "packets": 107, "bytes": 7100},
                 {"reason": "not_ip", "verdict": "pass", "packets": 0, "bytes": 0}],
@@ -109,6 +112,7 @@ EXPECTED = {
     "admission": {"allow_rules": 0, "deny_rules": 2, "new_flow_limit": None},   # keys added for issue 11
     "gate": {"half_open": {"entries": 3, "capacity": 16384, "written": 9},      # issue 11: the handshake gate
              "flood": {"threshold": 200, "cpus_flooded": 1, "inserts_skipped": 5}},
+    "nat": None,                                                                 # issue 12: no NAT VIP
 }
 
 
