@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from . import applied, config, control, model, probe
+from . import abi, applied, config, control, model, probe
 from .errors import LbxError
 from .model import BackendId, XdpMode
 from .paths import Instance, atomic_write, private_dirs
@@ -167,6 +167,28 @@ class MetricsService(BaseService):
                                ["interface", "vip", "backend", "result"], registry=reg,
                                buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)),
         }
+        m |= {
+            "gc_removed": Counter("lbxdp_nat_gc_removed_total", "NAT conntrack entries past their state's timeout "
+                                  "removed by the daemon's GC, by the state they were in.", ["interface", "state"],
+                                  registry=reg),
+            "gc_scanned": Counter("lbxdp_nat_gc_scanned_total", "NAT conntrack entries read by the daemon's GC.",
+                                  ["interface"], registry=reg),
+            "gc_seconds": Counter("lbxdp_nat_gc_seconds_total", "Time the daemon's NAT GC took (bounded per tick).",
+                                  ["interface"], registry=reg),
+            "suspects": Counter("lbxdp_passive_suspects_total", "Times a NAT backend was suspected by passive "
+                                "health ([vip.passive_health] failures in a row) and actively checked.",
+                                ["interface", "vip", "backend"], registry=reg),
+            "ejections": Counter("lbxdp_passive_ejections_total", "Times a NAT backend was marked down by passive "
+                                 "health (suspected, then failed its confirmation check).",
+                                 ["interface", "vip", "backend"], registry=reg),
+            "capped": Counter("lbxdp_passive_ejections_capped_total", "Confirmed passive-health failures left up "
+                              "because the VIP was at its max_ejected cap.", ["interface", "vip", "backend"],
+                              registry=reg),
+        }
+        for state in ("syn_sent", "established", "closing", "udp"):
+            m["gc_removed"].labels(self.inst.ifname, state)
+        m["gc_scanned"].labels(self.inst.ifname)
+        m["gc_seconds"].labels(self.inst.ifname)
         # Series exist from the start (at 0), so that rate() and increase() have data at once.
         for result in ("ok", "error"):
             m["reloads"].labels(self.inst.ifname, result)
@@ -199,6 +221,18 @@ class MetricsService(BaseService):
     def count_reload(self, result: str) -> None:
         if self.m:
             self.m["reloads"].labels(self.inst.ifname, result).inc()
+
+    def count_gc(self, removed: dict[str, int], scanned: int, seconds: float) -> None:
+        if self.m:
+            for state, n in removed.items():
+                self.m["gc_removed"].labels(self.inst.ifname, state).inc(n)
+            self.m["gc_scanned"].labels(self.inst.ifname).inc(scanned)
+            self.m["gc_seconds"].labels(self.inst.ifname).inc(seconds)
+
+    def count_passive(self, what: str, bid: BackendId) -> None:
+        """what: suspects, ejections or capped."""
+        if self.m:
+            self.m[what].labels(self.inst.ifname, bid.vip.name, bid.name).inc()
 
     def observe_check(self, bid: BackendId, result: Any) -> None:   # checker thread
         if self.m:
@@ -250,6 +284,7 @@ class HealthService(BaseService):
 
     def on_change(self, state: applied.State) -> None:
         from .health import Target
+        from .passive import IMPLICIT_CHECK   # a passive-health backend without a check gets a tcp one
         if self.checker is None:
             return
         ids = self._tunnel_ids(state)
@@ -258,7 +293,7 @@ class HealthService(BaseService):
             _event("probe-attached", interface=self.inst.label, backends=len(ids))
         targets = []
         for bid, (v, b) in state.cfg.backends().items():
-            if (check := v.check_of(b)) is None:
+            if (check := v.check_of(b) or (IMPLICIT_CHECK if v.passive_health else None)) is None:
                 continue
             if bid in ids:   # the VIP's service on the backend, through the tunnel (lbxdp.probe)
                 targets.append(Target(bid, str(v.address), check.port or v.port, check, mark=probe.mark(ids[bid])))
@@ -296,7 +331,7 @@ class HealthService(BaseService):
         # Logged once applied: when the line appears, the maps and checks.json already say so.
         for bid, c in changes.items():
             _event("backend-up" if c["healthy"] else "backend-down", vip=bid.vip.name, backend=bid.name,
-                   check=c["detail"], latency=f"{c['latency']:.4f}")
+                   check=c["detail"], latency=f"{c['latency']:.4f}", **({} if c["healthy"] else {"cause": "active"}))
         log_diff(diff)
 
     def write_checks(self) -> None:
@@ -345,6 +380,175 @@ class NextHopService(BaseService):
         if diff is not None and not diff.empty:
             _event("next-hops-changed", changes=len(diff.lines))
             log_diff(diff)
+
+
+class NatGcService(BaseService):
+    """NAT conntrack GC (lbxdp.conntrack.Gc): deletes lbx_nat entries past their state's timeout
+    (the program already treats them as absent), one batch of at most conntrack.CHUNK entries
+    per tick, so a closed connection's entries and SNAT port are gone within its close timeout
+    plus one pass (capacity / CHUNK ticks: 8 s for a full table, 1 s for a small one). It also
+    counts, for passive health, handshakes still in SYN_SENT past their VIP's `timeout`.
+    Idle (no walk) without NAT VIPs."""
+
+    name = "nat-gc"
+
+    def __init__(self, inst: Instance, metrics: MetricsService):
+        from .conntrack import Gc
+        self.inst, self.metrics = inst, metrics
+        self.gc = Gc()
+        self.timeouts: dict[int, int] = {}     # backend entry id -> handshakes timed out, ever (passive health)
+        self.active = False
+
+    def on_change(self, state: applied.State) -> None:
+        self.active = any(v.mode is model.Mode.NAT for v in state.cfg.vips)
+        if not self.active:
+            self.gc.close()
+
+    def tick(self) -> None:
+        if not self.active:
+            return
+        t = time.monotonic()
+        r = self.gc.tick(self._open)
+        for be, n in r.syn_timeouts.items():
+            self.timeouts[be] = self.timeouts.get(be, 0) + n
+        self.metrics.count_gc(r.removed, r.scanned, time.monotonic() - t)
+
+    def _open(self) -> Any:
+        from . import loader
+        from .maps import Maps
+        return Maps(loader.open_pinned_maps(self.inst))   # kept for a pass; Gc.close() closes it
+
+    def stop(self) -> None:
+        self.gc.close()
+
+
+class PassiveHealthService(BaseService):
+    """Passive health of NAT VIPs with [vip.passive_health] (lbxdp.passive has the rules):
+    once a tick, read lbx_nat_be of their backends; a backend past `failures` failed
+    handshakes in a row is suspected (backend-suspect) and gets one immediate TCP check of its
+    service port (the checker's loop); a pass clears it (backend-suspect-cleared), a failure
+    marks it down (backend-down cause=passive: the applied state's health, and the checker's
+    state, so its `rise` brings it back) unless the VIP is at its max_ejected cap
+    (ejection-capped). Either way its count starts over."""
+
+    name = "passive-health"
+
+    def __init__(self, inst: Instance, metrics: MetricsService, health: HealthService, gc: NatGcService,
+                 wake: threading.Event):
+        from .passive import Tracker
+        self.inst, self.metrics, self.health, self.gc, self.wake = inst, metrics, health, gc, wake
+        self.tracker = Tracker()
+        self.state: applied.State | None = None
+        self.entries: dict[BackendId, int] = {}          # passive-health backends -> entry id
+        self.confirming: dict[BackendId, tuple[Any, Any]] = {}   # -> (future, Failures)
+
+    def _passive(self, state: applied.State) -> dict[BackendId, tuple[model.Vip, model.Backend]]:
+        return {bid: (v, b) for bid, (v, b) in state.cfg.backends().items()
+                if v.mode is model.Mode.NAT and v.passive_health is not None}
+
+    def on_change(self, state: applied.State) -> None:
+        self.state = state
+        want = self._passive(state)
+        self.tracker.failures = {bid: v.passive_health.failures for bid, (v, _) in want.items()}  # type: ignore[union-attr]
+        if not want:
+            self.entries, self.gc.gc.syn_timeout = {}, {}
+            return
+        with control.open_maps(self.inst) as m:
+            vip_ids = {k: meta.id for k, meta in m.vips().items()}
+            have = {(e.vip_id, e.address, e.port): i for i, e in m.backends().items()}
+        self.entries = {bid: i for bid, (v, b) in want.items()
+                        if (i := have.get((vip_ids.get(v.key), b.address, b.port))) is not None}
+        unit = 1e9 / (1 << abi.NAT_TIME_SHIFT)
+        self.gc.gc.syn_timeout = {i: int(want[bid][0].passive_health.timeout * unit)   # type: ignore[union-attr]
+                                  for bid, i in self.entries.items()}
+
+    def _signals(self) -> dict[BackendId, Any]:
+        from .passive import Signals
+        with control.open_maps(self.inst) as m:
+            out = {}
+            for bid, i in self.entries.items():
+                s = m.nat_backend(i)
+                out[bid] = Signals(s.consecutive, s.syn_rst, s.syn_retx, s.synack, self.gc.timeouts.get(i, 0))
+        return out
+
+    def tick(self) -> None:
+        if not self.entries or self.state is None or self.health.checker is None:
+            return
+        st = self.state
+        signals = self._signals()
+        for bid, f in self.tracker.observe(signals, exempt=st.down()).items():
+            v, b = st.cfg.backends()[bid]
+            self._confirm(bid, v, b, f)
+        self._settle(signals)
+
+    def _confirm(self, bid: BackendId, v: model.Vip, b: model.Backend, f: Any) -> None:
+        from .health import CheckType, HealthCheck, Target
+        check = v.check_of(b)
+        t = Target(("confirm", bid), str(b.address), b.port,
+                   HealthCheck(CheckType.TCP, timeout=check.timeout if check else 1.0))
+        fut = self.health.checker.probe_now(t)
+        fut.add_done_callback(lambda _: self.wake.set())
+        self.confirming[bid] = (fut, f)
+        self.metrics.count_passive("suspects", bid)
+        _event("backend-suspect", vip=bid.vip.name, backend=bid.name, failures=f.total, rst=f.rst, retx=f.retx,
+               timeout=f.timeout, confirming=f"tcp {b.name}")
+
+    def _settle(self, signals: dict[BackendId, Any]) -> None:
+        from .passive import decide
+        st = self.state
+        assert st is not None
+        done = {bid: c for bid, c in self.confirming.items() if c[0].done()}
+        confirmed, results = [], {}
+        for bid, (fut, f) in done.items():
+            del self.confirming[bid]
+            if bid not in self.entries:
+                continue
+            r = fut.result()
+            if r.ok:
+                self.tracker.settle(bid, signals[bid])
+                _event("backend-suspect-cleared", vip=bid.vip.name, backend=bid.name, check=r.detail,
+                       latency=f"{r.latency:.4f}")
+            else:
+                confirmed.append((bid.vip, bid, f.total))
+                results[bid] = (r, f)
+        if not confirmed:
+            return
+        cfg_vips = {v.key: v for v in st.cfg.vips}
+        passive_down = self.passive_down(st)
+        verdict = decide(confirmed, {k: len(v.backends) for k, v in cfg_vips.items()},
+                         {k: len(d) for k, d in passive_down.items()},
+                         {k: v.passive_health.max_ejected for k, v in cfg_vips.items() if v.passive_health})
+        changes = {}
+        for bid in verdict.eject:
+            r, f = results[bid]
+            changes[bid] = {"healthy": False, "since": r.at, "detail": f"passive: {f.text()}; confirmed: {r.detail}",
+                            "latency": r.latency, "cause": "passive"}
+        if changes:
+            diff = timed(self.metrics, lambda: control.health_changed(self.inst, changes))
+            for bid, c in changes.items():
+                self.health.checker.mark_down(bid, results[bid][0])
+                self.tracker.settle(bid, signals[bid])
+                self.metrics.count_passive("ejections", bid)
+                _event("backend-down", vip=bid.vip.name, backend=bid.name, cause="passive",
+                       failures=results[bid][1].total, check=results[bid][0].detail)
+            log_diff(diff)
+            self.health.write_checks()
+        for bid in verdict.capped:
+            v = cfg_vips[bid.vip]
+            self.tracker.settle(bid, signals[bid])
+            self.metrics.count_passive("capped", bid)
+            _event("ejection-capped", vip=bid.vip.name, backend=bid.name, failures=results[bid][1].total,
+                   down=len(passive_down.get(bid.vip, ())) + sum(1 for e in verdict.eject if e.vip == bid.vip),
+                   backends=len(v.backends), max_ejected=v.passive_health.max_ejected)  # type: ignore[union-attr]
+
+    @staticmethod
+    def passive_down(st: applied.State) -> dict[model.VipKey, set[BackendId]]:
+        """The backends down for passive health now, by VIP (from the applied state's health)."""
+        out: dict[model.VipKey, set[BackendId]] = {}
+        for bid, h in st.health.items():
+            if h.get("cause") == "passive" and h.get("healthy") is False and bid in st.down():
+                out.setdefault(bid.vip, set()).add(bid)
+        return out
 
 
 class RuntimeService(BaseService):
@@ -422,9 +626,11 @@ class Daemon:
         self.metrics = MetricsService(inst, metrics, "--metrics" if metrics else "[metrics] listen")
         self.health = HealthService(inst, self.metrics, self._wake)
         self.run_dir = RunDirService(inst, self._write_pid, self._reread)
+        self.nat_gc = NatGcService(inst, self.metrics)
+        self.passive = PassiveHealthService(inst, self.metrics, self.health, self.nat_gc, self._wake)
         # In tick order; a reload (SIGHUP) comes before them, the state hand-over after.
         self.services: list[Service] = [self.run_dir, self.health, OwnMacService(inst), NextHopService(inst),
-                                        RuntimeService(inst, self.metrics), self.metrics]
+                                        RuntimeService(inst, self.metrics), self.nat_gc, self.passive, self.metrics]
         self._started: list[Service] = []
 
     # --- signals -------------------------------------------------------------------------------

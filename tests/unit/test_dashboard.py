@@ -117,7 +117,9 @@ def test_the_standalone_exporter_serves_all_but_the_daemons_process_metrics() ->
     standalone, daemon = standalone_samples(), daemon_samples()
     assert standalone["lbxdp_backend_healthy"] == {"interface", "vip", "backend"}
     families = {f.name for f in daemon_registry().collect()}
-    assert families == {"lbxdp_config_reloads", "lbxdp_apply_seconds", "lbxdp_health_check_seconds"}
+    assert families == {"lbxdp_config_reloads", "lbxdp_apply_seconds", "lbxdp_health_check_seconds",
+                        "lbxdp_nat_gc_removed", "lbxdp_nat_gc_scanned", "lbxdp_nat_gc_seconds",   # NAT GC (issue 12)
+                        "lbxdp_passive_suspects", "lbxdp_passive_ejections", "lbxdp_passive_ejections_capped"}
     assert not set(daemon) & set(standalone)
 
 
