@@ -34,7 +34,7 @@ static __always_inline int admit(const struct vip_meta *vip, const struct pkt *p
 		return r;
 	if (!(g->interval_ns | v->interval_ns) || !charged(pkt))
 		return LBX_R_OK;
-	now = bpf_ktime_get_coarse_ns();      /* limit.h: why coarse */
+	now = tick_ns();                      /* clock.h, limit.h: why coarse */
 	if (g->interval_ns && over_limit(g, LBX_ADMIT_GLOBAL, pkt, now))
 		return LBX_R_DROP_SRC_RATE;
 	if (v->interval_ns && over_limit(v, vid, pkt, now))

@@ -16,9 +16,10 @@
  * thus a per-CPU rate, documented as such (README: new_flow_limit); size it as
  * wanted-rate / receive-queues when every client spreads evenly.
  *
- * The clock is bpf_ktime_get_coarse_ns(), the tick-resolution monotonic clock: bpf_ktime_get_ns()
- * (a TSC read) cost ~80 ns per new flow in this VM, coarse ~5 (docs/benchmarks.md, admission
- * rows). A coarse `now` advances a tick at a time (4 ms at HZ=250), so a bucket meets a tick's
+ * The clock is tick_ns() (clock.h), the tick-resolution monotonic clock from jiffies, inlined by
+ * the verifier: bpf_ktime_get_ns() (a TSC read) cost ~80 ns per new flow in this VM and the call
+ * bpf_ktime_get_coarse_ns() ~10-15 (docs/benchmarks.md, admission rows). A coarse `now`
+ * advances a tick at a time (4 ms at HZ=250), so a bucket meets a tick's
  * worth of tokens at once; were the burst smaller than that, the excess would be lost and the
  * source would get less than its rate (rate 2000/s, burst 1: one flow per tick, 250/s). Hence
  * LBX_LIMIT_SLACK_NS, one tick at HZ >= 100, added to the burst: the long-run rate is exact,
@@ -37,6 +38,7 @@
 
 #include "maps.h"
 #include "parse.h"
+#include "clock.h"
 
 #define LBX_LIMIT_SLACK_NS 10000000ULL   /* one tick of the coarse clock, HZ >= 100 */
 

@@ -12,6 +12,7 @@
 
 #include "maps.h"
 #include "parse.h"
+#include "clock.h"
 
 struct selection {
 	struct backend *be;
@@ -91,7 +92,7 @@ static __always_inline struct backend *backend_by_id(__u32 id)
  * windows against lbx_ctl.flood_threshold, two counts: records (and refused ones), which gate
  * bare ACKs, and pure SYNs, which only decide whether a SYN skips the connection table. Kept
  * apart so that a SYN flood (or a legitimate burst of handshakes) does not stop the records of
- * completed handshakes. The coarse clock: see now_units().
+ * completed handshakes. The clock: tick_ns() (clock.h), inlined.
  */
 static __always_inline struct lbx_flood *new_flow_window(int syn)
 {
@@ -101,7 +102,7 @@ static __always_inline struct lbx_flood *new_flow_window(int syn)
 
 	if (!f)
 		return NULL;
-	now = bpf_ktime_get_coarse_ns();
+	now = tick_ns();
 	if (now - f->window > 1000000000ULL) {
 		f->window = now;
 		f->inserts = 0;
