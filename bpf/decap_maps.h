@@ -25,7 +25,7 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct lbx_count, lbxd_vip_stats, LBX_DE
 		 LBX_PIN_DIR "/lbxd_vip_stats");
 
 /* enum lbx_decap_reason -> packets and bytes that left the program for that reason; frames
- * decapsulated to a VIP are counted in lbxd_vip_stats only (decap_table.h: count_vip). */
+ * decapsulated to a VIP are counted in lbxd_vip_stats only (decap_table.h: vip_counter). */
 BPF_TABLE_PINNED("percpu_array", __u32, struct lbx_count, lbxd_reasons, LBX_D_MAX,
 		 LBX_PIN_DIR "/lbxd_reasons");
 

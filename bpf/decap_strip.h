@@ -17,6 +17,21 @@
 
 #include "decap_parse.h"
 
+/* The copy and the move for untagged Ethernet (the fast paths: parse_ipip4, parse_gue6), whose
+ * single bounds check already covered every byte written here (the inner IP header alone is
+ * longer than the 14 bytes copied to its front): no check of its own. */
+static __always_inline int strip_eth(struct xdp_md *ctx, void *data, __u32 strip, __be16 proto)
+{
+	void *to = data + strip;
+
+	*(__u64 *)to = *(__u64 *)data;
+	*(__u32 *)(to + 8) = *(__u32 *)(data + 8);
+	*(__be16 *)(to + 12) = proto;
+	if (bpf_xdp_adjust_head(ctx, strip))
+		return LBX_D_PASS_ADJUST_FAILED;   /* cannot happen: see below */
+	return LBX_D_PASS_DECAP;
+}
+
 /* data: the frame start, already checked to hold l2_len + strip + an inner IP header. */
 static __always_inline int strip_outer(struct xdp_md *ctx, void *data, void *end, const struct tunnel *t)
 {

@@ -137,20 +137,15 @@ static __always_inline int decap_count(__u32 reason, __u64 len)
 }
 
 /*
- * Count a frame decapsulated to a VIP under that VIP only: lbxd_reasons[LBX_D_PASS_DECAP] holds
- * just the ones opened to no VIP (loose mode), and readers add the VIP rows to it
- * (lbxdp.decap.reason_counts). A per-CPU counter update costs ~8 ns here (docs/benchmarks.md
- * "decap"): one per packet, not two.
+ * The counter of a frame decapsulated to VIP id (the caller adds to it): such a frame is
+ * counted under that VIP only; lbxd_reasons[LBX_D_PASS_DECAP] holds just the ones opened to no
+ * VIP (loose mode), and readers add the VIP rows to it (lbxdp.decap.reason_counts). A per-CPU
+ * counter costs ~5-10 ns here (docs/benchmarks.md "decap": two dependent cache lines): one per
+ * packet, not two.
  */
-static __always_inline int count_vip(__u32 id, __u64 len)
+static __always_inline struct lbx_count *vip_counter(__u32 id)
 {
-	struct lbx_count *c = lbxd_vip_stats.lookup(&id);
-
-	if (c) {
-		c->packets++;
-		c->bytes += len;
-	}
-	return XDP_PASS;
+	return lbxd_vip_stats.lookup(&id);
 }
 
 #endif /* LBX_DECAP_TABLE_H */

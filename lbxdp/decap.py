@@ -431,7 +431,7 @@ def _sum(per_cpu: Any) -> tuple[int, int]:
 
 def reason_counts(maps: dict[str, bpfsys.Map]) -> dict[abi.DecapReason, tuple[int, int]]:
     """reason -> (packets, bytes). A frame decapsulated to a VIP is counted in that VIP's row only
-    (bpf/decap_table.h: count_vip), so PASS_DECAP is its own row (loose mode's) plus every VIP row."""
+    (bpf/decap_table.h: vip_counter), so PASS_DECAP is its own row (loose mode's) plus every VIP row."""
     reasons, stats = maps[abi.DecapMap.REASONS], maps[abi.DecapMap.VIP_STATS]
     counts = {r: _sum(reasons.lookup(int(r))) for r in abi.DecapReason.exits()}
     p, b = counts[abi.DecapReason.PASS_DECAP]
