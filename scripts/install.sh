@@ -56,7 +56,9 @@ headers_ok() { [ -d "$MODDIR/build/include" ]; }
 # an entry counts as done when any alternative is installed.
 PKGS=(python3-bpfcc bpfcc-tools libbpfcc python3-venv python3-pip gcc libc6-dev
       iproute2 ethtool nftables python3-scapy python3-pyroute2 python3-tomli-w tcpdump sudo
-      wrk nginx)     # wrk, nginx: scripts/bench_e2e_nat.py (keep-alive HTTP through the VIP)
+      wrk nginx      # wrk, nginx: scripts/bench_e2e_nat.py (keep-alive HTTP through the VIP)
+      python3-rich   # lbxdp top (pyproject: rich)
+      python3-yaml)  # tests/unit/test_alerts.py reads the alert rules and their promtool tests
 if [ "$OS_ID" = ubuntu ]; then
     PKGS+=("bpftool|linux-tools-$KVER|linux-tools-common")
     HEADERS_PKG="linux-headers-$KVER|linux-headers-generic"
