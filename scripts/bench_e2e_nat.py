@@ -110,7 +110,7 @@ class Lbxdp:
 
     def counters(self) -> dict:
         st = json.loads(lbxdp(self.rig, "status", HOST_IF, "--json").stdout)
-        return {k: v["packets"] for k, v in st.get("reasons", {}).items() if v.get("packets")}
+        return {f"{r['verdict']}_{r['reason']}": r["packets"] for r in st["reasons"] if r["packets"]}
 
 
 class Nftables:
