@@ -1,0 +1,142 @@
+"""lbxdp.explain against the program itself: for random tuples of every VIP kind, the dry run
+(the normal program over the live read-only maps and scratch copies of the written ones) gives
+the verdict, reason, backend and output frame that the real program then gives the same frame,
+and running it leaves every map the program writes exactly as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import random
+from typing import Iterator
+
+import pytest
+
+from lbxdp import abi, explain, model
+from lbxdp.maps import Maps
+
+from .frames import BASE, DNS4, DNS6, HASH4, LB_MAC, RR4, TCP_, UDP_, WEB4, WEB6, backends, plus, vip
+from .harness import Lb, one_cpu
+
+MAG4 = dataclasses.replace(vip("10.10.0.40", 443, TCP_, backends("10.10.40.", 5, 0x40), model.Scheduler.MAGLEV),
+                           table_size=251)
+MAG6 = dataclasses.replace(vip("fd10::40", 443, TCP_, backends("fd10:40::", 4, 0x41), model.Scheduler.MAGLEV),
+                           table_size=65537)
+MAGUDP = dataclasses.replace(vip("10.10.0.41", 53, UDP_, backends("10.10.41.", 3, 0x42), model.Scheduler.MAGLEV),
+                             table_size=1021)
+WEIGHTED = vip("10.10.0.42", 80, TCP_, tuple(dataclasses.replace(b, weight=w) for b, w in
+                                             zip(backends("10.10.42.", 3, 0x43), (1, 2, 5))), model.Scheduler.HASH)
+CFG = plus(BASE, MAG4, MAG6, MAGUDP, WEIGHTED)
+VIPS = (WEB4, DNS4, WEB6, DNS6, HASH4, RR4, MAG4, MAG6, MAGUDP, WEIGHTED)
+TUPLES = 10_000
+
+
+@pytest.fixture(scope="module")
+def dry(compiled_lb: Lb) -> Iterator[explain.DryRun]:
+    """The dry run over the session program's maps: compiled once for this module (live maps
+    shared, written ones copied); unloaded and its scratch pins removed after."""
+    with explain.DryRun(compiled_lb.prog.maps) as d:
+        yield d
+
+
+@pytest.fixture
+def lbx(lb: Lb) -> Lb:
+    lb.apply(CFG)
+    return lb
+
+
+def probes(v: model.Vip, n: int, seed: int) -> list[explain.Probe]:
+    """n packets to v from random clients; one in ten repeats an earlier tuple (then it is an
+    established flow, or its handshake's next packet); TCP ones are SYNs or later segments."""
+    rnd = random.Random(seed)
+    out: list[explain.Probe] = []
+    net = ipaddress.ip_network("100.64.0.0/10" if v.address.version == 4 else "2001:db8:1000::/36")
+    for _ in range(n):
+        if out and rnd.random() < 0.1:
+            p = rnd.choice(out)
+            out.append(dataclasses.replace(p, syn=False))
+            continue
+        src = net[rnd.randrange(1, net.num_addresses - 1)]
+        out.append(explain.Probe(src, rnd.randrange(1024, 65536), v.address, v.port, v.protocol,
+                                 syn=v.protocol is model.Protocol.TCP and rnd.random() < 0.5))
+    return out
+
+
+def written_state(m: Maps) -> dict[str, object]:
+    """Everything the program writes, read back: counters, tables' contents, per-CPU state."""
+    out: dict[str, object] = {}
+    for name in explain.WRITTEN:
+        mp = m.m.get(name)
+        if mp is None or name == abi.Map.NAT_SCRATCH:   # scratch space, holds nothing between packets
+            continue
+        rows = []
+        for keys, values, n in mp.batches():
+            for i in range(n):
+                v = values[i]
+                rows.append((bytes(keys[i]), bytes(v)))
+        out[name] = sorted(rows)
+    return out
+
+
+@pytest.mark.parametrize("v", VIPS, ids=lambda v: v.name)
+def test_explain_agrees_with_the_program_on_random_tuples(lbx: Lb, dry: explain.DryRun, v: model.Vip) -> None:
+    seen: dict[str, int] = {}
+    with one_cpu():
+        for i, p in enumerate(probes(v, TUPLES, seed=hash(v.name) & 0xFFFF)):
+            verdict, reason, backend, out = dry.choose(p)
+            before = lbx.maps.reasons()
+            got = lbx.run(explain.frame(p, LB_MAC))
+            delta = lbx.reason_delta(before)
+            assert (verdict, out) == (got.retval, got.data), f"tuple {i} {p.name}: explain {verdict} " \
+                f"{out.hex()} vs program {got.retval} {got.data.hex()}"
+            assert delta.keys() == {reason}, f"tuple {i} {p.name}: explain says {reason}, program {delta}"
+            if backend is not None:
+                seen[reason.name] = seen.get(reason.name, 0) + 1
+    # the tuples did exercise forwarding (not just agree on drops)
+    assert seen.get("TX_FORWARD", 0) > TUPLES // 2, seen
+
+
+def test_explain_writes_nothing(lbx: Lb, dry: explain.DryRun) -> None:
+    for p in probes(MAG4, 300, seed=1)[:300]:       # some established flows to find
+        lbx.run(explain.frame(p, LB_MAC))
+        lbx.run(explain.frame(dataclasses.replace(p, syn=False), LB_MAC))
+    flows = lbx.maps.flow_count()
+    assert flows > 100
+    before = written_state(lbx.maps)
+    for v in VIPS:
+        for p in probes(v, 300, seed=2):
+            dry.explain(p)
+    assert lbx.maps.flow_count() == flows
+    after = written_state(lbx.maps)
+    changed = [n for n in before if before[n] != after[n]]
+    assert not changed, f"explain changed live maps {changed}"
+
+
+def test_explanation_names_the_path(lbx: Lb, dry: explain.DryRun) -> None:
+    p = explain.Probe(ipaddress.ip_address("100.64.9.9"), 41000, MAG4.address, MAG4.port, TCP_, syn=True)
+    e = dry.explain(p)
+    assert (e.verdict, e.reason, e.via, e.vip) == ("tx", abi.Reason.TX_FORWARD, "table slot", MAG4.name)
+    assert e.slot == explain.flow_hash(p) % 251 and e.backend is not None and e.table_choice == e.backend.name
+    # the real program records the flow (SYN, then its ACK): now it is a connection-table hit
+    lbx.run(explain.frame(p, LB_MAC))
+    ack = dataclasses.replace(p, syn=False)
+    lbx.run(explain.frame(ack, LB_MAC))
+    e2 = dry.explain(ack)
+    assert e2.via == "connection table" and e2.backend == e.backend
+    assert [x.table for x in e2.entries] == ["connection table"] and e2.entries[0].live
+    # not a VIP: passed, no backend
+    e3 = dry.explain(dataclasses.replace(p, dst=ipaddress.ip_address("198.51.100.7")))
+    assert (e3.verdict, e3.reason, e3.backend) == ("pass", abi.Reason.PASS_NOT_VIP, None)
+    assert e.to_json()["backend"]["name"] == e.backend.name and "because:" in "\n".join(e.text())
+
+
+def test_parse_probe_forms() -> None:
+    a = explain.parse_probe("10.0.0.5:40000 -> 10.112.0.10:80/tcp", syn=True)
+    b = explain.parse_probe("10.0.0.5:40000 10.112.0.10:80/tcp", syn=True)
+    c = explain.parse_probe("[fd00::5]:1234->[fd00::10]:53/udp")
+    assert a == b and a.sport == 40000 and a.syn and c.protocol is UDP_ and c.sport == 1234
+    assert explain.parse_probe("10.0.0.5 -> 10.112.0.10:80/tcp").sport == 40000
+    for bad in ("10.0.0.5", "10.0.0.5 -> 10.1.1.1:80", "10.0.0.5 -> [fd00::1]:80/tcp", "x -> 10.1.1.1:80/tcp"):
+        with pytest.raises(ValueError):
+            explain.parse_probe(bad)
