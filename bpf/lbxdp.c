@@ -41,6 +41,7 @@ int lbxdp_ingress(struct xdp_md *ctx)
 	struct vip_meta *vip;
 	int r, verdict;
 
+	LBX_TRACE_BEGIN(ctx);                           /* trace.h: nothing unless -DLBX_TRACE */
 	r = parse_packet(ctx, &pkt);                    /* parse.h: bounds checks, no maps */
 	if (r != LBX_R_OK)
 		return count(XDP_PASS, r, &pkt);

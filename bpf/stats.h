@@ -6,6 +6,7 @@
 #include "maps.h"
 #include "parse.h"
 #include "select.h"
+#include "trace.h"
 
 /* Count a packet under its reason and return the verdict, so every exit reads `return count(...)`. */
 static __always_inline int count(int verdict, __u32 reason, const struct pkt *pkt)
@@ -16,6 +17,7 @@ static __always_inline int count(int verdict, __u32 reason, const struct pkt *pk
 		c->packets++;
 		c->bytes += pkt->len;
 	}
+	LBX_TRACE_END(verdict, reason, &pkt->flow);   /* trace.h: nothing unless -DLBX_TRACE */
 	return verdict;
 }
 
@@ -31,6 +33,7 @@ static __always_inline void add_stats(struct lbx_stats *s, const struct pkt *pkt
 /* Traffic of the VIP and of the backend that the packet was sent to. */
 static __always_inline void account(const struct selection *sel, const struct pkt *pkt)
 {
+	LBX_TRACE_SEL(sel->vip_id, sel->backend_id);
 	add_stats(lbx_vip_stats.lookup((__u32 *)&sel->vip_id), pkt, sel->new_flow);
 	add_stats(lbx_be_stats.lookup((__u32 *)&sel->backend_id), pkt, sel->new_flow);
 }
