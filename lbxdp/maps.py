@@ -797,11 +797,20 @@ class Maps:
         return self.flow_map.items()
 
     def purge_flows(self, backend_ids: list[int]) -> int:
-        """Delete the connection-table entries of these backend entries; returns how many."""
+        """Delete the connection-table entries of these backend entries, and their NAT
+        connections' entries (both directions: a migrated NAT connection's next packet is a new
+        connection to another backend); returns how many entries."""
         ids, doomed = set(backend_ids), []
         for keys, values, n in self.flow_map.batches():
             doomed += [self.flow_map.Key.from_buffer_copy(keys[i]) for i in range(n) if values[i].backend_id in ids]
-        return sum(1 for k in doomed if self.flow_map.delete(k))
+        gone = sum(1 for k in doomed if self.flow_map.delete(k))
+        nat = self.m.get(abi.Map.NAT)
+        if nat is None:
+            return gone
+        doomed = []
+        for keys, values, n in nat.batches():
+            doomed += [nat.Key.from_buffer_copy(keys[i]) for i in range(n) if values[i].backend_id in ids]
+        return gone + sum(1 for k in doomed if nat.delete(k))
 
     def flow_count(self) -> int:
         return self.flow_map.count()

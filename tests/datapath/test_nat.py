@@ -318,3 +318,13 @@ def test_dsr_flows_and_other_traffic_never_touch_nat_state(nlb: Lb) -> None:
     syn = tcp("10.10.0.1", 80, 48000)
     check(nlb, Case("a DSR VIP beside NAT VIPs forwards as before", syn, XDP_TX, forwarded(syn, WEB4.backends[0])))
     assert nlb.maps.nat_entries() == []
+
+
+def test_purging_a_backend_ends_its_nat_connections(nlb: Lb) -> None:
+    """What control does for a removed backend or a failed one on a migrate VIP (Maps.purge_flows)."""
+    check(nlb, fwd_case("SYN", SNAT4T, seg(CLIENT4, "10.30.0.2", 48100, 80), POOL[0]))
+    check(nlb, fwd_case("another VIP's connection", DNAT4, seg(CLIENT4, "10.30.0.1", 48101, 80), 48101))
+    assert nlb.maps.purge_flows([nlb.backend_id(SNAT4T, SNAT4T.backends[0])]) == 2
+    assert {(e.dport, e.dir) for e in nlb.maps.nat_entries()} == {(80, abi.NatDir.FWD), (48101, abi.NatDir.REPLY)}
+    late = seg(be(SNAT4T), SNAT4, 8080, POOL[0], "SA", smac=be_mac(SNAT4T))
+    check(nlb, Case("the purged connection's reply is no longer translated", late, XDP_PASS, None, R.PASS_NAT_NO_FLOW))
