@@ -34,6 +34,7 @@ struct lbx_trace_ev {
 	__u32 cap_len;             /* bytes of head[] kept (0: frame shorter than an Ethernet header) */
 	__u8 head[LBX_TRACE_SNAP];
 };
+_Static_assert(sizeof(struct lbx_trace_ev) == 200, "also update lbxdp/trace.py");
 
 /* 0 -> this CPU's event under construction. Trace build only, never pinned. */
 BPF_PERCPU_ARRAY(lbx_trace_buf, struct lbx_trace_ev, 1);

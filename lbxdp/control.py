@@ -125,6 +125,9 @@ def _foreign_program(inst: Instance, state: bpfsys.XdpState) -> int | None:
     """Id of an XDP program on the interface that is not this instance's, if any."""
     if not state.prog_id:
         return None
+    from .trace import attached_trace   # `lbxdp trace`'s build of this instance is ours too
+    if attached_trace(inst, state.prog_id) is not None:
+        return None
     if inst.exists():
         fd = bpfsys.obj_get(inst.prog_pin)
         try:

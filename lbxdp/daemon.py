@@ -766,6 +766,9 @@ class Daemon:
         try:
             cfg = config.load(self.config_path)
             diff = control.apply(self.inst, cfg, allow_empty=self.allow_empty, source=self.config_path)
+            from . import trace
+            if trace.restore(self.inst):   # a killed `lbxdp trace` had left its build attached
+                _event("trace-build-replaced", interface=self.inst.label, by="the normal build")
         except Exception as e:  # noqa: BLE001 - any error: the running config and data path stay
             self.metrics.count_reload("error")
             _event("reload-failed", error=e.message if isinstance(e, LbxError) else f"{type(e).__name__}: {e}",

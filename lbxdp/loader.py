@@ -340,3 +340,17 @@ def detach(ifname: str) -> None:
         bpfsys.xdp_detach(idx, bpfsys.XDP_FLAGS_DRV_MODE)
     if state.skb_prog_id:
         bpfsys.xdp_detach(idx, bpfsys.XDP_FLAGS_SKB_MODE)
+
+
+def replace(ifname: str, prog_fd: int, old_fd: int) -> str:
+    """Swap the attached program old_fd for prog_fd in one step, in the mode old_fd is attached in
+    (XDP_FLAGS_REPLACE: the kernel swaps only if old_fd is still the one attached, else EEXIST and
+    nothing changes). `lbxdp trace` swaps its trace build in and the normal build back this way.
+    Returns the mode."""
+    idx = ifindex(ifname)
+    state = bpfsys.xdp_query(idx)
+    if not state.mode:
+        raise bpfsys.BpfError(2, f"no XDP program is attached to {ifname}")
+    flag = bpfsys.XDP_FLAGS_DRV_MODE if state.mode == "native" else bpfsys.XDP_FLAGS_SKB_MODE
+    bpfsys.xdp_attach(idx, prog_fd, flag, old_prog_fd=old_fd)
+    return state.mode

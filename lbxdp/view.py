@@ -146,11 +146,13 @@ class Xdp:
     prog_id: int | None = None
     mode: str | None = None
     error: str | None = None      # the interface could not be asked (e.g. it is gone)
+    trace: Any = None             # lbxdp.trace.TraceState when the attached program is the trace build
 
     def to_json(self) -> dict[str, Any]:
         if self.error is not None:
             return {"attached": self.attached, "error": self.error}
-        return {"attached": self.attached, "prog_id": self.prog_id, "mode": self.mode}
+        return {"attached": self.attached, "prog_id": self.prog_id, "mode": self.mode,
+                **(self.trace.to_json() if self.trace else {})}
 
 
 @dataclass(frozen=True)
@@ -304,7 +306,8 @@ def _xdp(inst: Instance) -> Xdp:
         q = bpfsys.xdp_query(loader.ifindex(inst.ifname))
     except LbxError:
         return Xdp(error=f"interface {inst.ifname} not found")
-    return Xdp(bool(q.prog_id), q.prog_id, q.mode)
+    from .trace import attached_trace
+    return Xdp(bool(q.prog_id), q.prog_id, q.mode, trace=attached_trace(inst, q.prog_id))
 
 
 def _read_checks(inst: Instance) -> dict[str, Any]:

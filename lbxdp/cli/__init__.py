@@ -8,6 +8,7 @@ modules never import this one, so there is no import circle):
   lab       demo, rig (lbxdp.lab)
   decap     decap attach, status, detach (lbxdp.decap: the backend side)
   nat       nat ls, nat status (NAT connections and the SNAT pool, lbxdp.conntrack)
+  inspect   explain, preview backend, trace (lbxdp.explain, lbxdp.trace)
   params    VIP and ADDR:PORT parameter types, enum choices
   common    the root check, which instance a command is about
 
@@ -25,7 +26,7 @@ import click
 from .. import __version__
 from ..errors import LbxError
 from ..paths import check_netns
-from . import acl, daemon, decap, edit, instance, lab, nat
+from . import acl, daemon, decap, edit, inspect, instance, lab, nat
 from .params import BadValue
 
 log = logging.getLogger("lbxdp")
@@ -73,7 +74,7 @@ def enter_netns(name: str) -> None:
 
 
 for _cmd in (*instance.COMMANDS, *edit.COMMANDS, *daemon.COMMANDS, *lab.COMMANDS, *decap.COMMANDS,
-             *acl.COMMANDS, *nat.COMMANDS):
+             *acl.COMMANDS, *nat.COMMANDS, *inspect.COMMANDS):
     cli.add_command(_cmd)
 
 

@@ -111,6 +111,8 @@ def print_status(r: InstanceStatus) -> None:
     if x.attached:
         click.echo(f"{where}: attached, {x.mode}, program id {x.prog_id}"
                    + (f", config {st.config}" if st.config else ""))
+        if x.trace:
+            click.echo(f"  {x.trace.text()}")
     else:
         click.echo(f"{where}: maps pinned at {r.pin_dir} but no XDP program is attached"
                    + (f" ({x.error})" if x.error else ""))

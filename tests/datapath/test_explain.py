@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from lbxdp import abi, explain, model
+from lbxdp import abi, explain, model, trace
 from lbxdp.maps import Maps
 
 from .frames import BASE, DNS4, DNS6, HASH4, LB_MAC, RR4, TCP_, UDP_, WEB4, WEB6, backends, plus, vip
@@ -140,3 +140,64 @@ def test_parse_probe_forms() -> None:
     for bad in ("10.0.0.5", "10.0.0.5 -> 10.1.1.1:80", "10.0.0.5 -> [fd00::1]:80/tcp", "x -> 10.1.1.1:80/tcp"):
         with pytest.raises(ValueError):
             explain.parse_probe(bad)
+
+
+# --- trace: the -DLBX_TRACE build's events ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def traced() -> Iterator[tuple[Lb, "trace.Ring"]]:
+    """The trace build (-DLBX_TRACE) in its own pin dir, filled with CFG, and its ring's reader.
+    Module scope; the program unloaded and the pins removed after."""
+    from .conftest import compiled
+    with compiled(defines=(trace.DEFINE,)) as prog:
+        lb = Lb(prog)
+        lb.apply(CFG)
+        yield lb, trace.Ring(prog)
+
+
+def test_trace_shows_a_flows_packets_with_their_reasons(traced: tuple[Lb, "trace.Ring"], tmp_path) -> None:
+    lb, ring = traced
+    ring.poll(0)   # nothing left from before
+    p = explain.Probe(ipaddress.ip_address("100.64.7.7"), 42000, MAG4.address, MAG4.port, TCP_, syn=True)
+    frames = [explain.frame(p, LB_MAC), explain.frame(dataclasses.replace(p, syn=False), LB_MAC),
+              explain.frame(dataclasses.replace(p, dst=ipaddress.ip_address("198.51.100.7")), LB_MAC),
+              explain.frame(p, LB_MAC)[:20]]
+    outs = [lb.run(f) for f in frames]
+    events = ring.poll(100)
+    assert [(e.verdict, e.reason) for e in events] == [
+        ("tx", abi.Reason.TX_FORWARD), ("tx", abi.Reason.TX_FORWARD), ("pass", abi.Reason.PASS_NOT_VIP),
+        ("pass", abi.Reason.PASS_TRUNCATED)]
+    first = events[0]
+    assert (first.src, first.sport, first.dst, first.dport, first.protocol) == (p.src, 42000, MAG4.address, 443, "tcp")
+    assert first.vip == MAG4.name and first.backend == events[1].backend
+    assert first.backend in {b.name for b in MAG4.backends}
+    # the DSR output went to that backend's MAC
+    be = next(b for b in MAG4.backends if b.name == first.backend)
+    assert outs[0].data[:6] == bytes.fromhex(be.mac.replace(":", ""))
+    # the head is the frame as it arrived, not as it left
+    assert first.head == frames[0][:128] and first.frame_len == len(frames[0])
+    assert events[2].vip is None and events[2].backend is None
+    assert ring.lost() == 0
+    # filters
+    only = trace.Filter(vip=MAG4.key, reasons=frozenset({abi.Reason.TX_FORWARD}))
+    assert [only.match(e) for e in events] == [True, True, False, False]
+    assert [trace.Filter(src=ipaddress.ip_network("100.64.0.0/16")).match(e) for e in events][:3] == [True] * 3
+    # pcap: scapy reads back the frames as they arrived
+    from scapy.utils import rdpcap
+    path = tmp_path / "t.pcap"
+    with open(path, "wb") as f:
+        w = trace.PcapWriter(f)
+        for e in events:
+            w.write(e)
+    pkts = rdpcap(str(path))
+    assert [bytes(x) for x in pkts][:3] == frames[:3]
+    assert pkts[0].wirelen == len(frames[0])
+
+
+def test_trace_build_forwards_like_the_normal_build(traced: tuple[Lb, "trace.Ring"], lbx: Lb) -> None:
+    """The hooks only observe: the same frames get the same verdicts and output frames."""
+    lb, ring = traced
+    for p in probes(MAG4, 200, seed=5) + probes(WEB6, 200, seed=6):
+        a, b = lb.run(explain.frame(p, LB_MAC)), lbx.run(explain.frame(p, LB_MAC))
+        assert (a.retval, a.data) == (b.retval, b.data), p.name
+    assert len(ring.poll(100)) == 400
