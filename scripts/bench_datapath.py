@@ -253,12 +253,15 @@ def encap_cases(prog: loader.Program, new_flows: dict[str, list[bytes]]) -> list
     ]
 
 
-def nat_cases(prog: loader.Program, new_flows: dict[str, list[bytes]]) -> list[Case]:
-    """NAT mode (issue 12, bpf/nat.h, return_path.h) on the current program: the v4 VIP on port 85
-    with snat = true and on port 86 without (DNAT), 8 backends each (backend port 8080). The
-    established rows send an ACK of a connection opened (SYN, then the backend's SYN-ACK) before
-    each repetition: the new-flow rows' inserts churn the conntrack LRU (131072 entries) and may
-    evict it. The pool is large (1024-65535 per backend) so that the new-flow rows never run out."""
+def nat_cases(prog: loader.Program, new_flows: dict[str, list[bytes]], full: bool = False) -> list[Case]:
+    """NAT mode (issue 12, bpf/nat.h, return_path.h): the v4 VIP on port 85 with snat = true and
+    on port 86 without (DNAT), 8 backends each (backend port 8080). The pool is large (1024-65535
+    per backend) so that the new-flow rows never run out.
+    full=False: prog's conntrack holds every connection of a repetition and is emptied before it
+    (a table the GC keeps below capacity); the established rows send an ACK of a connection opened
+    (SYN, then the backend's SYN-ACK) before each repetition. full=True: only the new-flow rows, on
+    the default capacity (131,072 entries), which they fill: then every new connection's two
+    inserts also evict two entries (the LRU's cost at capacity)."""
     ip = ipaddress.ip_address
     snat4 = "10.99.255.1"
 
@@ -274,6 +277,14 @@ def nat_cases(prog: loader.Program, new_flows: dict[str, list[bytes]]) -> list[C
     Balancer(maps).apply(cfg, macs={})
     maps.set_own_mac(LB_MAC)
     lb = bpfsys.TestRunner(prog.fd)
+    if full:
+        return [Case("nat: snat tcp syn new flow v4, conntrack full (LRU evicts)", lb, new_flows["nat85"], XDP_TX),
+                Case("nat: dnat tcp syn new flow v4, conntrack full (LRU evicts)", lb, new_flows["nat86"], XDP_TX)]
+    ct = maps.m[abi.Map.NAT]
+
+    def clear() -> None:
+        for k in list(ct.keys()):
+            ct.delete(k)
     fwd = {85: [b""], 86: [b""]}
     reply = {85: [b""], 86: [b""]}
 
@@ -292,8 +303,8 @@ def nat_cases(prog: loader.Program, new_flows: dict[str, list[bytes]]) -> list[C
             fwd[dport][0] = frame(CLIENT4, VIP4, client_port, dport, 6, tcp_flags=0x10)
         return setup
     return [
-        Case("nat: snat tcp syn new flow v4", lb, new_flows["nat85"], XDP_TX),
-        Case("nat: dnat tcp syn new flow v4", lb, new_flows["nat86"], XDP_TX),
+        Case("nat: snat tcp syn new flow v4", lb, new_flows["nat85"], XDP_TX, clear),
+        Case("nat: dnat tcp syn new flow v4", lb, new_flows["nat86"], XDP_TX, clear),
         Case("nat: snat tcp established v4 (client -> backend)", lb, fwd[85], XDP_TX, establish(85)),
         Case("nat: snat tcp established v4 (backend -> client)", lb, reply[85], XDP_TX, establish(85)),
         Case("nat: dnat tcp established v4 (client -> backend)", lb, fwd[86], XDP_TX, establish(86)),
@@ -544,11 +555,14 @@ def main(argv: list[str] | None = None) -> int:
             cases += program_cases(label, progs[-1], new_flows, syn4)
             if not label:
                 cases += encap_cases(progs[-1], new_flows)
-        if ((args.bpf_dir or loader.bpf_dir()) / "nat.h").is_file():   # a program of its own (its own VIP set)
-            pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
-            progs.append(loader.compile_program(loader.BuildConfig(pin_dir=pin_dirs[-1], src_dir=args.bpf_dir,
-                                                                   flow_capacity=args.flow_capacity)))
-            cases += nat_cases(progs[-1], new_flows)
+        if ((args.bpf_dir or loader.bpf_dir()) / "nat.h").is_file():   # programs of their own (their own VIP set)
+            roomy = 1 << (2 * n - 1).bit_length()   # every connection of a repetition: two entries each
+            for full, defines in ((False, (f"LBX_NAT_CAPACITY={roomy}",)), (True, ())):
+                pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
+                progs.append(loader.compile_program(loader.BuildConfig(pin_dir=pin_dirs[-1], src_dir=args.bpf_dir,
+                                                                       flow_capacity=args.flow_capacity,
+                                                                       defines=defines)))
+                cases += nat_cases(progs[-1], new_flows, full)
         if not args.no_admission:   # a program of its own: its rules never touch the rows above
             pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
             progs.append(loader.compile_program(loader.BuildConfig(pin_dir=pin_dirs[-1], src_dir=args.bpf_dir,
