@@ -49,6 +49,7 @@ from lbxdp.lab.rig import CLI, HOST_IF, LB, Rig, RigSpec, Shape   # noqa: E402
 VIP_PORT, BACKEND_PORT = 80, 8080
 TABLE = "lbxbench"
 HZ = os.sysconf("SC_CLK_TCK")
+QUIET_NOISE = 10.0     # % of one CPU of user time by other processes that a "quiet" round may see
 
 NGINX_CONF = """\
 worker_processes 1;
@@ -173,15 +174,15 @@ def nginx_servers(rig: Rig, workdir: Path):
             processes.terminate(srv, 5.0)
 
 
-def cpu_ticks(rig: Rig, role: str) -> int:
-    """utime + stime of every process in the role's namespace (clock ticks)."""
-    total = 0
+def cpu_ticks(rig: Rig, role: str) -> tuple[int, int]:
+    """(utime, stime) of every process in the role's namespace (clock ticks)."""
+    user = system = 0
     for pid in rig.processes_in(role):
         with contextlib.suppress(OSError):
             stat = Path(f"/proc/{pid}/stat").read_text()
             f = stat[stat.rindex(")") + 2:].split()
-            total += int(f[11]) + int(f[12])
-    return total
+            user, system = user + int(f[11]), system + int(f[12])
+    return user, system
 
 
 def machine_ticks() -> dict[str, int]:
@@ -219,10 +220,14 @@ def one_round(rig: Rig, target: str, a: argparse.Namespace) -> dict:
     c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     res = parse_wrk(out)
     pct = lambda ticks: round(100.0 * ticks / HZ / wall, 1)   # noqa: E731 - % of one CPU
-    wrk = (c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime) * HZ
-    res["cpu"] = {"wrk (cli)": pct(wrk),
-                  "nginx (backends)": pct(sum(p1[r] - p0[r] for r in rig.backends)),
-                  **{f"machine {k}": pct(m1[k] - m0[k]) for k in ("user", "system", "softirq", "idle")}}
+    wrk_user, wrk_sys = (c1.ru_utime - c0.ru_utime) * HZ, (c1.ru_stime - c0.ru_stime) * HZ
+    ngx_user = sum(p1[r][0] - p0[r][0] for r in rig.backends)
+    ngx_sys = sum(p1[r][1] - p0[r][1] for r in rig.backends)
+    res["cpu"] = {"wrk (cli)": pct(wrk_user + wrk_sys), "nginx (backends)": pct(ngx_user + ngx_sys),
+                  **{f"machine {k}": pct(m1[k] - m0[k]) for k in ("user", "system", "softirq", "idle")},
+                  # user time of anything else on the machine (other jobs): noise in this round
+                  "others user": pct(max(0, (m1["user"] + m1["nice"] - m0["user"] - m0["nice"])
+                                          - wrk_user - ngx_user))}
     if res["rps"] == 0:
         raise RuntimeError(f"wrk through {target} got no answers:\n{out}")
     return res
@@ -238,7 +243,8 @@ def bottleneck(rounds: list[dict]) -> str:
     return (f"CPUs {busy:.0f}% busy of {total}%" + (" (saturated)" if cpu["machine idle"] < 10 else "") +
             f": wrk {cpu['wrk (cli)']:.0f}%, nginx {cpu['nginx (backends)']:.0f}% (process time, softirq "
             f"in their context included); machine user {cpu['machine user']:.0f}%, system "
-            f"{cpu['machine system']:.0f}%, softirq {cpu['machine softirq']:.0f}%")
+            f"{cpu['machine system']:.0f}%, softirq {cpu['machine softirq']:.0f}%; other processes' user "
+            f"{cpu['others user']:.0f}% (noise)")
 
 
 def main() -> int:
@@ -289,12 +295,20 @@ def main() -> int:
                       "p99_us_median": statistics.median(x["p99_us"] for x in rs),
                       "bottleneck": bottleneck(rs), "rounds": rs, "counters": counters.get(name, {})}
                for name, rs in results.items() if rs}
-    ratio = (summary["lbxdp"]["rps_median"] / summary["nftables"]["rps_median"]
-             if len(summary) == 2 else None)
+    ratio = pairs = quiet = None
+    if len(summary) == 2:
+        ratio = summary["lbxdp"]["rps_median"] / summary["nftables"]["rps_median"]
+        # Round i of each balancer ran back to back: their ratio shares the moment's conditions.
+        # Quiet pairs: neither round saw other processes use more than QUIET_NOISE % of a CPU.
+        both = list(zip(results["nftables"], results["lbxdp"]))
+        pairs = [round(x["rps"] / n["rps"], 3) for n, x in both]
+        quiet = [p for p, (n, x) in zip(pairs, both)
+                 if max(n["cpu"]["others user"], x["cpu"]["others user"]) <= QUIET_NOISE]
     meta = {"kernel": platform.release(), "cpus": os.cpu_count(), "family": a.family, "conns": a.conns,
             "threads": a.threads, "duration": a.duration, "backends": a.backends, "xdp_mode": a.xdp_mode}
     if a.json:
-        print(json.dumps({"meta": meta, "summary": summary, "ratio_lbxdp_over_nftables": ratio}, indent=2))
+        print(json.dumps({"meta": meta, "summary": summary, "ratio_lbxdp_over_nftables": ratio,
+                          "paired_ratios": pairs, "quiet_paired_ratios": quiet}, indent=2))
         return 0
     print(f"\nkeep-alive HTTP, v{a.family}, wrk -t{a.threads} -c{a.conns}, {a.rounds} x {a.duration:g} s each, "
           f"{a.backends} nginx backends, {os.cpu_count()} CPUs, kernel {platform.release()}, XDP {a.xdp_mode}:")
@@ -304,7 +318,9 @@ def main() -> int:
         if s["counters"]:
             print(f"           counters after its last round: {s['counters']}")
     if ratio is not None:
-        print(f"  ratio lbxdp / nftables (medians): {ratio:.2f}")
+        print(f"  ratio lbxdp / nftables (medians): {ratio:.2f}; per round pair: {pairs}; quiet pairs "
+              f"(others' user <= {QUIET_NOISE}%): {quiet}" +
+              (f", median {statistics.median(quiet):.2f}" if quiet else ""))
     return 0
 
 

@@ -334,18 +334,8 @@ def test_bad_nat_input_is_refused_and_nothing_applied(dnat: Nat) -> None:
     rig = dnat.rig
     dnat.apply(4)
     good = applied(dnat)
-    snat_vips = [rig.nat_vip(4, "tcp", port=VIP_PORT, snat=True)]
-    unreachable = model.Vip(address=rig.spec.vip4, port=VIP_PORT, protocol=model.Protocol.TCP, mode=model.Mode.NAT,
-                            backends=(model.Backend(address="198.51.100.7", port=8080),))
-    bad = {
-        "foreign SNAT address": (dnat.toml(*snat_vips, snat_v4="10.111.0.99"), "snat_v4"),
-        "pool of no port": (dnat.toml(*snat_vips).replace("[[vip]]", '[balancer]\nsnat_ports = "30000-29999"\n\n[[vip]]', 1),
-                            "snat_ports"),
-        "unreachable backend": (dnat.toml(unreachable), "198.51.100.7"),
-        "snat on a dsr VIP": (dnat.toml(rig.nat_vip(4, "tcp", snat=True)).replace('mode = "nat"', 'mode = "dsr"', 1),
-                              "snat"),
-    }
-    for what, (text, word) in bad.items():
+
+    def refused(what: str, text: str, word: str) -> None:
         r = dnat.attach(text, check=False)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2, f"{what}: rc {r.returncode}\n{r.stdout}{r.stderr}"
@@ -354,5 +344,26 @@ def test_bad_nat_input_is_refused_and_nothing_applied(dnat: Nat) -> None:
         assert all(line.startswith("  hint:") for line in lines[1:2]) and len(lines) <= 2, f"{what}: {r.stderr!r}"
         print(f"\n[nat] {what}: {lines[0]}")
         assert applied(dnat) == good, f"{what}: something was applied"
+
+    snat_vips = [rig.nat_vip(4, "tcp", port=VIP_PORT, snat=True)]
+    unreachable = model.Vip(address=rig.spec.vip4, port=VIP_PORT, protocol=model.Protocol.TCP, mode=model.Mode.NAT,
+                            backends=(model.Backend(address="198.51.100.7", port=8080),))
+    refused("foreign SNAT address", dnat.toml(*snat_vips, snat_v4="10.111.0.99"), "snat_v4")
+    refused("pool of no port", dnat.toml(*snat_vips).replace(
+        "[[vip]]", '[balancer]\nsnat_ports = "30000-29999"\n\n[[vip]]', 1), "snat_ports")
+    refused("unreachable backend", dnat.toml(unreachable), "198.51.100.7")
+    refused("snat on a dsr VIP", dnat.toml(rig.nat_vip(4, "tcp", snat=True)).replace('mode = "nat"', 'mode = "dsr"', 1),
+            "snat")
+    # No SNAT source at all: an snat = true VIP with IPv6 backends while eth0 has no IPv6 address
+    # (the segment stays routed on-link, so the backends are reachable).
+    seg6 = rig.layout.segments_of(LB)[0].v6
+    addr6 = f"{rig.addr6(LB)}/{seg6.prefixlen}"
+    rig.run(LB, "ip", "-6", "addr", "del", addr6, "dev", HOST_IF)
+    try:
+        rig.run(LB, "ip", "-6", "route", "add", str(seg6), "dev", HOST_IF)
+        refused("no SNAT source", dnat.toml(rig.nat_vip(6, "tcp", port=VIP_PORT, snat=True)), "snat_v6")
+    finally:
+        rig.run(LB, "ip", "-6", "route", "del", str(seg6), "dev", HOST_IF, check=False)
+        rig.run(LB, "ip", "-6", "addr", "add", addr6, "dev", HOST_IF, "nodad")
     names = rig.tcp_names(rig.spec.vip4, VIP_PORT, count=6, timeout=20)
     assert names[FAILED] == 0 and sum(names.values()) == 6, names
