@@ -18,8 +18,11 @@ the meantime stays.
 from __future__ import annotations
 
 import ctypes
-import ipaddress
+import struct
+import sys
 from collections import Counter
+from itertools import compress, repeat
+from operator import and_, eq, le, lshift, or_, sub
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -105,14 +108,29 @@ class _Layout:
         self.seen, self.timeout = L.seen.offset // 4, L.timeout.offset // 4
         self.created, self.backend = L.created.offset // 4, L.backend_id.offset // 4
         self.kdst, self.kproto, self.kfamily = K.dst.offset // 4, K.proto.offset, K.family.offset
+        # summarize() reads (dir, state) and (proto, family) as one little-endian 16-bit word each
+        assert sys.byteorder == "little" and self.dir % 2 == 0 and self.state == self.dir + 1 \
+            and self.kproto % 2 == 0 and self.kfamily == self.kproto + 1, "struct nat_entry/flow_key moved"
 
 
 def _raw(arr: Any, size: int, n: int) -> bytes:
     return ctypes.string_at(ctypes.addressof(arr), size * n)
 
 
+def _words(a: model.IPAddress) -> tuple[int, ...]:
+    """struct lbx_addr's four words as the CPU loads them (network order bytes, IPv4 zero-padded)."""
+    return struct.unpack("=4I", a.packed.ljust(16, b"\0"))
+
+
+def _live(w: memoryview, lay: "_Layout", now: int) -> list[bool]:
+    """Per entry: not past seen + timeout. map() chains run the loop in C (3x a comprehension)."""
+    ew = lay.esize // 4
+    return list(map(le, map(and_, map(sub, repeat(now), w[lay.seen::ew]), repeat(_U32)), w[lay.timeout::ew]))
+
+
 def summarize(maps: Maps, now: int | None = None) -> NatStatus | None:
-    """The NAT status of an instance (None: a program without NAT maps). One batched walk."""
+    """The NAT status of an instance (None: a program without NAT maps). One batched walk;
+    every per-entry loop is a map/zip/compress/Counter chain, so it runs in C."""
     m = maps.m.get(abi.Map.NAT)
     if m is None:
         return None
@@ -120,36 +138,39 @@ def summarize(maps: Maps, now: int | None = None) -> NatStatus | None:
     now = nat_now() if now is None else now
     lay = _Layout(m)
     snat = [a for a in ((cfg.snat_v4, cfg.snat_v6) if cfg else ()) if a is not None]
-    # The first word of each SNAT address as the CPU loads it (struct lbx_addr: network order,
-    # IPv4 in w[0]): the strided compare below needs no per-entry slicing.
-    first_word = {int.from_bytes(a.packed[:4], "little"): a for a in snat}
-    counts: Counter[tuple[int, int]] = Counter()
-    ports: Counter[tuple[Any, int]] = Counter()
+    counts: Counter[int] = Counter()        # dir | state << 8 -> live entries
+    # Live replies to an SNAT address (by construction the only keys with it as destination),
+    # by (dst words, proto | family << 8); the first word filters in C before anything is counted.
+    replies: Counter[tuple[int, ...]] = Counter()
+    first = {_words(a)[0] for a in snat}
     expired = 0
     for keys, values, n in m.batches(CHUNK):
         raw, kraw = _raw(values, lay.esize, n), _raw(keys, lay.ksize, n)
         w, kw = memoryview(raw).cast("I"), memoryview(kraw).cast("I")
-        ew, kwn = lay.esize // 4, lay.ksize // 4
-        live = [(now - s) & _U32 <= t for s, t in zip(w[lay.seen::ew], w[lay.timeout::ew])]
-        dirs, states = raw[lay.dir::lay.esize], raw[lay.state::lay.esize]
-        counts.update(k for k, ok in zip(zip(dirs, states), live) if ok)
-        expired += live.count(False)
-        if not first_word:
-            continue
-        rep = abi.NatDir.REPLY
-        for i, (d, ok, dw) in enumerate(zip(dirs, live, kw[lay.kdst::kwn])):
-            if d == rep and ok and dw in first_word:
-                a = first_word[dw]
-                off = i * lay.ksize + lay.kdst * 4
-                if kraw[off:off + len(a.packed)] == a.packed and kraw[i * lay.ksize + lay.kfamily] == model.family(a):
-                    ports[(a, kraw[i * lay.ksize + lay.kproto])] += 1
-    entries = {(dir_name(d), state_name(s, 0)): c for (d, s), c in counts.items()}
-    names = {6: "tcp", 17: "udp"}
-    use = tuple(PortUse(str(a), names.get(p, str(p)), c) for (a, p), c in sorted(ports.items(), key=lambda kv: (
-        kv[0][0].version, str(kv[0][0]), kv[0][1])))
+        live = _live(w, lay, now)
+        # dir and state are adjacent bytes: one 16-bit load per entry names both
+        ds = memoryview(raw).cast("H")[lay.dir // 2::lay.esize // 2]
+        counts.update(compress(ds, live))
+        expired += n - sum(live)
+        if snat:
+            kwn, d = lay.ksize // 4, lay.kdst
+            pf = memoryview(kraw).cast("H")[lay.kproto // 2::lay.ksize // 2]
+            w0 = kw[d::kwn]
+            mask = map(and_, map(and_, live, map(eq, raw[lay.dir::lay.esize], repeat(int(abi.NatDir.REPLY)))),
+                       map(first.__contains__, w0))
+            replies.update(compress(zip(w0, kw[d + 1::kwn], kw[d + 2::kwn], kw[d + 3::kwn], pf), mask))
+    entries = {(dir_name(v & 0xFF), state_name(v >> 8, 0)): c for v, c in counts.items()}
+    use = []
+    for a in snat:
+        words = _words(a)
+        for proto, name in ((6, "tcp"), (17, "udp")):
+            pf_a = proto | model.family(a) << 8
+            c = replies.get((*words, pf_a), 0)
+            if c:
+                use.append(PortUse(str(a), name, c))
     timeouts = dict(vars(cfg.timeouts)) if cfg is not None else {}
     return NatStatus(m.info.max_entries, entries, expired, cfg.ports if cfg and snat else None,
-                     tuple(str(a) for a in snat), use, timeouts)
+                     tuple(str(a) for a in snat), tuple(use), timeouts)
 
 
 # ------------------------------------------------------------------------------ connections

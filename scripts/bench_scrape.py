@@ -13,6 +13,7 @@ the memory of a real `lbxdp exporter` process serving the same maps over HTTP.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import ipaddress
 import json
 import os
@@ -34,6 +35,8 @@ def main() -> None:
     ap.add_argument("--backends", type=int, default=10)
     ap.add_argument("--flows", type=int, default=65536, help="connection-table entries (capacity 65536)")
     ap.add_argument("--scrapes", type=int, default=20)
+    ap.add_argument("--nat-entries", type=int, default=0, help="NAT conntrack entries (capacity 131072): adds a "
+                    "NAT VIP and times scrapes with the NAT table empty, then filled, in the same run")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
 
@@ -52,6 +55,10 @@ def main() -> None:
           f"{a.scrapes} scrapes:")
     print(f"  median {result['scrape_ms_median']:.1f} ms, max {result['scrape_ms_max']:.1f} ms, "
           f"{result['samples']} samples, {result['bytes']} bytes of text")
+    if "nat_entries" in result:
+        print(f"  NAT conntrack: {result['nat_entries']} entries: scrape median {result['scrape_ms_median']:.1f} ms "
+              f"vs {result['nat_empty_scrape_ms_median']:.1f} ms with it empty (same run); the NAT summary alone "
+              f"{result['nat_summary_ms_median']:.1f} ms")
     print(f"  over HTTP from a real `lbxdp exporter` process: median {result['http_scrape_ms_median']:.1f} ms")
     print(f"  exporter memory: RSS {result['exporter_rss_mib']:.1f} MiB after the scrapes (peak "
           f"{result['exporter_hwm_mib']:.1f} MiB); one scrape allocates at most "
@@ -117,7 +124,14 @@ def run(a: argparse.Namespace) -> dict:
             vips.append(model.Vip(ipaddress.ip_address(f"10.200.{v // 250}.{v % 250 + 1}"), 80,
                                   model.Protocol.TCP, backends=backends))
         maps = Maps(prog.maps)
-        Balancer(maps).apply(model.Config(tuple(vips)), macs={})
+        opts = model.BalancerOptions()
+        if a.nat_entries:
+            opts = model.BalancerOptions(snat_v4=ipaddress.ip_address("10.250.0.1"), snat_ports=(20000, 59999))
+            nat_be = tuple(model.Backend(ipaddress.ip_address(f"10.251.0.{b + 1}"), 8080, f"02:00:00:fb:00:{b + 1:02x}")
+                           for b in range(a.backends))
+            vips.append(model.Vip(ipaddress.ip_address("10.250.1.1"), 80, model.Protocol.TCP, model.Mode.NAT,
+                                  backends=nat_be, snat=True))
+        Balancer(maps).apply(model.Config(tuple(vips), balancer=opts), macs={})
         fm = maps.flow_map
         n = min(a.flows, fm.info.max_entries)
         keys, vals = [], []
@@ -132,6 +146,9 @@ def run(a: argparse.Namespace) -> dict:
 
         registry = make_registry(PinnedMaps(None, ["bench0"]))
         text = generate_latest(registry)   # warm-up (imports, first open)
+        nat = {}
+        if a.nat_entries:
+            nat = fill_nat(maps, a, lambda: generate_latest(registry))
         times = []
         for _ in range(a.scrapes):
             t = time.perf_counter()
@@ -149,10 +166,49 @@ def run(a: argparse.Namespace) -> dict:
             "scrape_ms_median": statistics.median(times), "scrape_ms_max": max(times),
             "samples": sum(1 for line in text.decode().splitlines() if line and not line.startswith("#")),
             "bytes": len(text),
-            "scrape_alloc_peak_kib": alloc_peak / 1024,
+            "scrape_alloc_peak_kib": alloc_peak / 1024, **nat,
         }
     finally:
         prog.close()
+
+
+def fill_nat(maps, a: argparse.Namespace, scrape) -> dict:
+    """Time scrapes with the NAT table empty, then fill it with a.nat_entries live entries (half
+    forward, half reply; the replies to the SNAT address, all states) and time the NAT summary
+    alone. The caller times the filled scrapes."""
+    from lbxdp import abi, conntrack
+    from lbxdp.maps import nat_now
+    empty = []
+    for _ in range(a.scrapes):
+        t = time.perf_counter()
+        scrape()
+        empty.append((time.perf_counter() - t) * 1000)
+    m = maps.m[abi.Map.NAT]
+    n = min(a.nat_entries, m.info.max_entries)
+    now, snat = nat_now(), ipaddress.ip_address("10.250.0.1").packed
+    keys, vals = [], []
+    for i in range(n):
+        k, v = m.Key(), m.Leaf()
+        k.family, k.proto = 4, 6 if i % 4 else 17
+        k.sport, k.dport = socket.htons(1024 + (i >> 1) % 60000), socket.htons(80)
+        k.src.w[0] = 0x0A000000 + i
+        if i % 2:
+            ctypes.memmove(ctypes.addressof(k.dst), snat, 4)   # a reply to the SNAT address
+        else:
+            k.dst.w[0] = 0x0AFA0101
+        v.dir, v.state, v.family, v.proto = i % 2, (i >> 1) % 4, 4, k.proto
+        v.backend_id, v.seen, v.created, v.timeout = 0, now, now, 1 << 30
+        keys.append(k)
+        vals.append(v)
+    for i in range(0, n, 8192):
+        m.update_batch(keys[i:i + 8192], vals[i:i + 8192])
+    summary = []
+    for _ in range(a.scrapes):
+        t = time.perf_counter()
+        conntrack.summarize(maps)
+        summary.append((time.perf_counter() - t) * 1000)
+    return {"nat_entries": m.count(), "nat_empty_scrape_ms_median": statistics.median(empty),
+            "nat_summary_ms_median": statistics.median(summary), "nat_summary_ms_max": max(summary)}
 
 
 if __name__ == "__main__":
