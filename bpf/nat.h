@@ -36,6 +36,7 @@
 #include "parse.h"
 #include "select.h"
 #include "csum.h"
+#include "clock.h"
 
 #define LBX_TCP_FIN 0x01
 #define LBX_TCP_SYN 0x02
@@ -49,10 +50,17 @@ struct nat_flow {
 	__u32 now;            /* nat_now() when it was looked up */
 };
 
-/* The conntrack clock (abi.h LBX_NAT_TIME_SHIFT): the coarse clock costs ~5 ns here, the fine one ~80 (limit.h). */
+/*
+ * The conntrack clock (abi.h LBX_NAT_TIME_SHIFT), read for every NAT packet: jiffies (clock.h
+ * tick_ns(), one inlined load; bpf_ktime_get_coarse_ns() is a call, ~10-15 ns). It lags
+ * CLOCK_MONOTONIC by a constant (~60 ms here), so the control plane, which compares entries'
+ * times with CLOCK_MONOTONIC (lbxdp.maps.nat_now()), sees them at most that much older than the
+ * program does: its GC may take an entry that much before the program would call it absent,
+ * never after, and never reads an age as negative.
+ */
 static __always_inline __u32 nat_now(void)
 {
-	return bpf_ktime_get_coarse_ns() >> LBX_NAT_TIME_SHIFT;
+	return tick_ns() >> LBX_NAT_TIME_SHIFT;
 }
 
 /* One bit of lbx_nat_filter: whether addr may be a NAT VIP's or a NAT backend's (maps.h). */
