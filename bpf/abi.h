@@ -63,16 +63,20 @@ _Static_assert(LBX_VIP_FILTER_WORDS * 64 == 1 << LBX_VIP_FILTER_BITS, "filter wo
 
 /* VIP flags. */
 #define LBX_VIP_F_PASS_NO_BACKEND 0x01 /* no usable backend: pass to the kernel instead of drop */
+#define LBX_VIP_F_CAPS 0x02 /* some backend has max_conns: choices check caps (sched.h), SYNs go half-open */
 
 /* Backend flags. */
 #define LBX_BE_F_ACTIVE 0x01 /* slot holds a backend; cleared when the backend is deleted */
 #define LBX_BE_F_IN_TABLE 0x02 /* control plane only: its VIP's live table names it (for readers) */
+#define LBX_BE_F_COUNTED 0x04 /* its open connections are counted in lbx_conns (leastconn, max_conns; sched.h) */
 
 /* Per-VIP scheduler: how a new flow picks a slot of the VIP's table. */
 enum lbx_sched {
 	LBX_SCHED_RR = 0,     /* per-CPU round robin over the table (a weighted sequence) */
 	LBX_SCHED_HASH = 1,   /* 5-tuple hash modulo the table size (the same weighted sequence) */
 	LBX_SCHED_MAGLEV = 2, /* 5-tuple hash modulo the table size (a Maglev table: consistent) */
+	LBX_SCHED_SOURCE = 3, /* hash of the client address (vip_meta.src_prefix bits) over a Maglev table */
+	LBX_SCHED_LEASTCONN = 4, /* two slots of a Maglev table by flow hash, the lower open/weight (sched.h) */
 };
 
 /*
@@ -171,6 +175,9 @@ enum lbx_reason {
 	LBX_R_DROP_NAT_TUPLE_TAKEN, /* DNAT: the reply tuple (backend -> client) belongs to another live
 				   * connection (the same client port to two NAT VIPs with one backend) */
 	LBX_R_PASS_NAT_ICMP_NO_FLOW, /* an ICMP error about a NAT VIP flow that lbx_nat does not know */
+	/* Connection caps (bpf/sched.h, issue 13): every backend tried is at its max_conns. */
+	LBX_R_DROP_BACKENDS_FULL, /* ... and the VIP's on_all_down is drop */
+	LBX_R_PASS_BACKENDS_FULL, /* ... and the VIP's on_all_down is pass */
 	LBX_R_MAX,
 };
 
@@ -193,8 +200,8 @@ struct vip_meta {
 	__u32 table_size;  /* slots of the VIP's table in lbx_tables; 0 = no usable backend */
 	__u8 sched;        /* enum lbx_sched */
 	__u8 mode;         /* enum lbx_fwd_mode; the program reads struct backend.mode, this is for readers */
-	__u8 flags;
-	__u8 pad;
+	__u8 flags;        /* LBX_VIP_F_* */
+	__u8 src_prefix;   /* source scheduler: leading bits of the client address hashed (v4 1-32, v6 1-128) */
 	__u32 table_tag;   /* control plane only: fingerprint of what the table was built from */
 	__u32 changed_at;  /* when the table last changed (LBX_TIME_SHIFT units); 0 = settled */
 };
@@ -206,7 +213,8 @@ _Static_assert(sizeof(struct vip_meta) == 20, "also update lbxdp/abi.py");
  * fields the planned modes need, so that adding them changes no map layout (see
  * lbxdp/migrate.py for what a layout change costs):
  *   nat (issue 12): __u8 nat_flags (LBX_NAT_F_SNAT; the pool is lbx_nat_cfg's, one per instance);
- *   scheduling (issue 13): __u32 max_conns (connection cap), __u32 server_id (QUIC).
+ *   scheduling (issue 13): __u16 weight and __u32 max_conns (sched.h, taken), __u32 server_id (QUIC,
+ *   planned at offset 48, the first word of reserved[]).
  * 64 bytes, one cache line: no entry straddles two, and the verifier's inlined array lookup
  * scales the index by a shift (a 48-byte entry took a multiply; docs/benchmarks.md).
  * mac is the next hop: the backend's own MAC on the segment (dsr, an on-link encap backend) or
@@ -226,7 +234,10 @@ struct backend {
 	__u16 mtu;        /* ipip, gue: largest outer IP packet towards the backend; 0 = no check */
 	__u16 mss;        /* ipip, gue: clamp a SYN's MSS option to this; 0 = off */
 	__u8 nat_flags;   /* nat: LBX_NAT_F_* */
-	__u8 reserved[23]; /* zero; planned use above */
+	__u8 pad1;        /* zero */
+	__u16 weight;     /* leastconn: the configured weight (scaled to fit 16 bits); 0 counts as 1 */
+	__u32 max_conns;  /* open connections past which it gets no new flow (sched.h); 0 = no cap */
+	__u8 reserved[16]; /* zero; planned use above */
 };
 _Static_assert(sizeof(struct backend) == 64, "also update lbxdp/abi.py");
 
@@ -250,8 +261,10 @@ _Static_assert(sizeof(struct flow_key) == 40, "also update lbxdp/abi.py");
 struct flow_val {
 	__u32 backend_id;
 	__u16 gen;     /* struct backend.gen when the flow started */
-	__u16 pad;
+	__u16 pad;     /* LBX_FLOW_F_* flags; the old name kept, so that upgrades keep pinned tables as they are */
 };
+#define LBX_FLOW_F_COUNTED 0x01 /* its opening was counted in lbx_conns (sched.h) */
+#define LBX_FLOW_F_CLOSED 0x02  /* a FIN or RST from the client was seen: no longer counted */
 _Static_assert(sizeof(struct flow_val) == 8, "also update lbxdp/abi.py");
 
 /* Per-CPU traffic counters of one VIP or one backend. */
@@ -307,6 +320,19 @@ struct lbx_flood {
 	__u64 syns;     /* pure SYNs in that window */
 };
 _Static_assert(sizeof(struct lbx_flood) == 40, "also update lbxdp/abi.py");
+
+/*
+ * lbx_conns[backend id]: open connections of a LBX_BE_F_COUNTED backend entry (sched.h, issue 13),
+ * shared by all CPUs and changed with atomic adds (a choice compares two backends' global counts;
+ * per-CPU counts would need every CPU's value read per candidate). +1 when a flow is recorded,
+ * -1 at the client's first FIN or RST; timeouts and evictions are corrected by the control plane's
+ * recount from lbx_flows (lbxdp.maps.Maps.recount_conns). Signed: a close after a recount may dip.
+ */
+struct lbx_conns {
+	__s64 open;       /* open connections */
+	__u64 cap_hits;   /* new flows this backend refused at its max_conns, ever */
+};
+_Static_assert(sizeof(struct lbx_conns) == 16, "also update lbxdp/abi.py");
 
 /* Per-CPU counters of one reason. */
 struct lbx_count {

@@ -72,7 +72,8 @@ int lbxdp_ingress(struct xdp_md *ctx)
 			r = nat_select(vip, &pkt, &sel);
 		else
 			r = select_backend(vip, &pkt, &sel); /* select.h: the VIP's table, by its scheduler */
-		if (r == LBX_R_PASS_NO_BACKEND || r == LBX_R_PASS_ICMP_NO_FLOW || r == LBX_R_PASS_NAT_ICMP_NO_FLOW)
+		if (r == LBX_R_PASS_NO_BACKEND || r == LBX_R_PASS_ICMP_NO_FLOW || r == LBX_R_PASS_NAT_ICMP_NO_FLOW ||
+		    r == LBX_R_PASS_BACKENDS_FULL)
 			return count(XDP_PASS, r, &pkt);
 		if (r != LBX_R_OK)
 			return count(XDP_DROP, r, &pkt);

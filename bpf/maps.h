@@ -144,4 +144,9 @@ BPF_TABLE_PINNED("array", __u32, struct nat_backend, lbx_nat_be, LBX_MAX_BACKEND
 BPF_TABLE_PINNED("percpu_array", __u32, struct nat_scratch, lbx_nat_scratch, 1,
 		 LBX_PIN_DIR "/lbx_nat_scratch");
 
+/* backend id -> open connections and cap hits (struct lbx_conns, sched.h, issue 13). Atomic adds
+ * by the program; recounted from lbx_flows and zeroed on an id's reuse by the control plane. */
+BPF_TABLE_PINNED("array", __u32, struct lbx_conns, lbx_conns, LBX_MAX_BACKENDS,
+		 LBX_PIN_DIR "/lbx_conns");
+
 #endif /* LBX_MAPS_H */

@@ -29,6 +29,7 @@
 				 * the frame is an error about that flow, not a packet of it
 				 * (parse_icmp4/6 below; icmp.h guards it, select.h never records it) */
 #define LBX_PKT_F_SYN 0x02      /* a TCP SYN without ACK: opens a flow, never recorded (select.h) */
+#define LBX_PKT_F_FIN 0x04      /* a TCP FIN or RST: the client closes (sched.h: connection counts) */
 
 /*
  * What parsing learnt about a frame, for the stages after it. The IP version is flow.family,
@@ -308,6 +309,8 @@ static __always_inline int parse_l4(struct cursor *c, struct pkt *pkt)
 		pkt->flow.dport = tcp->dest;
 		if (tcp->syn && !tcp->ack)
 			pkt->flags |= LBX_PKT_F_SYN;
+		if (tcp->fin | tcp->rst)
+			pkt->flags |= LBX_PKT_F_FIN;
 		return LBX_R_OK;
 	}
 	if (pkt->flow.proto == IPPROTO_UDP) {

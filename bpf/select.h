@@ -87,6 +87,9 @@ static __always_inline struct backend *backend_by_id(__u32 id)
 	return be && (be->flags & LBX_BE_F_ACTIVE) ? be : NULL;
 }
 
+/* source, leastconn, connection caps (issue 13) */
+#include "sched.h"
+
 /*
  * Katran's "is under flood", per CPU (no atomics): this CPU's new flows counted in one-second
  * windows against lbx_ctl.flood_threshold, two counts: records (and refused ones), which gate
@@ -159,6 +162,8 @@ static __always_inline int established(struct pkt *pkt, struct selection *sel)
 	be = backend_by_id(known->backend_id);
 	if (!be || be->gen != known->gen)
 		return 0;
+	if (pkt->flags & LBX_PKT_F_FIN)        /* sched.h: the client closes a counted flow */
+		sched_closed(known);
 	sel->be = be;
 	sel->backend_id = known->backend_id;
 	sel->vip_id = be->vip_id;
@@ -181,6 +186,8 @@ static __always_inline int table_choice(const struct vip_meta *vip, struct pkt *
 	/* An ICMP error (icmp.h) must reach the flow's backend: round robin cannot say which. */
 	if ((pkt->flags & LBX_PKT_F_ICMP_ERR) && vip->sched == LBX_SCHED_RR)
 		return LBX_R_PASS_ICMP_NO_FLOW;
+	if (vip->sched > LBX_SCHED_MAGLEV || (vip->flags & LBX_VIP_F_CAPS))
+		return sched_choice(vip, pkt, table, sel);   /* sched.h */
 	r = pick_slot(vip, pkt, &slot);
 	if (r != LBX_R_OK)
 		return r;
@@ -224,7 +231,7 @@ static __always_inline int reproducible(const struct vip_meta *vip, int *ho)
 	__u32 age;
 
 	*ho = 1;
-	if (vip->sched == LBX_SCHED_RR)
+	if (!sched_repeats(vip))        /* sched.h: round robin, leastconn, caps */
 		return 0;
 	*ho = 0;
 	if (!vip->changed_at)
@@ -270,6 +277,7 @@ static __always_inline void record(struct pkt *pkt, const struct selection *sel)
 {
 	struct flow_val v = { .backend_id = sel->backend_id, .gen = sel->be->gen };
 
+	sched_opened(pkt, sel, &v);     /* sched.h: counted backends' open connections */
 	lbx_flows.update(&pkt->flow, &v);
 }
 

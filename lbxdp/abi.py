@@ -27,6 +27,11 @@ FAMILY_V6 = 6            # LBX_FAMILY_V6
 
 BE_F_ACTIVE = 0x01       # LBX_BE_F_ACTIVE
 BE_F_IN_TABLE = 0x02     # LBX_BE_F_IN_TABLE
+BE_F_COUNTED = 0x04      # LBX_BE_F_COUNTED (issue 13: open connections counted in lbx_conns)
+VIP_F_CAPS = 0x02        # LBX_VIP_F_CAPS (some backend has max_conns)
+FLOW_F_COUNTED = 0x01    # LBX_FLOW_F_COUNTED
+FLOW_F_CLOSED = 0x02     # LBX_FLOW_F_CLOSED
+CONNS_SIZE = 16          # sizeof(struct lbx_conns)
 VIP_F_PASS_NO_BACKEND = 0x01  # LBX_VIP_F_PASS_NO_BACKEND
 CTL_F_MAC_SET = 0x0001   # LBX_CTL_F_MAC_SET
 CTL_F_NO_ICMP_STEER = 0x0002  # LBX_CTL_F_NO_ICMP_STEER
@@ -96,6 +101,8 @@ class Sched(enum.IntEnum):
     RR = 0
     HASH = 1
     MAGLEV = 2
+    SOURCE = 3
+    LEASTCONN = 4
 
 
 class FwdMode(enum.IntEnum):
@@ -153,7 +160,9 @@ class Reason(enum.IntEnum):
     DROP_NAT_NO_PORT = 40
     DROP_NAT_TUPLE_TAKEN = 41
     PASS_NAT_ICMP_NO_FLOW = 42
-    MAX = 43
+    DROP_BACKENDS_FULL = 43
+    PASS_BACKENDS_FULL = 44
+    MAX = 45
 
     @property
     def verdict(self) -> str:
@@ -196,6 +205,7 @@ class Map(str, enum.Enum):
     NAT_FILTER = "lbx_nat_filter"
     NAT_BE = "lbx_nat_be"
     NAT_SCRATCH = "lbx_nat_scratch"
+    CONNS = "lbx_conns"
 
 
 # --- lbxdp_decap (bpf/decap_abi.h, bpf/decap_maps.h): the backend's decapsulation program -----

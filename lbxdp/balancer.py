@@ -23,7 +23,7 @@ from typing import Callable, Mapping
 
 from . import abi, model, ring
 from .errors import LbxError
-from .maps import BackendEntry, Encap, Maps, NatCfg, VipMeta, now_units
+from .maps import BackendEntry, Encap, Maps, NatCfg, SchedFields, VipMeta, now_units
 
 WEIGHT_SCALE = 100   # weights are scaled so that a slow start can ramp in small steps
 
@@ -83,6 +83,16 @@ def nat_flags_of(vip: model.Vip) -> int:
     return abi.NAT_F_SNAT if vip.mode is model.Mode.NAT and vip.snat else 0
 
 
+def sched_of(vip: model.Vip, b: model.Backend) -> SchedFields:
+    """The scheduling fields of a backend entry (bpf/sched.h): leastconn's weight scaled to 16
+    bits (the VIP's largest weight to 65535 when any is larger), the cap, whether it is counted."""
+    if not vip.counted:
+        return SchedFields()
+    top = max((x.weight for x in vip.backends), default=1)
+    w = b.weight if top <= 0xFFFF else max(1, b.weight * 0xFFFF // top) if b.weight else 0
+    return SchedFields(w if vip.scheduler is model.Scheduler.LEASTCONN else 0, b.max_conns, True)
+
+
 def nat_cfg_of(opts: model.BalancerOptions, sources: tuple[model.IPAddress | None, model.IPAddress | None]) -> NatCfg:
     """lbx_nat_cfg: [balancer] snat_v4/snat_v6, else `sources` (the interface's addresses,
     lbxdp.nexthop.nat_sources), the port pool and the timeouts."""
@@ -120,7 +130,7 @@ def plan_table(vip: model.Vip, ids: list[int], rt: Runtime) -> TablePlan:
                                                                   zip(keyed, lut)])).encode())
     if not use:
         return TablePlan(0, tag, lambda: array.array("I"))
-    if vip.scheduler is model.Scheduler.MAGLEV:
+    if vip.scheduler.maglev:
         return TablePlan(vip.table_size, tag, lambda: ring.maglev(keyed, vip.table_size, values=lut), frozenset(lut))
     table = array.array("I", map(lut.__getitem__, ring.weighted_rr(keyed)))
     return TablePlan(len(table), tag, lambda: table, frozenset(lut))
@@ -211,18 +221,21 @@ class Balancer:
             mode = vip.mode.abi   # every entry carries its VIP's mode: established flows read it there
             nat = nat_flags_of(vip)
             for b in vip.backends:
+                sch = sched_of(vip, b)
                 mac = b.mac or macs[b.address]
                 enc = encap_of(vip, b, cfg.balancer, link_mtu)
                 old = have.get((b.address, b.port))
                 if old is None:
                     bid = free_bes.pop()
                     self.maps.reset_backend_counters(bid)
-                    self.maps.put_backend(bid, vip_id, b, mac, mode, enc, nat)
+                    self.maps.put_backend(bid, vip_id, b, mac, mode, enc, nat, sch)
                     diff.add(f"+ backend {b.name} ({mac}) on {vip.name}")
                 else:
                     bid = old.id
-                    if old.mac != mac or old.mode != mode or old.encap != enc or old.nat_flags != nat:
-                        self.maps.put_backend(bid, vip_id, b, mac, mode, enc, nat)
+                    if old.mac != mac or old.mode != mode or old.encap != enc or old.nat_flags != nat or old.sched != sch:
+                        self.maps.put_backend(bid, vip_id, b, mac, mode, enc, nat, sch)
+                    if old.sched.max_conns != sch.max_conns:
+                        diff.add(f"~ backend {b.name} max_conns {old.sched.max_conns} -> {sch.max_conns} on {vip.name}")
                     if old.mac != mac:
                         diff.add(f"~ backend {b.name} mac {old.mac} -> {mac} on {vip.name}")
                 ids.append(bid)
@@ -266,12 +279,16 @@ class Balancer:
         sched, mode = vip.scheduler.abi, vip.mode.abi
         plan = plan_table(vip, ids, rt)
         flags = abi.VIP_F_PASS_NO_BACKEND if vip.on_all_down is model.OnAllDown.PASS else 0
-        if meta is not None and (meta.table_tag, meta.sched, meta.mode, meta.flags) == (plan.tag, sched, mode, flags):
+        if any(b.max_conns for b in vip.backends):
+            flags |= abi.VIP_F_CAPS
+        src_prefix = vip.src_prefix if vip.scheduler is model.Scheduler.SOURCE else 0
+        if meta is not None and (meta.table_tag, meta.sched, meta.mode, meta.flags, meta.src_prefix) == \
+                (plan.tag, sched, mode, flags, src_prefix):
             return None
         # A changed table unsettles the VIP's SYNs for a while (bpf/select.h: reproducible());
         # a new VIP's first table is settled: no packet used another one.
         changed_at = 0 if meta is None else meta.changed_at if meta.table_tag == plan.tag else now_units()
-        new_meta = VipMeta(vip_id, plan.size, sched, mode, plan.tag, flags, changed_at)
+        new_meta = VipMeta(vip_id, plan.size, sched, mode, plan.tag, flags, changed_at, src_prefix)
         if meta is None:
             diff.add(f"+ vip {vip.name} ({vip.mode.value}, {vip.scheduler.value}, {len(vip.backends)} backends)")
         elif meta.sched != sched or meta.mode != mode:

@@ -15,8 +15,9 @@ value, e.g.
     port = 8080               # 0 = any port
     protocol = "tcp"          # tcp | udp
     mode = "dsr"              # dsr (L2 direct server return) | ipip | gue (L3 DSR by encapsulation) | nat
-    scheduler = "maglev"      # maglev (default) | rr | hash
-    table_size = 65537        # maglev only: a prime, more than 100 x backends for even shares
+    scheduler = "maglev"      # maglev (default) | rr | hash | source | leastconn
+    table_size = 65537        # maglev, source, leastconn: a prime, more than 100 x backends for even shares
+    # source_prefix = 24      # source only: client address bits hashed (default all: 32 / 128)
     slow_start = 0            # seconds over which a new backend's weight ramps up (`lbxdp run`)
       [[vip.backend]]
       address = "10.111.0.11"
@@ -24,6 +25,7 @@ value, e.g.
       mac = "02:00:00:00:00:11"   # optional; else resolved from the neighbour table
       weight = 1              # 0-1000; 0 = no new flows
       backup = false          # true: new flows only while no primary is usable
+      max_conns = 0           # open connections past which it gets no new flow; 0 = no cap
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ T = TypeVar("T")
 
 _VIP_KEYS = {"address", "port", "protocol", "mode", "scheduler", "table_size", "slow_start", "health",
              "on_backend_down", "on_all_down", "backend", "gue_port", "ipip_source", "mtu", "mss_clamp",
-             "allow", "deny", "new_flow_limit", "snat", "passive_health"}
-_BACKEND_KEYS = {"address", "port", "mac", "weight", "backup", "health"}
+             "allow", "deny", "new_flow_limit", "snat", "passive_health", "source_prefix"}
+_BACKEND_KEYS = {"address", "port", "mac", "weight", "backup", "health", "max_conns"}
 _HEALTH_KEYS = {"type", "port", "interval", "timeout", "rise", "fall", "method", "path", "status", "host",
                 "send", "expect", "via"}
 _HTTP_ONLY, _UDP_ONLY = {"method", "path", "status", "host"}, {"send", "expect"}
@@ -368,9 +370,12 @@ def _vip(d: Any, path: str) -> model.Vip:
     protocol = _get(d, "protocol", path, _protocol)
     mode = _get(d, "mode", path, _choice(model.Mode), model.Mode.DSR)
     scheduler = _get(d, "scheduler", path, _choice(model.Scheduler), model.Scheduler.MAGLEV)
-    if "table_size" in d and scheduler is not model.Scheduler.MAGLEV:
+    if "table_size" in d and not scheduler.maglev:
         raise ConfigError(f"{path}.table_size", f"{_show(d['table_size'])}: table_size only applies to "
-                          f"scheduler \"maglev\" (this VIP's is {scheduler.value!r})")
+                          f"schedulers \"maglev\", \"source\" and \"leastconn\" (this VIP's is {scheduler.value!r})")
+    if "source_prefix" in d and scheduler is not model.Scheduler.SOURCE:
+        raise ConfigError(f"{path}.source_prefix", f"{_show(d['source_prefix'])}: source_prefix only applies to "
+                          f"scheduler \"source\" (this VIP's is {scheduler.value!r})")
     table_size = _get(d, "table_size", path, _integer, model.DEFAULT_TABLE_SIZE)
     slow_start = _get(d, "slow_start", path, _seconds, 0.0)
     on_down = _get(d, "on_backend_down", path, _choice(model.OnBackendDown), model.OnBackendDown.KEEP)
@@ -393,7 +398,8 @@ def _vip(d: Any, path: str) -> model.Vip:
     return model.Vip(address, port, protocol, mode, scheduler, backends, table_size, slow_start,
                      vip_health, on_down, on_all_down, **encap, admission=_admission(d, path),
                      snat=_get(d, "snat", path, _bool, False),
-                     passive_health=_passive_health(ph, f"{path}.passive_health") if ph is not None else None)
+                     passive_health=_passive_health(ph, f"{path}.passive_health") if ph is not None else None,
+                     source_prefix=_get(d, "source_prefix", path, _integer, None))
 
 
 def _one_of(*choices: str) -> Callable[[Any], str]:
@@ -489,7 +495,8 @@ def _backend(d: Any, path: str, vip_port: int, vip_health: dict[str, Any] | None
         raise ConfigError(f"{path}.health", f"{_show(own)} must be a table: write [vip.backend.health]")
     check = _health(_merged_check(vip_health, own), f"{path}.health") if own is not None else None
     return model.Backend(address, port, _get(d, "mac", path, _mac, None), _get(d, "weight", path, _integer, 1),
-                         _get(d, "backup", path, _bool, False), check)
+                         _get(d, "backup", path, _bool, False), check,
+                         max_conns=_get(d, "max_conns", path, _integer, 0))
 
 
 def dump(cfg: model.Config) -> str:
@@ -511,8 +518,10 @@ def dump(cfg: model.Config) -> str:
     for v in cfg.vips:
         d: dict[str, Any] = {"address": str(v.address), "port": v.port, "protocol": v.protocol.value,
                              "mode": v.mode.value, "scheduler": v.scheduler.value}
-        if v.scheduler is model.Scheduler.MAGLEV:
+        if v.scheduler.maglev:
             d["table_size"] = v.table_size
+        if v.source_prefix is not None:
+            d["source_prefix"] = v.source_prefix
         d |= {"slow_start": v.slow_start, "on_backend_down": v.on_backend_down.value,
               "on_all_down": v.on_all_down.value}
         if v.mode.encap:
@@ -529,6 +538,8 @@ def dump(cfg: model.Config) -> str:
         backends = []
         for b in v.backends:
             bd: dict[str, Any] = {"address": str(b.address), "port": b.port, "weight": b.weight, "backup": b.backup}
+            if b.max_conns:
+                bd["max_conns"] = b.max_conns
             if b.mac:
                 bd["mac"] = b.mac
             if b.health:

@@ -45,6 +45,7 @@ from . import abi, applied, config, control, model, probe
 from .errors import LbxError
 from .model import BackendId, XdpMode
 from .paths import Instance, atomic_write, private_dirs
+from .sched import ConnRecountService
 
 log = logging.getLogger("lbxdp.daemon")
 TICK = 1.0
@@ -628,9 +629,11 @@ class Daemon:
         self.run_dir = RunDirService(inst, self._write_pid, self._reread)
         self.nat_gc = NatGcService(inst, self.metrics)
         self.passive = PassiveHealthService(inst, self.metrics, self.health, self.nat_gc, self._wake)
+        self.recount = ConnRecountService(inst)   # leastconn / max_conns counts (lbxdp.sched)
         # In tick order; a reload (SIGHUP) comes before them, the state hand-over after.
         self.services: list[Service] = [self.run_dir, self.health, OwnMacService(inst), NextHopService(inst),
-                                        RuntimeService(inst, self.metrics), self.nat_gc, self.passive, self.metrics]
+                                        RuntimeService(inst, self.metrics), self.nat_gc, self.passive, self.recount,
+                                        self.metrics]
         self._started: list[Service] = []
 
     # --- signals -------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ SHARED = frozenset({abi.Map.VIPS, abi.Map.VIP_FILTER, abi.Map.BACKENDS, abi.Map.
 # Maps the program writes: scratch copies, filled per query with what the packet can read.
 WRITTEN = frozenset({abi.Map.FLOWS, abi.Map.HALF_OPEN, abi.Map.FLOOD, abi.Map.RR, abi.Map.VIP_STATS,
                      abi.Map.BE_STATS, abi.Map.REASONS, abi.Map.SRC_LIMIT, abi.Map.NAT, abi.Map.NAT_BE,
-                     abi.Map.NAT_SCRATCH})
+                     abi.Map.NAT_SCRATCH, abi.Map.CONNS})
 _unsorted = set(abi.Map) - SHARED - WRITTEN
 assert not _unsorted, f"lbxdp.explain: say whether the program writes {sorted(_unsorted)} (SHARED or WRITTEN)"
 
@@ -405,6 +405,7 @@ class DryRun:
         for bid in cands:
             if nat_be is not None:
                 self._copy(abi.Map.NAT_BE, bid)
+            self._copy(abi.Map.CONNS, bid)   # leastconn and caps read the live counts (bpf/sched.h)
         mac = self.lm.own_mac() or "00:00:00:00:00:00"
         cpu = _current_cpu()
         old = os.sched_getaffinity(0)

@@ -185,6 +185,14 @@ class LbxCollector(Collector):
         hs_total = CounterMetricFamily("lbxdp_backend_handshakes", "NAT backend handshakes seen by the program, by "
                                        "result: synack (completed), syn_rst (refused), syn_retx (SYN retransmitted).",
                                        labels=["interface", "vip", "backend", "result"])
+        open_conns = GaugeMetricFamily("lbxdp_backend_open_connections", "Open connections of a backend of a "
+                                       "leastconn VIP or with max_conns, as the program counts them (opened on a "
+                                       "recorded flow, closed on the client's FIN/RST; recounted by the daemon).",
+                                       labels=["interface", "vip", "backend"])
+        max_conns = GaugeMetricFamily("lbxdp_backend_max_conns", "A backend's connection cap (max_conns); 0 = none.",
+                                      labels=["interface", "vip", "backend"])
+        cap_hits = CounterMetricFamily("lbxdp_backend_cap_hits", "New flows a backend at its max_conns passed on "
+                                       "to another choice.", labels=["interface", "vip", "backend"])
         passive_down = GaugeMetricFamily("lbxdp_backend_passive_down", "1 if the backend is down because passive "
                                          "health ejected it (NAT VIPs with [vip.passive_health]), else 0.",
                                          labels=["interface", "vip", "backend"])
@@ -230,6 +238,10 @@ class LbxCollector(Collector):
                     in_table.add_metric(labels, 1 if b.in_table else 0)
                     if b.health.passing is not None:
                         healthy.add_metric(labels, 1 if b.health.passing else 0)
+                    if b.conns is not None:
+                        open_conns.add_metric(labels, b.conns.open)
+                        max_conns.add_metric(labels, b.conns.max_conns)
+                        cap_hits.add_metric(labels, b.conns.cap_hits)
             reasons = s.reason_counts()
             for r in abi.Reason.exits():   # every reason, 0 if never seen: rate() needs the series
                 p, b = reasons.get(r, (0, 0))
@@ -242,7 +254,8 @@ class LbxCollector(Collector):
             took.add_metric([iface], s.read_seconds)
         yield from (*vip.values(), *be.values(), in_table, healthy, v_pkts, v_bytes, entries, capacity, info, took,
                     acl_rules, lim_rate, lim_burst, half_open, flood_threshold, flood_cpus, skipped, ho_written,
-                    nat_entries, nat_expired, nat_capacity, pool_size, pool_use, hs_fail, hs_total, passive_down)
+                    nat_entries, nat_expired, nat_capacity, pool_size, pool_use, hs_fail, hs_total, passive_down,
+                    open_conns, max_conns, cap_hits)
 
 
 def make_registry(source: Source, registry: CollectorRegistry | None = None) -> CollectorRegistry:

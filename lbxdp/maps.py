@@ -90,6 +90,7 @@ class VipMeta:
     table_tag: int = 0
     flags: int = 0
     changed_at: int = 0   # when the table last changed, in the program's clock (now_units()); 0 = settled
+    src_prefix: int = 0   # source scheduler: client address bits hashed (bpf/sched.h)
 
 
 def now_units() -> int:
@@ -114,6 +115,22 @@ class Encap:
     flags: int = 0   # abi.ENC_F_*
     mtu: int = 0     # largest outer packet; 0 = no check
     mss: int = 0     # clamp SYNs' MSS to this; 0 = off
+
+
+@dataclass(frozen=True)
+class SchedFields:
+    """The scheduling fields of a backend entry (bpf/sched.h, issue 13)."""
+    weight: int = 0      # leastconn: the weight scaled to 16 bits (0 counts as 1)
+    max_conns: int = 0   # 0 = no cap
+    counted: bool = False   # LBX_BE_F_COUNTED: its open connections are counted in lbx_conns
+
+
+@dataclass(frozen=True)
+class Conns:
+    """lbx_conns of one backend entry, and its cap."""
+    open: int = 0
+    cap_hits: int = 0
+    max_conns: int = 0
 
 
 @dataclass(frozen=True)
@@ -195,6 +212,7 @@ class BackendEntry:
     mode: int = abi.FwdMode.DSR   # enum lbx_fwd_mode as stored (an int: a raw write may hold any value)
     encap: Encap = Encap()
     nat_flags: int = 0            # abi.NAT_F_*
+    sched: SchedFields = SchedFields()
 
     @property
     def name(self) -> str:
@@ -410,14 +428,15 @@ class Maps:
                 proto = {6: model.Protocol.TCP, 17: model.Protocol.UDP}[k.proto]
                 key = model.VipKey(addr_from(k.addr, k.family), socket.ntohs(k.port), proto)
                 out[key] = VipMeta(v.id, v.table_size, abi.Sched(v.sched), abi.FwdMode(v.mode), v.table_tag,
-                                   v.flags, getattr(v, "changed_at", 0))
+                                   v.flags, getattr(v, "changed_at", 0), getattr(v, "src_prefix", 0))
         return out
 
     def put_vip(self, key: model.VipKey, meta: VipMeta) -> None:
         """One map write: size, scheduler and mode of the VIP change together."""
         leaf = make(self.vip_map.Leaf, id=meta.id, table_size=meta.table_size,
                     sched=int(meta.sched), mode=int(meta.mode), table_tag=meta.table_tag, flags=meta.flags,
-                    **({"changed_at": meta.changed_at} if hasattr(self.vip_map.Leaf, "changed_at") else {}))
+                    **({"changed_at": meta.changed_at} if hasattr(self.vip_map.Leaf, "changed_at") else {}),
+                    **({"src_prefix": meta.src_prefix} if meta.src_prefix else {}))
         self.vip_map.update(self.vip_key(key), leaf)
 
     def delete_vip(self, key: model.VipKey) -> None:
@@ -549,11 +568,14 @@ class Maps:
                         if hasattr(b, "encap_port") else Encap()
                     out[bid] = BackendEntry(bid, b.vip_id, addr_from(b.addr, b.family), socket.ntohs(b.port),
                                             mac_str(b.mac), bool(b.flags & abi.BE_F_IN_TABLE),
-                                            getattr(b, "mode", abi.FwdMode.DSR), enc, getattr(b, "nat_flags", 0))
+                                            getattr(b, "mode", abi.FwdMode.DSR), enc, getattr(b, "nat_flags", 0),
+                                            SchedFields(getattr(b, "weight", 0), getattr(b, "max_conns", 0),
+                                                        bool(b.flags & abi.BE_F_COUNTED)))
         return out
 
     def put_backend(self, backend_id: int, vip_id: int, b: model.Backend, mac: str,
-                    mode: abi.FwdMode = abi.FwdMode.DSR, encap: Encap = Encap(), nat_flags: int = 0) -> None:
+                    mode: abi.FwdMode = abi.FwdMode.DSR, encap: Encap = Encap(), nat_flags: int = 0,
+                    sched: SchedFields = SchedFields()) -> None:
         """Write a backend entry; mode is its VIP's (the program forwards by the entry's mode).
         Giving the id to another (VIP, backend) bumps its generation, so flows that started on
         the id's previous owner start over instead of following the id; rewriting the same (VIP,
@@ -562,13 +584,15 @@ class Maps:
         same = (old is not None and old.flags & abi.BE_F_ACTIVE and old.vip_id == vip_id
                 and bytes(old.addr) == addr_bytes(b.address) and old.port == socket.htons(b.port))
         gen = old.gen if same else _next_gen(old.gen if old is not None else 0)
-        flags = abi.BE_F_ACTIVE | (old.flags & abi.BE_F_IN_TABLE if same else 0)
+        flags = abi.BE_F_ACTIVE | (old.flags & abi.BE_F_IN_TABLE if same else 0) | (abi.BE_F_COUNTED if sched.counted else 0)
         fields = dict(addr=addr_bytes(b.address), port=socket.htons(b.port), family=model.family(b.address),
                       flags=flags, mac=mac_bytes(mac), gen=gen, vip_id=vip_id, mode=int(mode))
         if encap != Encap():
             fields |= dict(encap_port=socket.htons(encap.port), encap_flags=encap.flags, mtu=encap.mtu, mss=encap.mss)
         if nat_flags:
             fields["nat_flags"] = nat_flags
+        if sched.weight or sched.max_conns:
+            fields |= dict(weight=sched.weight, max_conns=sched.max_conns)
         if mode == abi.FwdMode.DSR and not hasattr(self.be_map.Leaf, "mode"):
             del fields["mode"]   # a program built from older sources (the scripts' --bpf-dir): DSR only
         self.be_map.update(backend_id, make(self.be_map.Leaf, **fields))
@@ -778,6 +802,52 @@ class Maps:
         self.m[abi.Map.BE_STATS].zero(backend_id)
         if abi.Map.NAT_BE in self.m:   # a new owner starts with no handshake history and no SNAT cursor
             self.m[abi.Map.NAT_BE].zero(backend_id)
+        if abi.Map.CONNS in self.m:    # ... and no open connections
+            self.m[abi.Map.CONNS].zero(backend_id)
+
+    # --- open connections (bpf/sched.h, issue 13) ---------------------------------------------
+    def conns(self) -> dict[int, Conns]:
+        """lbx_conns of every counted active backend entry, by id."""
+        m = self.m.get(abi.Map.CONNS)
+        if m is None:
+            return {}
+        out = {}
+        for bid, e in self.backends().items():
+            if e.sched.counted or e.sched.max_conns:
+                v = m.lookup(bid)
+                out[bid] = Conns(v.open, v.cap_hits, e.sched.max_conns) if v is not None else Conns(0, 0, e.sched.max_conns)
+        return out
+
+    def recount_conns(self) -> dict[int, tuple[int, int]]:
+        """Set every counted backend entry's open connections to what lbx_flows holds: its live
+        entries (same generation) that were counted and not closed. This corrects what the program
+        cannot see (timeouts, LRU evictions, flushes, servers' FINs in DSR). A snapshot: a flow
+        opened or closed between the table's read and the write is off by one until the next
+        recount. Returns {id: (before, after)} of the entries it changed."""
+        m = self.m.get(abi.Map.CONNS)
+        if m is None:
+            return {}
+        counted = {bid: e for bid, e in self.backends().items() if e.sched.counted}
+        if not counted:
+            return {}
+        gens = {}
+        for keys, values, n in self.be_map.batches():
+            gens.update({keys[i]: values[i].gen for i in range(n) if keys[i] in counted})
+        live = dict.fromkeys(counted, 0)
+        for _keys, values, n in self.flow_map.batches():
+            for i in range(n):
+                v = values[i]
+                if v.backend_id in live and gens.get(v.backend_id) == v.gen and \
+                        (v.pad & (abi.FLOW_F_COUNTED | abi.FLOW_F_CLOSED)) == abi.FLOW_F_COUNTED:
+                    live[v.backend_id] += 1
+        changed = {}
+        for bid, n in live.items():
+            old = m.lookup(bid)
+            if old is not None and old.open != n:
+                changed[bid] = (old.open, n)
+                old.open = n
+                m.update(bid, old)
+        return changed
 
     def vip_views(self) -> tuple[VipView, ...]:
         """Every VIP with its backends and counters, read once (for status and the exporter)."""

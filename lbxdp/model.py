@@ -43,10 +43,17 @@ class Scheduler(str, enum.Enum):
     MAGLEV = "maglev"  # consistent hashing (the default)
     RR = "rr"          # weighted round robin
     HASH = "hash"      # 5-tuple hash over the weighted sequence (not consistent)
+    SOURCE = "source"  # hash of the client address (source_prefix bits) over a Maglev table (issue 13)
+    LEASTCONN = "leastconn"  # weighted least connections: two Maglev slots, the lower open/weight (issue 13)
 
     @property
     def abi(self) -> abi.Sched:
         return abi.Sched[self.name]
+
+    @property
+    def maglev(self) -> bool:
+        """Whether its table is a Maglev table (table_size applies)."""
+        return self in (Scheduler.MAGLEV, Scheduler.SOURCE, Scheduler.LEASTCONN)
 
 
 class Mode(str, enum.Enum):
@@ -168,6 +175,7 @@ class Backend:
     weight: int = 1         # share of new flows, relative to the VIP's other backends; 0 = none
     backup: bool = False    # gets new flows only while no primary is usable
     health: HealthCheck | None = None   # its own check (the VIP's merged with its overrides)
+    max_conns: int = 0      # open connections past which it gets no new flow (issue 13); 0 = no cap
 
     @property
     def name(self) -> str:
@@ -321,6 +329,19 @@ class Vip:
     admission: Admission = Admission()                    # allow, deny, new_flow_limit of this VIP
     snat: bool = False                                    # nat: also translate the source to [balancer] snat_v4/v6
     passive_health: PassiveHealth | None = None           # nat: [vip.passive_health] (None: off)
+    source_prefix: int | None = None                      # source: client address bits hashed (None: all)
+
+    @property
+    def src_prefix(self) -> int:
+        """vip_meta.src_prefix: source_prefix, else the whole address."""
+        if self.source_prefix is not None:
+            return self.source_prefix
+        return 32 if getattr(self.address, "version", 4) == 4 else 128
+
+    @property
+    def counted(self) -> bool:
+        """Whether its backends' open connections are counted (leastconn or some max_conns)."""
+        return self.scheduler is Scheduler.LEASTCONN or any(b.max_conns for b in self.backends)
 
     def __post_init__(self) -> None:
         # A model built in code may spell a closed set as its string ("pass"): hold the enum. A
@@ -539,7 +560,7 @@ def _vip_problems(v: Vip, path: str) -> list[Problem]:
         ("protocol", _one_of(v.protocol, Protocol)),
         ("mode", _one_of(v.mode, Mode)),
         ("scheduler", _one_of(v.scheduler, Scheduler)),
-        ("table_size", _table_size(v.table_size) if v.scheduler is Scheduler.MAGLEV else None),
+        ("table_size", _table_size(v.table_size) if isinstance(v.scheduler, Scheduler) and v.scheduler.maglev else None),
         ("slow_start", _slow_start(v.slow_start)),
         ("on_backend_down", _one_of(v.on_backend_down, OnBackendDown)),
         ("on_all_down", _one_of(v.on_all_down, OnAllDown)),
@@ -556,11 +577,36 @@ def _vip_problems(v: Vip, path: str) -> list[Problem]:
         if (b.address, b.port) in seen:
             out.append(Problem(bpath, f"duplicate backend {b.name} (also backend[{seen[(b.address, b.port)]}])"))
         seen.setdefault((b.address, b.port), j)
-    if v.scheduler is Scheduler.MAGLEV and isinstance(v.table_size, int) and v.table_size < 100 * len(v.backends):
+    out += _sched_problems(v, path)
+    if isinstance(v.scheduler, Scheduler) and v.scheduler.maglev and isinstance(v.table_size, int) \
+            and v.table_size < 100 * len(v.backends):
         out.append(Problem(f"{path}.table_size", f"{v.table_size} is less than 100 x {len(v.backends)} backends: "
                            "shares would be uneven; use a larger prime (65537 is the default)"))
     if v.backends and not any(b.weight for b in v.backends):
         out.append(Problem(f"{path}.backend", "every backend has weight 0: the VIP could take no flow"))
+    return out
+
+
+def _sched_problems(v: Vip, path: str) -> list[Problem]:
+    """source_prefix, leastconn and max_conns (issue 13)."""
+    out = []
+    if v.source_prefix is not None:
+        top = 32 if getattr(v.address, "version", 4) == 4 else 128
+        if v.scheduler is not Scheduler.SOURCE:
+            sched = v.scheduler.value if isinstance(v.scheduler, Scheduler) else v.scheduler
+            out.append(Problem(f"{path}.source_prefix", f"{show(v.source_prefix)}: source_prefix only applies to "
+                               f"scheduler \"source\" (this VIP's is {sched!r})"))
+        elif (bad := _int(v.source_prefix, 1, top, f" (leading bits of an IPv{4 if top == 32 else 6} client address)")):
+            out.append(Problem(f"{path}.source_prefix", bad))
+    if v.mode is Mode.NAT and v.scheduler is Scheduler.LEASTCONN:
+        out.append(Problem(f"{path}.scheduler", "\"leastconn\" is not available in nat mode yet (its "
+                           "connections are not counted); use maglev, hash, source or rr"))
+    for j, b in enumerate(v.backends):
+        if (bad := _int(b.max_conns, 0, 2**32 - 1, "; 0 = no cap")) is not None:
+            out.append(Problem(f"{path}.backend[{j}].max_conns", bad))
+        elif b.max_conns and v.mode is Mode.NAT:
+            out.append(Problem(f"{path}.backend[{j}].max_conns", f"{b.max_conns}: connection caps are not "
+                               "available in nat mode yet (its connections are not counted)"))
     return out
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from . import abi, applied, conntrack, model
 from .conntrack import NatStatus
-from .maps import BackendView, Stats, VipView
+from .maps import BackendView, Conns, Stats, VipView
 from .model import BackendId, HealthOverride
 from .paths import Instance, private_dirs
 
@@ -72,11 +72,14 @@ class BackendStatus(BackendView):
 
     health: Health = Health()
     handshakes: Handshakes | None = None   # NAT backends only
+    conns: Conns | None = None   # counted backends only (leastconn, max_conns; bpf/sched.h)
 
     def to_json(self) -> dict[str, Any]:
         return {"backend": self.name, "id": self.id, "mac": self.mac, "in_table": self.in_table,
                 **_stats(self.stats), **self.health.to_json(),
-                "handshakes": self.handshakes.to_json() if self.handshakes else None}
+                "handshakes": self.handshakes.to_json() if self.handshakes else None,
+                "connections": None if self.conns is None else
+                {"open": self.conns.open, "max_conns": self.conns.max_conns, "cap_hits": self.conns.cap_hits}}
 
 
 @dataclass(frozen=True)
@@ -262,8 +265,9 @@ def read(inst: Instance, told: Callable[[Instance], applied.State] = applied.loa
         nat_vips = [v for v in views if v.mode == "nat"]
         nat = conntrack.summarize(maps) if nat_vips else None
         hs = {b.id: _handshakes(maps, b.id) for v in nat_vips for b in v.backends}
+        cs = maps.conns()
     return InstanceStatus(inst.ifname, inst.netns, str(inst.pin_dir), _xdp(inst), record,
-                          tuple(_vip(v, health, admission, hs) for v in views), reasons, entries, capacity,
+                          tuple(_vip(v, health, admission, hs, cs) for v in views), reasons, entries, capacity,
                           time.monotonic() - t0, admission=glob, gate=gate, nat=nat)
 
 
@@ -352,9 +356,10 @@ UNCHECKED_HEALTH = Health()
 
 
 def _vip(v: VipView, told: _Told, admission: dict[int, AdmissionStatus],
-         handshakes: dict[int, Handshakes] | None = None) -> VipStatus:
-    hs = handshakes or {}
+         handshakes: dict[int, Handshakes] | None = None,
+         conns: dict[int, Conns] | None = None) -> VipStatus:
+    hs, cs = handshakes or {}, conns or {}
     bes = tuple(BackendStatus(b.name, b.stats, b.in_table, b.id, b.mac, told.health(f"{v.name}|{b.name}"),
-                              hs.get(b.id)) for b in v.backends)
+                              hs.get(b.id), cs.get(b.id)) for b in v.backends)
     return VipStatus(v.name, v.stats, bes, v.id, v.mode, v.scheduler, v.table_size,
                      admission=admission.get(v.id, NO_ADMISSION))

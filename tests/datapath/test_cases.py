@@ -283,7 +283,9 @@ OUTSIDE_THE_TABLE = {R.PASS_NO_OWN_MAC: "test_unset_own_mac_forwards_nothing",
                      R.PASS_NAT_NO_FLOW: "test_nat.py (needs a NAT VIP's backends)",
                      R.DROP_NAT_NO_PORT: "test_nat.py::test_pool_exhaustion_drops_and_counts",
                      R.DROP_NAT_TUPLE_TAKEN: "test_nat.py (needs two NAT VIPs sharing a backend)",
-                     R.PASS_NAT_ICMP_NO_FLOW: "test_nat.py (needs a NAT VIP)"}
+                     R.PASS_NAT_ICMP_NO_FLOW: "test_nat.py (needs a NAT VIP)",
+                     R.DROP_BACKENDS_FULL: "test_sched.py::test_all_backends_full_follows_on_all_down",
+                     R.PASS_BACKENDS_FULL: "test_sched.py::test_all_backends_full_follows_on_all_down"}
 
 
 def test_every_exit_reason_has_a_row() -> None:

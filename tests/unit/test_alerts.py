@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 from lbxdp import abi
 from lbxdp.conntrack import NatStatus, PortUse
 from lbxdp.exporter import make_registry
-from lbxdp.maps import Stats
+from lbxdp.maps import Conns, Stats
 from lbxdp.paths import Instance
 from lbxdp.view import (AdmissionStatus, AttachRecord, BackendStatus, GateStatus, Handshakes, Health, InstanceStatus,
                         ReasonCount, VipStatus)
@@ -170,7 +170,7 @@ def standalone_registry() -> CollectorRegistry:
     nat = NatStatus(capacity=4096, entries={("original", "established"): 2, ("reply", "established"): 2}, expired=1,
                     pool=(20000, 20999), sources=("10.113.0.1",), ports=(PortUse("10.113.0.1", "tcp", 2),))
     be = BackendStatus("10.111.0.11:8080", Stats(1, 2, 3), True, health=Health("up", passing=True),
-                       handshakes=Handshakes(0, 1, 2, 3))
+                       handshakes=Handshakes(0, 1, 2, 3), conns=Conns(5, 1, 100))
     snap = InstanceStatus(
         "eth0", vips=(VipStatus("10.112.0.10:8080/tcp", Stats(1, 2, 3), (be,), mode="nat",
                                 admission=AdmissionStatus(allow=1, rate=10, burst=20)),),

@@ -71,6 +71,9 @@ class FakeMaps:
     def half_open_entries(self) -> int:
         return 3
 
+    def conns(self) -> dict:
+        return {}
+
     class _HalfOpen:
         class info:
             max_entries = 16384
@@ -96,15 +99,15 @@ EXPECTED = {
                   {"backend": BE1, "id": 0, "mac": "02:00:00:00:00:11", "in_table": True, "packets": 60, "bytes": 3840,
                    "new_flows": 6, "health": "up", "forced": None, "health_since": 1700000050.0,
                    "last_check": "connected", "check_latency": 0.0005, "last_check_at": 1700000200.0, "checks": 9,
-                   "down_cause": None, "down_detail": None, "handshakes": None},   # keys added for issue 12
+                   "down_cause": None, "down_detail": None, "handshakes": None, "connections": None},   # keys added for issue 12
                   {"backend": BE2, "id": 1, "mac": "02:00:00:00:00:12", "in_table": False, "packets": 40,
                    "bytes": 2560, "new_flows": 4, "health": "down", "forced": None, "health_since": 1700000100.0,
                    "last_check": "refused", "check_latency": 0.001, "last_check_at": 1700000200.0, "checks": 9,
-                   "down_cause": "active", "down_detail": "refused", "handshakes": None},
+                   "down_cause": "active", "down_detail": "refused", "handshakes": None, "connections": None},
                   {"backend": BE3, "id": 2, "mac": "02:00:00:00:00:13", "in_table": True, "packets": 0, "bytes": 0,
                    "new_flows": 0, "health": "up", "forced": "up", "health_since": None, "last_check": None,
                    "check_latency": None, "last_check_at": None, "checks": None,
-                   "down_cause": None, "down_detail": None, "handshakes": None}],
+                   "down_cause": None, "down_detail": None, "handshakes": None, "connections": None}],
               "admission": {"allow_rules": 1, "deny_rules": 0, "new_flow_limit": {"rate": 100, "burst": 200}}}],
     "reasons": [{"reason": "forward", "verdict": "tx", "packets": 107, "bytes": 7100},
                 {"reason": "not_ip", "verdict": "pass", "packets": 0, "bytes": 0}],

@@ -1,0 +1,216 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Schedulers beyond round robin and the 5-tuple hash (issue 13), and connection caps. select.h
+ * includes this file after backend_by_id() and dispatches here in four one-line places:
+ *   table_choice():  a source or leastconn VIP, or a VIP with caps (LBX_VIP_F_CAPS), chooses by
+ *                    sched_choice() below; every other VIP takes select.h's path unchanged;
+ *   reproducible():  sched_repeats(): leastconn and capped VIPs cannot repeat a SYN's choice for
+ *                    its ACK (counts move), so their SYNs go into the half-open table like round
+ *                    robin's, and the flow is recorded (and counted) by the client's next packet;
+ *   record():        sched_opened(): +1 open connection of a LBX_BE_F_COUNTED backend entry;
+ *   established():   sched_closed(): -1 at the client's first FIN or RST of a counted flow.
+ * DSR sees only the client's half: a server's FIN, or a connection that ends by timeout, is not
+ * seen; the control plane's recount from lbx_flows (lbxdp.maps.Maps.recount_conns, run by the
+ * daemon) corrects that drift, and LRU evictions'. A FIN-closed flow keeps its entry (flagged
+ * LBX_FLOW_F_CLOSED, so a retransmitted FIN counts once) until the LRU or a flush removes it.
+ *
+ * Counts (lbx_conns) are shared and changed with atomic adds, not per CPU: a choice compares two
+ * backends' totals, which per-CPU counters would make a read of every CPU's copy per candidate,
+ * and a connection's FIN may be handled by another CPU than its ACK. The add happens once per
+ * opened and once per closed connection, never per established packet.
+ */
+#ifndef LBX_SCHED_H
+#define LBX_SCHED_H
+
+#include "maps.h"
+#include "parse.h"
+
+/* Slots past a full backend's that a capped choice tries before giving up (bounded, unrolled). */
+#define LBX_CAP_PROBES 8
+
+/*
+ * The client's address, its first vip->src_prefix bits, hashed: nothing of the port, the VIP or
+ * the node, so every connection of one client (or one /24, /64) takes one slot, on every node with
+ * the same table.
+ */
+static __always_inline __u32 source_hash(const struct vip_meta *vip, const struct pkt *pkt)
+{
+	__u32 prefix = vip->src_prefix, h = 0x5bd1e995;
+
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		__u32 w = pkt->flow.src.w[i];
+
+		if (prefix < 32 * (i + 1)) {
+			__u32 bits = prefix > 32 * i ? prefix - 32 * i : 0;
+
+			w &= bits ? bpf_htonl(~0U << (32 - bits)) : 0;
+		}
+		h = mix32(h ^ w);
+	}
+	return h;
+}
+
+/* Whether the VIP's choice for a SYN is the one its ACK will get (select.h: reproducible()). */
+static __always_inline int sched_repeats(const struct vip_meta *vip)
+{
+	return vip->sched != LBX_SCHED_RR && vip->sched != LBX_SCHED_LEASTCONN &&
+	       !(vip->flags & LBX_VIP_F_CAPS);
+}
+
+/*
+ * The backend entry a slot names (NULL: none, or inactive); *id set. The empty asm keeps clang
+ * from turning "active ? be : NULL" into a mask of the pointer, which the verifier refuses.
+ */
+static __always_inline struct backend *slot_backend(void *table, __u32 slot, __u32 *id)
+{
+	__u32 *p = bpf_map_lookup_elem(table, &slot);
+	struct backend *be;
+	__u32 k;
+
+	if (!p)
+		return NULL;
+	k = *p;
+	*id = k;
+	be = lbx_backends.lookup(&k);
+	if (!be)
+		return NULL;
+	if (!(be->flags & LBX_BE_F_ACTIVE))
+		return NULL;
+	asm volatile("" : "+r"(be));
+	return be;
+}
+
+static __always_inline __s64 open_conns(__u32 id)
+{
+	struct lbx_conns *c = lbx_conns.lookup(&id);
+
+	return c ? c->open : 0;
+}
+
+/* A backend at its cap: counted (its cap_hits), and the choice goes on. */
+static __always_inline int at_cap(const struct backend *be, __u32 id)
+{
+	struct lbx_conns *c;
+
+	if (!be->max_conns)
+		return 0;
+	c = lbx_conns.lookup(&id);
+	if (!c || c->open < (__s64)be->max_conns)
+		return 0;
+	__sync_fetch_and_add(&c->cap_hits, 1);
+	return 1;
+}
+
+static __always_inline void chose(struct selection *sel, struct backend *be, __u32 id, __u32 vip_id)
+{
+	sel->be = be;
+	sel->backend_id = id;
+	sel->vip_id = vip_id;
+}
+
+/*
+ * The choice of a source or leastconn VIP, or of any VIP with caps. leastconn: power of two
+ * choices, two slots of the weighted table by two hashes of the flow, the lower open/weight
+ * (compared crosswise, no division); ties go to the first. A full backend (max_conns) is skipped
+ * for the other candidate, then for the next LBX_CAP_PROBES slots; none left: the VIP's
+ * on_all_down with LBX_R_{PASS,DROP}_BACKENDS_FULL. An ICMP error ignores caps (it is about a
+ * flow that exists) and, on leastconn, cannot name the flow's backend (like round robin).
+ */
+static __always_inline int sched_choice(const struct vip_meta *vip, struct pkt *pkt, void *table,
+					struct selection *sel)
+{
+	struct backend *be, *be2;
+	__u32 slot, slot2, id = 0, id2 = 0, h;
+	int r;
+
+	switch (vip->sched) {
+	case LBX_SCHED_SOURCE:
+		slot = source_hash(vip, pkt) % vip->table_size;
+		break;
+	case LBX_SCHED_LEASTCONN:
+		if (pkt->flags & LBX_PKT_F_ICMP_ERR)
+			return LBX_R_PASS_ICMP_NO_FLOW;
+		h = flow_hash(&pkt->flow);
+		slot = h % vip->table_size;
+		slot2 = mix32(h ^ 0x9e3779b9) % vip->table_size;
+		be = slot_backend(table, slot, &id);
+		be2 = slot_backend(table, slot2, &id2);
+		if (!be2)
+			break;
+		if (!be || open_conns(id2) * (be->weight ? be->weight : 1) <
+			   open_conns(id) * (be2->weight ? be2->weight : 1)) {
+			/* the second is less loaded: it first, the other as the fallback */
+			slot2 = slot;
+			slot = mix32(h ^ 0x9e3779b9) % vip->table_size;
+		}
+		if (!(vip->flags & LBX_VIP_F_CAPS))
+			goto unchecked;
+		be = slot_backend(table, slot, &id);
+		if (be && !at_cap(be, id)) {
+			chose(sel, be, id, vip->id);
+			return LBX_R_OK;
+		}
+		slot = slot2;
+		break;
+	default:
+		r = pick_slot(vip, pkt, &slot);
+		if (r != LBX_R_OK)
+			return r;
+	}
+	if (!(vip->flags & LBX_VIP_F_CAPS) || (pkt->flags & LBX_PKT_F_ICMP_ERR))
+		goto unchecked;
+#pragma unroll
+	for (int i = 0; i <= LBX_CAP_PROBES; i++) {
+		be = slot_backend(table, slot, &id);
+		if (be && !at_cap(be, id)) {
+			chose(sel, be, id, vip->id);
+			return LBX_R_OK;
+		}
+		slot = slot + 1 < vip->table_size ? slot + 1 : 0;
+	}
+	return vip->flags & LBX_VIP_F_PASS_NO_BACKEND ? LBX_R_PASS_BACKENDS_FULL : LBX_R_DROP_BACKENDS_FULL;
+unchecked:
+	be = slot_backend(table, slot, &id);
+	if (!be)
+		return LBX_R_DROP_BACKEND_GONE;
+	chose(sel, be, id, vip->id);
+	return LBX_R_OK;
+}
+
+/* A flow being recorded (select.h: record()): counted if its backend entry is. A FIN or RST that
+ * records a flow (its entry was flushed or evicted) records it closed, uncounted. */
+static __always_inline void sched_opened(const struct pkt *pkt, const struct selection *sel,
+					 struct flow_val *v)
+{
+	struct lbx_conns *c;
+	__u32 id = sel->backend_id;
+
+	if (!(sel->be->flags & LBX_BE_F_COUNTED))
+		return;
+	if (pkt->flags & LBX_PKT_F_FIN) {
+		v->pad = LBX_FLOW_F_CLOSED;
+		return;
+	}
+	c = lbx_conns.lookup(&id);
+	if (!c)
+		return;
+	__sync_fetch_and_add(&c->open, 1);
+	v->pad = LBX_FLOW_F_COUNTED;
+}
+
+/* The client's FIN or RST of a recorded flow (select.h: established()): -1, once. */
+static __always_inline void sched_closed(struct flow_val *known)
+{
+	struct lbx_conns *c;
+	__u32 id = known->backend_id;
+
+	if ((known->pad & (LBX_FLOW_F_COUNTED | LBX_FLOW_F_CLOSED)) != LBX_FLOW_F_COUNTED)
+		return;
+	known->pad |= LBX_FLOW_F_CLOSED;
+	c = lbx_conns.lookup(&id);
+	if (c)
+		__sync_fetch_and_add(&c->open, -1);
+}
+
+#endif /* LBX_SCHED_H */

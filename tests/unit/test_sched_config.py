@@ -1,0 +1,83 @@
+"""Issue 13's config keys: scheduler = "source" (source_prefix) and "leastconn", per-backend
+max_conns; each bad value is one error naming its key, and a good config dumps back to itself."""
+
+from __future__ import annotations
+
+import pytest
+
+from lbxdp import abi, config, model
+from lbxdp.balancer import sched_of
+from lbxdp.errors import LbxError
+
+VIP = '''
+[[vip]]
+address = "10.0.9.1"
+port = 80
+protocol = "tcp"
+scheduler = "source"
+source_prefix = 24
+'''
+VIP6 = VIP.replace('"10.0.9.1"', '"fd00:9::1"').replace("source_prefix = 24", "source_prefix = 64")
+BE = '''
+  [[vip.backend]]
+  address = "10.1.0.5"
+  mac = "02:00:00:00:00:05"
+  max_conns = 100
+  [[vip.backend]]
+  address = "10.1.0.6"
+  mac = "02:00:00:00:00:06"
+  weight = 3
+'''
+BE6 = BE.replace('"10.1.0.5"', '"fd00:1::5"').replace('"10.1.0.6"', '"fd00:1::6"')
+
+
+def test_source_and_caps_parse_and_dump_back() -> None:
+    cfg = config.parse(VIP + BE)
+    v = cfg.vips[0]
+    assert v.scheduler is model.Scheduler.SOURCE and v.source_prefix == 24 and v.src_prefix == 24
+    assert v.scheduler.abi == abi.Sched.SOURCE and v.scheduler.maglev
+    assert [b.max_conns for b in v.backends] == [100, 0] and v.counted
+    assert config.parse(config.dump(cfg)) == cfg
+    v6 = config.parse(VIP6 + BE6).vips[0]
+    assert v6.src_prefix == 64
+    assert config.parse(VIP.replace("source_prefix = 24\n", "") + BE).vips[0].src_prefix == 32
+    assert config.parse(VIP6.replace("source_prefix = 64\n", "") + BE6).vips[0].src_prefix == 128
+
+
+def test_leastconn_weights_scale_to_16_bits() -> None:
+    cfg = config.parse(VIP.replace('"source"', '"leastconn"').replace("source_prefix = 24\n", "table_size = 4099\n") + BE)
+    v = cfg.vips[0]
+    assert v.scheduler.abi == abi.Sched.LEASTCONN and v.counted and v.table_size == 4099
+    assert [sched_of(v, b).weight for b in v.backends] == [1, 3]
+    assert all(sched_of(v, b).counted for b in v.backends)
+    big = v.backends[1].__class__(v.backends[1].address, 80, weight=1_000_000)
+    v2 = model.Vip(v.address, 80, v.protocol, scheduler=model.Scheduler.LEASTCONN, backends=(v.backends[0], big))
+    assert [sched_of(v2, b).weight for b in v2.backends] == [1, 0xFFFF]
+    plain = config.parse(VIP.replace('"source"', '"maglev"').replace("source_prefix = 24\n", "") +
+                         BE.replace("max_conns = 100", "max_conns = 0")).vips[0]
+    assert not plain.counted and sched_of(plain, plain.backends[0]) == sched_of(plain, plain.backends[1])
+    assert not sched_of(plain, plain.backends[0]).counted
+
+
+@pytest.mark.parametrize("text, key, words", [
+    (VIP.replace("= 24", "= 33") + BE, "vip[0].source_prefix", "out of range (1-32"),
+    (VIP.replace("= 24", "= 0") + BE, "vip[0].source_prefix", "out of range"),
+    (VIP6.replace("= 64", "= 129") + BE6, "vip[0].source_prefix", "out of range (1-128"),
+    (VIP.replace("= 24", '= "24"') + BE, "vip[0].source_prefix", "integer"),
+    (VIP.replace('"source"', '"maglev"') + BE, "vip[0].source_prefix", "only applies to scheduler \"source\""),
+    (VIP.replace('"source"', '"leastcon"') + BE, "vip[0].scheduler", "leastconn"),
+    (VIP.replace('"source"', '"rr"').replace("source_prefix = 24", "table_size = 4099") + BE,
+     "vip[0].table_size", "only applies"),
+    (VIP + BE.replace("max_conns = 100", "max_conns = -1"), "vip[0].backend[0].max_conns", "out of range"),
+    (VIP + BE.replace("max_conns = 100", "max_conns = 4294967296"), "vip[0].backend[0].max_conns", "out of range"),
+    (VIP + BE.replace("max_conns = 100", 'max_conns = "many"'), "vip[0].backend[0].max_conns", "integer"),
+    (VIP + BE.replace("max_conns = 100", "max_conn = 100"), "vip[0].backend[0].max_conn", "unknown key"),
+    (VIP.replace('"source"', '"leastconn"').replace("source_prefix = 24", 'mode = "nat"') + BE,
+     "vip[0].scheduler", "not available in nat mode"),
+    (VIP.replace("source_prefix = 24", 'mode = "nat"') + BE, "vip[0].backend[0].max_conns", "not available in nat mode"),
+])
+def test_bad_sched_input_is_one_error_naming_the_key(text: str, key: str, words: str) -> None:
+    with pytest.raises(LbxError) as e:
+        config.parse(text)
+    first = str(e.value).splitlines()[0]
+    assert first.startswith(f"{key}:") and words in first, first
