@@ -72,12 +72,22 @@ def _backends(cfg: model.Config, bid: BackendId) -> tuple[list[model.Backend], i
 
 def vip_add(cfg: model.Config, key: model.VipKey, backends: tuple[model.Backend, ...],
             scheduler: model.Scheduler = model.Scheduler.MAGLEV, table_size: int = model.DEFAULT_TABLE_SIZE,
-            slow_start: float = 0.0) -> Change:
+            slow_start: float = 0.0, source_prefix: int | None = None) -> Change:
     if any(v.key == key for v in cfg.vips):
         raise LbxError(f"VIP {key.name} exists already", "change it with `lbxdp backend ...`", exit_code=2)
-    size = table_size if scheduler is model.Scheduler.MAGLEV else model.DEFAULT_TABLE_SIZE
-    new = model.Vip(key.address, key.port, key.protocol, model.Mode.DSR, scheduler, backends, size, slow_start)
+    size = table_size if scheduler.maglev else model.DEFAULT_TABLE_SIZE
+    new = model.Vip(key.address, key.port, key.protocol, model.Mode.DSR, scheduler, backends, size, slow_start,
+                    source_prefix=source_prefix)
     return Change(replace(cfg, vips=cfg.vips + (new,)))
+
+
+def vip_set_scheduler(cfg: model.Config, key: model.VipKey, scheduler: model.Scheduler,
+                      source_prefix: int | None = None) -> Change:
+    """The VIP's scheduler (issue 13: source, leastconn too); source_prefix for source only."""
+    i = vip_index(cfg, key)
+    v = cfg.vips[i]
+    size = v.table_size if scheduler.maglev else model.DEFAULT_TABLE_SIZE
+    return Change(_with_vip(cfg, i, replace(v, scheduler=scheduler, table_size=size, source_prefix=source_prefix)))
 
 
 def vip_del(cfg: model.Config, key: model.VipKey) -> Change:
@@ -105,6 +115,13 @@ def backend_del(cfg: model.Config, bid: BackendId) -> Change:
 def backend_set_weight(cfg: model.Config, bid: BackendId, weight: int) -> Change:
     bes, i = _backends(cfg, bid)
     bes[i] = replace(bes[i], weight=weight)
+    return Change(_with_backends(cfg, bid, bes))
+
+
+def backend_set_max_conns(cfg: model.Config, bid: BackendId, max_conns: int) -> Change:
+    """BACKEND's connection cap (0: none); its open connections stay, new ones stop at the cap."""
+    bes, i = _backends(cfg, bid)
+    bes[i] = replace(bes[i], max_conns=max_conns)
     return Change(_with_backends(cfg, bid, bes))
 
 

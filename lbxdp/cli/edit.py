@@ -75,11 +75,13 @@ def vip_ls(ctx: click.Context, ifname: str | None, as_json: bool) -> None:
 @click.option("--table-size", type=int, default=model.DEFAULT_TABLE_SIZE, show_default=True,
               help="Maglev table slots (a prime).")
 @click.option("--slow-start", type=float, default=0.0, show_default=True, metavar="SECONDS")
+@click.option("--source-prefix", type=int, default=None, metavar="BITS",
+              help="scheduler source: leading bits of the client address hashed (default: all).")
 @iface_option
 @click.pass_context
 @needs_root
 def vip_add(ctx: click.Context, key: model.VipKey, backends: tuple[Endpoint, ...], scheduler: model.Scheduler,
-            table_size: int, slow_start: float, ifname: str | None) -> None:
+            table_size: int, slow_start: float, source_prefix: int | None, ifname: str | None) -> None:
     """Add VIP (ADDR:PORT/PROTO) with its backends.
 
     \b
@@ -87,7 +89,22 @@ def vip_add(ctx: click.Context, key: model.VipKey, backends: tuple[Endpoint, ...
     """
     bes = tuple(model.Backend(*b) for b in backends)
     run_edit(ctx, ifname, "vip add",
-             lambda cfg, now: edits.vip_add(cfg, key, bes, scheduler, table_size, slow_start))
+             lambda cfg, now: edits.vip_add(cfg, key, bes, scheduler, table_size, slow_start, source_prefix))
+
+
+@vip.command("set-scheduler")
+@click.argument("key", metavar="VIP", type=VIP)
+@click.argument("scheduler", type=EnumChoice(model.Scheduler))
+@click.option("--source-prefix", type=int, default=None, metavar="BITS",
+              help="source: leading bits of the client address hashed (default: all).")
+@iface_option
+@click.pass_context
+@needs_root
+def vip_set_scheduler(ctx: click.Context, key: model.VipKey, scheduler: model.Scheduler,
+                      source_prefix: int | None, ifname: str | None) -> None:
+    """Set VIP's SCHEDULER (maglev, rr, hash, source, leastconn); established flows stay."""
+    run_edit(ctx, ifname, "vip set-scheduler",
+             lambda cfg, now: edits.vip_set_scheduler(cfg, key, scheduler, source_prefix))
 
 
 @vip.command("del")
@@ -155,17 +172,18 @@ def backend_ls(ctx: click.Context, key: model.VipKey | None, ifname: str | None,
 @click.option("--weight", type=int, default=1, show_default=True)
 @click.option("--backup", is_flag=True, help="New flows only while no primary is usable.")
 @click.option("--mac", help="Next-hop MAC (default: from the neighbour table).")
+@click.option("--max-conns", type=int, default=0, show_default=True, help="Connection cap; 0 = none.")
 @iface_option
 @click.pass_context
 @needs_root
 def backend_add(ctx: click.Context, key: model.VipKey, be: Endpoint, weight: int, backup: bool, mac: str | None,
-                ifname: str | None) -> None:
+                max_conns: int, ifname: str | None) -> None:
     """Add BACKEND (ADDR:PORT) to VIP; with slow start its weight ramps up.
 
     \b
     Example: sudo lbxdp backend add 10.112.0.10:8080/tcp 10.111.0.14:8080 --weight 2
     """
-    new = model.Backend(*be, mac, weight, backup)
+    new = model.Backend(*be, mac, weight, backup, max_conns=max_conns)
     run_edit(ctx, ifname, "backend add", lambda cfg, now: edits.backend_add(cfg, key, new))
 
 
@@ -194,6 +212,21 @@ def backend_set_weight(ctx: click.Context, key: model.VipKey, be: Endpoint, weig
     """Set BACKEND's WEIGHT on VIP (0: no new flows; established ones stay)."""
     bid = backend_id(key, be)
     run_edit(ctx, ifname, "backend set-weight", lambda cfg, now: edits.backend_set_weight(cfg, bid, weight))
+
+
+@backend.command("set-max-conns", context_settings={"ignore_unknown_options": True})
+@click.argument("key", metavar="VIP", type=VIP)
+@click.argument("be", metavar="BACKEND", type=BACKEND)
+@click.argument("max_conns", metavar="N", type=int)
+@iface_option
+@click.pass_context
+@needs_root
+def backend_set_max_conns(ctx: click.Context, key: model.VipKey, be: Endpoint, max_conns: int,
+                          ifname: str | None) -> None:
+    """Cap BACKEND's open connections on VIP at N (0: no cap); at the cap new flows go elsewhere."""
+    bid = backend_id(key, be)
+    run_edit(ctx, ifname, "backend set-max-conns",
+             lambda cfg, now: edits.backend_set_max_conns(cfg, bid, max_conns))
 
 
 @backend.command("drain")
@@ -349,6 +382,24 @@ def flows_flush(ctx: click.Context, ifname: str | None, key: model.VipKey | None
     with applied.locked(inst), control.open_maps(inst) as m:
         n = m.delete_flows([e for e in m.flow_entries() if match(e)])
     click.echo(f"flushed {n} connection-table entries")
+
+
+@flows.command("recount")
+@iface_option
+@click.pass_context
+@needs_root
+def flows_recount(ctx: click.Context, ifname: str | None) -> None:
+    """Recount leastconn/max_conns backends' open connections from the connection table now.
+
+    The daemon does this every 10 seconds; the program's own counts miss connections that end
+    by timeout or by the server alone (DSR), and entries that were evicted or flushed.
+    """
+    from .. import applied, control
+    inst = pick_instance(ctx, ifname)
+    with applied.locked(inst), control.open_maps(inst) as m:
+        changed = m.recount_conns()
+    click.echo(f"recounted: {len(changed)} backend entries corrected" +
+               "".join(f"\n  id {bid}: {a} -> {b}" for bid, (a, b) in sorted(changed.items())))
 
 
 COMMANDS = (vip, backend, flows)

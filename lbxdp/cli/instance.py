@@ -137,6 +137,10 @@ def print_status(r: InstanceStatus) -> None:
                 hs = b.handshakes
                 click.echo(f"      handshakes: {hs.synack} ok, {hs.syn_rst} rst, {hs.syn_retx} syn retransmitted; "
                            f"{hs.consecutive} failed in a row")
+            if b.conns is not None:
+                cap = f" of max {b.conns.max_conns}, {b.conns.cap_hits} new flows turned away at the cap" \
+                    if b.conns.max_conns else ""
+                click.echo(f"      connections: {b.conns.open} open{cap}")
     click.echo("  verdicts by reason:")
     for reason in r.reasons:
         if reason.packets:

@@ -81,3 +81,28 @@ def test_bad_sched_input_is_one_error_naming_the_key(text: str, key: str, words:
         config.parse(text)
     first = str(e.value).splitlines()[0]
     assert first.startswith(f"{key}:") and words in first, first
+
+
+# --- the verbs (lbxdp vip set-scheduler, backend set-max-conns; lbxdp.edits) -------------------
+
+def test_verbs_edit_scheduler_and_caps_and_refuse_bad_values() -> None:
+    from lbxdp import edits
+    cfg = config.parse(VIP.replace('"source"', '"maglev"').replace("source_prefix = 24\n", "") + BE)
+    v = cfg.vips[0]
+    c = edits.validated(edits.vip_set_scheduler(cfg, v.key, model.Scheduler.SOURCE, 16).cfg, "vip set-scheduler")
+    assert c.vips[0].scheduler is model.Scheduler.SOURCE and c.vips[0].src_prefix == 16
+    c = edits.validated(edits.vip_set_scheduler(c, v.key, model.Scheduler.LEASTCONN).cfg, "vip set-scheduler")
+    assert c.vips[0].scheduler is model.Scheduler.LEASTCONN and c.vips[0].source_prefix is None
+    bid = v.id_of(v.backends[1])
+    c = edits.validated(edits.backend_set_max_conns(c, bid, 250).cfg, "backend set-max-conns")
+    assert [b.max_conns for b in c.vips[0].backends] == [100, 250]
+    with pytest.raises(LbxError) as e:
+        edits.validated(edits.backend_set_max_conns(c, bid, -5).cfg, "backend set-max-conns")
+    assert str(e.value).splitlines()[0].startswith("backend set-max-conns: VIP 10.0.9.1:80/tcp backend 10.1.0.6:80 "
+                                                   "max_conns: -5 is out of range")
+    with pytest.raises(LbxError) as e:
+        edits.validated(edits.vip_set_scheduler(c, v.key, model.Scheduler.HASH, 24).cfg, "vip set-scheduler")
+    assert "source_prefix" in str(e.value).splitlines()[0]
+    c = edits.validated(edits.vip_add(c, model.VipKey.parse("10.0.9.2:80/tcp"), v.backends, model.Scheduler.SOURCE,
+                                      4099, 0.0, 24).cfg, "vip add")
+    assert c.vips[1].table_size == 4099 and c.vips[1].source_prefix == 24
