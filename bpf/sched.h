@@ -27,6 +27,8 @@
 
 /* Slots past a full backend's that a capped choice tries before giving up (bounded, unrolled). */
 #define LBX_CAP_PROBES 8
+/* Slots after leastconn's second candidate tried while it names the first one's backend. */
+#define LBX_LC_REDRAWS 4
 
 /*
  * The client's address, its first vip->src_prefix bits, hashed: nothing of the port, the VIP or
@@ -136,13 +138,24 @@ static __always_inline int sched_choice(const struct vip_meta *vip, struct pkt *
 		slot2 = mix32(h ^ 0x9e3779b9) % vip->table_size;
 		be = slot_backend(table, slot, &id);
 		be2 = slot_backend(table, slot2, &id2);
-		if (!be2)
-			break;
-		if (!be || open_conns(id2) * (be->weight ? be->weight : 1) <
-			   open_conns(id) * (be2->weight ? be2->weight : 1)) {
+		/*
+		 * Two different backends: with three, a second draw of the same one (1 in 3) would
+		 * send a ninth of the flows to the busiest backend whatever its load. The next slots
+		 * of a Maglev table name other backends in a weighted order.
+		 */
+#pragma unroll
+		for (int i = 0; i < LBX_LC_REDRAWS; i++) {
+			if (!be || !be2 || id2 != id)
+				break;
+			slot2 = slot2 + 1 < vip->table_size ? slot2 + 1 : 0;
+			be2 = slot_backend(table, slot2, &id2);
+		}
+		if (be2 && (!be || open_conns(id2) * (be->weight ? be->weight : 1) <
+				   open_conns(id) * (be2->weight ? be2->weight : 1))) {
 			/* the second is less loaded: it first, the other as the fallback */
-			slot2 = slot;
-			slot = mix32(h ^ 0x9e3779b9) % vip->table_size;
+			h = slot;
+			slot = slot2;
+			slot2 = h;
 		}
 		if (!(vip->flags & LBX_VIP_F_CAPS))
 			goto unchecked;
