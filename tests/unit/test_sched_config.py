@@ -106,3 +106,35 @@ def test_verbs_edit_scheduler_and_caps_and_refuse_bad_values() -> None:
     c = edits.validated(edits.vip_add(c, model.VipKey.parse("10.0.9.2:80/tcp"), v.backends, model.Scheduler.SOURCE,
                                       4099, 0.0, 24).cfg, "vip add")
     assert c.vips[1].table_size == 4099 and c.vips[1].source_prefix == 24
+
+
+# --- the daemon's recount (lbxdp.sched.ConnRecountService) ---------------------------------------
+
+def test_recount_service_runs_only_for_counted_vips_and_at_its_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from lbxdp import sched
+    calls = []
+
+    class FakeMaps:
+        def recount_conns(self) -> dict:
+            calls.append(1)
+            return {7: (12, 10)}
+
+        def close(self) -> None:
+            pass
+    now = [100.0]
+    monkeypatch.setattr(sched.time, "monotonic", lambda: now[0])
+    svc = sched.ConnRecountService(None, interval=10.0, open_maps=FakeMaps)   # type: ignore[arg-type]
+    plain = config.parse(VIP.replace('"source"', '"maglev"').replace("source_prefix = 24\n", "") +
+                         BE.replace("max_conns = 100", "max_conns = 0"))
+    svc.start(SimpleNamespace(cfg=plain))
+    svc.tick()
+    assert calls == []
+    svc.on_change(SimpleNamespace(cfg=config.parse(VIP + BE)))   # a cap: counted
+    svc.tick()
+    svc.tick()
+    assert calls == [1] and svc.corrections == 1
+    now[0] += 10.5
+    svc.tick()
+    assert calls == [1, 1]
