@@ -383,6 +383,14 @@ struct src_limit_key {
 };
 _Static_assert(sizeof(struct src_limit_key) == 20, "also update lbxdp/abi.py");
 
+/* The same for an IPv4 source, in a map of its own (lbx_src_limit4): an 8-byte key hashes and
+ * compares faster than 20 bytes (limit.h; docs/benchmarks.md, issue 11). */
+struct src_limit_key4 {
+	__be32 src;
+	__u32 scope;           /* LBX_ACL_SCOPE(LBX_FAMILY_V4, vip id or LBX_ADMIT_GLOBAL) */
+};
+_Static_assert(sizeof(struct src_limit_key4) == 8, "also update lbxdp/abi.py");
+
 /*
  * NAT (issue 12): bpf/nat.h (client -> backend), bpf/return_path.h (backend -> client).
  * Conntrack is lbx_nat: every connection has two entries, one per direction, keyed by the tuple

@@ -112,6 +112,11 @@ BPF_TABLE_PINNED("array_of_maps$lbx_acl_tmpl", int, int, lbx_acl, 1, LBX_PIN_DIR
 BPF_TABLE_PINNED("lru_percpu_hash", struct src_limit_key, __u64, lbx_src_limit, LBX_SRC_LIMIT_CAPACITY,
 		 LBX_PIN_DIR "/lbx_src_limit", BPF_F_NO_COMMON_LRU);
 
+/* The same for IPv4 sources, keyed (address, scope): 8 bytes (limit.h). lbx_src_limit keeps the
+ * IPv6 /64s. Each has LBX_SRC_LIMIT_CAPACITY entries. */
+BPF_TABLE_PINNED("lru_percpu_hash", struct src_limit_key4, __u64, lbx_src_limit4, LBX_SRC_LIMIT_CAPACITY,
+		 LBX_PIN_DIR "/lbx_src_limit4", BPF_F_NO_COMMON_LRU);
+
 /*
  * NAT conntrack (issue 12; abi.h says what an entry is): a connection's forward key (client ->
  * VIP as received) and its reply key (backend -> client or SNAT address:port) -> how to rewrite

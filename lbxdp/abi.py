@@ -200,6 +200,7 @@ class Map(str, enum.Enum):
     ACL_TMPL = "lbx_acl_tmpl"
     ACL = "lbx_acl"
     SRC_LIMIT = "lbx_src_limit"
+    SRC_LIMIT4 = "lbx_src_limit4"
     NAT = "lbx_nat"
     NAT_CFG = "lbx_nat_cfg"
     NAT_FILTER = "lbx_nat_filter"

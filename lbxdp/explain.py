@@ -45,7 +45,7 @@ SHARED = frozenset({abi.Map.VIPS, abi.Map.VIP_FILTER, abi.Map.BACKENDS, abi.Map.
                     abi.Map.NAT_FILTER})
 # Maps the program writes: scratch copies, filled per query with what the packet can read.
 WRITTEN = frozenset({abi.Map.FLOWS, abi.Map.HALF_OPEN, abi.Map.FLOOD, abi.Map.RR, abi.Map.VIP_STATS,
-                     abi.Map.BE_STATS, abi.Map.REASONS, abi.Map.SRC_LIMIT, abi.Map.NAT, abi.Map.NAT_BE,
+                     abi.Map.BE_STATS, abi.Map.REASONS, abi.Map.SRC_LIMIT, abi.Map.SRC_LIMIT4, abi.Map.NAT, abi.Map.NAT_BE,
                      abi.Map.NAT_SCRATCH, abi.Map.CONNS})
 _unsorted = set(abi.Map) - SHARED - WRITTEN
 assert not _unsorted, f"lbxdp.explain: say whether the program writes {sorted(_unsorted)} (SHARED or WRITTEN)"
@@ -364,8 +364,15 @@ class DryRun:
         self._copy(abi.Map.FLOOD, 0)
         if vip_id is not None:
             self._copy(abi.Map.RR, vip_id)
+        lim4 = self.sm.get(abi.Map.SRC_LIMIT4)
         lim = self.sm.get(abi.Map.SRC_LIMIT)
-        if lim is not None:
+        if lim4 is not None and p.family == abi.FAMILY_V4:   # bpf/limit.h: IPv4 sources' own map
+            scopes = [self.live[abi.Map.VIPS].info.max_entries] + ([vip_id] if vip_id is not None else [])
+            for s in scopes:
+                k = lim4.Key()
+                ctypes.memmove(ctypes.addressof(k), addr_bytes(p.src)[:4] + struct.pack("=I", abi.acl_scope(p.family, s)), 8)
+                self._copy(abi.Map.SRC_LIMIT4, k)
+        elif lim is not None:
             src = bytearray(addr_bytes(p.src))
             if p.family == abi.FAMILY_V6:
                 src[8:] = bytes(8)

@@ -47,9 +47,9 @@ def with_admission(cfg: model.Config, glob: model.Admission = model.Admission(),
 
 
 def clear_limiter(lb: Lb) -> None:
-    m = lb.prog.maps[abi.Map.SRC_LIMIT]
-    for k in list(m.keys()):
-        m.delete(k)
+    for m in (lb.prog.maps[abi.Map.SRC_LIMIT], lb.prog.maps[abi.Map.SRC_LIMIT4]):
+        for k in list(m.keys()):
+            m.delete(k)
 
 
 @pytest.fixture
