@@ -201,3 +201,29 @@ def test_trace_build_forwards_like_the_normal_build(traced: tuple[Lb, "trace.Rin
         a, b = lb.run(explain.frame(p, LB_MAC)), lbx.run(explain.frame(p, LB_MAC))
         assert (a.retval, a.data) == (b.retval, b.data), p.name
     assert len(ring.poll(100)) == 400
+
+
+@pytest.mark.parametrize("weight", [None, 3], ids=["remove", "set-weight 3"])
+def test_preview_predicts_what_the_change_moves(lbx: Lb, weight: int | None) -> None:
+    from lbxdp import applied
+    from .frames import with_backends
+    for p in probes(MAG4, 400, seed=9):          # recorded flows of the VIP
+        lbx.run(explain.frame(dataclasses.replace(p, syn=False), LB_MAC))
+    target = MAG4.backends[1]
+    pv = explain.preview(lbx.maps, applied.State(cfg=CFG), MAG4.key, (target.address, target.port), weight, 0.0)
+    vid = lbx.vip_id(MAG4)
+    gone = lbx.backend_id(MAG4, target)
+    old = lbx.maps.table(vid)
+    flows = [e for e in lbx.maps.flow_entries() if e.vip == MAG4.name]
+    bes = tuple(dataclasses.replace(b, weight=weight) if b == target else b for b in MAG4.backends) \
+        if weight is not None else tuple(b for b in MAG4.backends if b != target)
+    lbx.apply(with_backends(CFG, MAG4, bes))
+    new = lbx.maps.table(vid)
+    assert (pv.slots, pv.slots_moved) == (len(old), sum(1 for a, b in zip(old, new) if a != b))
+    assert 0 < pv.slots_moved < len(old)
+    moved = [e for e in flows if old[explain.flow_hash(explain.Probe(e.src, e.sport, e.dst, e.dport, e.protocol)) % 251]
+             != new[explain.flow_hash(explain.Probe(e.src, e.sport, e.dst, e.dport, e.protocol)) % 251]
+             or (weight is None and e.backend_id == gone)]
+    assert (pv.flows, pv.flows_moved) == (len(flows), len(moved))
+    assert pv.flows_lost == (sum(1 for e in flows if e.backend_id == gone) if weight is None else 0)
+    assert pv.to_json()["slot_share"] == round(pv.slots_moved / pv.slots, 6)
