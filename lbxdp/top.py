@@ -7,10 +7,13 @@ it fake reads. The rates are those Prometheus' rate() would give over the same t
 counter that went down restarted from 0 (a re-attach or a reused VIP/backend id), so its increase
 is its new value; a row absent from the earlier read has no rate yet ("-").
 
-The terminal is driven with a few ANSI sequences (alternate screen, hidden cursor, cbreak input so
-that q needs no Enter), no curses and no extra dependency. Whatever ends the view (q, Ctrl-C,
-SIGTERM, SIGHUP, an error while reading the maps), Screen.__exit__ restores the terminal. When
-stdout is not a terminal, frames are printed one after the other as plain text (like `top -b`).
+The screen is drawn by rich (Debian's python3-rich): a Live display in the alternate screen, one
+Table per instance and one of verdicts by reason, with sparklines of each VIP's and backend's
+packets/s and new flows/s over the last minute (History) and colour for health and drops. rich
+does not read keys, so Keys puts stdin in cbreak mode (q quits without Enter; Ctrl-C is still
+SIGINT). Whatever ends the view (q, Ctrl-C, SIGTERM, SIGHUP, an error while reading the maps),
+Live and Keys restore the terminal on the way out. When stdout is not a terminal, frames are
+printed one after the other as plain text, without escape sequences (like `top -b`).
 """
 
 from __future__ import annotations
@@ -24,8 +27,14 @@ import termios
 import threading
 import time
 import tty
+from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator, TextIO
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
 
 from .maps import Stats
 from .view import InstanceStatus
@@ -45,6 +54,7 @@ class Row:
     bps: float | None            # bits/s (bytes are whole frames, as the maps count them)
     fps: float | None            # new connection-table entries/s
     in_table: bool | None = None  # backends: in the VIP's live selection table (None for others)
+    health: str | None = None    # backends: 'up', 'down' or 'unchecked' (lbxdp.view.Health.state)
 
 
 @dataclass(frozen=True)
@@ -100,13 +110,14 @@ def per_second(before: int | None, after: int, seconds: float, scale: int = 1) -
     return None if d is None or seconds <= 0 else d * scale / seconds
 
 
-def _row(name: str, cur: Stats, prev: Stats | None, seconds: float, in_table: bool | None = None) -> Row:
+def _row(name: str, cur: Stats, prev: Stats | None, seconds: float, in_table: bool | None = None,
+         health: str | None = None) -> Row:
     def get(k: str) -> int | None:
         return None if prev is None else getattr(prev, k)
     return Row(name, cur.packets, cur.bytes, cur.new_flows,
                per_second(get("packets"), cur.packets, seconds),
                per_second(get("bytes"), cur.bytes, seconds, scale=8),
-               per_second(get("new_flows"), cur.new_flows, seconds), in_table)
+               per_second(get("new_flows"), cur.new_flows, seconds), in_table, health)
 
 
 def _sum(values: Iterable[float | None]) -> float | None:
@@ -129,7 +140,8 @@ def rates(prev: InstanceStatus | None, cur: InstanceStatus, seconds: float) -> F
     for v in cur.vips:
         pv = old_vips.get(v.name)
         old_bes = {b.name: b.stats for b in pv.backends} if pv is not None else {}
-        bes = tuple(_row(b.name, b.stats, old_bes.get(b.name), seconds, b.in_table) for b in v.backends)
+        bes = tuple(_row(b.name, b.stats, old_bes.get(b.name), seconds, b.in_table, b.health.state)
+                    for b in v.backends)
         vips.append(Vip(_row(v.name, v.stats, pv.stats if pv is not None else None, seconds), v.mode, v.scheduler, bes))
     total = Row("total", sum(v.row.packets for v in vips), sum(v.row.bytes for v in vips),
                 sum(v.row.new_flows for v in vips), _sum(v.row.pps for v in vips),
@@ -152,7 +164,75 @@ def frames(prev: list[InstanceStatus] | None, cur: list[InstanceStatus], seconds
     return [rates(old.get((r.netns, r.interface)), r, seconds) for r in cur]
 
 
-# -------------------------------------------------------------------------------- text
+# -------------------------------------------------------------------------------- history
+
+BLOCKS = "▁▂▃▄▅▆▇█"   # U+2581..U+2588; a bucket without a sample is a space
+SPARK_WIDTH = 20
+
+
+def sparkline(values: Iterable[float | None]) -> str:
+    """One block per value, scaled to the largest: 0 is the lowest block, any rate above 0 at
+    least the second, the largest the full one; None (no sample) a space."""
+    vals = list(values)
+    top = max((v for v in vals if v is not None), default=0.0)
+    out = []
+    for v in vals:
+        if v is None:
+            out.append(" ")
+        elif v <= 0 or top <= 0:
+            out.append(BLOCKS[0])
+        else:
+            out.append(BLOCKS[max(1, min(7, round(7 * v / top)))])
+    return "".join(out)
+
+
+Key = tuple[Any, ...]   # (netns, interface, vip) or (netns, interface, vip, backend)
+
+
+class History:
+    """Each VIP's and backend's packets/s and new flows/s over the last `window` seconds, for the
+    sparklines. add() takes each refresh's frames with the time they stand for; series() resamples
+    the window into `width` buckets (the mean of the samples in each, None where there is none),
+    so the sparkline covers the same minute whatever the interval."""
+
+    def __init__(self, window: float = 60.0, width: int = SPARK_WIDTH):
+        self.window, self.width = window, width
+        self._points: dict[Key, deque[tuple[float, float, float]]] = {}
+        self.now = 0.0
+
+    def add(self, fs: list[Frame], t: float) -> None:
+        self.now = t
+        for f in fs:
+            for v in f.vips:
+                for key, r in (((f.netns, f.interface, v.row.name), v.row),
+                               *(((f.netns, f.interface, v.row.name, b.name), b) for b in v.backends)):
+                    if r.pps is not None and r.fps is not None:
+                        self._points.setdefault(key, deque()).append((t, r.pps, r.fps))
+        for key in list(self._points):
+            q = self._points[key]
+            while q and q[0][0] <= t - self.window:
+                q.popleft()
+            if not q:
+                del self._points[key]
+
+    def series(self, key: Key, field: int) -> list[float | None]:
+        """field 1: packets/s, 2: new flows/s."""
+        step = self.window / self.width
+        start = self.now - self.window
+        sums = [0.0] * self.width
+        counts = [0] * self.width
+        for p in self._points.get(key, ()):
+            i = min(self.width - 1, int((p[0] - start) / step))
+            if i >= 0:
+                sums[i] += p[field]
+                counts[i] += 1
+        return [s / n if n else None for s, n in zip(sums, counts)]
+
+    def spark(self, key: Key, field: int) -> str:
+        return sparkline(self.series(key, field))
+
+
+# -------------------------------------------------------------------------------- rendering
 
 
 def si(x: float | None, integer: bool = False) -> str:
@@ -165,117 +245,145 @@ def si(x: float | None, integer: bool = False) -> str:
     return f"{x:.0f}" if integer else f"{x:.1f}"
 
 
-HEAD = ("in table", "pkts/s", "bits/s", "flows/s", "packets", "bytes", "new flows")
+HEALTH_STYLE = {"up": "green", "down": "bold red", "unchecked": "dim"}
+VERDICT_STYLE = {"tx": "green", "pass": "", "drop": "red", "abort": "red"}
 
 
-def render(fs: list[Frame], interval: float, now: float | None = None, keys: bool = False) -> list[str]:
-    """The text of one refresh (every instance), as lines without newlines."""
+def _header(interval: float, now: float | None, keys: bool) -> Text:
     clock = time.strftime("%H:%M:%S", time.localtime(now))
-    out = [f"lbxdp top   interval {interval:g} s   {clock}" + ("   q quits" if keys else "")]
-    for f in fs:
-        out += [""] + render_frame(f)
-    return out
+    return Text(f"lbxdp top   interval {interval:g} s   {clock}" + ("   q quits" if keys else ""), style="bold")
 
 
-def render_frame(f: Frame) -> list[str]:
+def frame_view(f: Frame, history: History | None = None) -> RenderableType:
+    """One instance: a title line, the connection table's use, VIPs and backends, verdicts."""
     where = f.interface + (f" (netns {f.netns})" if f.netns else "")
     state = f"{f.mode}, program id {f.prog_id}" if f.attached else "no XDP program attached"
     rate_note = f"rates over {f.seconds:.2f} s" if f.seconds else "rates after the next refresh"
-    use = f" ({100 * f.flow_entries / f.flow_capacity:.1f}%)" if f.flow_capacity else ""
-    lines = [f"{where}: {state}; {rate_note}",
-             f"connection table: {f.flow_entries} / {f.flow_capacity} entries{use}", ""]
-    names = [v.row.name + f"  {v.mode} {v.scheduler}" for v in f.vips]
-    names += ["  " + b.name for v in f.vips for b in v.backends]
-    w = max([len(n) for n in names] + [len("VIP / backend")]) + 2
-    fmt = "{:<%d}{:>9}{:>10}{:>10}{:>10}{:>11}{:>11}{:>11}" % w
+    title = Text(f"{where}: {state}; {rate_note}", style="bold" if f.attached else "bold red")
+    share = f.flow_entries / f.flow_capacity if f.flow_capacity else 0.0
+    use = Text(f"connection table: {f.flow_entries} / {f.flow_capacity} entries"
+               + (f" ({100 * share:.1f}%)" if f.flow_capacity else ""),
+               style="bold red" if share >= 0.99 else "yellow" if share >= 0.9 else "")
 
-    def row(label: str, r: Row, table: str = "") -> str:
-        return fmt.format(label, table, si(r.pps), si(r.bps), si(r.fps),
-                          si(r.packets, True), si(r.bytes, True), si(r.new_flows, True))
+    t = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold")
+    t.add_column("VIP / backend", no_wrap=True)
+    t.add_column("health", no_wrap=True)
+    t.add_column("in table", justify="right", no_wrap=True)
+    t.add_column("pkts/s", justify="right", no_wrap=True)
+    if history is not None:
+        t.add_column("pkts/s, 1 min", no_wrap=True, style="cyan")
+    t.add_column("bits/s", justify="right", no_wrap=True)
+    t.add_column("flows/s", justify="right", no_wrap=True)
+    if history is not None:
+        t.add_column("flows/s, 1 min", no_wrap=True, style="magenta")
+    for h in ("packets", "bytes", "new flows"):
+        t.add_column(h, justify="right", no_wrap=True)
 
-    lines.append(fmt.format("VIP / backend", *HEAD))
+    def add(label: Text, r: Row, key: Key | None, health: Text, table: Text) -> None:
+        pps, fps = [si(r.pps)], [si(r.fps)]
+        if history is not None:
+            pps.append(history.spark(key, 1) if key else "")
+            fps.append(history.spark(key, 2) if key else "")
+        t.add_row(label, health, table, *pps, si(r.bps), *fps,
+                  si(r.packets, True), si(r.bytes, True), si(r.new_flows, True))
+
     for v in f.vips:
-        lines.append(row(f"{v.row.name}  {v.mode} {v.scheduler}".rstrip(), v.row))
+        usable = any(b.in_table for b in v.backends)
+        add(Text(f"{v.row.name}  {v.mode} {v.scheduler}".rstrip(), style="bold" if usable else "bold red"),
+            v.row, (f.netns, f.interface, v.row.name), Text(""), Text("" if usable else "none", style="bold red"))
         for b in v.backends:
-            lines.append(row("  " + b.name, b, "yes" if b.in_table else "NO"))
-    lines.append(row("total", f.total))
-    lines += ["", "{:<8}{:<20}{:>10}{:>10}{:>11}{:>11}".format("verdict", "reason", "pkts/s", "bits/s",
-                                                                 "packets", "bytes")]
+            health = b.health or "unchecked"
+            add(Text("  " + b.name), b, (f.netns, f.interface, v.row.name, b.name),
+                Text(health if health != "unchecked" else "-", style=HEALTH_STYLE.get(health, "")),
+                Text("yes" if b.in_table else "NO", style="" if b.in_table else "yellow"))
+    add(Text("total", style="bold"), f.total, None, Text(""), Text(""))
+
+    reasons = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold")
+    reasons.add_column("verdict", no_wrap=True)
+    reasons.add_column("reason", no_wrap=True)
+    for h in ("pkts/s", "bits/s", "packets", "bytes"):
+        reasons.add_column(h, justify="right", no_wrap=True)
     for r in f.reasons:
         if r.packets or r.pps:   # reasons never seen stay hidden; once seen, a row stays
-            lines.append("{:<8}{:<20}{:>10}{:>10}{:>11}{:>11}".format(
-                r.verdict, r.reason, si(r.pps), si(r.bps), si(r.packets, True), si(r.bytes, True)))
-    return lines
+            style = VERDICT_STYLE.get(r.verdict, "")
+            if style == "red" and r.pps:
+                style = "bold red"   # dropping now
+            reasons.add_row(r.verdict, r.reason, si(r.pps), si(r.bps), si(r.packets, True), si(r.bytes, True),
+                            style=style)
+    return Group(title, use, Text(""), t, Text(""), reasons)
+
+
+def view(fs: list[Frame], interval: float, now: float | None = None, keys: bool = False,
+         history: History | None = None) -> RenderableType:
+    """What one refresh shows (every instance), with sparklines if a history is given."""
+    parts: list[RenderableType] = [_header(interval, now, keys)]
+    for f in fs:
+        parts += [Text(""), frame_view(f, history)]
+    return Group(*parts)
+
+
+def plain(renderable: RenderableType, width: int = 250) -> list[str]:
+    """A renderable as lines of plain text (no escape sequences), trailing spaces removed."""
+    from io import StringIO
+    c = Console(file=StringIO(), width=width, color_system=None, force_terminal=False, highlight=False,
+                emoji=False)
+    c.print(renderable)
+    return [ln.rstrip() for ln in c.file.getvalue().splitlines()]   # type: ignore[attr-defined]
+
+
+def render(fs: list[Frame], interval: float, now: float | None = None, keys: bool = False,
+           history: History | None = None) -> list[str]:
+    """The plain text of one refresh, as lines without newlines."""
+    return plain(view(fs, interval, now, keys, history))
 
 
 # -------------------------------------------------------------------------------- terminal
 
-ALT_SCREEN, MAIN_SCREEN = "\x1b[?1049h", "\x1b[?1049l"
-HIDE_CURSOR, SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"
-HOME, CLEAR_EOL, CLEAR_EOS = "\x1b[H", "\x1b[K", "\x1b[J"
+
+class Quit(Exception):
+    """SIGTERM/SIGHUP while the view runs: leave through the context managers like q does."""
+
+
 QUIT_KEYS = (b"q", b"Q")
 
 
-class Quit(Exception):
-    """SIGTERM/SIGHUP while the view runs: leave through Screen.__exit__ like q does."""
+class Keys:
+    """`fd` (the terminal's stdin) in cbreak mode while the view runs, so that q needs no Enter
+    (Ctrl-C still raises SIGINT); __exit__ restores it. Without a terminal, wait() just sleeps."""
 
-
-class Screen:
-    """Draws frames; on a terminal, in the alternate screen with the cursor hidden and `keys_fd`
-    in cbreak mode (q without Enter; Ctrl-C still raises SIGINT). __exit__ restores all three."""
-
-    def __init__(self, out: TextIO, keys_fd: int | None):
-        self.out = out
-        self.tty_out = out.isatty()
-        self.keys_fd = keys_fd if keys_fd is not None and os.isatty(keys_fd) else None
+    def __init__(self, fd: int | None):
+        self.fd = fd if fd is not None and os.isatty(fd) else None
         self._saved: list[Any] | None = None
 
-    @property
-    def keys(self) -> bool:
-        return self.keys_fd is not None
-
-    def __enter__(self) -> "Screen":
-        if self.keys_fd is not None:
-            self._saved = termios.tcgetattr(self.keys_fd)
-            tty.setcbreak(self.keys_fd)
-        if self.tty_out:
-            self.out.write(ALT_SCREEN + HIDE_CURSOR)
-            self.out.flush()
+    def __enter__(self) -> "Keys":
+        if self.fd is not None:
+            self._saved = termios.tcgetattr(self.fd)
+            tty.setcbreak(self.fd)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        try:
-            if self.tty_out:
-                self.out.write(SHOW_CURSOR + MAIN_SCREEN)
-                self.out.flush()
-        finally:
-            if self._saved is not None:
-                termios.tcsetattr(self.keys_fd, termios.TCSADRAIN, self._saved)
-
-    def draw(self, lines: list[str]) -> None:
-        if not self.tty_out:
-            self.out.write("\n".join(lines) + "\n\n")
-            self.out.flush()
-            return
-        cols, rows = os.get_terminal_size(self.out.fileno())
-        cols, rows = cols or 10_000, rows or len(lines)   # 0: the size was never set (a bare pty)
-        shown = [ln[:cols] + CLEAR_EOL for ln in lines[:rows]]
-        self.out.write(HOME + "\r\n".join(shown) + CLEAR_EOS)
-        self.out.flush()
+        if self._saved is not None:
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
 
     def wait(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> bool:
         """Sleep `seconds`, or less if a quit key comes; True if the user asked to quit."""
-        if self.keys_fd is None:
+        if self.fd is None:
             time.sleep(max(0.0, seconds))
             return False
         deadline = clock() + seconds
         while (left := deadline - clock()) > 0:
-            ready, _, _ = select.select([self.keys_fd], [], [], left)
-            if ready:
-                data = os.read(self.keys_fd, 64)
+            if select.select([self.fd], [], [], left)[0]:
+                data = os.read(self.fd, 64)
                 if not data or any(k in data for k in QUIT_KEYS):   # b'': the terminal hung up
                     return True
         return False
+
+
+def terminal_size(out: TextIO) -> tuple[int, int]:
+    """(columns, rows) of the terminal `out` writes to; 80x24 for a size never set (a bare pty).
+    rich would ask the process' own stdin/stdout, which need not be `out`."""
+    cols, rows = os.get_terminal_size(out.fileno())
+    return cols or 80, rows or 24
 
 
 def _on_quit_signals() -> Callable[[], None]:
@@ -330,6 +438,19 @@ def updates(read: Read, interval: float, wait: Callable[[float], bool],
         prev, t_prev = cur, t
 
 
+def _live(read: Read, interval: float, out: TextIO, keys: Keys) -> None:
+    """The view on a terminal: rich's Live in the alternate screen, redrawn once per interval."""
+    cols, rows = terminal_size(out)
+    console = Console(file=out, force_terminal=True, width=cols, height=rows, highlight=False, emoji=False)
+    history = History()
+    with Live(console=console, screen=True, auto_refresh=False, redirect_stdout=False,
+              redirect_stderr=False) as live:
+        for fs in updates(read, interval, keys.wait):
+            history.add(fs, time.monotonic())
+            console.size = terminal_size(out)   # follow a resize
+            live.update(view(fs, interval, keys=keys.fd is not None, history=history), refresh=True)
+
+
 def run(read: Read, interval: float, once_: bool = False, as_json: bool = False,
         out: TextIO | None = None, keys_fd: int | None = None) -> None:
     """`lbxdp top`: --once prints one frame set and returns; otherwise refresh until q, Ctrl-C,
@@ -351,11 +472,15 @@ def run(read: Read, interval: float, once_: bool = False, as_json: bool = False,
                     out.write(json.dumps([f.to_json() for f in fs]) + "\n")
                     out.flush()
             return
-        if keys_fd is None:
-            keys_fd = _stdin_fd()
-        with Screen(out, keys_fd) as screen:
-            for fs in updates(read, interval, screen.wait):
-                screen.draw(render(fs, interval, keys=screen.keys))
+        with Keys(keys_fd if keys_fd is not None else _stdin_fd()) as keys:
+            if out.isatty():
+                _live(read, interval, out, keys)
+                return
+            history = History()
+            for fs in updates(read, interval, keys.wait):   # not a terminal: frame after frame
+                history.add(fs, time.monotonic())
+                out.write("\n".join(render(fs, interval, history=history)) + "\n\n")
+                out.flush()
     except (KeyboardInterrupt, Quit):
         pass
     finally:

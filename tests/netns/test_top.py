@@ -1,5 +1,6 @@
 """`lbxdp top` on a real attached balancer: rates while traffic flows, every VIP and backend shown,
-and the live view on a real terminal (a pty) quits cleanly on q, Ctrl-C and SIGTERM.
+and the live view (rich, in the alternate screen) on a real terminal (a pty) draws sparklines of
+live traffic and colours a backend set down, and quits cleanly on q, Ctrl-C and SIGTERM.
 
 lbxdp is attached (generic mode) through the real command (the `attached` fixture, conftest.py);
 top runs as `python -m lbxdp --netns <lb> top ...`, like an operator would.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import select
 import signal
 import struct
@@ -22,8 +24,15 @@ from typing import Iterator
 
 import pytest
 
-from lbxdp import top
 from lbxdp.lab.rig import FAILED, HOST_IF, LB, Rig
+
+# What rich's Live(screen=True) writes to enter and leave the view; its bold red and yellow.
+ALT_SCREEN, MAIN_SCREEN = "\x1b[?1049h", "\x1b[?1049l"
+SHOW_CURSOR = "\x1b[?25h"
+BOLD_RED, YELLOW = "\x1b[1;31m", "\x1b[33m"
+SPARK = re.compile("[▁▂▃▄▅▆▇█]+")
+TERM_ENV = {**os.environ, "TERM": "xterm-256color"}   # a colour terminal, whatever runs the tests
+TERM_ENV.pop("NO_COLOR", None)
 
 
 def lbxdp_cmd(rig: Rig, *argv: str) -> list[str]:
@@ -151,11 +160,11 @@ def test_live_view_on_a_terminal_quits_cleanly(attached: Rig, pty_pair: tuple[in
     rig, (master, slave) = attached, pty_pair
     before = termios.tcgetattr(slave)
     proc = subprocess.Popen(lbxdp_cmd(rig, "top", HOST_IF, "--interval", "0.3"), stdin=slave, stdout=slave,
-                            stderr=slave, start_new_session=True, preexec_fn=_controlling_tty)
+                            stderr=slave, start_new_session=True, preexec_fn=_controlling_tty, env=TERM_ENV)
     try:
         be = f"{rig.addr4(rig.backends[-1])}:{rig.spec.port}".encode()
         screen = read_until(master, be, 30)
-        assert be in screen and top.ALT_SCREEN.encode() in screen, screen[-2000:]
+        assert be in screen and ALT_SCREEN.encode() in screen, screen[-2000:]
         screen += read_until(master, b"rates over", 5)          # a frame with rates, too
         assert b"rates over" in screen
         if how == "q":
@@ -165,12 +174,53 @@ def test_live_view_on_a_terminal_quits_cleanly(attached: Rig, pty_pair: tuple[in
         else:
             proc.send_signal(signal.SIGTERM)
         rc = proc.wait(10)
-        screen += read_until(master, top.MAIN_SCREEN.encode(), 2)
+        screen += read_until(master, MAIN_SCREEN.encode(), 2)
     finally:
         if proc.poll() is None:   # stop our child by its PID
             proc.kill()
             proc.wait(5)
     assert rc == 0, screen[-2000:]
     assert b"Traceback" not in screen, screen[-2000:]
-    assert screen.endswith((top.SHOW_CURSOR + top.MAIN_SCREEN).encode()), screen[-200:]
+    assert screen.endswith((SHOW_CURSOR + MAIN_SCREEN).encode()), screen[-200:]
     assert termios.tcgetattr(slave) == before                   # cbreak undone
+
+
+def test_live_view_draws_sparklines_of_live_traffic_and_a_down_backend_in_colour(
+        attached: Rig, pty_pair: tuple[int, int]) -> None:
+    """UDP to the v4 VIP while top runs on a terminal, with one of its backends set down
+    (`lbxdp backend set-health ... down`, undone after): the VIP's and the backends' packets/s
+    sparklines rise, the backend's health is bold red and its "NO" (out of the table) yellow."""
+    rig, (master, slave) = attached, pty_pair
+    vip = f"{rig.spec.vip4}:{rig.spec.port}/udp"
+    down = f"{rig.addr4(rig.backends[0])}:{rig.spec.port}"
+    health = lambda state: subprocess.run(lbxdp_cmd(rig, "backend", "set-health", vip, down, state),  # noqa: E731
+                                          capture_output=True, text=True, timeout=60)
+    set_down = health("down")
+    assert set_down.returncode == 0, set_down.stderr
+    proc = None
+    try:
+        with Traffic(rig):
+            proc = subprocess.Popen(lbxdp_cmd(rig, "top", HOST_IF, "--interval", "0.3"), stdin=slave, stdout=slave,
+                                    stderr=slave, start_new_session=True, preexec_fn=_controlling_tty, env=TERM_ENV)
+            screen, deadline = b"", time.monotonic() + 30
+            while time.monotonic() < deadline:   # until a frame shows a sparkline that rose
+                screen += read_until(master, b"rates over", 2)
+                if any(len(set(s)) > 1 for s in SPARK.findall(screen.decode(errors="replace"))):
+                    break
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(10)
+        screen += read_until(master, MAIN_SCREEN.encode(), 2)
+    finally:
+        if proc is not None and proc.poll() is None:   # stop our child by its PID
+            proc.kill()
+            proc.wait(5)
+        restored = health("auto")
+    assert restored.returncode == 0, restored.stderr
+    assert rc == 0, screen[-2000:]
+    text = screen.decode(errors="replace")
+    assert "pkts/s, 1 min" in text and "flows/s, 1 min" in text, text[-3000:]
+    sparks = SPARK.findall(text)
+    assert any(len(set(s)) > 1 for s in sparks), sparks[-8:]           # traffic drawn as it grew
+    assert BOLD_RED + "down" in text, re.findall(re.escape(down) + ".{0,80}", text)[-4:]   # the backend set down
+    assert re.search(re.escape(YELLOW) + " *NO", text), text[-3000:]     # and out of the table (right-justified)
+    assert screen.endswith((SHOW_CURSOR + MAIN_SCREEN).encode()), screen[-200:]

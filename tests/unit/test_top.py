@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pty
+import re
 import select
 import struct
 import sys
@@ -24,18 +25,25 @@ from lbxdp import cli as cli_mod
 from lbxdp import top
 from lbxdp.abi import Reason
 from lbxdp.maps import Stats
-from lbxdp.view import AttachRecord, BackendStatus, InstanceStatus, ReasonCount, VipStatus, Xdp
+from lbxdp.view import (UNCHECKED_HEALTH, AttachRecord, BackendStatus, Health, InstanceStatus, ReasonCount, VipStatus,
+                        Xdp)
 
 VIP, VIP6 = "10.112.0.10:8080/tcp", "[fd00:112::10]:8080/udp"
+# What rich's Live(screen=True) writes to enter and leave the view, and its bold red.
+ALT_SCREEN, MAIN_SCREEN = "\x1b[?1049h", "\x1b[?1049l"
+HIDE_CURSOR, SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"
+BOLD_RED = "\x1b[1;31m"
+RISING = re.compile("[▁▂▃▄▅▆▇]+█")   # a sparkline of growing traffic (within its first 3 s bucket or two)
 BE1, BE2, BE6 = "10.111.0.11:8080", "10.111.0.12:8080", "[fd00:111::11]:8080"
 
 
 def status(vip: tuple[int, int, int], be1: tuple[int, int, int], be2: tuple[int, int, int],
            vip6: tuple[int, int, int] | None = None, forward: int = 0, not_vip: int = 0,
-           entries: int = 0, in_table2: bool = True, iface: str = "eth0") -> InstanceStatus:
+           entries: int = 0, in_table2: bool = True, iface: str = "eth0", drops: int = 0,
+           health1: Health = UNCHECKED_HEALTH) -> InstanceStatus:
     """A control.status() value: counters are (packets, bytes, new_flows)."""
     vips = [VipStatus(VIP, Stats(*vip), (
-        BackendStatus(BE1, Stats(*be1), True, 0, "02:00:00:00:00:11"),
+        BackendStatus(BE1, Stats(*be1), True, 0, "02:00:00:00:00:11", health=health1),
         BackendStatus(BE2, Stats(*be2), in_table2, 1, "02:00:00:00:00:12")), 0, "dsr", "rr")]
     if vip6 is not None:
         vips.append(VipStatus(VIP6, Stats(*vip6), (BackendStatus(BE6, Stats(*vip6), True, 2, "02:00:00:00:00:11"),),
@@ -43,7 +51,7 @@ def status(vip: tuple[int, int, int], be1: tuple[int, int, int], be2: tuple[int,
     return InstanceStatus(iface, None, "/sys/fs/bpf/lbxdp/" + iface, Xdp(True, 42, "generic"), AttachRecord(),
                           tuple(vips), (ReasonCount(Reason.TX_FORWARD, forward, forward * 100),
                                         ReasonCount(Reason.PASS_NOT_VIP, not_vip, not_vip * 60),
-                                        ReasonCount(Reason.DROP_NO_BACKEND, 0, 0)), entries, 65536)
+                                        ReasonCount(Reason.DROP_NO_BACKEND, drops, drops * 60)), entries, 65536)
 
 
 A = status(vip=(100, 10_000, 10), be1=(60, 6_000, 6), be2=(40, 4_000, 4), forward=100, not_vip=5, entries=10)
@@ -115,7 +123,7 @@ def test_in_table_flag_and_render_show_every_vip_backend_and_seen_reason() -> No
         assert name in text, name
     assert "no_backend" not in text                        # never seen: hidden
     line = next(ln for ln in text.splitlines() if BE2 in ln)
-    assert line.split()[1:5] == ["NO", "50.0", "40.0k", "5.0"], line
+    assert line.split()[1:6] == ["-", "NO", "50.0", "40.0k", "5.0"], line      # unchecked, out of the table
     line = next(ln for ln in text.splitlines() if ln.startswith("total"))
     assert line.split()[1:4] == ["100.0", "80.0k", "10.0"], line
 
@@ -125,6 +133,31 @@ def test_in_table_flag_and_render_show_every_vip_backend_and_seen_reason() -> No
     (12_345, False, "12.3k"), (4.5e6, False, "4.5M"), (4.5e9, True, "4.5G"), (2e12, False, "2.0T")])
 def test_si(x: float | None, integer: bool, want: str) -> None:
     assert top.si(x, integer) == want
+
+
+@pytest.mark.parametrize("values, want", [
+    ([0, 1, 2, 3, 4, 5, 6, 7], "▁▂▃▄▅▆▇█"), ([None, 0, 0.01, 100], " ▁▂█"), ([0, 0], "▁▁"), ([None], " "),
+    ([5, 5], "██")])
+def test_sparkline_scales_to_the_largest_and_shows_any_traffic_above_zero(values: list, want: str) -> None:
+    assert top.sparkline(values) == want
+
+
+def test_history_keeps_the_last_minute_in_fixed_buckets_per_vip_and_backend() -> None:
+    h = top.History(window=60.0, width=20)               # 3 s buckets
+    for i in range(100):                                 # 100 s of one read per second, rates rising
+        a = status(vip=(i * i, 0, i), be1=(i * i, 0, i), be2=(0, 0, 0))
+        b = status(vip=((i + 1) ** 2, 0, i + 1), be1=((i + 1) ** 2, 0, i + 1), be2=(0, 0, 0))
+        h.add(top.frames([a], [b], 1.0), float(i))
+    key = (None, "eth0", VIP)
+    pps = h.series(key, 1)
+    assert len(pps) == 20 and None not in pps            # every bucket of the minute has samples
+    assert pps == sorted(pps) and pps[-1] > pps[0]       # rising: the last minute only (40..99 s)
+    assert min(p[1] for p in h._points[key]) == 2 * 40 + 1
+    assert h.series(key, 2) == [1.0] * 20                # one new flow per second throughout
+    assert h.spark(key + (BE2,), 1) == "▁" * 20          # a backend without traffic
+    assert h.spark((None, "eth0", VIP6), 1) == " " * 20  # never seen
+    h.add([], 1000.0)                                    # a minute without a frame forgets the rows
+    assert h._points == {}
 
 
 class FakeClock:
@@ -171,6 +204,10 @@ def test_run_once_prints_text_or_json() -> None:
             (f,) = json.loads(out.getvalue())
             assert f["interface"] == "eth0" and f["vips"][0]["backends"][0]["name"] == BE1
             assert f["vips"][0]["row"]["pps"] > 0
+            # The rows as before, backends with their health added (vips and totals: null).
+            assert set(f["vips"][0]["backends"][0]) == {"name", "packets", "bytes", "new_flows", "pps", "bps",
+                                                        "fps", "in_table", "health"}
+            assert f["vips"][0]["backends"][0]["health"] == "unchecked" and f["total"]["health"] is None
         else:
             assert VIP in out.getvalue() and BE2 in out.getvalue()
             assert "\x1b" not in out.getvalue()          # not a terminal: no escape sequences
@@ -185,20 +222,54 @@ def read_until(fd: int, want: bytes, timeout: float) -> bytes:
     return got
 
 
-def test_live_view_on_a_terminal_quits_on_q_and_restores_it() -> None:
-    """Screen on a real pty: alternate screen and cbreak while it runs, both undone after q."""
+class Drain(threading.Thread):
+    """Reads a pty master into a bytearray while the block runs (and what is left after it)."""
+
+    def __init__(self, fd: int):
+        super().__init__(daemon=True)
+        self.fd, self.got, self.done = fd, bytearray(), threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            if select.select([self.fd], [], [], 0.05)[0]:
+                self.got += os.read(self.fd, 65536)
+
+    def __enter__(self) -> bytearray:
+        self.start()
+        return self.got
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.join(5)
+        while select.select([self.fd], [], [], 0.2)[0]:
+            self.got += os.read(self.fd, 65536)
+
+
+def growing(n: int) -> InstanceStatus:
+    """The n-th read of a balancer whose traffic grows (so the sparklines rise), with BE1 down
+    by its health check and no_backend drops."""
+    return status(vip=(100 * n * n, 10_000 * n * n, 10 * n * n), be1=(60 * n * n, 6_000 * n * n, 6 * n * n),
+                  be2=(40 * n * n, 4_000 * n * n, 4 * n * n), forward=100 * n * n, drops=5 * n, entries=10,
+                  health1=Health("down", passing=False))
+
+
+def test_live_view_on_a_terminal_draws_colour_and_sparklines_quits_on_q_and_restores_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rich Live view on a real pty: alternate screen, hidden cursor and cbreak while it
+    runs, all undone after q; the down backend in bold red, the drops in bold red, sparklines."""
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.delenv("NO_COLOR", raising=False)
     master, slave = pty.openpty()
     try:
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
         before = termios.tcgetattr(slave)
         out = open(os.dup(slave), "w", encoding="utf-8")
-        drawn = threading.Event()
+        reads: list[int] = []
         result: list[BaseException | None] = []
 
         def read() -> list[InstanceStatus]:
-            first = not drawn.is_set()
-            drawn.set()
-            return [A] if first else [B]
+            reads.append(1)
+            return [growing(len(reads))]
 
         def go() -> None:
             try:
@@ -208,18 +279,25 @@ def test_live_view_on_a_terminal_quits_on_q_and_restores_it() -> None:
                 result.append(e)
         t = threading.Thread(target=go, daemon=True)
         t.start()
-        assert drawn.wait(5)
-        screen = read_until(master, BE2.encode(), 5)
-        assert BE2.encode() in screen, screen          # a frame was drawn
+        screen = read_until(master, b"rates over", 5)
+        deadline = time.monotonic() + 5               # a few frames: the sparklines rise
+        while not RISING.search(screen.decode(errors="replace")) and time.monotonic() < deadline:
+            screen += read_until(master, b"rates over", 1)
+        assert BE2.encode() in screen, screen[-3000:]     # a frame was drawn
+        assert not termios.tcgetattr(slave)[3] & termios.ICANON   # cbreak while it runs
         os.write(master, b"q")
         t.join(5)
         assert not t.is_alive(), "top did not quit on q"
         assert result == [None]
         out.close()
-        screen += read_until(master, top.MAIN_SCREEN.encode(), 2)   # the rest of what it wrote
-        assert screen.startswith((top.ALT_SCREEN + top.HIDE_CURSOR).encode())
-        assert screen.endswith((top.SHOW_CURSOR + top.MAIN_SCREEN).encode())
+        screen += read_until(master, MAIN_SCREEN.encode(), 2)   # the rest of what it wrote
+        assert screen.startswith(ALT_SCREEN.encode()) and HIDE_CURSOR.encode() in screen[:100]
+        assert screen.endswith((SHOW_CURSOR + MAIN_SCREEN).encode())
         assert termios.tcgetattr(slave) == before       # cbreak undone
+        text = screen.decode()
+        assert BOLD_RED + "down" in text, re.findall(".{20}down.{5}", text)[:3]   # BE1 health
+        assert BOLD_RED + "drop" in text and BOLD_RED + "no_backend" in text, "drops now: bold red"
+        assert RISING.search(text), re.findall("[▁▂▃▄▅▆▇█]+", text)[-5:]
     finally:
         os.close(master)
         os.close(slave)
@@ -251,11 +329,11 @@ def test_an_error_while_reading_restores_the_terminal_and_propagates() -> None:
             if len(calls) > 1:
                 raise LbxError("lbxdp is not attached to eth0")
             return [A]
-        with open(os.dup(slave), "w", encoding="utf-8") as out:
-            with pytest.raises(LbxError):
+        with open(os.dup(slave), "w", encoding="utf-8") as out, Drain(master) as screen:
+            with pytest.raises(LbxError):   # (a pty nobody reads would block top's writes)
                 top.run(read, 0.01, out=out, keys_fd=slave)
-        screen = read_until(master, top.MAIN_SCREEN.encode(), 2)
-        assert screen.endswith((top.SHOW_CURSOR + top.MAIN_SCREEN).encode())
+        assert BE2.encode() in screen                    # the first frame was drawn
+        assert screen.endswith((SHOW_CURSOR + MAIN_SCREEN).encode())
         assert termios.tcgetattr(slave) == before
     finally:
         os.close(master)
