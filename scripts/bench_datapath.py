@@ -54,7 +54,10 @@ TARGETS = {"tcp established v4": 2.0, "non-vip pass v4": 1.3, "decap: ipip v4": 
            "nat: dnat tcp established v4 (client -> backend)": 2.5, "nat: dnat tcp established v4 (backend -> client)": 2.5}
 # (case, the row it is compared with, at most this many ns more): issue 12's new NAT flow
 TARGETS_NS = [("nat: snat tcp syn new flow v4", "tcp syn new flow v4, not under flood", 150.0),
-              ("nat: dnat tcp syn new flow v4", "tcp syn new flow v4, not under flood", 150.0)]
+              ("nat: dnat tcp syn new flow v4", "tcp syn new flow v4, not under flood", 150.0),
+              # issue 13: a recorded new flow (its opening counted) vs the same on Maglev
+              ("sched (no gate): leastconn tcp syn new flow v4 (recorded)",
+               "sched (no gate): maglev tcp syn new flow v4 (recorded)", 60.0)]
 
 
 def config() -> model.Config:
@@ -370,6 +373,45 @@ def admission_cases(prog: loader.Program, new_flows: dict[str, list[bytes]]) -> 
     ]
 
 
+SCHED_PORTS = {"maglev": 80, "source": 87, "leastconn": 88, "maglev+caps": 89}
+
+
+def sched_cases(prog: loader.Program, new_flows: dict[str, list[bytes]], gate: bool = True) -> list[Case]:
+    """Issue 13's schedulers (bpf/sched.h) on a program of their own: beside config()'s VIPs
+    (v4:80 is Maglev, the reference), v4:87 source, v4:88 leastconn and v4:89 Maglev with a cap
+    on every backend that is never reached (the cap check and the count on every new flow), the
+    same 8 backends. Two rows each: a SYN not under flood (Maglev and source: forwarded by the
+    table alone; leastconn and capped: their choice goes into the half-open table, like rr's)
+    and a bare ACK of an unknown flow (recorded; leastconn and capped: counted in lbx_conns).
+    gate=False: prog is built with -DLBX_NO_HANDSHAKE_GATE, every first packet is recorded by its
+    VIP's choice, so a SYN row is the scheduler's own cost (choice, record, count) without the
+    half-open path that the gate gives every VIP whose choice cannot be repeated."""
+    ip = ipaddress.ip_address
+    base = config()
+    bes = base.vips[0].backends
+    capped = tuple(dataclasses.replace(b, max_conns=2**32 - 1) for b in bes)
+    extra = (model.Vip(ip(VIP4), 87, model.Protocol.TCP, scheduler=model.Scheduler.SOURCE, backends=bes),
+             model.Vip(ip(VIP4), 88, model.Protocol.TCP, scheduler=model.Scheduler.LEASTCONN, backends=bes),
+             model.Vip(ip(VIP4), 89, model.Protocol.TCP, backends=capped))
+    maps = Maps(prog.maps)
+    Balancer(maps).apply(model.Config(vips=base.vips + extra, balancer=base.balancer), macs={})
+    maps.set_own_mac(LB_MAC)
+    lb = bpfsys.TestRunner(prog.fd)
+
+    def clear() -> None:
+        clear_flows(maps)
+        maps.set_flood_threshold(2**32 - 1)
+    cases = []
+    for name, port in SCHED_PORTS.items():
+        if not gate:
+            cases.append(Case(f"sched (no gate): {name} tcp syn new flow v4 (recorded)", lb, new_flows[f"syn{port}"],
+                              XDP_TX, clear))
+            continue
+        cases += [Case(f"sched: {name} tcp syn new flow v4", lb, new_flows[f"syn{port}"], XDP_TX, clear),
+                  Case(f"sched: {name} tcp ack new flow v4 (recorded)", lb, new_flows[f"ack{port}"], XDP_TX, clear)]
+    return cases
+
+
 DECAP_HOST4, DECAP_HOST6 = "192.0.2.50", "2001:db8::50"
 
 
@@ -502,6 +544,31 @@ def _setns(fd: int) -> None:
         raise OSError(ctypes.get_errno(), "setns")
 
 
+def trace_cases(prog: loader.Program, new_flows: dict[str, list[bytes]], syn4: bytes) -> list[Case]:
+    """Issue 15: the trace build (-DLBX_TRACE, bpf/trace.h), as `lbxdp trace` attaches it, on
+    program_cases()'s rows: every packet also writes an event (flow, reason, 128 bytes of frame)
+    to the ring. The ring is sized (LBX_TRACE_PAGES, trace_pages()) for every event of a
+    repetition and emptied before each, so each run pays for a written event, not for a full
+    ring. The normal build has no trace code: its program tag is printed beside the trace build's."""
+    cases = program_cases("trace build: ", prog, new_flows, syn4)
+    prog.bpf[b"lbx_trace_ring"].open_ring_buffer(lambda ctx, data, size: 0)
+
+    def drained(before: Callable[[], None]) -> Callable[[], None]:
+        def setup() -> None:
+            prog.bpf.ring_buffer_consume()
+            before()
+        return setup
+    for c in cases:
+        c.before_rep = drained(c.before_rep)
+    return cases
+
+
+def trace_pages(calls: int) -> int:
+    """Ring pages (a power of two) for calls + WARMUP events of 208 bytes (200 + the ring's header)."""
+    need = -(-(calls + WARMUP) * 208 // 4096)
+    return 1 << (need - 1).bit_length()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -519,9 +586,13 @@ def main(argv: list[str] | None = None) -> int:
                          "interleaved with the current ones, so that before/after share the machine's state")
     ap.add_argument("--no-admission", action="store_true",
                     help="skip the admission rows (a per-source limit, ACL tries: bpf/admit.h)")
+    ap.add_argument("--sched-only", action="store_true",
+                    help="only the floor and the scheduler rows (issue 13: source, leastconn, caps vs Maglev)")
     ap.add_argument("--fib", action="store_true",
                     help="also measure a per-packet bpf_fib_lookup (scripts/fib_lookup.c) in a namespace of its own")
     ap.add_argument("--max-seconds", type=float, default=900.0, help="give up after this long (900)")
+    ap.add_argument("--trace", action="store_true",
+                    help="also the trace build's rows (issue 15: -DLBX_TRACE, what `lbxdp trace` attaches)")
     args = ap.parse_args(argv)
     if not 1_000 <= args.calls <= 5_000_000 or not 1 <= args.reps <= 20:
         ap.error("--calls must be within 1000..5000000 and --reps within 1..20")
@@ -548,6 +619,18 @@ def main(argv: list[str] | None = None) -> int:
             new_flows |= {"lim4": new_flow_frames(n, VIP4, CLIENT4, 83), "acl4": new_flow_frames(n, VIP4, CLIENT4, 84),
                           "acl6": new_flow_frames(n, VIP6, CLIENT6, 84)}
         sources = [("", args.bpf_dir)] + ([("before: ", args.baseline_dir)] if args.baseline_dir else [])
+        if args.sched_only or (args.bpf_dir or loader.bpf_dir()).joinpath("sched.h").is_file():
+            for port in SCHED_PORTS.values():
+                new_flows |= {f"syn{port}": new_flow_frames(n, VIP4, CLIENT4, port),
+                              f"ack{port}": new_flow_frames(n, VIP4, CLIENT4, port, tcp_flags=0x10)}
+            for gate in (True, False):
+                pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
+                progs.append(loader.compile_program(loader.BuildConfig(
+                    pin_dir=pin_dirs[-1], src_dir=args.bpf_dir, flow_capacity=args.flow_capacity,
+                    defines=() if gate else ("LBX_NO_HANDSHAKE_GATE",))))
+                cases += sched_cases(progs[-1], new_flows, gate)
+        if args.sched_only:
+            sources = []
         for label, src in sources:
             pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
             progs.append(loader.compile_program(loader.BuildConfig(pin_dir=pin_dirs[-1], src_dir=src,
@@ -555,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
             cases += program_cases(label, progs[-1], new_flows, syn4)
             if not label:
                 cases += encap_cases(progs[-1], new_flows)
-        if ((args.bpf_dir or loader.bpf_dir()) / "nat.h").is_file():   # programs of their own (their own VIP set)
+        if ((args.bpf_dir or loader.bpf_dir()) / "nat.h").is_file() and not args.sched_only:   # programs of their own (their own VIP set)
             roomy = 1 << (2 * n - 1).bit_length()   # every connection of a repetition: two entries each
             for full, defines in ((False, (f"LBX_NAT_CAPACITY={roomy}",)), (True, ())):
                 pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
@@ -563,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                        flow_capacity=args.flow_capacity,
                                                                        defines=defines)))
                 cases += nat_cases(progs[-1], new_flows, full)
-        if not args.no_admission:   # a program of its own: its rules never touch the rows above
+        if not args.no_admission and not args.sched_only:   # a program of its own: its rules never touch the rows above
             pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
             progs.append(loader.compile_program(loader.BuildConfig(pin_dir=pin_dirs[-1], src_dir=args.bpf_dir,
                                                                    flow_capacity=args.flow_capacity)))
@@ -573,6 +656,15 @@ def main(argv: list[str] | None = None) -> int:
                 pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
                 progs.append(compile_decap(pin_dirs[-1], src))
                 cases += decap_cases(progs[-1], label)
+        if args.trace:
+            pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
+            progs.append(loader.compile_program(loader.BuildConfig(
+                pin_dir=pin_dirs[-1], src_dir=args.bpf_dir, flow_capacity=args.flow_capacity,
+                defines=("LBX_TRACE", f"LBX_TRACE_PAGES={trace_pages(args.calls)}"))))
+            cases += trace_cases(progs[-1], new_flows, syn4)
+            normal = next((p for p in progs[:-1] if p.info.name.startswith("lbxdp_ingress")), None)
+            tags = {"normal build": normal.info.tag if normal else "-", "trace build": progs[-1].info.tag}
+            print("program tags: " + ", ".join(f"{k} {v}" for k, v in tags.items()), file=sys.stderr)
         if args.fib:
             fib = FibLab()
             cases += fib.cases()
