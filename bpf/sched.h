@@ -25,8 +25,12 @@
 #include "maps.h"
 #include "parse.h"
 
-/* Slots past a full backend's that a capped choice tries before giving up (bounded, unrolled). */
-#define LBX_CAP_PROBES 8
+/*
+ * Slots past a full backend's that a capped choice tries before giving up (a bounded loop, not
+ * unrolled). The slots of a Maglev table are independent weighted draws, so a full backend with
+ * a share p of the weight fills the next k slots with probability p^k: 32 leave 0.1% at p = 0.8.
+ */
+#define LBX_CAP_PROBES 32
 /* Slots after leastconn's second candidate tried while it names the first one's backend. */
 #define LBX_LC_REDRAWS 4
 
@@ -173,12 +177,16 @@ static __always_inline int sched_choice(const struct vip_meta *vip, struct pkt *
 	}
 	if (!(vip->flags & LBX_VIP_F_CAPS) || (pkt->flags & LBX_PKT_F_ICMP_ERR))
 		goto unchecked;
-#pragma unroll
+	id2 = ~0U;      /* the last full backend met: not looked up (nor counted) again in a row */
+#pragma nounroll
 	for (int i = 0; i <= LBX_CAP_PROBES; i++) {
 		be = slot_backend(table, slot, &id);
-		if (be && !at_cap(be, id)) {
-			chose(sel, be, id, vip->id);
-			return LBX_R_OK;
+		if (be && id != id2) {
+			if (!at_cap(be, id)) {
+				chose(sel, be, id, vip->id);
+				return LBX_R_OK;
+			}
+			id2 = id;
 		}
 		slot = slot + 1 < vip->table_size ? slot + 1 : 0;
 	}

@@ -216,3 +216,17 @@ def test_all_backends_full_follows_on_all_down(lb: Lb) -> None:
     # established flows are not capped
     ack = tcp(a, 80, 17000, flags="A", payload=b"more")
     assert lb.run(ack).retval == XDP_TX
+
+
+def test_cap_on_a_heavy_backend_spills_to_the_light_one(lb: Lb) -> None:
+    """A capped backend with 3/4 of the weight: past its cap every new flow finds the other one
+    within the probed slots (none dropped)."""
+    bes = backends("10.10.34.", 2, 0x35)
+    heavy = dataclasses.replace(bes[0], weight=3, max_conns=50)
+    v = _vip("10.10.0.34", (heavy, bes[1]), S.MAGLEV)
+    lb.apply(plus(BASE, v))
+    before = lb.maps.reasons()
+    for p in range(300):
+        lb.open(tcp(str(v.address), 80, 19000 + p))
+    assert [conns(lb, v, b)[0] for b in v.backends] == [50, 250]
+    assert lb.reason_delta(before).get(R.DROP_BACKENDS_FULL) is None
