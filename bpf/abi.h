@@ -64,6 +64,7 @@ _Static_assert(LBX_VIP_FILTER_WORDS * 64 == 1 << LBX_VIP_FILTER_BITS, "filter wo
 /* VIP flags. */
 #define LBX_VIP_F_PASS_NO_BACKEND 0x01 /* no usable backend: pass to the kernel instead of drop */
 #define LBX_VIP_F_CAPS 0x02 /* some backend has max_conns: choices check caps (sched.h), SYNs go half-open */
+#define LBX_VIP_F_QUIC 0x04 /* a UDP VIP whose QUIC packets go by the server id in their DCID (quic.h) */
 
 /* Backend flags. */
 #define LBX_BE_F_ACTIVE 0x01 /* slot holds a backend; cleared when the backend is deleted */
@@ -214,7 +215,7 @@ _Static_assert(sizeof(struct vip_meta) == 20, "also update lbxdp/abi.py");
  * lbxdp/migrate.py for what a layout change costs):
  *   nat (issue 12): __u8 nat_flags (LBX_NAT_F_SNAT; the pool is lbx_nat_cfg's, one per instance);
  *   scheduling (issue 13): __u16 weight and __u32 max_conns (sched.h, taken), __u32 server_id (QUIC,
- *   planned at offset 48, the first word of reserved[]).
+ *   quic.h, taken: offset 48, the first word of the old reserved[]).
  * 64 bytes, one cache line: no entry straddles two, and the verifier's inlined array lookup
  * scales the index by a shift (a 48-byte entry took a multiply; docs/benchmarks.md).
  * mac is the next hop: the backend's own MAC on the segment (dsr, an on-link encap backend) or
@@ -237,7 +238,8 @@ struct backend {
 	__u8 pad1;        /* zero */
 	__u16 weight;     /* leastconn: the configured weight (scaled to fit 16 bits); 0 counts as 1 */
 	__u32 max_conns;  /* open connections past which it gets no new flow (sched.h); 0 = no cap */
-	__u8 reserved[16]; /* zero; planned use above */
+	__u32 server_id;  /* quic: its server id (1-65535, quic.h); 0 = none. Offset 48 */
+	__u8 reserved[12]; /* zero */
 };
 _Static_assert(sizeof(struct backend) == 64, "also update lbxdp/abi.py");
 
@@ -481,5 +483,43 @@ struct nat_scratch {
 	struct flow_key k;        /* a peer's key */
 };
 _Static_assert(sizeof(struct nat_scratch) == 208, "also update lbxdp/abi.py");
+
+/*
+ * QUIC connection-ID routing (bpf/quic.h, issue 13). A backend's server id is 16 bits carried in
+ * bytes 1-2 (network order) of the connection IDs the server issues; byte 0 and the rest are the
+ * server's. lbx_quic_ids maps (VIP id, server id) to the backend entry; written by
+ * lbxdp.maps.Maps.write_quic_ids only. A backend down (health) keeps its entry, flagged, so that
+ * its packets fall back to the table counted as LBX_QUIC_DOWN_ID rather than as unknown.
+ */
+#define LBX_QUIC_SID_OFF 1       /* first DCID byte of the server id */
+#define LBX_QUIC_SID_END 3       /* DCID bytes a routable connection ID needs */
+#define LBX_QUIC_F_DOWN 0x01     /* struct quic_id_val.flags: the backend is down */
+#define LBX_QUIC_V1 0x00000001   /* RFC 9000 */
+#define LBX_QUIC_V2 0x6b3343cf   /* RFC 9369: long-header types renumbered */
+
+struct quic_id_key {
+	__u32 vip_id;
+	__u32 server_id;          /* 1-65535 */
+};
+_Static_assert(sizeof(struct quic_id_key) == 8, "also update lbxdp/abi.py");
+
+struct quic_id_val {
+	__u32 backend_id;         /* the backend entry */
+	__u16 gen;                /* its struct backend.gen when written */
+	__u8 flags;               /* LBX_QUIC_F_* */
+	__u8 pad;                 /* zero */
+};
+_Static_assert(sizeof(struct quic_id_val) == 8, "also update lbxdp/abi.py");
+
+/* What a QUIC VIP's UDP packet that the connection table did not know went by (lbx_quic_stats). */
+enum lbx_quic_reason {
+	LBX_QUIC_BY_ID = 0,       /* Handshake or short header: the backend its server id names */
+	LBX_QUIC_INITIAL,         /* Initial or 0-RTT (v1 or v2): the VIP's table */
+	LBX_QUIC_UNKNOWN_ID,      /* Handshake or short header whose server id no live backend of the VIP has: table */
+	LBX_QUIC_DOWN_ID,         /* ... whose server id names a backend that is down: table */
+	LBX_QUIC_SHORT_CID,       /* a connection ID shorter than LBX_QUIC_SID_END, or a truncated header: table */
+	LBX_QUIC_OTHER,           /* Retry (a server's), version negotiation, an unknown version, not QUIC: table */
+	LBX_QUIC_MAX,
+};
 
 #endif /* LBX_ABI_H */

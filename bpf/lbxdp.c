@@ -28,6 +28,7 @@
 #include "return_path.h"
 #include "guard.h"
 #include "select.h"
+#include "quic.h"
 #include "admit.h"
 #include "icmp.h"
 #include "forward.h"
@@ -70,6 +71,8 @@ int lbxdp_ingress(struct xdp_md *ctx)
 			return count(XDP_DROP, r, &pkt);
 		if (vip->mode == LBX_MODE_NAT)          /* nat.h: the VIP's table, nothing recorded */
 			r = nat_select(vip, &pkt, &sel);
+		else if ((vip->flags & LBX_VIP_F_QUIC) && quic_by_id(ctx, vip, &pkt, &sel))
+			r = LBX_R_OK;                   /* quic.h: by the server id in the DCID */
 		else
 			r = select_backend(vip, &pkt, &sel); /* select.h: the VIP's table, by its scheduler */
 		if (r == LBX_R_PASS_NO_BACKEND || r == LBX_R_PASS_ICMP_NO_FLOW || r == LBX_R_PASS_NAT_ICMP_NO_FLOW ||

@@ -154,4 +154,13 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct nat_scratch, lbx_nat_scratch, 1,
 BPF_TABLE_PINNED("array", __u32, struct lbx_conns, lbx_conns, LBX_MAX_BACKENDS,
 		 LBX_PIN_DIR "/lbx_conns");
 
+/* (VIP id, server id) -> backend entry of a QUIC VIP (struct quic_id_val, quic.h, issue 13).
+ * Written by lbxdp.maps.Maps.write_quic_ids only. */
+BPF_TABLE_PINNED("hash", struct quic_id_key, struct quic_id_val, lbx_quic_ids, LBX_MAX_BACKENDS,
+		 LBX_PIN_DIR "/lbx_quic_ids");
+
+/* enum lbx_quic_reason -> packets (per CPU): how QUIC VIPs' new-tuple packets were routed. */
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, lbx_quic_stats, LBX_QUIC_MAX,
+		 LBX_PIN_DIR "/lbx_quic_stats");
+
 #endif /* LBX_MAPS_H */

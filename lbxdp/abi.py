@@ -29,6 +29,7 @@ BE_F_ACTIVE = 0x01       # LBX_BE_F_ACTIVE
 BE_F_IN_TABLE = 0x02     # LBX_BE_F_IN_TABLE
 BE_F_COUNTED = 0x04      # LBX_BE_F_COUNTED (issue 13: open connections counted in lbx_conns)
 VIP_F_CAPS = 0x02        # LBX_VIP_F_CAPS (some backend has max_conns)
+VIP_F_QUIC = 0x04        # LBX_VIP_F_QUIC (QUIC connection-ID routing, bpf/quic.h)
 FLOW_F_COUNTED = 0x01    # LBX_FLOW_F_COUNTED
 FLOW_F_CLOSED = 0x02     # LBX_FLOW_F_CLOSED
 CONNS_SIZE = 16          # sizeof(struct lbx_conns)
@@ -207,6 +208,28 @@ class Map(str, enum.Enum):
     NAT_BE = "lbx_nat_be"
     NAT_SCRATCH = "lbx_nat_scratch"
     CONNS = "lbx_conns"
+    QUIC_IDS = "lbx_quic_ids"
+    QUIC_STATS = "lbx_quic_stats"
+
+
+# --- QUIC connection-ID routing (bpf/quic.h, issue 13) -------------------------------------------
+QUIC_SID_OFF = 1         # LBX_QUIC_SID_OFF: the server id is DCID bytes 1-2, network order
+QUIC_SID_END = 3         # LBX_QUIC_SID_END
+QUIC_F_DOWN = 0x01       # LBX_QUIC_F_DOWN
+QUIC_V1 = 0x00000001     # LBX_QUIC_V1
+QUIC_V2 = 0x6B3343CF     # LBX_QUIC_V2
+QUIC_SERVER_ID_MAX = 0xFFFF
+
+
+class QuicReason(enum.IntEnum):
+    """enum lbx_quic_reason: how a QUIC VIP's new-tuple packet was routed (lbx_quic_stats)."""
+    BY_ID = 0
+    INITIAL = 1
+    UNKNOWN_ID = 2
+    DOWN_ID = 3
+    SHORT_CID = 4
+    OTHER = 5
+    MAX = 6
 
 
 # --- lbxdp_decap (bpf/decap_abi.h, bpf/decap_maps.h): the backend's decapsulation program -----

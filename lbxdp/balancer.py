@@ -200,6 +200,7 @@ class Balancer:
         self.maps.set_nat_cfg(nat_cfg_of(cfg.balancer, nat_sources))
         self.maps.add_to_nat_filter(nat_addresses(cfg))
         diff, retired, switches = Diff(), [], []
+        quic_ids: dict[int, dict[int, tuple[int, bool]]] = {}
         admit: dict[int, model.Admission] = {}   # scope (vip id, or the global one) -> its rules
         for e in orphans:
             # An established flow finds its backend without a VIP lookup: an entry must not
@@ -228,17 +229,20 @@ class Balancer:
                 if old is None:
                     bid = free_bes.pop()
                     self.maps.reset_backend_counters(bid)
-                    self.maps.put_backend(bid, vip_id, b, mac, mode, enc, nat, sch)
+                    self.maps.put_backend(bid, vip_id, b, mac, mode, enc, nat, sch, b.server_id)
                     diff.add(f"+ backend {b.name} ({mac}) on {vip.name}")
                 else:
                     bid = old.id
-                    if old.mac != mac or old.mode != mode or old.encap != enc or old.nat_flags != nat or old.sched != sch:
-                        self.maps.put_backend(bid, vip_id, b, mac, mode, enc, nat, sch)
+                    if old.mac != mac or old.mode != mode or old.encap != enc or old.nat_flags != nat or old.sched != sch \
+                            or old.server_id != b.server_id:
+                        self.maps.put_backend(bid, vip_id, b, mac, mode, enc, nat, sch, b.server_id)
                     if old.sched.max_conns != sch.max_conns:
                         diff.add(f"~ backend {b.name} max_conns {old.sched.max_conns} -> {sch.max_conns} on {vip.name}")
                     if old.mac != mac:
                         diff.add(f"~ backend {b.name} mac {old.mac} -> {mac} on {vip.name}")
                 ids.append(bid)
+                if vip.quic and b.server_id:   # bpf/quic.h: (VIP, server id) -> this entry
+                    quic_ids.setdefault(vip_id, {})[b.server_id] = (bid, vip.id_of(b) in rt.down)
             kept = {(b.address, b.port) for b in vip.backends}
             for addr_port, e in have.items():
                 if addr_port not in kept:
@@ -249,6 +253,7 @@ class Balancer:
                 switches.append(switch)
         self._apply_admission(cfg, admit, diff)   # before _switch_tables inserts new VIPs
         self._switch_tables(switches)
+        self.maps.write_quic_ids(quic_ids)   # after the entries it names; drops deleted VIPs' ids
         for key, meta in current.items():
             if key not in desired:
                 self.maps.delete_vip(key)
@@ -281,6 +286,8 @@ class Balancer:
         flags = abi.VIP_F_PASS_NO_BACKEND if vip.on_all_down is model.OnAllDown.PASS else 0
         if any(b.max_conns for b in vip.backends):
             flags |= abi.VIP_F_CAPS
+        if vip.quic:
+            flags |= abi.VIP_F_QUIC
         src_prefix = vip.src_prefix if vip.scheduler is model.Scheduler.SOURCE else 0
         if meta is not None and (meta.table_tag, meta.sched, meta.mode, meta.flags, meta.src_prefix) == \
                 (plan.tag, sched, mode, flags, src_prefix):

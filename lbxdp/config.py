@@ -26,6 +26,7 @@ value, e.g.
       weight = 1              # 0-1000; 0 = no new flows
       backup = false          # true: new flows only while no primary is usable
       max_conns = 0           # open connections past which it gets no new flow; 0 = no cap
+      # server_id = 7         # quic VIPs (quic = true on a udp VIP): the 16-bit id in its connection IDs
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ T = TypeVar("T")
 
 _VIP_KEYS = {"address", "port", "protocol", "mode", "scheduler", "table_size", "slow_start", "health",
              "on_backend_down", "on_all_down", "backend", "gue_port", "ipip_source", "mtu", "mss_clamp",
-             "allow", "deny", "new_flow_limit", "snat", "passive_health", "source_prefix"}
-_BACKEND_KEYS = {"address", "port", "mac", "weight", "backup", "health", "max_conns"}
+             "allow", "deny", "new_flow_limit", "snat", "passive_health", "source_prefix", "quic"}
+_BACKEND_KEYS = {"address", "port", "mac", "weight", "backup", "health", "max_conns", "server_id"}
 _HEALTH_KEYS = {"type", "port", "interval", "timeout", "rise", "fall", "method", "path", "status", "host",
                 "send", "expect", "via"}
 _HTTP_ONLY, _UDP_ONLY = {"method", "path", "status", "host"}, {"send", "expect"}
@@ -399,7 +400,8 @@ def _vip(d: Any, path: str) -> model.Vip:
                      vip_health, on_down, on_all_down, **encap, admission=_admission(d, path),
                      snat=_get(d, "snat", path, _bool, False),
                      passive_health=_passive_health(ph, f"{path}.passive_health") if ph is not None else None,
-                     source_prefix=_get(d, "source_prefix", path, _integer, None))
+                     source_prefix=_get(d, "source_prefix", path, _integer, None),
+                     quic=_get(d, "quic", path, _bool, False))
 
 
 def _one_of(*choices: str) -> Callable[[Any], str]:
@@ -496,7 +498,8 @@ def _backend(d: Any, path: str, vip_port: int, vip_health: dict[str, Any] | None
     check = _health(_merged_check(vip_health, own), f"{path}.health") if own is not None else None
     return model.Backend(address, port, _get(d, "mac", path, _mac, None), _get(d, "weight", path, _integer, 1),
                          _get(d, "backup", path, _bool, False), check,
-                         max_conns=_get(d, "max_conns", path, _integer, 0))
+                         max_conns=_get(d, "max_conns", path, _integer, 0),
+                         server_id=_get(d, "server_id", path, _integer, 0))
 
 
 def dump(cfg: model.Config) -> str:
@@ -522,6 +525,8 @@ def dump(cfg: model.Config) -> str:
             d["table_size"] = v.table_size
         if v.source_prefix is not None:
             d["source_prefix"] = v.source_prefix
+        if v.quic:
+            d["quic"] = True
         d |= {"slow_start": v.slow_start, "on_backend_down": v.on_backend_down.value,
               "on_all_down": v.on_all_down.value}
         if v.mode.encap:
@@ -540,6 +545,8 @@ def dump(cfg: model.Config) -> str:
             bd: dict[str, Any] = {"address": str(b.address), "port": b.port, "weight": b.weight, "backup": b.backup}
             if b.max_conns:
                 bd["max_conns"] = b.max_conns
+            if b.server_id:
+                bd["server_id"] = b.server_id
             if b.mac:
                 bd["mac"] = b.mac
             if b.health:

@@ -213,6 +213,7 @@ class BackendEntry:
     encap: Encap = Encap()
     nat_flags: int = 0            # abi.NAT_F_*
     sched: SchedFields = SchedFields()
+    server_id: int = 0            # quic: the id its connection IDs carry (bpf/quic.h); 0 = none
 
     @property
     def name(self) -> str:
@@ -570,12 +571,13 @@ class Maps:
                                             mac_str(b.mac), bool(b.flags & abi.BE_F_IN_TABLE),
                                             getattr(b, "mode", abi.FwdMode.DSR), enc, getattr(b, "nat_flags", 0),
                                             SchedFields(getattr(b, "weight", 0), getattr(b, "max_conns", 0),
-                                                        bool(b.flags & abi.BE_F_COUNTED)))
+                                                        bool(b.flags & abi.BE_F_COUNTED)),
+                                            getattr(b, "server_id", 0))
         return out
 
     def put_backend(self, backend_id: int, vip_id: int, b: model.Backend, mac: str,
                     mode: abi.FwdMode = abi.FwdMode.DSR, encap: Encap = Encap(), nat_flags: int = 0,
-                    sched: SchedFields = SchedFields()) -> None:
+                    sched: SchedFields = SchedFields(), server_id: int = 0) -> None:
         """Write a backend entry; mode is its VIP's (the program forwards by the entry's mode).
         Giving the id to another (VIP, backend) bumps its generation, so flows that started on
         the id's previous owner start over instead of following the id; rewriting the same (VIP,
@@ -593,6 +595,8 @@ class Maps:
             fields["nat_flags"] = nat_flags
         if sched.weight or sched.max_conns:
             fields |= dict(weight=sched.weight, max_conns=sched.max_conns)
+        if server_id:
+            fields["server_id"] = server_id
         if mode == abi.FwdMode.DSR and not hasattr(self.be_map.Leaf, "mode"):
             del fields["mode"]   # a program built from older sources (the scripts' --bpf-dir): DSR only
         self.be_map.update(backend_id, make(self.be_map.Leaf, **fields))
@@ -804,6 +808,44 @@ class Maps:
             self.m[abi.Map.NAT_BE].zero(backend_id)
         if abi.Map.CONNS in self.m:    # ... and no open connections
             self.m[abi.Map.CONNS].zero(backend_id)
+
+    # --- QUIC connection-ID routing (bpf/quic.h, issue 13) -------------------------------------
+    def write_quic_ids(self, ids: dict[int, dict[int, tuple[int, bool]]]) -> None:
+        """Make lbx_quic_ids exactly `ids`: VIP id -> {server id: (backend entry id, down)}. Each
+        value carries the entry's current generation (read back from lbx_backends), so a stale
+        one (the id given to another backend) is never followed. Entries first, then removals:
+        a packet sees the old id or the new one, never none in between."""
+        m = self.m.get(abi.Map.QUIC_IDS)
+        if m is None:
+            if any(ids.values()):
+                from .errors import LbxError
+                raise LbxError("this program has no lbx_quic_ids (built from older sources): quic = true needs a reattach")
+            return
+        want = {}
+        for vip_id, by_sid in ids.items():
+            for sid, (bid, down) in by_sid.items():
+                be = self.be_map.lookup(bid)
+                want[(vip_id, sid)] = (bid, be.gen if be is not None else 0, abi.QUIC_F_DOWN if down else 0)
+        have = {(k.vip_id, k.server_id): (v.backend_id, v.gen, v.flags) for k, v in m.items()}
+        for (vip_id, sid), (bid, gen, flags) in want.items():
+            if have.get((vip_id, sid)) != (bid, gen, flags):
+                m.update(make(m.Key, vip_id=vip_id, server_id=sid), make(m.Leaf, backend_id=bid, gen=gen, flags=flags))
+        for vip_id, sid in have.keys() - want.keys():
+            m.delete(make(m.Key, vip_id=vip_id, server_id=sid))
+
+    def quic_ids(self) -> dict[tuple[int, int], tuple[int, int, int]]:
+        """lbx_quic_ids: (VIP id, server id) -> (backend entry id, generation, flags)."""
+        m = self.m.get(abi.Map.QUIC_IDS)
+        return {} if m is None else {(k.vip_id, k.server_id): (v.backend_id, v.gen, v.flags) for k, v in m.items()}
+
+    def quic_stats(self) -> dict[abi.QuicReason, int]:
+        """lbx_quic_stats summed over CPUs: how QUIC VIPs' new-tuple packets were routed."""
+        m = self.m.get(abi.Map.QUIC_STATS)
+        out = {r: 0 for r in abi.QuicReason if r is not abi.QuicReason.MAX}
+        if m is not None:
+            for r in out:
+                out[r] = sum(m.lookup(int(r)) or [])
+        return out
 
     # --- open connections (bpf/sched.h, issue 13) ---------------------------------------------
     def conns(self) -> dict[int, Conns]:

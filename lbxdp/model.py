@@ -176,6 +176,7 @@ class Backend:
     backup: bool = False    # gets new flows only while no primary is usable
     health: HealthCheck | None = None   # its own check (the VIP's merged with its overrides)
     max_conns: int = 0      # open connections past which it gets no new flow (issue 13); 0 = no cap
+    server_id: int = 0      # quic VIPs: the id its connection IDs carry (1-65535, bpf/quic.h); 0 = none
 
     @property
     def name(self) -> str:
@@ -330,6 +331,7 @@ class Vip:
     snat: bool = False                                    # nat: also translate the source to [balancer] snat_v4/v6
     passive_health: PassiveHealth | None = None           # nat: [vip.passive_health] (None: off)
     source_prefix: int | None = None                      # source: client address bits hashed (None: all)
+    quic: bool = False                                    # udp: route QUIC packets by the server id in their DCID
 
     @property
     def src_prefix(self) -> int:
@@ -578,12 +580,38 @@ def _vip_problems(v: Vip, path: str) -> list[Problem]:
             out.append(Problem(bpath, f"duplicate backend {b.name} (also backend[{seen[(b.address, b.port)]}])"))
         seen.setdefault((b.address, b.port), j)
     out += _sched_problems(v, path)
+    out += _quic_problems(v, path)
     if isinstance(v.scheduler, Scheduler) and v.scheduler.maglev and isinstance(v.table_size, int) \
             and v.table_size < 100 * len(v.backends):
         out.append(Problem(f"{path}.table_size", f"{v.table_size} is less than 100 x {len(v.backends)} backends: "
                            "shares would be uneven; use a larger prime (65537 is the default)"))
     if v.backends and not any(b.weight for b in v.backends):
         out.append(Problem(f"{path}.backend", "every backend has weight 0: the VIP could take no flow"))
+    return out
+
+
+def _quic_problems(v: Vip, path: str) -> list[Problem]:
+    """quic and server_id (issue 13, bpf/quic.h): ids unique per VIP, only on a QUIC VIP."""
+    out = []
+    if v.quic is not False and v.quic is not True:
+        out.append(Problem(f"{path}.quic", f"{show(v.quic)}: must be true or false"))
+    elif v.quic and v.protocol is not Protocol.UDP:
+        out.append(Problem(f"{path}.quic", "QUIC runs over UDP: quic = true needs protocol \"udp\""))
+    elif v.quic and v.mode is Mode.NAT:
+        out.append(Problem(f"{path}.quic", "connection-ID routing is not available in nat mode yet (its "
+                           "connections are tracked by lbx_nat); use dsr, ipip or gue"))
+    seen: dict[int, int] = {}
+    for j, b in enumerate(v.backends):
+        if (bad := _int(b.server_id, 0, 0xFFFF, "; 0 = none")) is not None:
+            out.append(Problem(f"{path}.backend[{j}].server_id", bad))
+        elif b.server_id and not v.quic:
+            out.append(Problem(f"{path}.backend[{j}].server_id", f"{b.server_id}: server_id only applies to "
+                               "a VIP with quic = true"))
+        elif b.server_id and b.server_id in seen:
+            out.append(Problem(f"{path}.backend[{j}].server_id", f"{b.server_id}: already backend[{seen[b.server_id]}]'s "
+                               "(server ids are unique per VIP)"))
+        elif b.server_id:
+            seen[b.server_id] = j
     return out
 
 

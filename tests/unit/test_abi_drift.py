@@ -28,6 +28,7 @@ ENUMS: dict[str, tuple[str, type[enum.IntEnum]]] = {
     "lbx_acl_action": ("LBX_ACL_", abi.AclAction),
     "lbx_nat_state": ("LBX_NAT_", abi.NatState),
     "lbx_nat_dir": ("LBX_NAT_DIR_", abi.NatDir),
+    "lbx_quic_reason": ("LBX_QUIC_", abi.QuicReason),
 }
 
 # #define in C -> the abi constant that mirrors it
@@ -66,6 +67,12 @@ DEFINES = {
     "LBX_NAT_TIME_SHIFT": "NAT_TIME_SHIFT",
     "LBX_NAT_PORT_TRIES": "NAT_PORT_TRIES",
     "LBX_NAT_CAPACITY": "NAT_CAPACITY",
+    "LBX_VIP_F_QUIC": "VIP_F_QUIC",
+    "LBX_QUIC_SID_OFF": "QUIC_SID_OFF",
+    "LBX_QUIC_SID_END": "QUIC_SID_END",
+    "LBX_QUIC_F_DOWN": "QUIC_F_DOWN",
+    "LBX_QUIC_V1": "QUIC_V1",
+    "LBX_QUIC_V2": "QUIC_V2",
 }
 
 # struct -> the abi constant that mirrors its pinned size
