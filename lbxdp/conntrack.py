@@ -31,6 +31,11 @@ from .maps import Maps, NatEntry, nat_now
 
 _U32 = 0xFFFFFFFF
 CHUNK = 16384              # entries read per batch (and per GC tick)
+GC_GRACE = (250_000_000 >> abi.NAT_TIME_SHIFT) + 1
+"""Units (~250 ms) an entry must be past its timeout before the GC deletes it: the program's
+clock (jiffies, bpf/clock.h) lags CLOCK_MONOTONIC, the one maps.nat_now() reads, by up to a
+few ticks plus a boot-time constant (~60 ms here), so without it the GC could delete an entry
+the program still counts as live for that long."""
 
 
 @dataclass(frozen=True)
@@ -228,7 +233,7 @@ class GcTick:
 
 
 class Gc:
-    """Removes lbx_nat entries past their state's timeout, at most `chunk` entries read (and
+    """Removes lbx_nat entries past their state's timeout (and GC_GRACE), at most `chunk` entries read (and
     `max_deletes` deleted) per tick, resuming where the last tick stopped (the kernel's batch
     cursor); a pass over a full table takes capacity / chunk ticks. An entry is deleted only if
     a fresh read right before the delete still finds it expired (the program may have reused
@@ -276,11 +281,12 @@ class Gc:
         lay = _Layout(m)
         raw = _raw(values, lay.esize, n)
         w, ew = memoryview(raw).cast("I"), lay.esize // 4
-        doomed = [i for i, (s, t) in enumerate(zip(w[lay.seen::ew], w[lay.timeout::ew])) if (now - s) & _U32 > t]
+        g = GC_GRACE
+        doomed = [i for i, (s, t) in enumerate(zip(w[lay.seen::ew], w[lay.timeout::ew])) if (now - s) & _U32 > t + g]
         for i in doomed[:self.max_deletes]:
             k = m.Key.from_buffer_copy(keys[i])
             v = m.lookup(k)
-            if v is None or (now - v.seen) & _U32 <= v.timeout:
+            if v is None or (now - v.seen) & _U32 <= v.timeout + g:
                 continue
             if m.delete(k):
                 out.removed[state_name(v.state, 0)] += 1

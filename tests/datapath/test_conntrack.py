@@ -100,6 +100,7 @@ def test_gc_removes_exactly_the_expired_entries_in_bounded_chunks(nlb: Lb):
     while conntrack.summarize(nlb.maps).expired < 20:
         assert time.monotonic() < deadline, "closing entries never expired"
         time.sleep(0.1)
+    time.sleep(0.3)                      # and past the GC's grace (conntrack.GC_GRACE, ~250 ms)
     gc = conntrack.Gc(chunk=16)          # 80 entries: 5 ticks of 16, then the end of the pass
     removed, ticks = 0, 0
     while True:
