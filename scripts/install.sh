@@ -57,6 +57,7 @@ headers_ok() { [ -d "$MODDIR/build/include" ]; }
 PKGS=(python3-bpfcc bpfcc-tools libbpfcc python3-venv python3-pip gcc libc6-dev
       iproute2 ethtool nftables python3-scapy python3-pyroute2 python3-tomli-w tcpdump sudo
       wrk nginx      # wrk, nginx: scripts/bench_e2e_nat.py (keep-alive HTTP through the VIP)
+      haproxy        # scripts/bench_e2e.py: HAProxy in TCP mode, a baseline balancer
       python3-rich   # lbxdp top (pyproject: rich)
       python3-yaml)  # tests/unit/test_alerts.py reads the alert rules and their promtool tests
 if [ "$OS_ID" = ubuntu ]; then
