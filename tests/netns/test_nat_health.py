@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -200,6 +201,12 @@ def test_gc_removes_closed_connections_within_the_close_timeout(rig: Rig, daemon
     res = rig.client("tcp", rig.spec.vip4, VIP_PORT, count=100, timeout=60, try_timeout=2)
     assert res["failed"] == 0, res
     closed_at = time.monotonic()
+    conns = lbxdp_json(rig, "nat", "ls", "-i", HOST_IF, "--expired")
+    ours = [c for c in conns if c["client"].startswith(f"{rig.addr4(CLI)}:")]
+    assert len(ours) >= 100, conns[:3]
+    assert {c["vip"] for c in ours} == {f"{rig.spec.vip4}:{VIP_PORT}"} and {c["snat"] for c in ours} == {None}
+    assert {c["backend"] for c in ours} == {model.endpoint(rig.addr4(b), SERVICE_PORT) for b in rig.backends}
+    assert {c["state"] for c in ours} == {"closing"}, Counter(c["state"] for c in ours)
     nat = lbxdp_json(rig, "nat", "status", "-i", HOST_IF)
     held = sum(e["entries"] for e in nat["entries"] if e["state"] == "closing") + nat["expired"]
     assert held >= 100, nat                    # the closed connections' entries are there at first
