@@ -65,6 +65,7 @@ _Static_assert(LBX_VIP_FILTER_WORDS * 64 == 1 << LBX_VIP_FILTER_BITS, "filter wo
 #define LBX_VIP_F_PASS_NO_BACKEND 0x01 /* no usable backend: pass to the kernel instead of drop */
 #define LBX_VIP_F_CAPS 0x02 /* some backend has max_conns: choices check caps (sched.h), SYNs go half-open */
 #define LBX_VIP_F_QUIC 0x04 /* a UDP VIP whose QUIC packets go by the server id in their DCID (quic.h) */
+#define LBX_VIP_F_PASSIVE 0x10 /* a non-NAT VIP with [vip.passive_health]: its TCP SYNs go half-open, retransmitted SYNs and handshake ACKs counted in lbx_nat_be (select.h) */
 
 /* Backend flags. */
 #define LBX_BE_F_ACTIVE 0x01 /* slot holds a backend; cleared when the backend is deleted */
@@ -458,10 +459,12 @@ struct nat_cfg {
 _Static_assert(sizeof(struct nat_cfg) == 48, "also update lbxdp/abi.py");
 
 /*
- * lbx_nat_be[backend id]: per NAT backend entry state written by the program: passive-health
+ * lbx_nat_be[backend id]: per backend entry state written by the program: passive-health
  * signals (issue 12; only a handshake's events, with atomic adds, never an established packet)
  * and the SNAT port allocator's cursor. The control plane reads the signals and zeroes an entry
- * when its id gets a new owner.
+ * when its id gets a new owner. Despite its name it serves every mode: a DSR/ipip/gue VIP with
+ * LBX_VIP_F_PASSIVE counts there too (select.h: a SYN retransmitted while half-open is a failure in
+ * syn_retx, the handshake's ACK a success in synack; syn_rst stays 0: no replies are seen).
  */
 struct nat_backend {
 	__u32 consecutive;        /* failed handshakes since the last SYN-ACK (a SYN-ACK resets it to 0) */

@@ -293,6 +293,35 @@ static __always_inline void record_half_open(struct pkt *pkt, const struct selec
 }
 
 /*
+ * Passive health of a DSR/ipip/gue VIP (LBX_VIP_F_PASSIVE, issue 13): the balancer sees only the
+ * client's side of a handshake. A SYN meeting its own half-open entry is the client retransmitting
+ * (no SYN-ACK reached it within its RTO: the backend's failure, counted in syn_retx and in a row in
+ * consecutive); the first other packet of a half-open flow is the handshake's final ACK (a success:
+ * synack, consecutive back to 0), and its half-open entry goes, so that the tuple's reuse after
+ * TIME_WAIT is a new SYN, not a retransmission. The counts are lbx_nat_be's (abi.h), read by the
+ * daemon's PassiveHealthService like NAT's. Only VIPs with the flag pay anything.
+ */
+static __always_inline void passive_handshake(struct pkt *pkt, const struct selection *sel)
+{
+	__u32 id = sel->backend_id;
+	struct nat_backend *b = lbx_nat_be.lookup(&id);
+
+	if (!b)
+		return;
+	if (pkt->flags & LBX_PKT_F_SYN) {
+		__sync_fetch_and_add(&b->consecutive, 1);
+		__sync_fetch_and_add(&b->syn_retx, 1);
+		b->last_failure = tick_ns() >> LBX_NAT_TIME_SHIFT;
+		return;
+	}
+	if (pkt->flags & LBX_PKT_F_FIN)       /* the client gave up (RST) or closed: no verdict */
+		return;
+	b->consecutive = 0;
+	__sync_fetch_and_add(&b->synack, 1);
+	lbx_half_open.delete(&pkt->flow);
+}
+
+/*
  * A flow the connection table does not know. The handshake gate: a SYN is never recorded; it
  * is forwarded by the table alone where the table will repeat the choice, else its choice goes
  * into the half-open table. The client's next packet records the flow: from its half-open
@@ -305,7 +334,7 @@ static __always_inline void record_half_open(struct pkt *pkt, const struct selec
 static __always_inline int select_backend(const struct vip_meta *vip, struct pkt *pkt,
 					  struct selection *sel)
 {
-	int r, again, ho;
+	int r, again, ho, passive;
 
 	/* An error about a flow still in its handshake follows its half-open entry. */
 	if (pkt->flags & LBX_PKT_F_ICMP_ERR)
@@ -319,6 +348,11 @@ static __always_inline int select_backend(const struct vip_meta *vip, struct pkt
 	return r;
 #endif
 	again = reproducible(vip, &ho);
+	passive = (vip->flags & LBX_VIP_F_PASSIVE) && pkt->flow.proto == IPPROTO_TCP;
+	if (passive) {          /* every SYN goes half-open, so its retransmission is seen */
+		again = 0;
+		ho = 1;
+	}
 	if ((pkt->flags & LBX_PKT_F_SYN) && again) {
 		sel->new_flow = 1;
 		return table_choice(vip, pkt, sel);
@@ -326,6 +360,8 @@ static __always_inline int select_backend(const struct vip_meta *vip, struct pkt
 	if (ho && half_open(pkt, sel)) {
 		if (!(pkt->flags & LBX_PKT_F_SYN) && may_record(0))
 			record(pkt, sel);
+		if (passive)
+			passive_handshake(pkt, sel);
 		return LBX_R_OK;
 	}
 	r = table_choice(vip, pkt, sel);

@@ -288,6 +288,8 @@ class Balancer:
             flags |= abi.VIP_F_CAPS
         if vip.quic:
             flags |= abi.VIP_F_QUIC
+        if vip.passive_health is not None and vip.mode is not model.Mode.NAT:
+            flags |= abi.VIP_F_PASSIVE     # bpf/select.h: SYNs half-open, handshakes counted
         src_prefix = vip.src_prefix if vip.scheduler is model.Scheduler.SOURCE else 0
         if meta is not None and (meta.table_tag, meta.sched, meta.mode, meta.flags, meta.src_prefix) == \
                 (plan.tag, sched, mode, flags, src_prefix):

@@ -424,7 +424,9 @@ class NatGcService(BaseService):
 
 
 class PassiveHealthService(BaseService):
-    """Passive health of NAT VIPs with [vip.passive_health] (lbxdp.passive has the rules):
+    """Passive health of VIPs with [vip.passive_health] (lbxdp.passive has the rules; NAT, and
+    since issue 13 dsr/ipip/gue TCP VIPs, whose SYN retransmissions and handshake ACKs bpf/select.h
+    counts in the same lbx_nat_be entries):
     once a tick, read lbx_nat_be of their backends; a backend past `failures` failed
     handshakes in a row is suspected (backend-suspect) and gets one immediate TCP check of its
     service port (the checker's loop); a pass clears it (backend-suspect-cleared), a failure
@@ -445,7 +447,7 @@ class PassiveHealthService(BaseService):
 
     def _passive(self, state: applied.State) -> dict[BackendId, tuple[model.Vip, model.Backend]]:
         return {bid: (v, b) for bid, (v, b) in state.cfg.backends().items()
-                if v.mode is model.Mode.NAT and v.passive_health is not None}
+                if v.passive_health is not None}     # nat, and dsr/ipip/gue TCP VIPs (issue 13: bpf/select.h)
 
     def on_change(self, state: applied.State) -> None:
         self.state = state
@@ -461,7 +463,7 @@ class PassiveHealthService(BaseService):
                         if (i := have.get((vip_ids.get(v.key), b.address, b.port))) is not None}
         unit = 1e9 / (1 << abi.NAT_TIME_SHIFT)
         self.gc.gc.syn_timeout = {i: int(want[bid][0].passive_health.timeout * unit)   # type: ignore[union-attr]
-                                  for bid, i in self.entries.items()}
+                                  for bid, i in self.entries.items() if want[bid][0].mode is model.Mode.NAT}
 
     def _signals(self) -> dict[BackendId, Any]:
         from .passive import Signals

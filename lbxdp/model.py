@@ -288,7 +288,10 @@ class PassiveHealth:
     """[vip.passive_health] of a NAT VIP (issue 12): what the data path sees of handshakes
     (bpf/nat.h counts them per backend in lbx_nat_be) marks a backend suspected after `failures`
     consecutive failed handshakes (an RST answering a SYN, a SYN retransmitted or unanswered for
-    `timeout` seconds); at most `max_ejected` of the VIP's backends are down for it at once."""
+    `timeout` seconds); at most `max_ejected` of the VIP's backends are down for it at once.
+    On a dsr/ipip/gue TCP VIP (issue 13) only the client's side is seen (bpf/select.h): a SYN
+    retransmitted while half-open is a failure, the handshake's ACK a success; `timeout` is then
+    the client's own retransmission timer (no control-plane scan)."""
     failures: int = 10
     timeout: float = 2.0
     max_ejected: float = 0.5
@@ -724,9 +727,9 @@ def _nat_problems(v: Vip, path: str) -> list[Problem]:
     ph = v.passive_health
     if ph is None:
         return out
-    if v.mode is not Mode.NAT:
-        out.append(Problem(f"{path}.passive_health", f"applies to mode nat only (this VIP's is "
-                           f"{getattr(v.mode, 'value', v.mode)!r}): only NAT sees the backends' answers"))
+    # dsr, ipip, gue (issue 13): the client's side of the handshake only (bpf/select.h)
+    if v.mode is not Mode.NAT and v.protocol is not Protocol.TCP:
+        out.append(Problem(f"{path}.passive_health", "applies to TCP VIPs only: it watches handshakes"))
     out += _fields(f"{path}.passive_health", [
         ("failures", _int(ph.failures, 1, 1000, " failed handshakes")),
         ("timeout", None if not isinstance(ph.timeout, bool) and isinstance(ph.timeout, (int, float))

@@ -64,6 +64,12 @@ def test_one_port_pool_is_a_pool() -> None:
     assert config.parse(BALANCER.replace('"40000-40999"', '"40000"') + VIP + BE).balancer.snat_pool == (40000, 40000)
 
 
+def test_passive_health_is_valid_on_a_dsr_tcp_vip() -> None:
+    """issue 13: [vip.passive_health] on dsr (and ipip/gue) TCP VIPs (bpf/select.h)."""
+    cfg = config.parse(VIP.replace('"nat"', '"dsr"').replace("snat = true\n", "") + PH + BE.replace("8080", "80"))
+    assert cfg.vips[0].passive_health is not None and cfg.vips[0].passive_health.failures == 5
+
+
 @pytest.mark.parametrize("text, key, words", [
     (BALANCER.replace('"40000-40999"', '"40999-40000"') + VIP + BE, "balancer.snat_ports", "at least 1 port"),
     (BALANCER.replace('"40000-40999"', '"0-10"') + VIP + BE, "balancer.snat_ports", "out of range"),
@@ -73,8 +79,8 @@ def test_one_port_pool_is_a_pool() -> None:
     (BALANCER.replace("tcp_syn = 5", "tcp_syn = 0") + VIP + BE, "balancer.nat_timeouts.tcp_syn", "out of range"),
     (BALANCER.replace("tcp_syn = 5", "tcp_synn = 5") + VIP + BE, "balancer.nat_timeouts.tcp_synn", "did you mean"),
     (VIP.replace('"nat"', '"dsr"') + BE.replace("8080", "80"), "vip[0].snat", "applies to mode nat only"),
-    (VIP.replace('"nat"', '"gue"').replace("snat = true\n", "") + PH + BE.replace("8080", "80"),
-     "vip[0].passive_health", "applies to mode nat only"),
+    (VIP.replace('"nat"', '"gue"').replace('"tcp"', '"udp"').replace("snat = true\n", "") + PH + BE.replace("8080", "80"),
+     "vip[0].passive_health", "TCP VIPs only"),
     (VIP.replace('"nat"', '"dsr"').replace("snat = true\n", "") + BE, "vip[0].backend[0].port", "cannot rewrite ports"),
     (VIP.replace("snat = true", 'snat = "yes"') + BE, "vip[0].snat", "not true or false"),
     (VIP + PH.replace("failures = 5", "failures = 0") + BE, "vip[0].passive_health.failures", "out of range"),
