@@ -196,8 +196,19 @@ class LbxCollector(Collector):
         passive_down = GaugeMetricFamily("lbxdp_backend_passive_down", "1 if the backend is down because passive "
                                          "health ejected it (NAT VIPs with [vip.passive_health]), else 0.",
                                          labels=["interface", "vip", "backend"])
+        quic_pkts = CounterMetricFamily("lbxdp_quic_packets", "QUIC VIPs' packets of tuples the connection table "
+                                        "did not know, by how they were routed: by_id (server id in the connection ID), "
+                                        "initial (Initial/0-RTT, by the table), unknown_id/down_id/short_cid (fell "
+                                        "back to the table), other (Retry, version negotiation, other versions).",
+                                        labels=["interface", "how"])
+        quic_ids = GaugeMetricFamily("lbxdp_quic_server_ids", "Server ids the program routes QUIC connection IDs "
+                                     "by (every QUIC VIP).", labels=["interface"])
         for s in snaps:
             iface = s.interface
+            if s.quic.active:
+                quic_ids.add_metric([iface], s.quic.ids)
+                for r, n in s.quic.packets:
+                    quic_pkts.add_metric([iface, r.name.lower()], n)
             if s.nat is not None:
                 for (d, st), n in sorted(s.nat.entries.items()):
                     nat_entries.add_metric([iface, d, st], n)
@@ -255,7 +266,7 @@ class LbxCollector(Collector):
         yield from (*vip.values(), *be.values(), in_table, healthy, v_pkts, v_bytes, entries, capacity, info, took,
                     acl_rules, lim_rate, lim_burst, half_open, flood_threshold, flood_cpus, skipped, ho_written,
                     nat_entries, nat_expired, nat_capacity, pool_size, pool_use, hs_fail, hs_total, passive_down,
-                    open_conns, max_conns, cap_hits)
+                    open_conns, max_conns, cap_hits, quic_pkts, quic_ids)
 
 
 def make_registry(source: Source, registry: CollectorRegistry | None = None) -> CollectorRegistry:

@@ -207,6 +207,39 @@ class GateStatus:
 
 
 @dataclass(frozen=True)
+class QuicStatus:
+    """QUIC connection-ID routing (bpf/quic.h, issue 13): how many server ids the program knows
+    (lbx_quic_ids, every QUIC VIP) and how QUIC VIPs' new-tuple packets were routed, ever
+    (lbx_quic_stats by abi.QuicReason: by_id, initial, unknown_id, down_id, short_cid, other)."""
+    ids: int = 0
+    packets: tuple[tuple[abi.QuicReason, int], ...] = ()
+
+    @property
+    def active(self) -> bool:
+        """Worth a line in `status`: a QUIC VIP is configured or packets were counted."""
+        return bool(self.ids) or any(n for _, n in self.packets)
+
+    def count(self, reason: abi.QuicReason) -> int:
+        return dict(self.packets).get(reason, 0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"server_ids": self.ids, "packets": {r.name.lower(): n for r, n in self.packets}}
+
+    def text(self) -> str:
+        fell = sum(n for r, n in self.packets if r in (abi.QuicReason.UNKNOWN_ID, abi.QuicReason.DOWN_ID,
+                                                       abi.QuicReason.SHORT_CID))
+        return (f"QUIC: {self.ids} server id(s); new-tuple packets: {self.count(abi.QuicReason.BY_ID)} routed "
+                f"by id, {self.count(abi.QuicReason.INITIAL)} initial/0-RTT by the table, {fell} fell back "
+                f"(unknown id {self.count(abi.QuicReason.UNKNOWN_ID)}, down id {self.count(abi.QuicReason.DOWN_ID)}, "
+                f"short CID {self.count(abi.QuicReason.SHORT_CID)}), {self.count(abi.QuicReason.OTHER)} other")
+
+
+def read_quic(maps: Any) -> QuicStatus:
+    """QuicStatus from the maps (an older program without the QUIC maps reads as zeros)."""
+    return QuicStatus(len(maps.quic_ids()), tuple(maps.quic_stats().items()))
+
+
+@dataclass(frozen=True)
 class InstanceStatus:
     interface: str
     netns: str | None = None
@@ -221,6 +254,7 @@ class InstanceStatus:
     admission: AdmissionStatus = NO_ADMISSION   # the [balancer] scope's (each VIP's: VipStatus)
     gate: GateStatus = GateStatus()
     nat: NatStatus | None = None   # NAT conntrack and SNAT pool (None: no NAT VIP)
+    quic: QuicStatus = QuicStatus()   # QUIC connection-ID routing (bpf/quic.h)
 
     def vip(self, name: str) -> VipStatus | None:
         return next((v for v in self.vips if v.name == name), None)
@@ -235,7 +269,7 @@ class InstanceStatus:
                 "vips": [v.to_json() for v in self.vips], "reasons": [r.to_json() for r in self.reasons],
                 "flows": {"entries": self.flow_entries, "capacity": self.flow_capacity},
                 "admission": self.admission.to_json(), "gate": self.gate.to_json(),
-                "nat": self.nat.to_json() if self.nat else None}
+                "nat": self.nat.to_json() if self.nat else None, "quic": self.quic.to_json()}
 
 
 def _stats(s: Stats) -> dict[str, int]:
@@ -266,9 +300,10 @@ def read(inst: Instance, told: Callable[[Instance], applied.State] = applied.loa
         nat = conntrack.summarize(maps) if nat_vips else None
         hs = {b.id: _handshakes(maps, b.id) for v in nat_vips for b in v.backends}
         cs = maps.conns()
+        quic = read_quic(maps)
     return InstanceStatus(inst.ifname, inst.netns, str(inst.pin_dir), _xdp(inst), record,
                           tuple(_vip(v, health, admission, hs, cs) for v in views), reasons, entries, capacity,
-                          time.monotonic() - t0, admission=glob, gate=gate, nat=nat)
+                          time.monotonic() - t0, admission=glob, gate=gate, nat=nat, quic=quic)
 
 
 def _handshakes(maps: Any, backend_id: int) -> Handshakes:

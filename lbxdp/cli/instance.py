@@ -122,6 +122,8 @@ def print_status(r: InstanceStatus) -> None:
         click.echo(f"  admission of new flows (every VIP): {r.admission.text()}")
     for line in r.nat.text() if r.nat else ():
         click.echo(f"  {line}")
+    if r.quic.active:
+        click.echo(f"  {r.quic.text()}")
     row = "  {:<34} {:>6} {:>12} {:>14} {:>10}  {}"
     click.echo(row.format("VIP / backend", "sched", "packets", "bytes", "new flows", "health (last check)"))
     for v in r.vips:

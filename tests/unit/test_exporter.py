@@ -212,3 +212,17 @@ def test_serve_exposes_metrics_over_http_and_stops() -> None:
     assert fams["lbxdp_vip_packets"].type == "counter"
     assert any(s.value == 100 for s in fams["lbxdp_vip_packets"].samples)
     assert "process_cpu_seconds" in fams
+
+
+def test_quic_series_only_for_an_instance_with_quic() -> None:
+    """ETH0 has no QUIC VIP and counted nothing: no lbxdp_quic_* series (test_view checks the values)."""
+    from lbxdp.view import QuicStatus
+    quiet = InstanceStatus("eth1", quic=QuicStatus(0, tuple((r, 0) for r in abi.QuicReason if r is not abi.QuicReason.MAX)))
+    busy = InstanceStatus("eth2", quic=QuicStatus(1, ((abi.QuicReason.BY_ID, 7), (abi.QuicReason.INITIAL, 1))))
+    reg = make_registry(FakeSource([ETH0, quiet, busy]), CollectorRegistry())
+    g = reg.get_sample_value
+    assert g("lbxdp_quic_packets_total", {"interface": "eth0", "how": "by_id"}) is None
+    assert g("lbxdp_quic_packets_total", {"interface": "eth1", "how": "by_id"}) is None
+    assert g("lbxdp_quic_packets_total", {"interface": "eth2", "how": "by_id"}) == 7
+    assert g("lbxdp_quic_packets_total", {"interface": "eth2", "how": "initial"}) == 1
+    assert g("lbxdp_quic_server_ids", {"interface": "eth2"}) == 1

@@ -74,6 +74,15 @@ class FakeMaps:
     def conns(self) -> dict:
         return {}
 
+    quic = {abi.QuicReason.BY_ID: 0}   # issue 13: lbx_quic_stats (tests set other counts)
+    ids: dict = {}
+
+    def quic_ids(self) -> dict:
+        return dict(self.ids)
+
+    def quic_stats(self) -> dict[abi.QuicReason, int]:
+        return {r: self.quic.get(r, 0) for r in abi.QuicReason if r is not abi.QuicReason.MAX}
+
     class _HalfOpen:
         class info:
             max_entries = 16384
@@ -116,6 +125,8 @@ EXPECTED = {
     "gate": {"half_open": {"entries": 3, "capacity": 16384, "written": 9},      # issue 11: the handshake gate
              "flood": {"threshold": 200, "cpus_flooded": 1, "inserts_skipped": 5}},
     "nat": None,                                                                 # issue 12: no NAT VIP
+    "quic": {"server_ids": 0, "packets": {"by_id": 0, "initial": 0, "unknown_id": 0, "down_id": 0,   # issue 13
+                                          "short_cid": 0, "other": 0}},
 }
 
 
@@ -262,3 +273,37 @@ def test_status_and_the_exporter_show_the_handshake_gate(inst: Instance, capsys:
         "lbxdp_flood_inserts_skipped_total", "lbxdp_half_open_written_total")}
     assert got == {"lbxdp_half_open_entries": 3, "lbxdp_flood_threshold": 200, "lbxdp_flood_cpus": 1,
                    "lbxdp_flood_inserts_skipped_total": 5, "lbxdp_half_open_written_total": 9}
+
+
+def test_status_and_the_exporter_show_quic_routing(inst: Instance, capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """lbx_quic_ids' size and lbx_quic_stats (bpf/quic.h): a line of `status` only when a QUIC VIP
+    is configured, the JSON counts by reason, and lbxdp_quic_packets_total{how} per reason."""
+    from lbxdp.cli.instance import print_status
+    Q = abi.QuicReason
+    st = control.status(inst)
+    assert not st.quic.active
+    print_status(st)
+    assert "QUIC" not in capsys.readouterr().out
+    monkeypatch.setattr(FakeMaps, "ids", {(0, 0x101): (0, 1, 0), (0, 0x202): (1, 1, 0)})
+    monkeypatch.setattr(FakeMaps, "quic", {Q.BY_ID: 40, Q.INITIAL: 6, Q.UNKNOWN_ID: 3, Q.DOWN_ID: 2,
+                                           Q.SHORT_CID: 1, Q.OTHER: 5})
+    st = control.status(inst)
+    assert st.quic.active and st.quic.ids == 2 and st.quic.count(Q.BY_ID) == 40
+    assert st.to_json()["quic"] == {"server_ids": 2, "packets": {"by_id": 40, "initial": 6, "unknown_id": 3,
+                                                                 "down_id": 2, "short_cid": 1, "other": 5}}
+    print_status(st)
+    assert ("QUIC: 2 server id(s); new-tuple packets: 40 routed by id, 6 initial/0-RTT by the table, 6 fell back "
+            "(unknown id 3, down id 2, short CID 1), 5 other") in capsys.readouterr().out
+
+    class Source:
+        def instances(self) -> list[Instance]:
+            return [inst]
+
+        def read(self, i: Instance) -> view.InstanceStatus:
+            return st
+    reg = make_registry(Source(), CollectorRegistry())
+    got = {how: reg.get_sample_value("lbxdp_quic_packets_total", {"interface": "eth0", "how": how})
+           for how in ("by_id", "initial", "unknown_id", "down_id", "short_cid", "other")}
+    assert got == {"by_id": 40, "initial": 6, "unknown_id": 3, "down_id": 2, "short_cid": 1, "other": 5}
+    assert reg.get_sample_value("lbxdp_quic_server_ids", {"interface": "eth0"}) == 2
