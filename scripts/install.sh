@@ -299,7 +299,7 @@ fail=0
 check_out=$(cd / && "$VENV/bin/python" -I - <<'EOF' 2>&1
 import importlib, sys
 bad = 0
-for name in ("bcc", "lbxdp", "pyroute2", "click", "prometheus_client", "scapy"):
+for name in ("bcc", "lbxdp", "pyroute2", "click", "prometheus_client", "scapy", "aioquic"):
     try:
         mod = importlib.import_module(name)
     except BaseException as e:  # report every failure, keep going
