@@ -98,9 +98,10 @@ class Lbxdp:
 
     name = "lbxdp"
 
-    def __init__(self, rig: Rig, family: int, config: Path, xdp_mode: str) -> None:
+    def __init__(self, rig: Rig, family: int, config: Path, xdp_mode: str, text: str | None = None) -> None:
+        # text: another config (scripts/bench_e2e.py: DSR, or NAT VIPs for TCP and UDP)
         self.rig, self.config, self.mode = rig, config, xdp_mode
-        config.write_text(nat_config(rig, family))
+        config.write_text(nat_config(rig, family) if text is None else text)
 
     def __enter__(self):
         lbxdp(self.rig, "attach", HOST_IF, "--config", str(self.config), "--mode", self.mode)
@@ -120,16 +121,18 @@ class Nftables:
 
     name = "nftables"
 
-    def __init__(self, rig: Rig, family: int) -> None:
+    def __init__(self, rig: Rig, family: int, udp: bool = False) -> None:
+        # udp: the same DNAT for UDP to the VIP's port too (scripts/bench_e2e.py)
         self.rig, self.family = rig, family
         fam = "ip" if family == 4 else "ip6"
         vip = rig.spec.vip4 if family == 4 else rig.spec.vip6
         addrs = [rig.addr4(b) if family == 4 else f"[{rig.addr6(b)}]" for b in rig.backends]
         # numgen inc: round robin over the backends, as lbxdp's rr scheduler.
         targets = ", ".join(f"{i} : {a}" for i, a in enumerate(addrs))
+        rules = "".join(f"  {fam} daddr {vip} {proto} dport {VIP_PORT} dnat to numgen inc mod {len(addrs)} "
+                        f"map {{ {targets} }}:{BACKEND_PORT}\n" for proto in ("tcp", "udp")[:1 + udp])
         self.ruleset = (f"table {fam} {TABLE} {{\n chain pre {{\n  type nat hook prerouting priority dstnat;\n"
-                        f"  {fam} daddr {vip} tcp dport {VIP_PORT} dnat to numgen inc mod {len(addrs)} "
-                        f"map {{ {targets} }}:{BACKEND_PORT}\n }}\n}}\n")
+                        f"{rules} }}\n}}\n")
         self.fam = fam
 
     def __enter__(self):
