@@ -65,6 +65,7 @@ _Static_assert(LBX_VIP_FILTER_WORDS * 64 == 1 << LBX_VIP_FILTER_BITS, "filter wo
 #define LBX_VIP_F_PASS_NO_BACKEND 0x01 /* no usable backend: pass to the kernel instead of drop */
 #define LBX_VIP_F_CAPS 0x02 /* some backend has max_conns: choices check caps (sched.h), SYNs go half-open */
 #define LBX_VIP_F_QUIC 0x04 /* a UDP VIP whose QUIC packets go by the server id in their DCID (quic.h) */
+#define LBX_VIP_F_ADMIT 0x08 /* this VIP or the global scope has an ACL or a limit: admit() reads lbx_admit */
 #define LBX_VIP_F_PASSIVE 0x10 /* a non-NAT VIP with [vip.passive_health]: its TCP SYNs go half-open, retransmitted SYNs and handshake ACKs counted in lbx_nat_be (select.h) */
 
 /* Backend flags. */

@@ -18,15 +18,22 @@
 static __always_inline int admit(const struct vip_meta *vip, const struct pkt *pkt)
 {
 	__u32 gid = LBX_ADMIT_GLOBAL, vid = vip->id;
-	struct lbx_admit *g = lbx_admit.lookup(&gid);
-	struct lbx_admit *v = lbx_admit.lookup(&vid);
+	struct lbx_admit *g, *v;
 	__u64 now;
 	int r;
 
 #ifdef LBX_NO_ADMISSION
 	return LBX_R_OK;
 #endif
-	if (!g || !v || (pkt->flags & LBX_PKT_F_ICMP_ERR))
+	/*
+	 * LBX_VIP_F_ADMIT (the control plane's: lbxdp/balancer.py) says whether either scope has
+	 * anything; without it the two lbx_admit lookups (~10 ns, docs/benchmarks.md) are skipped.
+	 */
+	if (!(vip->flags & LBX_VIP_F_ADMIT) || (pkt->flags & LBX_PKT_F_ICMP_ERR))
+		return LBX_R_OK;
+	g = lbx_admit.lookup(&gid);
+	v = lbx_admit.lookup(&vid);
+	if (!g || !v)
 		return LBX_R_OK;
 	if (g->flags && (r = acl_verdict(g, LBX_ADMIT_GLOBAL, pkt)) != LBX_R_OK)
 		return r;

@@ -30,6 +30,7 @@ BE_F_IN_TABLE = 0x02     # LBX_BE_F_IN_TABLE
 BE_F_COUNTED = 0x04      # LBX_BE_F_COUNTED (issue 13: open connections counted in lbx_conns)
 VIP_F_CAPS = 0x02        # LBX_VIP_F_CAPS (some backend has max_conns)
 VIP_F_QUIC = 0x04        # LBX_VIP_F_QUIC (QUIC connection-ID routing, bpf/quic.h)
+VIP_F_ADMIT = 0x08       # LBX_VIP_F_ADMIT (the VIP or the global scope has an ACL or a limit)
 VIP_F_PASSIVE = 0x10     # LBX_VIP_F_PASSIVE (issue 13: passive health of a non-NAT VIP, bpf/select.h)
 FLOW_F_COUNTED = 0x01    # LBX_FLOW_F_COUNTED
 FLOW_F_CLOSED = 0x02     # LBX_FLOW_F_CLOSED

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import array
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
 from . import abi, model, ring
@@ -149,6 +149,7 @@ class _Switch:
     new: VipMeta
     plan: TablePlan
     ids: tuple[int, ...] = ()   # the VIP's backend entry ids
+    rebuild: bool = True        # False: only vip_meta's LBX_VIP_F_ADMIT changed, the table stays
 
     @property
     def shrinks(self) -> bool:
@@ -248,7 +249,11 @@ class Balancer:
                 if addr_port not in kept:
                     retired.append(e.id)
                     diff.add(f"- backend {e.name} from {vip.name}")
-            switch = self._plan_switch(vip, vip_id, meta, ids, rt, diff)
+            # LBX_VIP_F_ADMIT: admit() reads lbx_admit only for a VIP whose flag says either
+            # scope has rules. Written with the meta in _switch_tables, after _apply_admission:
+            # rules take effect when the flag is set (a flag without entries is no rule).
+            has_rules = vip.admission != model.Admission() or cfg.balancer.admission != model.Admission()
+            switch = self._plan_switch(vip, vip_id, meta, ids, rt, diff, has_rules)
             if switch is not None:
                 switches.append(switch)
         self._apply_admission(cfg, admit, diff)   # before _switch_tables inserts new VIPs
@@ -280,7 +285,7 @@ class Balancer:
             diff.add(f"~ allow/deny: {rules} rules; {purged} established flows they refuse purged")
 
     def _plan_switch(self, vip: model.Vip, vip_id: int, meta: VipMeta | None, ids: list[int],
-                     rt: Runtime, diff: Diff) -> _Switch | None:
+                     rt: Runtime, diff: Diff, has_rules: bool = False) -> _Switch | None:
         sched, mode = vip.scheduler.abi, vip.mode.abi
         plan = plan_table(vip, ids, rt)
         flags = abi.VIP_F_PASS_NO_BACKEND if vip.on_all_down is model.OnAllDown.PASS else 0
@@ -290,10 +295,16 @@ class Balancer:
             flags |= abi.VIP_F_QUIC
         if vip.passive_health is not None and vip.mode is not model.Mode.NAT:
             flags |= abi.VIP_F_PASSIVE     # bpf/select.h: SYNs half-open, handshakes counted
+        if has_rules:
+            flags |= abi.VIP_F_ADMIT
         src_prefix = vip.src_prefix if vip.scheduler is model.Scheduler.SOURCE else 0
         if meta is not None and (meta.table_tag, meta.sched, meta.mode, meta.flags, meta.src_prefix) == \
                 (plan.tag, sched, mode, flags, src_prefix):
             return None
+        if meta is not None and (meta.table_tag, meta.sched, meta.mode, meta.flags | abi.VIP_F_ADMIT,
+                                 meta.src_prefix) == (plan.tag, sched, mode, flags | abi.VIP_F_ADMIT, src_prefix):
+            # only the admission flag: the same table, the meta rewritten in one map write
+            return _Switch(vip.key, meta, replace(meta, flags=flags), plan, tuple(ids), rebuild=False)
         # A changed table unsettles the VIP's SYNs for a while (bpf/select.h: reproducible());
         # a new VIP's first table is settled: no packet used another one.
         changed_at = 0 if meta is None else meta.changed_at if meta.table_tag == plan.tag else now_units()
@@ -314,7 +325,7 @@ class Balancer:
         for s in switches:
             if s.shrinks:
                 self.maps.put_vip(s.key, s.new)
-        self.maps.write_tables((s.new.id, s.plan.build()) for s in switches)
+        self.maps.write_tables((s.new.id, s.plan.build()) for s in switches if s.rebuild)
         for s in switches:
             if not s.shrinks:
                 self.maps.put_vip(s.key, s.new)

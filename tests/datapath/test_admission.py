@@ -179,6 +179,33 @@ def test_established_flows_of_a_newly_denied_prefix_are_purged_and_dropped(fresh
     check(fresh, _tx("the allowed flow goes on", tcp(O4, 80, 42202, flags="A"), ONE4))
 
 
+def test_vip_meta_says_which_vips_admit_reads_lbx_admit_for(fresh: Lb) -> None:
+    """admit() looks lbx_admit up only for a VIP whose meta has LBX_VIP_F_ADMIT (its own or the
+    global scope has rules). Rules added to or removed from existing VIPs rewrite the flag,
+    not the table (changed_at stays); a VIP added while the global scope has rules is born with it."""
+    def flagged() -> dict[str, bool]:
+        return {k.name: bool(m.flags & abi.VIP_F_ADMIT) for k, m in fresh.maps.vips().items()}
+    fresh.apply(BASE1)
+    before = fresh.maps.vips()
+    assert not any(flagged().values())
+    fresh.apply(with_admission(BASE1, ONE4=model.Admission(deny=(net("203.0.113.0/24"),))))
+    assert [n for n, f in flagged().items() if f] == [ONE4.key.name]
+    check(fresh, _drop("the VIP's rule applies", tcp(O4, 80, 42301, src="203.0.113.1"), R.DROP_ACL_DENY))
+    check(fresh, _tx("another VIP has none", tcp(O6, 80, 42302, src="2001:db8::1"), ONE6))
+    glob = with_admission(BASE, model.Admission(deny=(net("203.0.113.0/24"),)))
+    fresh.apply(glob)
+    assert all(flagged().values())
+    fresh.apply(dataclasses.replace(glob, vips=BASE1.vips))    # ONE4, ONE6, ONEU4 new under global rules
+    assert all(flagged().values())
+    check(fresh, _drop("a new VIP meets the global rules", tcp(O4, 80, 42303, src="203.0.113.2"), R.DROP_ACL_DENY))
+    fresh.apply(BASE1)
+    after = fresh.maps.vips()
+    assert not any(flagged().values())
+    assert {k: (m.table_tag, m.changed_at) for k, m in after.items()} == \
+        {k: (m.table_tag, m.changed_at) for k, m in before.items() if k in after}
+    check(fresh, _tx("no rules again", tcp(O4, 80, 42304, src="203.0.113.3"), ONE4))
+
+
 # --- per-source limits of new flows ----------------------------------------------------------------
 
 def limited(rate: int, burst: int, glob: bool = False) -> model.Config:
