@@ -338,6 +338,20 @@ struct lbx_conns {
 };
 _Static_assert(sizeof(struct lbx_conns) == 16, "also update lbxdp/abi.py");
 
+/*
+ * lbx_backups[VIP id]: the VIP's backup backend entries (issue 13), written by the control plane
+ * for a VIP with caps while its table holds primaries (else n = 0). sched.h reads it only when
+ * every primary candidate is at its max_conns: a new flow then goes to the first backup (from a
+ * flow-hash start) that is active, of this VIP and under its own cap, counted per VIP in
+ * lbx_overflows; none: on_all_down (LBX_R_{DROP,PASS}_BACKENDS_FULL).
+ */
+#define LBX_BACKUP_MAX 7
+struct lbx_backups {
+	__u32 n;                    /* ids used, <= LBX_BACKUP_MAX */
+	__u32 id[LBX_BACKUP_MAX];   /* backend entry ids */
+};
+_Static_assert(sizeof(struct lbx_backups) == 32, "also update lbxdp/abi.py");
+
 /* Per-CPU counters of one reason. */
 struct lbx_count {
 	__u64 packets;

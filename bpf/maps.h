@@ -154,6 +154,15 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct nat_scratch, lbx_nat_scratch, 1,
 BPF_TABLE_PINNED("array", __u32, struct lbx_conns, lbx_conns, LBX_MAX_BACKENDS,
 		 LBX_PIN_DIR "/lbx_conns");
 
+/* VIP id -> its backups for new flows its full primaries refuse (struct lbx_backups, sched.h,
+ * issue 13). Written by lbxdp.maps.Maps.write_backups only. */
+BPF_TABLE_PINNED("array", __u32, struct lbx_backups, lbx_backups, LBX_MAX_VIPS,
+		 LBX_PIN_DIR "/lbx_backups");
+
+/* VIP id -> new flows sent to a backup because every primary candidate was full (per CPU). */
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, lbx_overflows, LBX_MAX_VIPS,
+		 LBX_PIN_DIR "/lbx_overflows");
+
 /* (VIP id, server id) -> backend entry of a QUIC VIP (struct quic_id_val, quic.h, issue 13).
  * Written by lbxdp.maps.Maps.write_quic_ids only. */
 BPF_TABLE_PINNED("hash", struct quic_id_key, struct quic_id_val, lbx_quic_ids, LBX_MAX_BACKENDS,

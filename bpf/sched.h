@@ -116,11 +116,53 @@ static __always_inline void chose(struct selection *sel, struct backend *be, __u
 }
 
 /*
+ * Every primary candidate is full: the VIP's backups (lbx_backups, written for a capped VIP while
+ * its table holds primaries), from a start given by the flow hash, the first one active, still
+ * this VIP's and under its own cap; counted in lbx_overflows. None: on_all_down. Only
+ * this overflow reads lbx_backups: the normal choice pays nothing for it.
+ */
+static __always_inline int backup_choice(const struct vip_meta *vip, struct pkt *pkt,
+					 struct selection *sel)
+{
+	struct lbx_backups *b = lbx_backups.lookup((__u32 *)&vip->id);
+	__u32 n, start, id;
+	struct backend *be;
+	__u64 *cnt;
+
+	if (b && b->n) {
+		n = b->n < LBX_BACKUP_MAX ? b->n : LBX_BACKUP_MAX;
+		start = flow_hash(&pkt->flow) % n;
+#pragma unroll
+		for (int i = 0; i < LBX_BACKUP_MAX; i++) {
+			__u32 k = start + i;
+
+			if (i >= n)
+				break;
+			if (k >= n)
+				k -= n;
+			asm volatile("" : "+r"(k));   /* the bound below checks the register indexed */
+			if (k >= LBX_BACKUP_MAX)
+				break;
+			id = b->id[k];
+			be = backend_by_id(id);
+			if (!be || be->vip_id != vip->id || at_cap(be, id))
+				continue;
+			chose(sel, be, id, vip->id);
+			cnt = lbx_overflows.lookup((__u32 *)&vip->id);
+			if (cnt)
+				*cnt += 1;
+			return LBX_R_OK;
+		}
+	}
+	return vip->flags & LBX_VIP_F_PASS_NO_BACKEND ? LBX_R_PASS_BACKENDS_FULL : LBX_R_DROP_BACKENDS_FULL;
+}
+
+/*
  * The choice of a source or leastconn VIP, or of any VIP with caps. leastconn: power of two
  * choices, two slots of the weighted table by two hashes of the flow, the lower open/weight
  * (compared crosswise, no division); ties go to the first. A full backend (max_conns) is skipped
- * for the other candidate, then for the next LBX_CAP_PROBES slots; none left: the VIP's
- * on_all_down with LBX_R_{PASS,DROP}_BACKENDS_FULL. An ICMP error ignores caps (it is about a
+ * for the other candidate, then for the next LBX_CAP_PROBES slots, then the VIP's backups
+ * (backup_choice); none left: the VIP's on_all_down with LBX_R_{PASS,DROP}_BACKENDS_FULL. An ICMP error ignores caps (it is about a
  * flow that exists) and, on leastconn, cannot name the flow's backend (like round robin).
  */
 static __always_inline int sched_choice(const struct vip_meta *vip, struct pkt *pkt, void *table,
@@ -190,7 +232,7 @@ static __always_inline int sched_choice(const struct vip_meta *vip, struct pkt *
 		}
 		slot = slot + 1 < vip->table_size ? slot + 1 : 0;
 	}
-	return vip->flags & LBX_VIP_F_PASS_NO_BACKEND ? LBX_R_PASS_BACKENDS_FULL : LBX_R_DROP_BACKENDS_FULL;
+	return backup_choice(vip, pkt, sel);   /* every primary tried is full */
 unchecked:
 	be = slot_backend(table, slot, &id);
 	if (!be)

@@ -35,6 +35,8 @@ VIP_F_PASSIVE = 0x10     # LBX_VIP_F_PASSIVE (issue 13: passive health of a non-
 FLOW_F_COUNTED = 0x01    # LBX_FLOW_F_COUNTED
 FLOW_F_CLOSED = 0x02     # LBX_FLOW_F_CLOSED
 CONNS_SIZE = 16          # sizeof(struct lbx_conns)
+BACKUP_MAX = 7           # LBX_BACKUP_MAX (issue 13: backups a capped VIP overflows to)
+BACKUPS_SIZE = 32        # sizeof(struct lbx_backups)
 VIP_F_PASS_NO_BACKEND = 0x01  # LBX_VIP_F_PASS_NO_BACKEND
 CTL_F_MAC_SET = 0x0001   # LBX_CTL_F_MAC_SET
 CTL_F_NO_ICMP_STEER = 0x0002  # LBX_CTL_F_NO_ICMP_STEER
@@ -210,6 +212,8 @@ class Map(str, enum.Enum):
     NAT_BE = "lbx_nat_be"
     NAT_SCRATCH = "lbx_nat_scratch"
     CONNS = "lbx_conns"
+    BACKUPS = "lbx_backups"
+    BACKUP_OVERFLOWS = "lbx_overflows"
     QUIC_IDS = "lbx_quic_ids"
     QUIC_STATS = "lbx_quic_stats"
 

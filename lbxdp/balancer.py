@@ -64,6 +64,18 @@ def usable(vip: model.Vip, rt: Runtime) -> list[tuple[int, int]]:
     return primaries or [(i, w) for i, w in weighted if w > 0 and vip.backends[i].backup]
 
 
+def backups_of(vip: model.Vip, ids: list[int], rt: Runtime) -> list[int]:
+    """lbx_backups of a VIP (bpf/sched.h: backup_choice): where a capped VIP's new flows go when
+    every primary candidate is at its cap. Its backups with a weight, at most abi.BACKUP_MAX in
+    config order, while its table holds primaries (a table of backups already has them)."""
+    if not any(b.max_conns for b in vip.backends):
+        return []
+    use = usable(vip, rt)
+    if not use or vip.backends[use[0][0]].backup:
+        return []
+    return [ids[i] for i, b in enumerate(vip.backends) if b.backup and rt.weight(vip, b) > 0][:abi.BACKUP_MAX]
+
+
 def encap_of(vip: model.Vip, b: model.Backend, opts: model.BalancerOptions, link_mtu: int) -> Encap:
     """The encap fields of a backend entry: GUE port, flags, the path MTU (the VIP's, else
     [balancer]'s, else the interface's) and the MSS a SYN is clamped to (mss_clamp: what fits
@@ -202,6 +214,7 @@ class Balancer:
         self.maps.add_to_nat_filter(nat_addresses(cfg))
         diff, retired, switches = Diff(), [], []
         quic_ids: dict[int, dict[int, tuple[int, bool]]] = {}
+        backups: dict[int, list[int]] = {}   # VIP id -> lbx_backups
         admit: dict[int, model.Admission] = {}   # scope (vip id, or the global one) -> its rules
         for e in orphans:
             # An established flow finds its backend without a VIP lookup: an entry must not
@@ -253,12 +266,14 @@ class Balancer:
             # scope has rules. Written with the meta in _switch_tables, after _apply_admission:
             # rules take effect when the flag is set (a flag without entries is no rule).
             has_rules = vip.admission != model.Admission() or cfg.balancer.admission != model.Admission()
+            backups[vip_id] = backups_of(vip, ids, rt)
             switch = self._plan_switch(vip, vip_id, meta, ids, rt, diff, has_rules)
             if switch is not None:
                 switches.append(switch)
         self._apply_admission(cfg, admit, diff)   # before _switch_tables inserts new VIPs
         self._switch_tables(switches)
         self.maps.write_quic_ids(quic_ids)   # after the entries it names; drops deleted VIPs' ids
+        self.maps.write_backups(backups)     # after the entries it names (bpf/sched.h: backup_choice)
         for key, meta in current.items():
             if key not in desired:
                 self.maps.delete_vip(key)

@@ -838,6 +838,40 @@ class Maps:
         m = self.m.get(abi.Map.QUIC_IDS)
         return {} if m is None else {(k.vip_id, k.server_id): (v.backend_id, v.gen, v.flags) for k, v in m.items()}
 
+    def write_backups(self, backups: dict[int, list[int]]) -> None:
+        """Make lbx_backups say `backups` (VIP id -> backup entry ids, at most abi.BACKUP_MAX);
+        every other VIP's entry n = 0. One array write per changed VIP (bpf/sched.h reads n and
+        checks each id's VIP and activity, so a torn read names nobody else's backend)."""
+        m = self.m.get(abi.Map.BACKUPS)
+        if m is None:
+            if any(backups.values()):
+                from .errors import LbxError
+                raise LbxError("this program has no lbx_backups (built from older sources): reattach for caps to overflow to backups")
+            return
+        have = {int(getattr(k, "value", k)): list(v.id[:min(v.n, abi.BACKUP_MAX)])
+                for k, v in m.items() if v.n}
+        for vip_id in set(have) | {v for v, ids in backups.items() if ids}:
+            want = list(backups.get(vip_id, []))[:abi.BACKUP_MAX]
+            if have.get(vip_id, []) != want:
+                leaf = m.Leaf()
+                leaf.n = len(want)
+                for i, bid in enumerate(want):
+                    leaf.id[i] = bid
+                m.update(vip_id, leaf)
+
+    def backups(self, vip_id: int) -> list[int]:
+        """lbx_backups of one VIP (empty if the program has none)."""
+        m = self.m.get(abi.Map.BACKUPS)
+        v = None if m is None else m.lookup(vip_id)
+        return [] if v is None else list(v.id[:min(v.n, abi.BACKUP_MAX)])
+
+    def backup_overflows(self) -> dict[int, int]:
+        """lbx_overflows summed over CPUs, by VIP id (those with any)."""
+        m = self.m.get(abi.Map.BACKUP_OVERFLOWS)
+        if m is None:
+            return {}
+        return {int(getattr(k, "value", k)): n for k, v in m.items() if (n := sum(v))}
+
     def quic_stats(self) -> dict[abi.QuicReason, int]:
         """lbx_quic_stats summed over CPUs: how QUIC VIPs' new-tuple packets were routed."""
         m = self.m.get(abi.Map.QUIC_STATS)

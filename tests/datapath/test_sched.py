@@ -230,3 +230,41 @@ def test_cap_on_a_heavy_backend_spills_to_the_light_one(lb: Lb) -> None:
         lb.open(tcp(str(v.address), 80, 19000 + p))
     assert [conns(lb, v, b)[0] for b in v.backends] == [50, 250]
     assert lb.reason_delta(before).get(R.DROP_BACKENDS_FULL) is None
+
+
+def test_full_primaries_overflow_to_the_backup_then_on_all_down(lb: Lb) -> None:
+    """Issue 13's order: a full primary gets no new flow (the other primary takes it), both full:
+    the VIP's backup (its own cap kept, counted in lbx_overflows), all full: on_all_down."""
+    p1, p2, bk = backends("10.10.35.", 3, 0x36)
+    p1, p2 = (dataclasses.replace(b, max_conns=30) for b in (p1, p2))
+    bk = dataclasses.replace(bk, backup=True, max_conns=20)
+    v = _vip("10.10.0.35", (p1, p2, bk), S.MAGLEV)
+    lb.apply(plus(BASE, v))
+    vid = lb.vip_id(v)
+    assert lb.maps.backups(vid) == [lb.backend_id(v, bk)]
+    assert set(lb.maps.table(vid)) == {lb.backend_id(v, p1), lb.backend_id(v, p2)}, "the backup is in no slot"
+    a = str(v.address)
+    before = lb.maps.reasons()
+    got = Counter(mac_to_backend(v, lb.open(tcp(a, 80, 21000 + p)).data).name for p in range(60))
+    assert got == Counter({p1.name: 30, p2.name: 30}), "primaries fill first"
+    assert lb.maps.backup_overflows().get(vid, 0) == 0
+    got = Counter(mac_to_backend(v, lb.open(tcp(a, 80, 22000 + p)).data).name for p in range(20))
+    assert got == Counter({bk.name: 20}), "both primaries full: the backup"
+    assert [conns(lb, v, b)[0] for b in (p1, p2, bk)] == [30, 30, 20]
+    assert lb.maps.backup_overflows()[vid] == 20
+    assert lb.reason_delta(before).get(R.DROP_BACKENDS_FULL) is None
+    check(lb, Case("backup full too: drop", tcp(a, 80, 23000), XDP_DROP, reason=R.DROP_BACKENDS_FULL))
+    assert conns(lb, v, bk)[1] > 0, "the backup's own cap is counted"
+    lb.apply(plus(BASE, dataclasses.replace(v, on_all_down=model.OnAllDown.PASS)))
+    check(lb, Case("backup full too: pass", tcp(a, 80, 23001), XDP_PASS, reason=R.PASS_BACKENDS_FULL))
+    assert conns(lb, v, bk)[0] == 20, "none past the backup's cap"
+    # a primary frees a place: new flows go to it again, not to the backup
+    [sport, *_] = [f.sport for f in lb.maps.flow_entries() if f.backend == p1.name]
+    lb.run(tcp(a, 80, sport, flags="R"))
+    assert sent_to(lb, v, tcp(a, 80, 23002)) == p1
+    assert lb.maps.backup_overflows()[vid] == 20
+    # no caps: no backup list (the normal path has nothing to read)
+    lb.apply(plus(BASE, dataclasses.replace(v, backends=(dataclasses.replace(p1, max_conns=0),
+                                                         dataclasses.replace(p2, max_conns=0),
+                                                         dataclasses.replace(bk, max_conns=0)))))
+    assert lb.maps.backups(vid) == []
