@@ -200,3 +200,33 @@ def test_a_cap_of_100_sends_the_101st_elsewhere(attached: Rig) -> None:
         for s, _ in held:
             s.close()
         Path(f.name).unlink()
+
+
+def test_full_primaries_overflow_to_the_backup_then_drop(attached: Rig) -> None:
+    """Caps 30 and 30 on two primaries, a backup capped at 15: 75 held connections fill them in
+    that order (the backup only once both primaries are full), the 76th finds every one full and
+    the VIP's on_all_down (drop) applies: it does not connect."""
+    rig = attached
+    v = rig.vip(4, "tcp", backends=["be1", "be2", "be3"])
+    b1, b2, b3 = v.backends
+    v = dataclasses.replace(v, backends=(dataclasses.replace(b1, max_conns=30), dataclasses.replace(b2, max_conns=30),
+                                         dataclasses.replace(b3, max_conns=15, backup=True)))
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(config.dump(model.Config(vips=(v,))))
+    held: list[tuple[socket.socket, str]] = []
+    try:
+        lbxdp(rig, "attach", HOST_IF, "--config", f.name, "--mode", "generic")
+        for _ in range(60):
+            held.append(connect(rig))
+        assert Counter(n for _, n in held) == Counter({"be1": 30, "be2": 30}), "primaries first"
+        for _ in range(15):
+            held.append(connect(rig))
+        assert Counter(n for _, n in held[60:]) == Counter({"be3": 15}), "both primaries full: the backup"
+        assert open_counts(rig) == {"be1": 30, "be2": 30, "be3": 15}
+        with pytest.raises(OSError):    # socket.timeout: the SYN was dropped (drop_backends_full)
+            held.append(connect(rig, timeout=1.0))
+        assert open_counts(rig) == {"be1": 30, "be2": 30, "be3": 15}
+    finally:
+        for s, _ in held:
+            s.close()
+        Path(f.name).unlink()
