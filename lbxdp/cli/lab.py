@@ -15,6 +15,7 @@ from .params import EnumChoice
 
 DEMO_MODES = EnumChoice(XdpMode, only=(XdpMode.NATIVE, XdpMode.GENERIC))
 RIG_SCHEDULERS = EnumChoice(Scheduler, only=(Scheduler.RR, Scheduler.HASH))
+RIG_SHAPES = ("l2", "nat")   # the shapes `rig config` writes a config for (routed and multi need decap/BGP)
 
 
 @click.command()
@@ -39,13 +40,17 @@ def rig() -> None:
 @click.option("--backends", default=3, show_default=True, type=click.IntRange(1, 9))
 @click.option("--prefix", help="Name the rig (2-12 characters, a-z then a-z/0-9; its namespaces are "
               "PREFIX-cli, PREFIX-lb, ...). Default: lbx + 5 random hex digits.")
+@click.option("--shape", type=click.Choice(RIG_SHAPES), default="l2", show_default=True,
+              help="l2: client, balancer and backends on one segment (DSR); nat: the same segment, the "
+              "backends route the client through the balancer (`rig config` then writes NAT VIPs).")
 @needs_root
-def rig_up(backends: int, prefix: str | None) -> None:
+def rig_up(backends: int, prefix: str | None, shape: str) -> None:
     """Build a rig that stays up; prints its prefix and what to try."""
     from ..lab.rig import Rig, RigSpec
     if prefix is not None:
         _check_new_prefix(prefix)
-    spec = RigSpec(backends=backends) if prefix is None else RigSpec(backends=backends, prefix=prefix)
+    spec = RigSpec(backends=backends, shape=shape) if prefix is None else \
+        RigSpec(backends=backends, prefix=prefix, shape=shape)
     r = Rig(spec).up(persistent=True)
     p = r.spec.prefix
     click.echo(f"rig {p} is up: namespaces {', '.join(r.ns(x) for x in ['cli', 'lb', *r.backends])}")
@@ -98,8 +103,14 @@ def _one_rig(prefix: str | None) -> Any:
 def rig_config(prefix: str | None, scheduler: Scheduler) -> None:
     """Print an lbxdp config for the rig's VIPs and backends.
 
-    PREFIX may be left out only while a single rig is up."""
-    click.echo(_one_rig(prefix).lb_config_toml(scheduler=scheduler.value, with_mac=False))
+    PREFIX may be left out only while a single rig is up. A nat rig gets NAT VIPs (DNAT: the
+    backends see the client's address and answer through the balancer)."""
+    r = _one_rig(prefix)
+    if r.spec.shape.value == "nat":
+        click.echo(r.nat_config_toml(*(r.nat_vip(v, p, scheduler=scheduler.value)
+                                       for v in (4, 6) for p in ("tcp", "udp"))))
+    else:
+        click.echo(r.lb_config_toml(scheduler=scheduler.value, with_mac=False))
 
 
 @rig.command("exec", context_settings={"ignore_unknown_options": True})

@@ -236,3 +236,39 @@ def test_rig_commands_never_pick_a_rig_by_themselves(tmp_path):
     finally:
         lbxdp("down", "--all")
     assert Rig.adopt(p1).leftovers() == [] and Rig.adopt(p2).leftovers() == []
+
+
+def test_a_nat_rig_from_the_cli_serves_its_own_config(tmp_path):
+    """`lbxdp rig up --shape nat`, then `rig config` writes NAT VIPs (mode = "nat", the backends'
+    own addresses), and attaching that config serves the client through the one-armed NAT: each
+    backend answers. Cleanup: detach and `rig down`, whatever happened."""
+    import secrets
+    p = f"n{secrets.token_hex(3)[:5]}"
+    pins = f"/sys/fs/bpf/lbxdp-test-{p}"
+    env = dict(os.environ, LBXDP_RUN_ROOT=str(tmp_path / "run"), LBXDP_PIN_ROOT=pins)
+
+    def lbxdp(*argv, netns=None):
+        pre = ["--netns", netns] if netns else []
+        return subprocess.run([sys.executable, "-m", "lbxdp", *pre, *argv], capture_output=True, text=True,
+                              timeout=120, env=env)
+
+    try:
+        up = lbxdp("rig", "up", "--backends", "2", "--prefix", p, "--shape", "nat")
+        assert up.returncode == 0, up.stderr
+        cfg = lbxdp("rig", "config", p)
+        assert cfg.returncode == 0, cfg.stderr
+        vips = tomllib.loads(cfg.stdout)["vip"]
+        assert len(vips) == 4 and {v["mode"] for v in vips} == {"nat"}
+        (cfg_file := tmp_path / "lb.toml").write_text(cfg.stdout)
+        att = lbxdp("attach", "eth0", "--config", str(cfg_file), "--mode", "generic", netns=f"{p}-lb")
+        assert att.returncode == 0, att.stderr
+        rig = Rig.load_state(tmp_path / "run" / f"rig-{p}.json")
+        # Round robin is per CPU: of 8 connections on 2 CPUs, one CPU takes >= 2, so both answer.
+        names = rig.tcp_names(rig.spec.vip4, count=8, timeout=10)
+        assert set(names) == {"be1", "be2"} and sum(names.values()) == 8, names
+    finally:
+        lbxdp("detach", "eth0", netns=f"{p}-lb")
+        lbxdp("rig", "down", p)
+        if os.path.isdir(pins):
+            os.rmdir(pins)          # detach removed the instance's own directories
+    assert Rig.adopt(p).leftovers() == []
