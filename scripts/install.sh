@@ -96,7 +96,7 @@ for entry in "${PKGS[@]}"; do
     [ "$done_" = 1 ] || missing+=("$entry")
 done
 
-prometheus_new=0
+new_services=()     # packages *we* install whose services the tests and benchmarks never use
 if [ "${#missing[@]}" -eq 0 ]; then
     say "apt packages already installed (${#PKGS[@]} checked)"
 else
@@ -122,7 +122,7 @@ else
     done
     if [ "${#to_install[@]}" -gt 0 ]; then
         for p in "${to_install[@]}"; do
-            if [ "$p" = prometheus ]; then prometheus_new=1; fi
+            case "$p" in prometheus|nginx|haproxy) new_services+=("$p") ;; esac
         done
         if ! apt-get install "${APT_OPTS[@]}" "${to_install[@]}" >>"$APT_LOG" 2>&1; then
             tail -n 30 "$APT_LOG" >&2
@@ -132,14 +132,16 @@ else
     fi
 fi
 
-# The Prometheus package starts its service when systemd runs; tests start their own
-# prometheus on their own port, so stop it right after *we* installed it. Without systemd
-# (containers, some VMs) there is nothing to do.
-if [ "$prometheus_new" = 1 ] && [ -d /run/systemd/system ] \
-        && systemctl is-enabled --quiet prometheus.service 2>/dev/null; then
-    systemctl disable --now --quiet prometheus.service || warn "could not stop prometheus.service"
-    say "stopped and disabled prometheus.service started by the package (lbxdp runs its own)"
-fi
+# The prometheus, nginx and haproxy packages start their services (nginx and haproxy on the
+# host's port 80 / their default config) when systemd runs; the tests and benchmarks start their
+# own, inside their own namespaces, so stop each right after *we* installed it (a service that
+# was there before is left alone). Without systemd (containers, some VMs) there is nothing to do.
+for svc in "${new_services[@]}"; do
+    if [ -d /run/systemd/system ] && systemctl is-enabled --quiet "$svc.service" 2>/dev/null; then
+        systemctl disable --now --quiet "$svc.service" || warn "could not stop $svc.service"
+        say "stopped and disabled $svc.service started by the package (lbxdp's tests run their own)"
+    fi
+done
 
 # ---------------------------------------------------------------- kernel headers for bcc
 if headers_ok; then
