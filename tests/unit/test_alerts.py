@@ -33,7 +33,7 @@ from lbxdp.exporter import make_registry
 from lbxdp.maps import Conns, Stats
 from lbxdp.paths import Instance
 from lbxdp.view import (AdmissionStatus, AttachRecord, BackendStatus, GateStatus, Handshakes, Health, InstanceStatus,
-                        ReasonCount, VipStatus)
+                        QuicStatus, ReasonCount, VipStatus)
 
 from .test_dashboard import daemon_samples, metric_names, samples
 
@@ -176,7 +176,8 @@ def standalone_registry() -> CollectorRegistry:
                                 admission=AdmissionStatus(allow=1, rate=10, burst=20)),),
         reasons=tuple(ReasonCount(r, 1, 1) for r in abi.Reason.exits()), flow_entries=1, flow_capacity=65536,
         state=AttachRecord({"version": "0.1.0", "mode": "generic", "prog_id": 7}), read_seconds=0.01,
-        gate=GateStatus(half_open_entries=1, cpus_flooded=1, inserts_skipped=1, half_open_written=1), nat=nat)
+        gate=GateStatus(half_open_entries=1, cpus_flooded=1, inserts_skipped=1, half_open_written=1), nat=nat,
+        quic=QuicStatus(1, ((abi.QuicReason.BY_ID, 1),)))
 
     class Source:
         def instances(self) -> list[Instance]:
