@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """End to end (issue 15): lbxdp against the balancers users would pick instead, in one run.
 
-Two rigs of its own (lbxdp.lab; unique prefixes; always torn down, also on failure or Ctrl-C),
+Three rigs of its own (lbxdp.lab; unique prefixes; always torn down, also on failure or Ctrl-C),
 2 nginx backends (scripts/bench_e2e_nat.py's: 1 worker, `return 200`) and a small C UDP echo
 server (compiled here with gcc) on port 8080 of every backend:
 
@@ -11,6 +11,13 @@ server (compiled here with gcc) on port 8080 of every backend:
               nftables    nftables DNAT (numgen round robin) + conntrack, lb forwards; lbxdp detached
               haproxy     HAProxy in TCP mode on lb (VIP on lb's lo, roundrobin, default threads);
                           no UDP (HAProxy does not balance UDP)
+    routed rig lbxdp-ipip lbxdp IPIP, VIP:8080 tcp+udp (cli - rt - lb; backends behind rt): lb
+              lbxdp-gue   encapsulates back out of eth0 via rt; `lbxdp decap` (strict, the VIP) on
+                          every backend opens the tunnel (rp_filter=1), the VIP on their lo; the
+                          replies go backend -> rt -> cli (L3 DSR). CAVEAT: every packet of these
+                          two crosses the router rt (a forwarding namespace) that no other
+                          configuration has, so their figures include rt's forwarding: compare
+                          ipip with gue, and with lbxdp-dsr only with that extra hop in mind.
 
 Metrics, each measured from the client namespace for `--duration` seconds per cell:
 
@@ -30,8 +37,7 @@ over rounds; ratios to nftables.
     .venv/bin/python scripts/bench_e2e.py --short --json    # 1 round x 1 s (tests/netns/test_bench_e2e.py)
     ... --rounds 5 --duration 5 --xdp-mode generic --only direct,nftables,lbxdp-nat
 
-Not measured: lbxdp IPIP/GUE (routed shape with `lbxdp decap` on the backends: a third rig, not
-built here yet; the script says so when it runs). IPv4 only. Needs root, bcc, wrk, nginx,
+IPv4 only. Needs root, bcc, wrk, nginx,
 haproxy, gcc (scripts/install.sh).
 """
 
@@ -57,13 +63,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_e2e_nat import (BACKEND_PORT, HZ, VIP_PORT, Lbxdp, Nftables, cpu_ticks,  # noqa: E402
                            machine_ticks, nginx_servers, parse_wrk)
 from lbxdp.lab import processes             # noqa: E402
-from lbxdp.lab.rig import CLI, LB, Rig, RigSpec, Shape   # noqa: E402
+from lbxdp.lab.rig import CLI, HOST_IF, LB, Rig, RigSpec, Shape   # noqa: E402
 
-CONFIGS = ("direct", "lbxdp-dsr", "lbxdp-nat", "nftables", "haproxy")
+CONFIGS = ("direct", "lbxdp-dsr", "lbxdp-nat", "nftables", "haproxy", "lbxdp-ipip", "lbxdp-gue")
 METRICS = ("keepalive", "newconn", "udp")
 BASE = "nftables"
-SKIPPED = {"lbxdp-ipip/gue": "needs the routed shape (router + `lbxdp decap` on every backend, a third "
-                             "rig); not built into this benchmark yet"}
+SKIPPED: dict[str, str] = {}
+ROUTED = ("lbxdp-ipip", "lbxdp-gue")
+CAVEAT = ("lbxdp-ipip/gue run on the routed rig: their packets also cross the router rt (client - rt - lb, "
+          "backends behind rt), so their figures include rt's forwarding; compare them with each other, and "
+          "with lbxdp-dsr only with that extra hop in mind")
 
 UDPBENCH_C = r"""
 #define _GNU_SOURCE
@@ -224,8 +233,9 @@ def _vip(cls):
 LbxdpVip, NftVip = _vip(Lbxdp), _vip(Nftables)
 
 
-def make_configs(l2: Rig, nat: Rig, workdir: Path, xdp_mode: str) -> dict:
+def make_configs(l2: Rig, nat: Rig, routed: Rig, workdir: Path, xdp_mode: str) -> dict:
     """name -> (rig, factory of the configuration's context manager)."""
+    tun = {m: routed.nat_config_toml(*(routed.vip(4, p, mode=m) for p in ("tcp", "udp"))) for m in ("ipip", "gue")}
     dsr = l2.nat_config_toml(l2.vip(4, "tcp", with_mac=True), l2.vip(4, "udp", with_mac=True))
     natc = nat.nat_config_toml(*(nat.nat_vip(4, p, port=VIP_PORT, backend_port=BACKEND_PORT) for p in ("tcp", "udp")))
     return {
@@ -234,7 +244,42 @@ def make_configs(l2: Rig, nat: Rig, workdir: Path, xdp_mode: str) -> dict:
         "lbxdp-nat": (nat, lambda: LbxdpVip("lbxdp-nat", nat, VIP_PORT, 4, workdir / "nat.toml", xdp_mode, natc)),
         "nftables": (nat, lambda: NftVip("nftables", nat, VIP_PORT, 4, udp=True)),
         "haproxy": (nat, lambda: HAProxy(nat, workdir)),
+        "lbxdp-ipip": (routed, lambda: LbxdpVip("lbxdp-ipip", routed, BACKEND_PORT, 4, workdir / "ipip.toml",
+                                                xdp_mode, tun["ipip"])),
+        "lbxdp-gue": (routed, lambda: LbxdpVip("lbxdp-gue", routed, BACKEND_PORT, 4, workdir / "gue.toml",
+                                               xdp_mode, tun["gue"])),
     }
+
+
+def decap_lbxdp(rig: Rig, role: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "lbxdp", "--netns", rig.ns(role), "decap", *argv],
+                          capture_output=True, text=True, timeout=180, env=processes.python_env())
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"lbxdp decap {' '.join(argv)} in {role} failed ({proc.returncode}):\n"
+                           f"{proc.stdout}{proc.stderr}")
+    return proc
+
+
+def decap_opened(rig: Rig) -> int:
+    """Packets the backends' decap programs opened (pass_decap), summed over the backends."""
+    return sum(json.loads(decap_lbxdp(rig, be, "status", HOST_IF, "--json").stdout)["reasons"]["pass_decap"]["packets"]
+               for be in rig.backends)
+
+
+@contextlib.contextmanager
+def decap_on_backends(rig: Rig, xdp_mode: str):
+    """`lbxdp decap` (strict: the VIP given) on every backend's eth0, rp_filter=1 as in
+    tests/netns/test_routed.py; detached on exit, also on failure."""
+    attached = []
+    try:
+        for be in rig.backends:
+            rig.run(be, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1", f"net.ipv4.conf.{HOST_IF}.rp_filter=1")
+            decap_lbxdp(rig, be, "attach", HOST_IF, "--vip", str(rig.spec.vip4), "--mode", xdp_mode)
+            attached.append(be)
+        yield
+    finally:
+        for be in attached:
+            decap_lbxdp(rig, be, "detach", HOST_IF, check=False)
 
 
 # -- servers and measurement --------------------------------------------------------------------
@@ -353,6 +398,8 @@ def print_table(summary: dict, meta: dict) -> None:
         print(row)
     for name, why in SKIPPED.items():
         print(f"skipped {name}: {why}")
+    if any(n in summary for n in ROUTED):
+        print(f"note: {CAVEAT}")
 
 
 def main() -> int:
@@ -383,13 +430,18 @@ def main() -> int:
 
     l2 = Rig(RigSpec(shape=Shape.L2, backends=2, port=BACKEND_PORT))
     nat = Rig(RigSpec(shape=Shape.NAT, backends=2, port=BACKEND_PORT))
+    routed = Rig(RigSpec(shape=Shape.ROUTED, backends=2, port=BACKEND_PORT))
+    # a rig is built only if one of its configurations runs
+    need = {id(rig) for rig, group in ((l2, ("direct", "lbxdp-dsr")), (nat, ("lbxdp-nat", "nftables", "haproxy")),
+                                       (routed, ROUTED)) if set(group) & set(names)}
     results: dict[str, dict[str, list]] = {n: {} for n in names}
+    decapped: dict[str, int] = {}      # routed configurations: packets the backends' decap opened
     t_start = time.monotonic()
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lbxdp-e2e-")))
         exe = build_udpbench(workdir)
         rigs = []
-        for rig in (l2, nat):
+        for rig in (r for r in (l2, nat, routed) if id(r) in need):
             stack.enter_context(rig.up(servers=False))
             rigs.append(rig)
             if a.xdp_mode == "native":
@@ -397,13 +449,16 @@ def main() -> int:
             # new connections: reuse the client's TIME_WAIT ports (wrk with Connection: close)
             rig.run(CLI, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=10000 65000")
             stack.enter_context(nginx_servers(rig, workdir / rig.spec.prefix))
+            if rig is routed:
+                stack.enter_context(decap_on_backends(rig, a.xdp_mode))
         stack.enter_context(udp_servers(rigs, exe, workdir))
-        configs = make_configs(l2, nat, workdir, a.xdp_mode)
+        configs = make_configs(l2, nat, routed, workdir, a.xdp_mode)
         for i in range(a.rounds):
             order = names if i % 2 == 0 else tuple(reversed(names))
             for name in order:
                 rig, make = configs[name]
                 with make() as cfg:
+                    d0 = decap_opened(rig) if name in ROUTED else 0
                     if not a.short:   # warm-up: neighbours, conntrack, caches
                         rig.run(CLI, "wrk", "-t1", "-c8", "-d1s", f"http://{cfg.target}:{cfg.port}/", timeout=30)
                     for metric in METRICS:
@@ -414,10 +469,13 @@ def main() -> int:
                         if not a.json:
                             print(f"round {i + 1} {name:10s} {metric:9s} {r['rate']:9.0f}/s  "
                                   f"{r['cpu_us_per_op']} us/op  cpu {r['cpu']}", flush=True)
+                    if name in ROUTED:
+                        decapped[name] = decapped.get(name, 0) + decap_opened(rig) - d0
     summary = summarize(results)
     meta = {"kernel": platform.release(), "cpus": os.cpu_count(), "rounds": a.rounds, "duration": a.duration,
-            "xdp_mode": a.xdp_mode, "prefixes": [l2.spec.prefix, nat.spec.prefix],
-            "seconds": round(time.monotonic() - t_start, 1), "skipped": SKIPPED}
+            "xdp_mode": a.xdp_mode, "prefixes": [r.spec.prefix for r in (l2, nat, routed) if id(r) in need],
+            "seconds": round(time.monotonic() - t_start, 1), "skipped": SKIPPED,
+            "note": CAVEAT if set(ROUTED) & set(names) else None, "decapped": decapped}
     if a.json:
         print(json.dumps({"meta": meta, "summary": summary, "cells": results}, indent=2))
     else:

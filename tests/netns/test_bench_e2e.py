@@ -1,9 +1,12 @@
 """scripts/bench_e2e.py --short (issue 15): the end-to-end benchmark runs in the suite so it
-cannot rot. One round, 1 s per cell, two rigs of its own (l2 and nat), torn down by the script.
+cannot rot. One round, 1 s per cell, three rigs of its own (l2, nat and routed, the last with
+`lbxdp decap` on its backends for lbxdp-ipip and lbxdp-gue), torn down by the script.
 
 Asserts: it completes; every configuration produced a non-zero rate on every metric it has
 (UDP for all but HAProxy), each cell's CPU per operation is positive and below a sane bound and
-its busy share within the machine's CPUs; and no namespace of either rig is left afterwards.
+its busy share within the machine's CPUs; the routed configurations really went through the
+tunnel (the backends' decap programs opened at least as many packets as UDP replies came back);
+and no namespace of any rig is left afterwards.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pyroute2 import netns
 from lbxdp.lab import processes
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_e2e.py"
-CONFIGS = {"direct", "lbxdp-dsr", "lbxdp-nat", "nftables", "haproxy"}
+CONFIGS = {"direct", "lbxdp-dsr", "lbxdp-nat", "nftables", "haproxy", "lbxdp-ipip", "lbxdp-gue"}
 
 
 def test_bench_e2e_short() -> None:
@@ -43,5 +46,11 @@ def test_bench_e2e_short() -> None:
                 assert all(c["socket_errors"] == 0 for c in cells[name][metric]), (name, metric)
     # the ratios are computed against nftables, which is its own 1.0
     assert summary["nftables"]["keepalive"]["rate_vs_nft"] == 1.0
+    # ipip/gue: every UDP request answered was decapsulated by a backend (plus the TCP packets)
+    for name in ("lbxdp-ipip", "lbxdp-gue"):
+        udp_ops = sum(c["ops"] for c in cells[name]["udp"])
+        assert meta["decapped"][name] >= udp_ops > 0, (name, meta["decapped"], udp_ops)
+    assert meta["note"] and "rt" in meta["note"]
+    assert len(meta["prefixes"]) == 3
     left = [n for n in netns.listnetns() if any(n.startswith(p + "-") for p in meta["prefixes"])]
     assert not left, f"bench_e2e left namespaces behind: {left}"
