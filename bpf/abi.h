@@ -70,7 +70,7 @@ _Static_assert(LBX_VIP_FILTER_WORDS * 64 == 1 << LBX_VIP_FILTER_BITS, "filter wo
 
 /* Backend flags. */
 #define LBX_BE_F_ACTIVE 0x01 /* slot holds a backend; cleared when the backend is deleted */
-#define LBX_BE_F_IN_TABLE 0x02 /* control plane only: its VIP's live table names it (for readers) */
+#define LBX_BE_F_IN_TABLE 0x02 /* its VIP's live table names it (readers; a half-open SYN, select.h) */
 #define LBX_BE_F_COUNTED 0x04 /* its open connections are counted in lbx_conns (leastconn, max_conns; sched.h) */
 
 /* Per-VIP scheduler: how a new flow picks a slot of the VIP's table. */

@@ -252,6 +252,11 @@ static __always_inline int half_open(struct pkt *pkt, struct selection *sel)
 	be = backend_by_id(seen->backend_id);
 	if (!be || be->gen != seen->gen)
 		return 0;
+	/* A SYN (a handshake the client retries, or a reused tuple) follows its entry only while
+	 * the backend is still in its VIP's table: one that went down or out since gets the table's
+	 * choice again. The handshake's ACK always follows it (that backend holds the SYN). */
+	if ((pkt->flags & LBX_PKT_F_SYN) && !(be->flags & LBX_BE_F_IN_TABLE))
+		return 0;
 	sel->be = be;
 	sel->backend_id = seen->backend_id;
 	sel->vip_id = be->vip_id;

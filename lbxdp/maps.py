@@ -603,7 +603,8 @@ class Maps:
 
     def mark_in_table(self, backend_id: int, in_table: bool) -> None:
         """Record in the entry whether its VIP's live table names it, so that readers (status, the
-        exporter) need not read the tables; the packet path ignores this flag."""
+        exporter) need not read the tables, and a SYN of a half-open flow follows its entry only
+        to a backend still in the table (bpf/select.h half_open())."""
         old = self.be_map.lookup(backend_id)
         if old is None or not old.flags & abi.BE_F_ACTIVE or bool(old.flags & abi.BE_F_IN_TABLE) == in_table:
             return

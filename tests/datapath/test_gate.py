@@ -16,6 +16,7 @@ import pytest
 from scapy.layers.l2 import Ether
 
 from lbxdp import abi, model
+from lbxdp.balancer import Runtime
 
 from .frames import BASE, DNS4, RR4, XDP_TX, backends, forwarded, plus, tcp, udp, vip
 from .harness import Case, Lb, check, one_cpu
@@ -82,6 +83,23 @@ def test_a_syn_to_a_round_robin_vip_goes_half_open_and_its_ack_promotes_it(glb: 
         acks = [tx(glb, f"ack {i}", tcp(addr, 80, 50100 + i, flags="A"), RR4) for i in range(6)]
     assert acks == syns, "an ack left its syn's backend"
     assert glb.maps.flow_count() == 6
+
+
+def test_a_syn_does_not_follow_its_half_open_entry_to_a_backend_out_of_the_table(glb: Lb) -> None:
+    """A backend taken out of the table (down, drained, weight 0) while a handshake to it is
+    half-open: the client's next SYN on that tuple (a retransmission, or the tuple reused after
+    the connect failed) gets the table's choice again; another tuple's SYN keeps its backend."""
+    addr = str(RR4.address)
+    with one_cpu():
+        syns = {tx(glb, f"syn {i}", tcp(addr, 80, 50400 + i), RR4).address: 50400 + i for i in range(3)}
+        gone = RR4.backends[0]
+        cfg = GATED
+        glb.apply(cfg, Runtime(down=frozenset({RR4.id_of(gone)})))      # its health check failed
+        assert tx(glb, "its syn again", tcp(addr, 80, syns[gone.address]), RR4) != gone
+        for a, p in syns.items():
+            if a != gone.address:
+                assert tx(glb, "a syn still in the table keeps its choice", tcp(addr, 80, p), RR4).address == a
+    glb.apply(cfg)
 
 
 def test_a_changed_maglev_table_sends_syns_half_open_until_it_settles(glb: Lb) -> None:
