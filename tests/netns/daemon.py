@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from lbxdp.paths import Instance
-from lbxdp.lab.rig import HOST_IF, LB, Rig
+from lbxdp.lab.rig import HOST_IF, LB, Rig, RigSpec
 
 REPO = Path(__file__).resolve().parents[2]
 _EVENT = re.compile(r"^lbxdp\[(\d+)\]: (\S+) ?(.*)$")
@@ -108,6 +108,20 @@ class Daemon:
 def parse_logfmt(text: str) -> dict[str, str]:
     """key=value pairs of a daemon log line; double-quoted values are JSON strings."""
     return {k: json.loads(q) if q else bare for k, q, bare in _PAIR.findall(text)}
+
+
+def rig_up(spec: RigSpec) -> Iterator[Rig]:
+    """Generator behind a module's `rig` fixture: the rig up; then down, checked empty (no
+    namespace, no server left), even if the tests failed."""
+    r = Rig(spec)
+    try:
+        r.up()
+        yield r
+    finally:
+        servers = list(r.servers.values())
+        r.down()
+        left = r.leftovers() + [f"server {s.pid}" for s in servers if s.alive()]
+        assert not left, f"left behind: {left}"
 
 
 def started_daemons(rig: Rig, logdir: Path) -> Iterator[Callable[..., Daemon]]:

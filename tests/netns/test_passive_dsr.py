@@ -43,7 +43,7 @@ from lbxdp.health import CheckType, HealthCheck
 from lbxdp.lab import processes
 from lbxdp.lab.rig import CLI, HOST_IF, LB, Rig, RigSpec, Shape
 
-from .daemon import REPO, Daemon, started_daemons
+from .daemon import REPO, Daemon, rig_up, started_daemons
 
 pytestmark = pytest.mark.root
 
@@ -55,15 +55,7 @@ FAILURES = 5
 @pytest.fixture(scope="module")
 def rig() -> Iterator[Rig]:
     """An up rig of shape l2 with two backends. Scope: module. Cleanup: down, checked empty."""
-    r = Rig(RigSpec(shape=Shape.L2, backends=2))
-    try:
-        r.up()
-        yield r
-    finally:
-        servers = list(r.servers.values())
-        r.down()
-        left = r.leftovers() + [f"server {s.pid}" for s in servers if s.alive()]
-        assert not left, f"left behind: {left}"
+    yield from rig_up(RigSpec(shape=Shape.L2, backends=2))
 
 
 @pytest.fixture
