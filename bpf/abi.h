@@ -265,7 +265,8 @@ _Static_assert(sizeof(struct flow_key) == 40, "also update lbxdp/abi.py");
 struct flow_val {
 	__u32 backend_id;
 	__u16 gen;     /* struct backend.gen when the flow started */
-	__u16 pad;     /* LBX_FLOW_F_* flags; the old name kept, so that upgrades keep pinned tables as they are */
+	__u16 pad;     /* lbx_flows: LBX_FLOW_F_* flags; lbx_half_open: the low 16 bits of the SYN's
+			* now_units() (select.h half_open()). Named pad still: upgrades keep pinned tables */
 };
 #define LBX_FLOW_F_COUNTED 0x01 /* its opening was counted in lbx_conns (sched.h) */
 #define LBX_FLOW_F_CLOSED 0x02  /* a FIN or RST from the client was seen: no longer counted */

@@ -241,13 +241,28 @@ static __always_inline int reproducible(const struct vip_meta *vip, int *ho)
 	return age > LBX_SETTLE_UNITS;
 }
 
-/* A half-open entry whose backend entry still is the one the opening packet got. */
+/*
+ * How long a half-open entry is followed, in now_units() from the SYN that wrote it (its pad
+ * holds the low 16 bits of that time): a SYN follows it for LBX_HALF_OPEN_SYN_UNITS (a client's
+ * retransmissions at 1, 3, 7, 15 and 31 s), any other packet for LBX_HALF_OPEN_UNITS (the ACK
+ * after the backend's SYN-ACK retries). A tuple is reused after its old connection's TIME_WAIT
+ * (60 s on Linux) at the earliest, so the old handshake's entry, which nothing deletes on a VIP
+ * without passive health, is then older than both and the new SYN gets the scheduler's choice
+ * again (a capped or leastconn VIP must not send it to the old one's backend, full or not).
+ */
+#define LBX_HALF_OPEN_SYN_UNITS 32
+
+/* A half-open entry, young enough, whose backend entry still is the one the opening packet got. */
 static __always_inline int half_open(struct pkt *pkt, struct selection *sel)
 {
 	struct flow_val *seen = lbx_half_open.lookup(&pkt->flow);
 	struct backend *be;
+	__u16 age;
 
 	if (!seen)
+		return 0;
+	age = (__u16)now_units() - seen->pad;
+	if (age > (pkt->flags & LBX_PKT_F_SYN ? LBX_HALF_OPEN_SYN_UNITS : LBX_HALF_OPEN_UNITS))
 		return 0;
 	be = backend_by_id(seen->backend_id);
 	if (!be || be->gen != seen->gen)
@@ -288,7 +303,8 @@ static __always_inline void record(struct pkt *pkt, const struct selection *sel)
 
 static __always_inline void record_half_open(struct pkt *pkt, const struct selection *sel)
 {
-	struct flow_val v = { .backend_id = sel->backend_id, .gen = sel->be->gen };
+	struct flow_val v = { .backend_id = sel->backend_id, .gen = sel->be->gen,
+			      .pad = (__u16)now_units() };     /* its age: half_open() */
 	__u32 zero = 0;
 	struct lbx_flood *f = lbx_flood.lookup(&zero);
 
