@@ -60,7 +60,8 @@ PKGS=(python3-bpfcc bpfcc-tools libbpfcc python3-venv python3-pip gcc libc6-dev
       haproxy        # scripts/bench_e2e.py: HAProxy in TCP mode, a baseline balancer
       python3-rich   # lbxdp top (pyproject: rich)
       python3-yaml   # tests/unit/test_alerts.py reads the alert rules and their promtool tests
-      etcd-server etcd-client)  # lbxdp run --config etcd://, config push, cluster status; tests/netns/test_etcd.py
+      etcd-server etcd-client  # lbxdp run --config etcd://, config push, cluster status; tests/netns/test_etcd.py
+      bird2)         # lbxdp run's [bgp] announcer (lbxdp/bgp.py) and the lab router; tests/netns/test_bgp.py
 if [ "$OS_ID" = ubuntu ]; then
     PKGS+=("bpftool|linux-tools-$KVER|linux-tools-common")
     HEADERS_PKG="linux-headers-$KVER|linux-headers-generic"
@@ -123,7 +124,7 @@ else
     done
     if [ "${#to_install[@]}" -gt 0 ]; then
         for p in "${to_install[@]}"; do
-            case "$p" in prometheus|nginx|haproxy) new_services+=("$p") ;; etcd-server) new_services+=(etcd) ;; esac
+            case "$p" in prometheus|nginx|haproxy) new_services+=("$p") ;; etcd-server) new_services+=(etcd) ;; bird2) new_services+=(bird) ;; esac
         done
         if ! apt-get install "${APT_OPTS[@]}" "${to_install[@]}" >>"$APT_LOG" 2>&1; then
             tail -n 30 "$APT_LOG" >&2
@@ -133,7 +134,7 @@ else
     fi
 fi
 
-# The prometheus, nginx, haproxy and etcd-server packages start their services (nginx and haproxy on the
+# The prometheus, nginx, haproxy, etcd-server and bird2 packages start their services (nginx and haproxy on the
 # host's port 80 / their default config) when systemd runs; the tests and benchmarks start their
 # own, inside their own namespaces, so stop each right after *we* installed it (a service that
 # was there before is left alone). Without systemd (containers, some VMs) there is nothing to do.
