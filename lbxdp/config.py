@@ -49,7 +49,8 @@ T = TypeVar("T")
 
 _VIP_KEYS = {"address", "port", "protocol", "mode", "scheduler", "table_size", "slow_start", "health",
              "on_backend_down", "on_all_down", "backend", "gue_port", "ipip_source", "mtu", "mss_clamp",
-             "allow", "deny", "new_flow_limit", "snat", "passive_health", "source_prefix", "quic"}
+             "allow", "deny", "new_flow_limit", "snat", "passive_health", "source_prefix", "quic",
+             "announce"}
 _BACKEND_KEYS = {"address", "port", "mac", "weight", "backup", "health", "max_conns", "server_id"}
 _HEALTH_KEYS = {"type", "port", "interval", "timeout", "rise", "fall", "method", "path", "status", "host",
                 "send", "expect", "via"}
@@ -63,6 +64,9 @@ _NAT_TIMEOUT_KEYS = {"tcp_syn", "tcp_established", "tcp_close", "udp"}
 _PASSIVE_HEALTH_KEYS = {"failures", "timeout", "max_ejected"}
 _ADMISSION_KEYS = ("allow", "deny", "new_flow_limit")
 _LIMIT_KEYS = {"rate", "burst"}
+_BGP_KEYS = {"local_as", "router_id", "source_v4", "source_v6", "announce", "hold_time", "withdraw_grace",
+             "bfd_interval", "bfd_multiplier", "neighbor"}   # [bgp] (issue 14, lbxdp.bgp)
+_BGP_NEIGHBOR_KEYS = {"address", "as", "bfd"}
 MAX_WEIGHT, MAX_SLOW_START, MAX_BACKEND_ENTRIES = model.MAX_WEIGHT, model.MAX_SLOW_START, model.MAX_BACKEND_ENTRIES
 MAX_BYTES = 4 * 1024 * 1024   # a config file larger than this is refused before it is read
 
@@ -153,7 +157,7 @@ _show = model.show
 
 
 def _config(doc: dict[str, Any]) -> model.Config:
-    _no_unknown(doc, {"vip", "metrics", "balancer"}, "")
+    _no_unknown(doc, {"vip", "metrics", "balancer", "bgp"}, "")
     metrics = doc.get("metrics", {})
     if not isinstance(metrics, dict):
         raise ConfigError("metrics", f"{_show(metrics)} must be a table: write [metrics]")
@@ -163,7 +167,46 @@ def _config(doc: dict[str, Any]) -> model.Config:
     if not isinstance(vips_doc, list):
         raise ConfigError("vip", f"{_show(vips_doc)} must be an array of tables: write [[vip]]")
     return model.Config(tuple(_vip(v, f"vip[{i}]") for i, v in enumerate(vips_doc)), listen,
-                        _balancer(doc.get("balancer", {})))
+                        _balancer(doc.get("balancer", {})), bgp=_bgp(doc["bgp"]) if "bgp" in doc else None)
+
+
+def _bgp(d: Any) -> model.BgpOptions:
+    """[bgp] and its [[bgp.neighbor]]s; ranges and families are the model's rules."""
+    if not isinstance(d, dict):
+        raise ConfigError("bgp", f"{_show(d)} must be a table: write [bgp]")
+    _no_unknown(d, _BGP_KEYS, "bgp")
+    ns = d.get("neighbor", [])
+    if not isinstance(ns, list):
+        raise ConfigError("bgp.neighbor", f"{_show(ns)} must be an array of tables: write [[bgp.neighbor]]")
+    neighbors = []
+    for j, n in enumerate(ns):
+        path = f"bgp.neighbor[{j}]"
+        if not isinstance(n, dict):
+            raise ConfigError(path, f"{_show(n)} must be a table: write [[bgp.neighbor]]")
+        _no_unknown(n, _BGP_NEIGHBOR_KEYS, path)
+        neighbors.append(model.BgpNeighbor(_get(n, "address", path, _address), _get(n, "as", path, _integer),
+                                           _get(n, "bfd", path, _bool, True)))
+    dflt = model.BgpOptions(0)
+    return model.BgpOptions(
+        _get(d, "local_as", "bgp", _integer), tuple(neighbors),
+        router_id=_get(d, "router_id", "bgp", _address, None),
+        source_v4=_get(d, "source_v4", "bgp", _address, None), source_v6=_get(d, "source_v6", "bgp", _address, None),
+        announce=_get(d, "announce", "bgp", _bool, True), hold_time=_get(d, "hold_time", "bgp", _integer, dflt.hold_time),
+        withdraw_grace=_get(d, "withdraw_grace", "bgp", _seconds, dflt.withdraw_grace),
+        bfd_interval=_get(d, "bfd_interval", "bgp", _integer, dflt.bfd_interval),
+        bfd_multiplier=_get(d, "bfd_multiplier", "bgp", _integer, dflt.bfd_multiplier))
+
+
+def bgp_doc(b: model.BgpOptions) -> dict[str, Any]:
+    """[bgp] as a config file writes it (parse() reads it back equal)."""
+    d: dict[str, Any] = {"local_as": b.local_as}
+    for k in ("router_id", "source_v4", "source_v6"):
+        if getattr(b, k) is not None:
+            d[k] = str(getattr(b, k))
+    d |= {"announce": b.announce, "hold_time": b.hold_time, "withdraw_grace": b.withdraw_grace,
+          "bfd_interval": b.bfd_interval, "bfd_multiplier": b.bfd_multiplier,
+          "neighbor": [{"address": str(n.address), "as": n.asn, "bfd": n.bfd} for n in b.neighbors]}
+    return d
 
 
 def _balancer(d: Any) -> model.BalancerOptions:
@@ -401,7 +444,8 @@ def _vip(d: Any, path: str) -> model.Vip:
                      snat=_get(d, "snat", path, _bool, False),
                      passive_health=_passive_health(ph, f"{path}.passive_health") if ph is not None else None,
                      source_prefix=_get(d, "source_prefix", path, _integer, None),
-                     quic=_get(d, "quic", path, _bool, False))
+                     quic=_get(d, "quic", path, _bool, False),
+                     announce=_get(d, "announce", path, _bool, None))
 
 
 def _one_of(*choices: str) -> Callable[[Any], str]:
@@ -527,6 +571,8 @@ def dump(cfg: model.Config) -> str:
             d["source_prefix"] = v.source_prefix
         if v.quic:
             d["quic"] = True
+        if v.announce is not None:
+            d["announce"] = v.announce
         d |= {"slow_start": v.slow_start, "on_backend_down": v.on_backend_down.value,
               "on_all_down": v.on_all_down.value}
         if v.mode.encap:
@@ -556,6 +602,8 @@ def dump(cfg: model.Config) -> str:
         vips.append(d)
     if vips:
         doc["vip"] = vips
+    if cfg.bgp is not None:
+        doc["bgp"] = bgp_doc(cfg.bgp)
     return tomli_w.dumps(doc)
 
 

@@ -636,6 +636,9 @@ class Daemon:
         self.services: list[Service] = [self.run_dir, self.health, OwnMacService(inst), NextHopService(inst),
                                         RuntimeService(inst, self.metrics), self.nat_gc, self.passive, self.recount,
                                         self.metrics]
+        from .bgp import BgpService   # [bgp]: announces the usable VIPs through BIRD (issue 14)
+        self.bgp = BgpService(inst)
+        self.services.insert(self.services.index(self.metrics), self.bgp)
         self._started: list[Service] = []
 
     # --- signals -------------------------------------------------------------------------------

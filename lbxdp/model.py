@@ -335,6 +335,7 @@ class Vip:
     passive_health: PassiveHealth | None = None           # nat: [vip.passive_health] (None: off)
     source_prefix: int | None = None                      # source: client address bits hashed (None: all)
     quic: bool = False                                    # udp: route QUIC packets by the server id in their DCID
+    announce: bool | None = None                          # [bgp]: announce its address (None: [bgp] announce)
 
     @property
     def src_prefix(self) -> int:
@@ -405,6 +406,76 @@ class BalancerOptions:
         return self.snat_ports or DEFAULT_SNAT_PORTS
 
 
+MAX_ASN = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class BgpNeighbor:
+    """[[bgp.neighbor]]: one directly connected BGP peer (the upstream router). Its family
+    decides which VIPs its session carries (an IPv4 neighbour the IPv4 /32s, an IPv6 one the
+    /128s); bfd: a BFD session towards it, so that a dead link or node is noticed in well under
+    a second instead of after the hold time."""
+    address: IPAddress
+    asn: int                 # `as` in the file
+    bfd: bool = True
+
+
+@dataclass(frozen=True)
+class BgpOptions:
+    """[bgp] (issue 14): `lbxdp run` announces each usable VIP's address (/32, /128) to the
+    neighbours through BIRD 2 (lbxdp.bgp). The same file fits every node: router_id and the
+    sources default to what BIRD picks on the node (its lowest IPv4 address; the address of the
+    route to each neighbour), and the announced next hop is the session's own source."""
+    local_as: int
+    neighbors: tuple[BgpNeighbor, ...] = ()
+    router_id: ipaddress.IPv4Address | None = None
+    source_v4: ipaddress.IPv4Address | None = None   # local address of IPv4 sessions = their next hop
+    source_v6: ipaddress.IPv6Address | None = None
+    announce: bool = True            # the default of every VIP's `announce`
+    hold_time: int = 9               # seconds (keepalive: a third); 3-65535
+    withdraw_grace: float = 2.0      # seconds between the withdrawal and the detach when the daemon stops
+    bfd_interval: int = 100          # milliseconds between BFD packets (tx and rx); detection: x bfd_multiplier
+    bfd_multiplier: int = 3
+
+
+def _bgp_problems(b: BgpOptions, vips: tuple[Vip, ...]) -> list[Problem]:
+    out = _fields("bgp", [
+        ("local_as", _int(b.local_as, 1, MAX_ASN)),
+        ("hold_time", _int(b.hold_time, 3, 65535, " seconds")),
+        ("withdraw_grace", None if not isinstance(b.withdraw_grace, bool) and isinstance(b.withdraw_grace, (int, float))
+         and 0 <= b.withdraw_grace <= 60 else f"{show(b.withdraw_grace)} is not a number of seconds (0-60)"),
+        ("bfd_interval", _int(b.bfd_interval, 10, 10000, " milliseconds")),
+        ("bfd_multiplier", _int(b.bfd_multiplier, 2, 255)),
+        ("announce", None if isinstance(b.announce, bool) else f"{show(b.announce)} is not true or false"),
+    ])
+    for key, want in (("router_id", 4), ("source_v4", 4), ("source_v6", 6)):
+        v = getattr(b, key)
+        if v is None:
+            continue
+        if getattr(v, "version", None) != want:
+            out.append(Problem(f"bgp.{key}", f"{show(str(v))} is not an IPv{want} address"))
+        elif key != "router_id" and (bad := _address(v, "BGP source")) is not None:
+            out.append(Problem(f"bgp.{key}", bad))
+    if not b.neighbors:
+        out.append(Problem("bgp.neighbor", "[bgp] needs at least one neighbour ([[bgp.neighbor]] address, as)"))
+    seen: dict[object, int] = {}
+    for j, n in enumerate(b.neighbors):
+        path = f"bgp.neighbor[{j}]"
+        out += _fields(path, [("address", _address(n.address, "neighbour")), ("as", _int(n.asn, 1, MAX_ASN)),
+                              ("bfd", None if isinstance(n.bfd, bool) else f"{show(n.bfd)} is not true or false")])
+        if n.address in seen:
+            out.append(Problem(f"{path}.address", f"{n.address} is also neighbor[{seen[n.address]}]"))
+        seen.setdefault(n.address, j)
+    fams = {getattr(n.address, "version", 0) for n in b.neighbors}
+    for i, v in enumerate(vips):
+        if v.announce is not False and getattr(v.address, "version", 0) not in fams and b.neighbors \
+                and (v.announce or b.announce):
+            out.append(Problem(f"vip[{i}].announce", f"{v.address} is IPv{v.address.version} but no [[bgp.neighbor]] "
+                               f"is: add one, or set announce = false on this VIP"))
+            break
+    return out
+
+
 @dataclass(frozen=True)
 class Problem:
     """What is wrong (or, as a warning, probably not meant) and where: 'vip[0].backend[1].port'."""
@@ -420,6 +491,7 @@ class Config:
     vips: tuple[Vip, ...] = ()
     metrics_listen: str | None = None  # [metrics] listen: where `lbxdp run` serves /metrics
     balancer: BalancerOptions = BalancerOptions()   # [balancer]
+    bgp: BgpOptions | None = None                   # [bgp] (None: no announcements)
 
     def backends(self) -> dict[BackendId, tuple[Vip, Backend]]:
         """Every backend of every VIP by its identity, in config order."""
@@ -448,6 +520,13 @@ class Config:
         rules = self.balancer.admission.rules + sum(v.admission.rules for v in self.vips)
         if rules > ACL_RULES_MAX:
             out.append(Problem("vip", f"{rules} allow/deny rules in all; at most {ACL_RULES_MAX}"))
+        if self.bgp is not None:
+            out += _bgp_problems(self.bgp, self.vips)
+        for i, v in enumerate(self.vips):
+            if v.announce is not None and not isinstance(v.announce, bool):
+                out.append(Problem(f"vip[{i}].announce", f"{show(v.announce)} is not true or false"))
+            elif v.announce is not None and self.bgp is None:
+                out.append(Problem(f"vip[{i}].announce", "applies only with a [bgp] section (nothing announces)"))
         if len(self.vips) > abi.MAX_VIPS:
             out.append(Problem("vip", f"{len(self.vips)} VIPs; at most {abi.MAX_VIPS}"))
         total = sum(len(v.backends) for v in self.vips)

@@ -11,7 +11,10 @@ Shapes (segments are Linux bridges in the namespace <prefix>-sw; every host is a
             back: rt, be1..N                       (IPIP/GUE: lb sends to them through rt; SNAT:
                                                    replies come back to lb's own address via rt)
     multi   front: cli, rt   core: rt, lb1..K,     the client reaches K balancers through rt,
-            be1..N                                 whose VIP route is ECMP over them (scale-out)
+            be1..N                                 whose VIP route is ECMP over them (scale-out);
+                                                   with bgp=True rt has no VIP route of its own:
+                                                   it learns one per balancer by BGP from the
+                                                   balancers' `lbxdp run` (lbxdp.lab.bgp, BIRD 2)
 
 NAT (issue 12) is one-armed: lbxdp runs on ONE interface, lb's eth0, and sends both directions
 back out of it with XDP_TX (client -> backend: DNAT; backend -> client: the reply translated
@@ -99,6 +102,7 @@ class RigSpec:
     lb_neighbors: bool = True
     shape: Shape = Shape.L2
     balancers: int = 0
+    bgp: bool = False       # multi only: rt learns the VIPs from the balancers by BGP (lbxdp.lab.bgp), no static route
 
     def __post_init__(self) -> None:
         for name, conv in (("v4_net", IPv4Network), ("v6_net", IPv6Network),
@@ -112,6 +116,8 @@ class RigSpec:
             raise ValueError(f"backends={self.backends}: must be 1..89 (host numbers stay two digits)")
         if self.shape is Shape.MULTI and not 2 <= self.balancers <= MAX_BALANCERS:
             raise ValueError(f"balancers={self.balancers}: multi takes 2..{MAX_BALANCERS}")
+        if self.bgp and self.shape is not Shape.MULTI:
+            raise ValueError("bgp: only the multi shape has a router peering with several balancers")
         if self.shape is not Shape.MULTI and self.balancers != 1:
             raise ValueError(f"balancers={self.balancers}: only the multi shape has more than one")
         if self.v4_net.num_addresses < 256 or self.v6_net.prefixlen > 120:
@@ -305,7 +311,7 @@ class Layout:
             cli = Route(IPv4Network(self.addr4(CLI)), IPv6Network(self.addr6(CLI)), (LB,))
             return {CLI: [vips], **{b: [cli] for b in self.backends}}.get(role, [])
         if role in self.routers:
-            return [vips]
+            return [] if s.bgp else [vips]   # bgp: the balancers announce the VIPs (lbxdp.lab.bgp)
         return [Route(None, None, (RT,))]
 
     def sysctls(self, role: str) -> dict[str, int]:
