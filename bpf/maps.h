@@ -103,6 +103,22 @@ BPF_TABLE_PINNED("lpm_trie", struct acl_key, __u8, lbx_acl_tmpl, LBX_ACL_MAX,
 BPF_TABLE_PINNED("array_of_maps$lbx_acl_tmpl", int, int, lbx_acl, 1, LBX_PIN_DIR "/lbx_acl");
 
 /*
+ * The same rules as a multibit trie in one array value (the blob; acl.h walks it, lbxdp/acl_mbt.py
+ * builds it and says its layout): LBX_ACL_MBT_WORDS words, and 16 more so that a leaf read at a
+ * masked offset stays inside. 0 -> the blob, written by lbxdp.maps.Maps.write_admission only,
+ * built aside and swapped in like lbx_acl (after it). An empty slot: every scope uses lbx_acl.
+ * The template has one entry and no BPF_F_INNER_MAP, so the program's lookups of both are
+ * inlined; it is preallocated (LBX_ACL_MBT_WORDS * 4 bytes), never used itself.
+ */
+#define LBX_ACL_MBT_WORDS (1 << 19)
+struct lbx_acl_mbt {
+	__u32 w[LBX_ACL_MBT_WORDS + 16];
+};
+_Static_assert(sizeof(struct lbx_acl_mbt) == 2097216, "4 * (LBX_ACL_MBT_WORDS + 16)");
+BPF_TABLE_PINNED("array", __u32, struct lbx_acl_mbt, lbx_mbt_tmpl, 1, LBX_PIN_DIR "/lbx_mbt_tmpl");
+BPF_TABLE_PINNED("array_of_maps$lbx_mbt_tmpl", int, int, lbx_acl_mbt, 1, LBX_PIN_DIR "/lbx_acl_mbt");
+
+/*
  * (source or its /64, scope) -> the source's theoretical arrival time (ns, bpf_ktime_get_coarse_ns; the
  * GCRA form of a token bucket, limit.h). Written by the program only. Per-CPU values and per-CPU
  * LRU lists (BPF_F_NO_COMMON_LRU): a CPU reads and writes only its own bucket, without atomics

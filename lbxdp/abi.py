@@ -204,6 +204,8 @@ class Map(str, enum.Enum):
     ADMIT = "lbx_admit"
     ACL_TMPL = "lbx_acl_tmpl"
     ACL = "lbx_acl"
+    MBT_TMPL = "lbx_mbt_tmpl"
+    ACL_MBT = "lbx_acl_mbt"
     SRC_LIMIT = "lbx_src_limit"
     SRC_LIMIT4 = "lbx_src_limit4"
     NAT = "lbx_nat"

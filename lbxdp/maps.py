@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
-from . import abi, bpfsys, model
+from . import abi, acl_mbt, bpfsys, model
 
 
 TABLES_PER_SWAP = 256
@@ -324,6 +324,10 @@ class Maps:
         self.admit_map = maps.get(abi.Map.ADMIT)
         self.acl_map = maps.get(abi.Map.ACL)
         self.acl_tmpl = maps.get(abi.Map.ACL_TMPL)
+        # The same rules as a multibit trie (bpf/acl.h, lbxdp/acl_mbt.py); None for older programs.
+        self.acl_mbt = maps.get(abi.Map.ACL_MBT)
+        self.mbt_tmpl = maps.get(abi.Map.MBT_TMPL)
+        self.acl_mbt_budget: int | None = None   # words of the blob to use (None: all; tests: less)
 
     def close(self) -> None:
         for m in self.m.values():
@@ -734,6 +738,8 @@ class Maps:
         changed = want != self.acl()
         if changed:
             self._swap_acl(want)
+        if changed or (want and self.acl_mbt is not None and self.acl_mbt.lookup(0) is None):
+            self._swap_acl_mbt(want)    # after the trie: a scope the blob leaves to it finds it new
         have = self.admission()
         for scope in set(have) | set(scopes):
             a = scopes.get(scope, model.Admission())
@@ -759,6 +765,69 @@ class Maps:
             self.acl_map.update(0, self.acl_map.Leaf(fd))
         finally:
             os.close(fd)
+
+    @property
+    def acl_mbt_capacity(self) -> int:
+        """Words of the ACL blob (LBX_ACL_MBT_WORDS); 0 for a program without it."""
+        return self.mbt_tmpl.info.value_size // 4 - 16 if self.mbt_tmpl is not None else 0
+
+    def _swap_acl_mbt(self, entries: frozenset[AclEntry]) -> acl_mbt.Built | None:
+        """Build the blob of these entries and swap it in (or empty the slot: no rules); a scope
+        over the budget is marked for the kernel trie, which _swap_acl wrote just before."""
+        if self.acl_mbt is None or self.mbt_tmpl is None:
+            return None
+        if not entries:
+            self.acl_mbt.delete(0)
+            return None
+        cap = self.acl_mbt_capacity
+        built = acl_mbt.build(((e.scope, e.network, e.action) for e in entries), self.global_scope,
+                              min(cap, self.acl_mbt_budget or cap))
+        tmpl = self.mbt_tmpl
+        fd = bpfsys.array_create("lbx_acl_b", 1, tmpl.info.value_size, tmpl.info.flags)
+        try:
+            blob = bpfsys.Map(fd, tmpl.Key, tmpl.Leaf)
+            value = tmpl.Leaf()
+            ctypes.memmove(ctypes.addressof(value), built.words.tobytes(), 4 * len(built.words))
+            blob.update(0, value)
+            self.acl_mbt.update(0, self.acl_mbt.Leaf(fd))
+        finally:
+            os.close(fd)
+        return built
+
+    def acl_placement(self) -> dict[tuple[int, int], bool]:
+        """(scope, 4|6) -> whether the program walks the blob for it (False: the kernel trie,
+        because the blob's budget had no room for it or there is no blob), for every (scope,
+        family) the ACL has entries of."""
+        fams = {(e.scope, e.network.version) for e in self.acl()}
+        if not fams:
+            return {}
+        blob = None
+        if self.acl_mbt is not None and self.mbt_tmpl is not None:
+            inner = self.acl_mbt.lookup(0)
+            if inner is not None and inner.value:
+                fd = bpfsys.map_fd_by_id(inner.value)
+                try:
+                    blob = bpfsys.Map(fd, self.mbt_tmpl.Key, self.mbt_tmpl.Leaf).lookup(0)
+                finally:
+                    os.close(fd)
+        if blob is None:
+            return {k: False for k in fams}
+        words = blob.w
+        return {(s, f): not words[2 * s + (f == 6)] & acl_mbt.H_FALLBACK for s, f in fams}
+
+    def acl_mbt_words(self) -> int:
+        """Words of the live blob in use (its header's last word); 0 without one."""
+        if self.acl_mbt is None or self.mbt_tmpl is None:
+            return 0
+        inner = self.acl_mbt.lookup(0)
+        if inner is None or not inner.value:
+            return 0
+        fd = bpfsys.map_fd_by_id(inner.value)
+        try:
+            blob = bpfsys.Map(fd, self.mbt_tmpl.Key, self.mbt_tmpl.Leaf).lookup(0)
+        finally:
+            os.close(fd)
+        return blob.w[acl_mbt.header_words(self.global_scope) - 1] if blob is not None else 0
 
     def purge_refused(self, scopes: dict[int, model.Admission]) -> int:
         """Delete the connection-table entries of flows these rules refuse (global first, then
