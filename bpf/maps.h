@@ -188,4 +188,9 @@ BPF_TABLE_PINNED("hash", struct quic_id_key, struct quic_id_val, lbx_quic_ids, L
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, lbx_quic_stats, LBX_QUIC_MAX,
 		 LBX_PIN_DIR "/lbx_quic_stats");
 
+/* VIP id * LBX_QUIC_MAX + enum lbx_quic_reason -> packets (per CPU): the same, per QUIC VIP
+ * (status and the exporter by VIP; zeroed on a VIP id's reuse by the control plane). */
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, lbx_quic_vip, LBX_MAX_VIPS * LBX_QUIC_MAX,
+		 LBX_PIN_DIR "/lbx_quic_vip");
+
 #endif /* LBX_MAPS_H */

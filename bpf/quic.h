@@ -15,8 +15,17 @@
  * every connection ID it issues (Katran's scheme, with our own position and width). An id that
  * lbx_quic_ids does not know for this VIP, whose backend entry changed since (generation), or
  * whose backend is down falls back to the table; each case is counted in lbx_quic_stats.
- * A packet routed by id is recorded like a UDP datagram of a settled VIP (select.h: may_record):
- * its tuple's next packets are established flows and cost what any UDP flow costs.
+ * A packet routed by id is NOT recorded in lbx_flows: the id is the connection's for its whole
+ * life, so routing each packet by it again (one lbx_quic_ids lookup and the backend entry, after
+ * the connection table's miss and the VIP lookup) gives what a record would, without the LRU
+ * insert that made a migrated tuple's first packet cost a new flow (~+400 ns, docs/benchmarks.md),
+ * without filling the table with every address a client moves through, and without counting a
+ * leastconn backend's connection again. A migrated connection's every packet takes this path
+ * (counted by_id each); its tuple recorded earlier (an Initial by the table, a record made by an
+ * older program) stays an established flow. A down or unknown id falls back to select_backend(),
+ * which records as for any UDP datagram.
+ * Counted twice: program-wide in lbx_quic_stats and per VIP in lbx_quic_vip (VIP id *
+ * LBX_QUIC_MAX + reason); both per-CPU arrays, looked up on this path only.
  */
 #ifndef LBX_QUIC_H
 #define LBX_QUIC_H
@@ -25,16 +34,20 @@
 #include "parse.h"
 #include "select.h"
 
-static __always_inline int quic_count(__u32 r)
+static __always_inline int quic_count(const struct vip_meta *vip, __u32 r)
 {
 	__u64 *c = lbx_quic_stats.lookup(&r);
+	__u32 k = vip->id * LBX_QUIC_MAX + r;
 
+	if (c)
+		(*c)++;
+	c = lbx_quic_vip.lookup(&k);
 	if (c)
 		(*c)++;
 	return 0;
 }
 
-/* 1 (sel set, the flow recorded) when the packet's server id names a live backend of the VIP. */
+/* 1 (sel set, nothing recorded) when the packet's server id names a live backend of the VIP. */
 static __always_inline int quic_by_id(struct xdp_md *ctx, const struct vip_meta *vip, struct pkt *pkt,
 				      struct selection *sel)
 {
@@ -50,48 +63,44 @@ static __always_inline int quic_by_id(struct xdp_md *ctx, const struct vip_meta 
 		return 0;
 	off = pkt->l4_off;
 	if (off > 256)          /* never: parse.h's headers end sooner; bounds the verifier's range */
-		return quic_count(LBX_QUIC_SHORT_CID);
+		return quic_count(vip, LBX_QUIC_SHORT_CID);
 	q = data + off + sizeof(struct udphdr);
 	if ((void *)(q + 1) > end)
-		return quic_count(LBX_QUIC_SHORT_CID);
+		return quic_count(vip, LBX_QUIC_SHORT_CID);
 	if (q[0] & 0x80) {
 		if ((void *)(q + 6 + LBX_QUIC_SID_END) > end)
-			return quic_count(LBX_QUIC_SHORT_CID);
+			return quic_count(vip, LBX_QUIC_SHORT_CID);
 		version = (__u32)q[1] << 24 | (__u32)q[2] << 16 | (__u32)q[3] << 8 | q[4];
 		type = (q[0] >> 4) & 3;
 		if (version == LBX_QUIC_V2)
 			type = (type + 3) & 3;          /* v2's numbering to v1's */
 		else if (version != LBX_QUIC_V1)
-			return quic_count(LBX_QUIC_OTHER);
+			return quic_count(vip, LBX_QUIC_OTHER);
 		if (type <= 1)                          /* Initial, 0-RTT */
-			return quic_count(LBX_QUIC_INITIAL);
+			return quic_count(vip, LBX_QUIC_INITIAL);
 		if (type == 3)                          /* Retry */
-			return quic_count(LBX_QUIC_OTHER);
+			return quic_count(vip, LBX_QUIC_OTHER);
 		if (q[5] < LBX_QUIC_SID_END)            /* Handshake: DCID length */
-			return quic_count(LBX_QUIC_SHORT_CID);
+			return quic_count(vip, LBX_QUIC_SHORT_CID);
 		d = q + 6;
 	} else {
 		d = q + 1;
 		if ((void *)(d + LBX_QUIC_SID_END) > end)
-			return quic_count(LBX_QUIC_SHORT_CID);
+			return quic_count(vip, LBX_QUIC_SHORT_CID);
 	}
 	k.server_id = (__u32)d[LBX_QUIC_SID_OFF] << 8 | d[LBX_QUIC_SID_OFF + 1];
 	v = lbx_quic_ids.lookup(&k);
 	if (!v)
-		return quic_count(LBX_QUIC_UNKNOWN_ID);
+		return quic_count(vip, LBX_QUIC_UNKNOWN_ID);
 	if (v->flags & LBX_QUIC_F_DOWN)
-		return quic_count(LBX_QUIC_DOWN_ID);
+		return quic_count(vip, LBX_QUIC_DOWN_ID);
 	be = backend_by_id(v->backend_id);
 	if (!be || be->gen != v->gen || be->vip_id != vip->id)
-		return quic_count(LBX_QUIC_UNKNOWN_ID);
+		return quic_count(vip, LBX_QUIC_UNKNOWN_ID);
 	sel->be = be;
 	sel->backend_id = v->backend_id;
 	sel->vip_id = vip->id;
-	quic_count(LBX_QUIC_BY_ID);
-	if (may_record(1)) {
-		sel->new_flow = 1;
-		record(pkt, sel);
-	}
+	quic_count(vip, LBX_QUIC_BY_ID);
 	return 1;
 }
 

@@ -218,6 +218,7 @@ class Map(str, enum.Enum):
     BACKUP_OVERFLOWS = "lbx_overflows"
     QUIC_IDS = "lbx_quic_ids"
     QUIC_STATS = "lbx_quic_stats"
+    QUIC_VIP = "lbx_quic_vip"
 
 
 # --- QUIC connection-ID routing (bpf/quic.h, issue 13) -------------------------------------------

@@ -871,6 +871,11 @@ class Maps:
         """A reused VIP id starts from zero (counters and round-robin position)."""
         self.m[abi.Map.VIP_STATS].zero(vip_id)
         self.m[abi.Map.RR].zero(vip_id)
+        if abi.Map.BACKUP_OVERFLOWS in self.m:   # issue 13: its backup overflows
+            self.m[abi.Map.BACKUP_OVERFLOWS].zero(vip_id)
+        if abi.Map.QUIC_VIP in self.m:           # ... and its QUIC counters (bpf/quic.h)
+            for r in range(abi.QuicReason.MAX):
+                self.m[abi.Map.QUIC_VIP].zero(vip_id * abi.QuicReason.MAX + r)
 
     def reset_backend_counters(self, backend_id: int) -> None:
         self.m[abi.Map.BE_STATS].zero(backend_id)
@@ -941,6 +946,15 @@ class Maps:
         if m is None:
             return {}
         return {int(getattr(k, "value", k)): n for k, v in m.items() if (n := sum(v))}
+
+    def quic_vip_stats(self, vip_ids: Iterable[int]) -> dict[int, dict[abi.QuicReason, int]]:
+        """lbx_quic_vip summed over CPUs: the same counts per VIP id (each of vip_ids; {} if the
+        program is older than the per-VIP counters)."""
+        m = self.m.get(abi.Map.QUIC_VIP)
+        if m is None:
+            return {}
+        return {vid: {r: sum(m.lookup(vid * abi.QuicReason.MAX + int(r)) or [])
+                      for r in abi.QuicReason if r is not abi.QuicReason.MAX} for vid in vip_ids}
 
     def quic_stats(self) -> dict[abi.QuicReason, int]:
         """lbx_quic_stats summed over CPUs: how QUIC VIPs' new-tuple packets were routed."""

@@ -5,7 +5,8 @@ it issues. Crafted QUIC frames, v1 (RFC 9000) and v2 (RFC 9369, whose long-heade
 renumbered), from new source ports (a client that migrated): Handshake and short-header packets
 reach the backend their id names; Initial and 0-RTT go by the VIP's table; Retry, unknown
 versions, short connection IDs, unknown and down ids fall back to the table; each case is counted
-in lbx_quic_stats (abi.QuicReason).
+in lbx_quic_stats (abi.QuicReason) and per VIP in lbx_quic_vip. A packet routed by id is not
+recorded: a migrated connection's every packet goes by its id.
 """
 
 from __future__ import annotations
@@ -159,14 +160,69 @@ def test_down_id_falls_back_and_comes_back(qlb, version):
     assert send(qlb, QUIC4, short_hdr(dcid(down.server_id))) == down
 
 
+def flows_of(lb, sport: int) -> int:
+    """Connection-table entries from this source port (the tests' ports are their own)."""
+    import socket
+    return sum(1 for k in lb.maps.flow_map.keys() if k.sport == socket.htons(sport))
+
+
 @pytest.mark.root
-def test_a_routed_tuple_is_recorded_and_stays(qlb):
-    """A packet routed by id records its tuple: the next one is an established flow (no QUIC parse)."""
+def test_a_routed_tuple_is_not_recorded(qlb):
+    """A packet routed by id records nothing (no LRU insert, bpf/quic.h): each packet of the tuple
+    goes by the id it carries again, counted each time, and the VIP counts no new flow."""
     before = qlb.maps.quic_stats()
+    vid = qlb.vip_id(QUIC4)
+    flows_before = qlb.maps.vip_stats(vid).new_flows
     b = QUIC4.backends[3]
-    assert send(qlb, QUIC4, short_hdr(dcid(b.server_id)), sport=40001) == b
-    assert send(qlb, QUIC4, short_hdr(dcid(QUIC4.backends[0].server_id)), sport=40001) == b
-    assert stats_delta(qlb, before) == {Q.BY_ID: 1}
+    for _ in range(3):
+        assert send(qlb, QUIC4, short_hdr(dcid(b.server_id)), sport=40001) == b
+    assert send(qlb, QUIC4, long_hdr(V2, "handshake", dcid(b.server_id)), sport=40001) == b
+    assert flows_of(qlb, 40001) == 0
+    # the id, not a record, decides: another id on the same tuple reaches its own backend
+    assert send(qlb, QUIC4, short_hdr(dcid(QUIC4.backends[0].server_id)), sport=40001) == QUIC4.backends[0]
+    assert stats_delta(qlb, before) == {Q.BY_ID: 5}
+    assert qlb.maps.vip_stats(vid).new_flows == flows_before
+
+
+@pytest.mark.root
+def test_a_recorded_tuple_stays_established(qlb):
+    """A tuple the table recorded (its Initial, then a second datagram: the half-open entry of a
+    VIP whose table just changed) keeps its backend; its short-header packets read no id."""
+    sport = 40002
+    first = send(qlb, QUIC4, long_hdr(V1, "initial", dcid(0x0101)), sport=sport)
+    assert send(qlb, QUIC4, long_hdr(V1, "initial", dcid(0x0101)), sport=sport) == first
+    assert flows_of(qlb, sport) == 1
+    other = next(b for b in QUIC4.backends if b != first)
+    before = qlb.maps.quic_stats()
+    assert send(qlb, QUIC4, short_hdr(dcid(other.server_id)), sport=sport) == first
+    assert stats_delta(qlb, before) == {}
+
+
+@pytest.mark.root
+def test_counters_per_vip(qlb):
+    """lbx_quic_vip counts each QUIC VIP's packets apart; the program-wide counts are their sum."""
+    v4, v6 = qlb.vip_id(QUIC4), qlb.vip_id(QUIC6)
+    before, per_before = qlb.maps.quic_stats(), qlb.maps.quic_vip_stats([v4, v6])
+    for _ in range(7):
+        send(qlb, QUIC4, short_hdr(dcid(0x0202)))
+    for _ in range(3):
+        send(qlb, QUIC4, long_hdr(V1, "initial", dcid(0x0202)))
+    for _ in range(5):
+        send(qlb, QUIC6, short_hdr(dcid(0x0999)))
+    per = qlb.maps.quic_vip_stats([v4, v6])
+    d = {vid: {r: per[vid][r] - per_before[vid][r] for r in per[vid] if per[vid][r] != per_before[vid][r]}
+         for vid in per}
+    assert d == {v4: {Q.BY_ID: 7, Q.INITIAL: 3}, v6: {Q.UNKNOWN_ID: 5}}
+    assert stats_delta(qlb, before) == {Q.BY_ID: 7, Q.INITIAL: 3, Q.UNKNOWN_ID: 5}
+
+
+@pytest.mark.root
+def test_a_reused_vip_id_starts_from_zero(qlb):
+    vid = qlb.vip_id(QUIC4)
+    send(qlb, QUIC4, short_hdr(dcid(0x0202)))
+    assert qlb.maps.quic_vip_stats([vid])[vid][Q.BY_ID] > 0
+    qlb.maps.reset_vip_counters(vid)
+    assert not any(qlb.maps.quic_vip_stats([vid])[vid].values())
 
 
 @pytest.mark.root
