@@ -203,6 +203,12 @@ class LbxCollector(Collector):
                                         labels=["interface", "how"])
         quic_ids = GaugeMetricFamily("lbxdp_quic_server_ids", "Server ids the program routes QUIC connection IDs "
                                      "by (every QUIC VIP).", labels=["interface"])
+        vip_quic = CounterMetricFamily("lbxdp_vip_quic_packets", "A QUIC VIP's packets of tuples the connection "
+                                       "table did not know, by how they were routed (the `how` of "
+                                       "lbxdp_quic_packets_total).", labels=["interface", "vip", "how"])
+        overflows = CounterMetricFamily("lbxdp_vip_backup_overflows", "New flows of a VIP sent to a backup because "
+                                        "every primary candidate was at its max_conns (VIPs with backups).",
+                                        labels=["interface", "vip"])
         for s in snaps:
             iface = s.interface
             if s.quic.active:
@@ -242,6 +248,10 @@ class LbxCollector(Collector):
             for v in s.vips:
                 for k, fam in vip.items():
                     fam.add_metric([iface, v.name], getattr(v.stats, k))
+                for r, n in v.quic or ():
+                    vip_quic.add_metric([iface, v.name, r.name.lower()], n)
+                if v.backup_overflows is not None:
+                    overflows.add_metric([iface, v.name], v.backup_overflows)
                 for b in v.backends:
                     labels = [iface, v.name, b.name]
                     for k, fam in be.items():
@@ -266,7 +276,7 @@ class LbxCollector(Collector):
         yield from (*vip.values(), *be.values(), in_table, healthy, v_pkts, v_bytes, entries, capacity, info, took,
                     acl_rules, lim_rate, lim_burst, half_open, flood_threshold, flood_cpus, skipped, ho_written,
                     nat_entries, nat_expired, nat_capacity, pool_size, pool_use, hs_fail, hs_total, passive_down,
-                    open_conns, max_conns, cap_hits, quic_pkts, quic_ids)
+                    open_conns, max_conns, cap_hits, quic_pkts, quic_ids, vip_quic, overflows)
 
 
 def make_registry(source: Source, registry: CollectorRegistry | None = None) -> CollectorRegistry:

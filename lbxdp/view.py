@@ -116,6 +116,19 @@ class VipStatus(VipView):
 
     backends: tuple[BackendStatus, ...] = ()
     admission: AdmissionStatus = NO_ADMISSION
+    # issue 13: a QUIC VIP's packets by how they were routed (lbx_quic_vip, bpf/quic.h); None: no QUIC VIP
+    quic: tuple[tuple[abi.QuicReason, int], ...] | None = None
+    # issue 13: new flows sent to a backup because every primary was full (lbx_overflows); None: no backups
+    backup_overflows: int | None = None
+
+    def lines(self) -> list[str]:
+        """The VIP's lines under its row in `status` (QUIC routing, backup overflows)."""
+        out = []
+        if self.quic is not None:
+            out.append(quic_text(self.quic, "QUIC packets the connection table did not know: "))
+        if self.backup_overflows is not None:
+            out.append(f"backup overflows: {self.backup_overflows} new flows sent to a backup (every primary full)")
+        return out
 
     @property
     def key(self) -> model.VipKey:
@@ -127,7 +140,9 @@ class VipStatus(VipView):
     def to_json(self) -> dict[str, Any]:
         return {"vip": self.name, "id": self.id, "mode": self.mode, "scheduler": self.scheduler,
                 "table_size": self.table_size, **_stats(self.stats),
-                "backends": [b.to_json() for b in self.backends], "admission": self.admission.to_json()}
+                "backends": [b.to_json() for b in self.backends], "admission": self.admission.to_json(),
+                "quic": None if self.quic is None else {r.name.lower(): n for r, n in self.quic},
+                "backup_overflows": self.backup_overflows}
 
 
 @dataclass(frozen=True)
@@ -209,8 +224,10 @@ class GateStatus:
 @dataclass(frozen=True)
 class QuicStatus:
     """QUIC connection-ID routing (bpf/quic.h, issue 13): how many server ids the program knows
-    (lbx_quic_ids, every QUIC VIP) and how QUIC VIPs' new-tuple packets were routed, ever
-    (lbx_quic_stats by abi.QuicReason: by_id, initial, unknown_id, down_id, short_cid, other)."""
+    (lbx_quic_ids, every QUIC VIP) and how QUIC VIPs' packets that the connection table did not
+    know were routed, ever (lbx_quic_stats by abi.QuicReason: by_id, initial, unknown_id, down_id,
+    short_cid, other; a packet routed by id is not recorded, so each packet of a migrated
+    connection counts). Per VIP: VipStatus.quic."""
     ids: int = 0
     packets: tuple[tuple[abi.QuicReason, int], ...] = ()
 
@@ -226,17 +243,31 @@ class QuicStatus:
         return {"server_ids": self.ids, "packets": {r.name.lower(): n for r, n in self.packets}}
 
     def text(self) -> str:
-        fell = sum(n for r, n in self.packets if r in (abi.QuicReason.UNKNOWN_ID, abi.QuicReason.DOWN_ID,
-                                                       abi.QuicReason.SHORT_CID))
-        return (f"QUIC: {self.ids} server id(s); new-tuple packets: {self.count(abi.QuicReason.BY_ID)} routed "
-                f"by id, {self.count(abi.QuicReason.INITIAL)} initial/0-RTT by the table, {fell} fell back "
-                f"(unknown id {self.count(abi.QuicReason.UNKNOWN_ID)}, down id {self.count(abi.QuicReason.DOWN_ID)}, "
-                f"short CID {self.count(abi.QuicReason.SHORT_CID)}), {self.count(abi.QuicReason.OTHER)} other")
+        return quic_text(self.packets, f"QUIC: {self.ids} server id(s); packets the connection table did not know: ")
+
+
+def quic_text(packets: tuple[tuple[abi.QuicReason, int], ...], head: str) -> str:
+    """QUIC counts by abi.QuicReason as one line of `status` (program-wide or a VIP's)."""
+    Q, c = abi.QuicReason, dict(packets)
+    fell = sum(c.get(r, 0) for r in (Q.UNKNOWN_ID, Q.DOWN_ID, Q.SHORT_CID))
+    return (f"{head}{c.get(Q.BY_ID, 0)} routed by id, {c.get(Q.INITIAL, 0)} initial/0-RTT by the table, "
+            f"{fell} fell back (unknown id {c.get(Q.UNKNOWN_ID, 0)}, down id {c.get(Q.DOWN_ID, 0)}, "
+            f"short CID {c.get(Q.SHORT_CID, 0)}), {c.get(Q.OTHER, 0)} other")
 
 
 def read_quic(maps: Any) -> QuicStatus:
     """QuicStatus from the maps (an older program without the QUIC maps reads as zeros)."""
     return QuicStatus(len(maps.quic_ids()), tuple(maps.quic_stats().items()))
+
+
+def read_vip_extras(maps: Any, views: Any) -> tuple[dict[int, Any], dict[int, int]]:
+    """Per VIP id: QUIC counts (VIPs with server ids in lbx_quic_ids; 6 lookups each) and backup
+    overflows (VIPs with backups in lbx_backups, or any overflow counted; one lookup each)."""
+    quic_vids = {vid for vid, _ in maps.quic_ids()}
+    quic = {vid: tuple(c.items()) for vid, c in maps.quic_vip_stats(sorted(quic_vids)).items()}
+    counted = maps.backup_overflows()
+    over = {v.id: counted.get(v.id, 0) for v in views if v.id in counted or maps.backups(v.id)}
+    return quic, over
 
 
 @dataclass(frozen=True)
@@ -301,8 +332,9 @@ def read(inst: Instance, told: Callable[[Instance], applied.State] = applied.loa
         hs = {b.id: _handshakes(maps, b.id) for v in nat_vips for b in v.backends}
         cs = maps.conns()
         quic = read_quic(maps)
+        vquic, over = read_vip_extras(maps, views)
     return InstanceStatus(inst.ifname, inst.netns, str(inst.pin_dir), _xdp(inst), record,
-                          tuple(_vip(v, health, admission, hs, cs) for v in views), reasons, entries, capacity,
+                          tuple(_vip(v, health, admission, hs, cs, vquic, over) for v in views), reasons, entries, capacity,
                           time.monotonic() - t0, admission=glob, gate=gate, nat=nat, quic=quic)
 
 
@@ -392,9 +424,11 @@ UNCHECKED_HEALTH = Health()
 
 def _vip(v: VipView, told: _Told, admission: dict[int, AdmissionStatus],
          handshakes: dict[int, Handshakes] | None = None,
-         conns: dict[int, Conns] | None = None) -> VipStatus:
+         conns: dict[int, Conns] | None = None, quic: dict[int, Any] | None = None,
+         overflows: dict[int, int] | None = None) -> VipStatus:
     hs, cs = handshakes or {}, conns or {}
     bes = tuple(BackendStatus(b.name, b.stats, b.in_table, b.id, b.mac, told.health(f"{v.name}|{b.name}"),
                               hs.get(b.id), cs.get(b.id)) for b in v.backends)
     return VipStatus(v.name, v.stats, bes, v.id, v.mode, v.scheduler, v.table_size,
-                     admission=admission.get(v.id, NO_ADMISSION))
+                     admission=admission.get(v.id, NO_ADMISSION), quic=(quic or {}).get(v.id),
+                     backup_overflows=(overflows or {}).get(v.id))

@@ -131,6 +131,8 @@ def print_status(r: InstanceStatus) -> None:
                               v.stats.new_flows, ""))
         if v.admission != NO_ADMISSION:
             click.echo(f"    admission: {v.admission.text()}")
+        for line in v.lines():   # QUIC routing, backup overflows (issue 13)
+            click.echo(f"    {line}")
         for b in v.backends:
             mark = "" if b.in_table else " (not in table)"
             click.echo(row.format(f"  {b.name}{mark}", "", b.stats.packets, b.stats.bytes, b.stats.new_flows,

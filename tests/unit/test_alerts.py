@@ -173,7 +173,8 @@ def standalone_registry() -> CollectorRegistry:
                        handshakes=Handshakes(0, 1, 2, 3), conns=Conns(5, 1, 100))
     snap = InstanceStatus(
         "eth0", vips=(VipStatus("10.112.0.10:8080/tcp", Stats(1, 2, 3), (be,), mode="nat",
-                                admission=AdmissionStatus(allow=1, rate=10, burst=20)),),
+                                admission=AdmissionStatus(allow=1, rate=10, burst=20),
+                                quic=((abi.QuicReason.BY_ID, 1),), backup_overflows=1),),
         reasons=tuple(ReasonCount(r, 1, 1) for r in abi.Reason.exits()), flow_entries=1, flow_capacity=65536,
         state=AttachRecord({"version": "0.1.0", "mode": "generic", "prog_id": 7}), read_seconds=0.01,
         gate=GateStatus(half_open_entries=1, cpus_flooded=1, inserts_skipped=1, half_open_written=1), nat=nat,

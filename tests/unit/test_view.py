@@ -83,6 +83,20 @@ class FakeMaps:
     def quic_stats(self) -> dict[abi.QuicReason, int]:
         return {r: self.quic.get(r, 0) for r in abi.QuicReason if r is not abi.QuicReason.MAX}
 
+    vip_quic: dict = {}        # VIP id -> {reason: n} (lbx_quic_vip)
+    overflows: dict = {}       # VIP id -> n (lbx_overflows)
+    backup_ids: dict = {}      # VIP id -> backup entry ids (lbx_backups)
+
+    def quic_vip_stats(self, vip_ids) -> dict:
+        return {v: {r: self.vip_quic.get(v, {}).get(r, 0) for r in abi.QuicReason if r is not abi.QuicReason.MAX}
+                for v in vip_ids}
+
+    def backup_overflows(self) -> dict[int, int]:
+        return dict(self.overflows)
+
+    def backups(self, vip_id: int) -> list[int]:
+        return list(self.backup_ids.get(vip_id, []))
+
     class _HalfOpen:
         class info:
             max_entries = 16384
@@ -117,7 +131,8 @@ EXPECTED = {
                    "new_flows": 0, "health": "up", "forced": "up", "health_since": None, "last_check": None,
                    "check_latency": None, "last_check_at": None, "checks": None,
                    "down_cause": None, "down_detail": None, "handshakes": None, "connections": None}],
-              "admission": {"allow_rules": 1, "deny_rules": 0, "new_flow_limit": {"rate": 100, "burst": 200}}}],
+              "admission": {"allow_rules": 1, "deny_rules": 0, "new_flow_limit": {"rate": 100, "burst": 200}},
+              "quic": None, "backup_overflows": None}],                  # issue 13: not a QUIC VIP, no backups
     "reasons": [{"reason": "forward", "verdict": "tx", "packets": 107, "bytes": 7100},
                 {"reason": "not_ip", "verdict": "pass", "packets": 0, "bytes": 0}],
     "flows": {"entries": 17, "capacity": 65536},
@@ -293,8 +308,8 @@ def test_status_and_the_exporter_show_quic_routing(inst: Instance, capsys: pytes
     assert st.to_json()["quic"] == {"server_ids": 2, "packets": {"by_id": 40, "initial": 6, "unknown_id": 3,
                                                                  "down_id": 2, "short_cid": 1, "other": 5}}
     print_status(st)
-    assert ("QUIC: 2 server id(s); new-tuple packets: 40 routed by id, 6 initial/0-RTT by the table, 6 fell back "
-            "(unknown id 3, down id 2, short CID 1), 5 other") in capsys.readouterr().out
+    assert ("QUIC: 2 server id(s); packets the connection table did not know: 40 routed by id, 6 initial/0-RTT "
+            "by the table, 6 fell back (unknown id 3, down id 2, short CID 1), 5 other") in capsys.readouterr().out
 
     class Source:
         def instances(self) -> list[Instance]:
