@@ -322,3 +322,51 @@ def test_status_and_the_exporter_show_quic_routing(inst: Instance, capsys: pytes
            for how in ("by_id", "initial", "unknown_id", "down_id", "short_cid", "other")}
     assert got == {"by_id": 40, "initial": 6, "unknown_id": 3, "down_id": 2, "short_cid": 1, "other": 5}
     assert reg.get_sample_value("lbxdp_quic_server_ids", {"interface": "eth0"}) == 2
+
+
+def test_status_and_the_exporter_show_quic_and_overflows_per_vip(inst: Instance, capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 13: a QUIC VIP's own counts (lbx_quic_vip) and a VIP's backup overflows (lbx_overflows)
+    under its row in `status`, in its --json object and as lbxdp_vip_quic_packets_total{vip,how} and
+    lbxdp_vip_backup_overflows_total{vip}; a VIP with neither shows none of them (the first test)."""
+    from lbxdp.cli.instance import print_status
+    Q = abi.QuicReason
+    monkeypatch.setattr(FakeMaps, "ids", {(0, 0x101): (0, 1, 0)})
+    monkeypatch.setattr(FakeMaps, "vip_quic", {0: {Q.BY_ID: 12, Q.INITIAL: 4, Q.DOWN_ID: 2}})
+    monkeypatch.setattr(FakeMaps, "backup_ids", {0: [2]})
+    monkeypatch.setattr(FakeMaps, "overflows", {0: 9})
+    st = control.status(inst)
+    v = st.vips[0]
+    assert v.backup_overflows == 9 and dict(v.quic or ())[Q.BY_ID] == 12
+    j = st.to_json()["vips"][0]
+    assert j["quic"] == {"by_id": 12, "initial": 4, "unknown_id": 0, "down_id": 2, "short_cid": 0, "other": 0}
+    assert j["backup_overflows"] == 9
+    print_status(st)
+    out = capsys.readouterr().out
+    assert ("    QUIC packets the connection table did not know: 12 routed by id, 4 initial/0-RTT by the table, "
+            "2 fell back (unknown id 0, down id 2, short CID 0), 0 other") in out
+    assert "    backup overflows: 9 new flows sent to a backup (every primary full)" in out
+
+    class Source:
+        def instances(self) -> list[Instance]:
+            return [inst]
+
+        def read(self, i: Instance) -> view.InstanceStatus:
+            return st
+    reg = make_registry(Source(), CollectorRegistry())
+    got = {how: reg.get_sample_value("lbxdp_vip_quic_packets_total", {"interface": "eth0", "vip": VIP, "how": how})
+           for how in ("by_id", "initial", "unknown_id", "down_id", "short_cid", "other")}
+    assert got == {"by_id": 12, "initial": 4, "unknown_id": 0, "down_id": 2, "short_cid": 0, "other": 0}
+    assert reg.get_sample_value("lbxdp_vip_backup_overflows_total", {"interface": "eth0", "vip": VIP}) == 9
+
+    # backups configured but nothing overflowed yet: the series is there at 0 (rate() needs it)
+    monkeypatch.setattr(FakeMaps, "overflows", {})
+    st = control.status(inst)
+    assert st.vips[0].backup_overflows == 0
+    # no backups and nothing counted: no line, no series
+    monkeypatch.setattr(FakeMaps, "backup_ids", {})
+    monkeypatch.setattr(FakeMaps, "ids", {})
+    st = control.status(inst)
+    assert st.vips[0].backup_overflows is None and st.vips[0].quic is None
+    reg = make_registry(Source(), CollectorRegistry())
+    assert reg.get_sample_value("lbxdp_vip_backup_overflows_total", {"interface": "eth0", "vip": VIP}) is None
