@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from . import abi, applied, config, control, model, probe
+from . import abi, applied, config, control, etcdsrc, model, probe
 from .errors import LbxError
 from .model import BackendId, XdpMode
 from .paths import Instance, atomic_write, private_dirs
@@ -618,7 +618,7 @@ class Daemon:
     """The supervisor: starts the services, runs the loop, ends them (see the module's docstring)."""
 
     def __init__(self, inst: Instance, config_path: str, mode: XdpMode = XdpMode.AUTO, metrics: str | None = None,
-                 keep_attached: bool = False, allow_empty: bool = False):
+                 keep_attached: bool = False, allow_empty: bool = False, node_name: str | None = None):
         self.inst, self.config_path, self.mode = inst, config_path, mode
         self.allow_empty = allow_empty   # a config without VIPs may remove all (start and reloads)
         self.metrics_arg, self.keep_attached = metrics, keep_attached
@@ -640,6 +640,12 @@ class Daemon:
         self.bgp = BgpService(inst)
         self.services.insert(self.services.index(self.metrics), self.bgp)
         self._started: list[Service] = []
+        self.etcd: Any = None   # config_path an etcd:// URL: the source of every config (lbxdp.etcdsrc)
+        if etcdsrc.is_url(config_path):
+            url = etcdsrc.EtcdUrl.parse(config_path)
+            self.etcd = etcdsrc.EtcdService(inst, url, node_name or etcdsrc.default_node_name(inst), self._wake,
+                                            self._apply_from_source, self._announcements)
+            self.services.insert(1, self.etcd)
 
     # --- signals -------------------------------------------------------------------------------
     def _on_hup(self, *_: Any) -> None:
@@ -657,7 +663,7 @@ class Daemon:
         if other is not None and other != os.getpid():
             raise LbxError(f"a daemon already runs for {self.inst.label} (pid {other})",
                            "stop it first, or send it `lbxdp reload`")
-        cfg = config.load(self.config_path)
+        cfg = config.load(self.config_path) if self.etcd is None else self.etcd.initial()[1]
         _warn(cfg)
         signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGTERM, self._on_term)
@@ -671,8 +677,8 @@ class Daemon:
             self._started.append(self.metrics)
             self.metrics.bind()
             t = time.monotonic()
-            res = control.attach(self.inst, cfg, self.mode, config_path=os.path.abspath(self.config_path),
-                                 allow_empty=self.allow_empty)
+            res = control.attach(self.inst, cfg, self.mode, allow_empty=self.allow_empty,
+                                 config_path=os.path.abspath(self.config_path) if self.etcd is None else self.config_path)
             attach_seconds = time.monotonic() - t
             self.metrics.observe_apply(attach_seconds)
             self._write_pid()
@@ -769,7 +775,34 @@ class Daemon:
     def _write_pid(self) -> None:
         atomic_write(self.inst.pid_file, f"{os.getpid()} {_start_time(os.getpid())}\n")
 
+    def _apply_from_source(self, cfg: model.Config, source: str) -> None:
+        """The reload path for a config from etcd (already parsed): apply it as a minimal diff, or
+        raise (the caller logs the refusal; the running config stays)."""
+        t = time.monotonic()
+        try:
+            diff = control.apply(self.inst, cfg, allow_empty=self.allow_empty, source=source)
+        except Exception:
+            self.metrics.count_reload("error")
+            raise
+        self.metrics.observe_apply(time.monotonic() - t)
+        self.metrics.count_reload("ok")
+        _event("reloaded", source=source, changes=len(diff.lines), seconds=f"{time.monotonic() - t:.3f}")
+        log_diff(diff)
+        _warn(cfg)
+
+    def _announcements(self) -> Any:
+        """What the BGP service (issue 14's other half) says it announces, if there is one."""
+        bgp = getattr(self, "bgp", None)
+        for attr in ("announcements", "status"):
+            fn = getattr(bgp, attr, None)
+            if callable(fn):
+                return fn()
+        return None
+
     def reload(self) -> None:
+        if self.etcd is not None:   # SIGHUP with etcd: fetch and apply the current revision again
+            self.etcd.refetch()
+            return
         t = time.monotonic()
         try:
             cfg = config.load(self.config_path)

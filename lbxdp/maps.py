@@ -794,11 +794,11 @@ class Maps:
             os.close(fd)
         return built
 
-    def acl_placement(self) -> dict[tuple[int, int], bool]:
+    def acl_placement(self, entries: frozenset[AclEntry] | None = None) -> dict[tuple[int, int], bool]:
         """(scope, 4|6) -> whether the program walks the blob for it (False: the kernel trie,
         because the blob's budget had no room for it or there is no blob), for every (scope,
-        family) the ACL has entries of."""
-        fams = {(e.scope, e.network.version) for e in self.acl()}
+        family) the ACL has entries of (entries: self.acl(), if the caller has it already)."""
+        fams = {(e.scope, e.network.version) for e in (self.acl() if entries is None else entries)}
         if not fams:
             return {}
         blob = None

@@ -92,6 +92,9 @@ class AdmissionStatus:
     deny: int = 0
     rate: int | None = None       # new flows per second per source (and CPU); None: no limit
     burst: int | None = None
+    # Families (4, 6) whose rules the program looks up in the kernel LPM trie, not the multibit
+    # blob (bpf/acl.h): the blob's budget had no room for them (lbxdp/acl_mbt.py).
+    trie_only: tuple[int, ...] = ()
 
     @property
     def rules(self) -> int:
@@ -99,11 +102,14 @@ class AdmissionStatus:
 
     def to_json(self) -> dict[str, Any]:
         return {"allow_rules": self.allow, "deny_rules": self.deny,
-                "new_flow_limit": None if self.rate is None else {"rate": self.rate, "burst": self.burst}}
+                "new_flow_limit": None if self.rate is None else {"rate": self.rate, "burst": self.burst},
+                "acl_kernel_trie": [f"v{f}" for f in self.trie_only]}
 
     def text(self) -> str:
         lim = "no limit" if self.rate is None else f"limit {self.rate}/s, burst {self.burst}"
-        return f"allow {self.allow} rules, deny {self.deny}, {lim}"
+        slow = f" ({'/'.join(f'v{f}' for f in self.trie_only)} rules in the kernel trie: over the ACL blob's budget)" \
+            if self.trie_only else ""
+        return f"allow {self.allow} rules, deny {self.deny}, {lim}{slow}"
 
 
 NO_ADMISSION = AdmissionStatus()
@@ -286,6 +292,7 @@ class InstanceStatus:
     gate: GateStatus = GateStatus()
     nat: NatStatus | None = None   # NAT conntrack and SNAT pool (None: no NAT VIP)
     quic: QuicStatus = QuicStatus()   # QUIC connection-ID routing (bpf/quic.h)
+    config_source: dict[str, Any] | None = None   # the daemon's etcd source (lbxdp.etcdsrc), if any
 
     def vip(self, name: str) -> VipStatus | None:
         return next((v for v in self.vips if v.name == name), None)
@@ -300,7 +307,8 @@ class InstanceStatus:
                 "vips": [v.to_json() for v in self.vips], "reasons": [r.to_json() for r in self.reasons],
                 "flows": {"entries": self.flow_entries, "capacity": self.flow_capacity},
                 "admission": self.admission.to_json(), "gate": self.gate.to_json(),
-                "nat": self.nat.to_json() if self.nat else None, "quic": self.quic.to_json()}
+                "nat": self.nat.to_json() if self.nat else None, "quic": self.quic.to_json(),
+                "config_source": self.config_source}
 
 
 def _stats(s: Stats) -> dict[str, int]:
@@ -314,7 +322,7 @@ def read(inst: Instance, told: Callable[[Instance], applied.State] = applied.loa
     """Read the instance once. told: where health overrides and verdicts come from (applied.load,
     which stops on an unreadable applied state as every command does; the exporter passes
     applied.load_runtime). Raises if the maps cannot be opened."""
-    from . import control   # the loader: kept out of `lbxdp --help`
+    from . import control, etcdsrc   # the loader: kept out of `lbxdp --help`
     t0 = time.monotonic()
     private_dirs(inst)
     record = AttachRecord(control.read_state(inst))
@@ -335,7 +343,8 @@ def read(inst: Instance, told: Callable[[Instance], applied.State] = applied.loa
         vquic, over = read_vip_extras(maps, views)
     return InstanceStatus(inst.ifname, inst.netns, str(inst.pin_dir), _xdp(inst), record,
                           tuple(_vip(v, health, admission, hs, cs, vquic, over) for v in views), reasons, entries, capacity,
-                          time.monotonic() - t0, admission=glob, gate=gate, nat=nat, quic=quic)
+                          time.monotonic() - t0, admission=glob, gate=gate, nat=nat, quic=quic,
+                          config_source=etcdsrc.read_source(inst))
 
 
 def _handshakes(maps: Any, backend_id: int) -> Handshakes:
@@ -356,17 +365,23 @@ def read_admission(maps: Any) -> dict[int, AdmissionStatus]:
     limit. The trie is walked only when some scope has rules (one syscall per entry)."""
     scopes = maps.admission()
     counts: dict[int, dict[abi.AclAction, int]] = {}
+    slow: dict[int, tuple[int, ...]] = {}
     if any(flags for _, _, flags in scopes.values()):
-        for e in maps.acl():
+        entries = maps.acl()
+        for e in entries:
             per = counts.setdefault(e.scope, {})
             per[e.action] = per.get(e.action, 0) + 1
+        placement = maps.acl_placement(entries) if hasattr(maps, "acl_placement") else {}
+        for (scope, fam), in_blob in sorted(placement.items()):
+            if not in_blob:
+                slow[scope] = slow.get(scope, ()) + (fam,)
     out = {}
     for scope in set(scopes) | set(counts):
         interval, burst_ns, _ = scopes.get(scope, (0, 0, 0))
         c = counts.get(scope, {})
         out[scope] = AdmissionStatus(c.get(abi.AclAction.ALLOW, 0), c.get(abi.AclAction.DENY, 0),
                                      round(1e9 / interval) if interval else None,
-                                     burst_ns // interval + 1 if interval else None)
+                                     burst_ns // interval + 1 if interval else None, slow.get(scope, ()))
     return out
 
 

@@ -10,6 +10,7 @@ modules never import this one, so there is no import circle):
   nat       nat ls, nat status (NAT connections and the SNAT pool, lbxdp.conntrack)
   inspect   explain, preview backend, trace (lbxdp.explain, lbxdp.trace)
   params    VIP and ADDR:PORT parameter types, enum choices
+  cluster   cluster status, config push (lbxdp.etcdsrc: shared config in etcd)
   common    the root check, which instance a command is about
 
 bcc is imported only when a command compiles something, so `lbxdp --help` works anywhere.
@@ -26,7 +27,7 @@ import click
 from .. import __version__
 from ..errors import LbxError
 from ..paths import check_netns
-from . import acl, daemon, decap, edit, inspect, instance, lab, nat
+from . import acl, cluster, daemon, decap, edit, inspect, instance, lab, nat
 from .params import BadValue
 
 log = logging.getLogger("lbxdp")
@@ -74,7 +75,7 @@ def enter_netns(name: str) -> None:
 
 
 for _cmd in (*instance.COMMANDS, *edit.COMMANDS, *daemon.COMMANDS, *lab.COMMANDS, *decap.COMMANDS,
-             *acl.COMMANDS, *nat.COMMANDS, *inspect.COMMANDS):
+             *acl.COMMANDS, *nat.COMMANDS, *inspect.COMMANDS, *cluster.COMMANDS):
     cli.add_command(_cmd)
 
 

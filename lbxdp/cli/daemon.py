@@ -13,17 +13,20 @@ from .params import EnumChoice
 @click.command()
 @click.argument("ifname")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-              help="TOML file; re-read on SIGHUP or `lbxdp reload`.")
+              help="TOML file; re-read on SIGHUP or `lbxdp reload`. Or etcd://HOST:PORT/PREFIX: the config "
+              "pushed there (`lbxdp config push`), each new revision applied within a second.")
 @click.option("--mode", type=EnumChoice(XdpMode), default=XdpMode.AUTO.value, show_default=True)
 @click.option("--metrics", metavar="ADDRESS:PORT", help="Serve Prometheus /metrics here (default: the config's "
               "[metrics] listen, else none). 127.0.0.1:9842 is the usual choice.")
 @click.option("--keep-attached", is_flag=True, help="On SIGTERM, leave the program attached (it keeps forwarding).")
 @click.option("--allow-empty", is_flag=True, help="Let a config without [[vip]] (at start or on a reload) remove "
               "all VIPs of the running instance; without it such a config is refused.")
+@click.option("--node", "node_name", metavar="NAME", help="With an etcd:// config: this node's name in "
+              "PREFIX/nodes/ and `lbxdp cluster status` (default: HOSTNAME:IFNAME).")
 @click.pass_context
 @needs_root
 def run(ctx: click.Context, ifname: str, config_path: str, mode: XdpMode, metrics: str | None,
-        keep_attached: bool, allow_empty: bool) -> None:
+        keep_attached: bool, allow_empty: bool, node_name: str | None) -> None:
     """The daemon: attach (or adopt), apply the config, reload on SIGHUP, detach on SIGTERM.
 
     Runs in the foreground and logs to stderr (systemd-friendly: see systemd/lbxdp@.service).
@@ -32,7 +35,7 @@ def run(ctx: click.Context, ifname: str, config_path: str, mode: XdpMode, metric
     """
     from .. import daemon
     daemon.Daemon(Instance(ifname, ctx.obj.get("netns")), config_path, mode, metrics, keep_attached,
-                  allow_empty).run()
+                  allow_empty, node_name).run()
 
 
 @click.command()

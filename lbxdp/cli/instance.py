@@ -116,6 +116,9 @@ def print_status(r: InstanceStatus) -> None:
     else:
         click.echo(f"{where}: maps pinned at {r.pin_dir} but no XDP program is attached"
                    + (f" ({x.error})" if x.error else ""))
+    if r.config_source:
+        from ..etcdsrc import source_text
+        click.echo(f"  {source_text(r.config_source)}")
     click.echo(f"  connection table: {r.flow_entries} / {r.flow_capacity} entries")
     click.echo(f"  {r.gate.text()}")
     if r.admission != NO_ADMISSION:

@@ -147,6 +147,10 @@ def test_scopes_over_the_budget_use_the_kernel_trie(acl_lb: Lb) -> None:
     w4, w6 = acl_lb.vip_id(WEB4), acl_lb.vip_id(WEB6)
     assert placement[(g, 4)] and placement[(g, 6)], placement
     assert not placement[(w4, 4)] and not placement[(w6, 6)], placement
+    from lbxdp import view    # status and the exporter: which scopes' families use the kernel trie
+    shown = view.read_admission(acl_lb.maps)
+    assert shown[g].trie_only == () and shown[w4].trie_only == (4, 6) and shown[w6].trie_only == (4, 6)
+    assert "v4/v6 rules in the kernel trie" in shown[w4].text()
     compare(acl_lb, glob, vip, sources(rnd, vip, centers, 1500) + sources(rnd, glob, centers, 300))
 
 
