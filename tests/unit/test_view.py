@@ -131,12 +131,14 @@ EXPECTED = {
                    "new_flows": 0, "health": "up", "forced": "up", "health_since": None, "last_check": None,
                    "check_latency": None, "last_check_at": None, "checks": None,
                    "down_cause": None, "down_detail": None, "handshakes": None, "connections": None}],
-              "admission": {"allow_rules": 1, "deny_rules": 0, "new_flow_limit": {"rate": 100, "burst": 200}},
+              "admission": {"allow_rules": 1, "deny_rules": 0, "new_flow_limit": {"rate": 100, "burst": 200},
+                            "acl_kernel_trie": []},
               "quic": None, "backup_overflows": None}],                  # issue 13: not a QUIC VIP, no backups
     "reasons": [{"reason": "forward", "verdict": "tx", "packets": 107, "bytes": 7100},
                 {"reason": "not_ip", "verdict": "pass", "packets": 0, "bytes": 0}],
     "flows": {"entries": 17, "capacity": 65536},
-    "admission": {"allow_rules": 0, "deny_rules": 2, "new_flow_limit": None},   # keys added for issue 11
+    "admission": {"allow_rules": 0, "deny_rules": 2, "new_flow_limit": None,   # keys added for issue 11
+                  "acl_kernel_trie": []},
     "gate": {"half_open": {"entries": 3, "capacity": 16384, "written": 9},      # issue 11: the handshake gate
              "flood": {"threshold": 200, "cpus_flooded": 1, "inserts_skipped": 5}},
     "nat": None,                                                                 # issue 12: no NAT VIP
