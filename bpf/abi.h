@@ -24,8 +24,9 @@
 /* The half-open table (select.h): SYNs (and first UDP datagrams) whose choice the VIP's table
  * cannot reproduce later, until the client's next packet records the flow. */
 #ifndef LBX_HALF_OPEN_CAPACITY
-#define LBX_HALF_OPEN_CAPACITY 16384
+#define LBX_HALF_OPEN_CAPACITY 16384 /* slots: a power of two, a multiple of LBX_HALF_OPEN_WAYS */
 #endif
+#define LBX_HALF_OPEN_WAYS 4         /* slots per bucket of the half-open table (maps.h) */
 /*
  * Handshake gate (select.h). Time in the program is bpf_ktime_get_coarse_ns() >> LBX_TIME_SHIFT
  * (~1.07 s units, CLOCK_MONOTONIC; lbxdp/maps.py writes the same). A VIP's table is settled
@@ -268,6 +269,25 @@ struct flow_val {
 	__u16 pad;     /* lbx_flows: LBX_FLOW_F_* flags; lbx_half_open: the low 16 bits of the SYN's
 			* now_units() (select.h half_open()). Named pad still: upgrades keep pinned tables */
 };
+
+/*
+ * One slot of the half-open table (maps.h, select.h): a flow and its choice, and check, which
+ * binds the two (select.h ho_check()) and is written last, so a reader that races a writer on
+ * another CPU (or two writers that raced) sees a mismatch, a miss, never one flow's key with
+ * another's choice. check 0: empty. 64 bytes: a slot is one cache line.
+ */
+struct half_open_slot {
+	struct flow_key key;
+	struct flow_val val;     /* pad: the low 16 bits of the SYN's now_units() */
+	__u32 check;
+	__u32 pad[3];
+};
+_Static_assert(sizeof(struct half_open_slot) == 64, "one cache line");
+
+struct half_open_bucket {
+	struct half_open_slot way[LBX_HALF_OPEN_WAYS];
+};
+_Static_assert(sizeof(struct half_open_bucket) == 64 * LBX_HALF_OPEN_WAYS, "lbxdp/maps.py reads slots of 64 bytes");
 #define LBX_FLOW_F_COUNTED 0x01 /* its opening was counted in lbx_conns (sched.h) */
 #define LBX_FLOW_F_CLOSED 0x02  /* a FIN or RST from the client was seen: no longer counted */
 _Static_assert(sizeof(struct flow_val) == 8, "also update lbxdp/abi.py");

@@ -53,13 +53,21 @@ BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_val, lbx_flows, LBX_FL
 		 LBX_PIN_DIR "/lbx_flows");
 
 /*
- * flow 5-tuple -> (backend id, its generation) of a flow whose opening packet (a TCP SYN, a first
- * UDP datagram) the VIP's table could not be trusted to repeat: round robin, or a table that
- * changed within LBX_SETTLE_UNITS. Written by the program (select.h); the client's next packet
- * finds it and records the flow in lbx_flows. Small, so a SYN flood churns only this table.
+ * The half-open table: flow hash -> a bucket of LBX_HALF_OPEN_WAYS slots, each (flow 5-tuple,
+ * backend id, its generation, the SYN's time) of a flow whose opening packet (a TCP SYN, a first
+ * UDP datagram) the VIP's table could not be trusted to repeat: round robin, leastconn, caps, or a
+ * table that changed within LBX_SETTLE_UNITS. Written by the program (select.h); the client's next
+ * packet finds it and records the flow in lbx_flows. Small, so a SYN flood churns only this table.
+ * A set-associative cache in an array, not an LRU hash: a lookup is inlined (no helper call, no
+ * bucket lock, no LRU list) and an insert overwrites the bucket's free or oldest slot, which an
+ * LRU insert (~300 ns, docs/benchmarks.md) does not match. An entry pushed out early gets the
+ * table's choice for its ACK, as an LRU eviction would. BPF_F_MMAPABLE: the kernel then places
+ * the values page-aligned, so every 64-byte slot is one cache line.
  */
-BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_val, lbx_half_open, LBX_HALF_OPEN_CAPACITY,
-		 LBX_PIN_DIR "/lbx_half_open");
+BPF_TABLE_PINNED("array", __u32, struct half_open_bucket, lbx_half_open,
+		 LBX_HALF_OPEN_CAPACITY / LBX_HALF_OPEN_WAYS, LBX_PIN_DIR "/lbx_half_open", BPF_F_MMAPABLE);
+_Static_assert((LBX_HALF_OPEN_CAPACITY & (LBX_HALF_OPEN_CAPACITY - 1)) == 0 &&
+	       LBX_HALF_OPEN_CAPACITY >= LBX_HALF_OPEN_WAYS, "a power of two: select.h masks the hash");
 
 /* 0 -> this CPU's new-flow flood state (struct lbx_flood). Written by the program only. */
 BPF_TABLE_PINNED("percpu_array", __u32, struct lbx_flood, lbx_flood, 1, LBX_PIN_DIR "/lbx_flood");

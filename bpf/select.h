@@ -252,20 +252,102 @@ static __always_inline int reproducible(const struct vip_meta *vip, int *ho)
  */
 #define LBX_HALF_OPEN_SYN_UNITS 32
 
+/*
+ * The half-open table (maps.h) is a set-associative cache: the flow's hash picks a bucket of
+ * LBX_HALF_OPEN_WAYS slots. Slots are written without locks by any CPU; a slot's check binds its
+ * key to its value (abi.h struct half_open_slot), so a torn slot reads as a miss. A false accept
+ * would need a torn read and two tuples of one bucket with the same 32-bit hash.
+ */
+static __always_inline struct half_open_bucket *ho_bucket(const struct flow_key *f, __u32 *h)
+{
+	__u32 idx;
+
+	*h = flow_hash(f);
+	idx = *h & (LBX_HALF_OPEN_CAPACITY / LBX_HALF_OPEN_WAYS - 1);
+	return lbx_half_open.lookup(&idx);
+}
+
+/* A slot's check: the flow's hash and its value mixed; never 0, which marks an empty slot. */
+static __always_inline __u32 ho_check(__u32 h, const struct flow_val *v)
+{
+	return mix32(h ^ mix32(v->backend_id ^ ((__u32)v->gen << 16 | v->pad))) | 1;
+}
+
+static __always_inline int same_flow(const struct flow_key *a, const struct flow_key *b)
+{
+	const __u64 *x = (const void *)a, *y = (const void *)b;
+	__u64 d = 0;
+
+#pragma unroll
+	for (int i = 0; i < sizeof(*a) / 8; i++)
+		d |= x[i] ^ y[i];
+	return d == 0;
+}
+
+/*
+ * The slot holding f (its value in *v), or NULL. The value and check are copied before the
+ * barrier, so that the compiler cannot load them again after the check was verified.
+ */
+static __always_inline struct half_open_slot *ho_find(struct half_open_bucket *b, const struct flow_key *f,
+						      __u32 h, struct flow_val *v)
+{
+#pragma unroll
+	for (int i = 0; i < LBX_HALF_OPEN_WAYS; i++) {
+		struct half_open_slot *s = &b->way[i];
+		__u32 check = s->check;
+
+		*v = s->val;
+		asm volatile("" ::: "memory");
+		if (check && same_flow(&s->key, f) && check == ho_check(h, v))
+			return s;
+	}
+	return NULL;
+}
+
+/*
+ * Where a new half-open entry goes: the slot already holding its flow (a retried SYN), else an
+ * empty or expired one, else the oldest; ties go to the first from a hash-given start, so that
+ * a burst's collisions push out a random entry, not always the newest.
+ */
+static __always_inline struct half_open_slot *ho_victim(struct half_open_bucket *b, const struct flow_key *f,
+							__u32 h, __u16 now)
+{
+	__u32 start = h >> 30, best = 0, score;
+	struct half_open_slot *s, *out = &b->way[0];
+
+#pragma unroll
+	for (int i = 0; i < LBX_HALF_OPEN_WAYS; i++) {
+		s = &b->way[(start + i) & (LBX_HALF_OPEN_WAYS - 1)];
+		score = (__u16)(now - s->val.pad);
+		if (!s->check || score > LBX_HALF_OPEN_UNITS)
+			score = 0x10000;
+		if (same_flow(&s->key, f))
+			score = 0x20000;
+		if (score > best || i == 0) {
+			best = score;
+			out = s;
+		}
+	}
+	return out;
+}
+
 /* A half-open entry, young enough, whose backend entry still is the one the opening packet got. */
 static __always_inline int half_open(struct pkt *pkt, struct selection *sel)
 {
-	struct flow_val *seen = lbx_half_open.lookup(&pkt->flow);
+	struct half_open_bucket *b;
+	struct flow_val seen;
 	struct backend *be;
+	__u32 h;
 	__u16 age;
 
-	if (!seen)
+	b = ho_bucket(&pkt->flow, &h);
+	if (!b || !ho_find(b, &pkt->flow, h, &seen))
 		return 0;
-	age = (__u16)now_units() - seen->pad;
+	age = (__u16)now_units() - seen.pad;
 	if (age > (pkt->flags & LBX_PKT_F_SYN ? LBX_HALF_OPEN_SYN_UNITS : LBX_HALF_OPEN_UNITS))
 		return 0;
-	be = backend_by_id(seen->backend_id);
-	if (!be || be->gen != seen->gen)
+	be = backend_by_id(seen.backend_id);
+	if (!be || be->gen != seen.gen)
 		return 0;
 	/* A SYN (a handshake the client retries, or a reused tuple) follows its entry only while
 	 * the backend is still in its VIP's table: one that went down or out since gets the table's
@@ -273,7 +355,7 @@ static __always_inline int half_open(struct pkt *pkt, struct selection *sel)
 	if ((pkt->flags & LBX_PKT_F_SYN) && !(be->flags & LBX_BE_F_IN_TABLE))
 		return 0;
 	sel->be = be;
-	sel->backend_id = seen->backend_id;
+	sel->backend_id = seen.backend_id;
 	sel->vip_id = be->vip_id;
 	return 1;
 }
@@ -301,16 +383,41 @@ static __always_inline void record(struct pkt *pkt, const struct selection *sel)
 	lbx_flows.update(&pkt->flow, &v);
 }
 
+/* Written check last (x86 keeps stores in order; the barriers keep the compiler's). */
 static __always_inline void record_half_open(struct pkt *pkt, const struct selection *sel)
 {
 	struct flow_val v = { .backend_id = sel->backend_id, .gen = sel->be->gen,
 			      .pad = (__u16)now_units() };     /* its age: half_open() */
-	__u32 zero = 0;
+	__u32 zero = 0, h;
 	struct lbx_flood *f = lbx_flood.lookup(&zero);
+	struct half_open_bucket *b;
+	struct half_open_slot *s;
 
 	if (f)
 		f->half_open++;
-	lbx_half_open.update(&pkt->flow, &v);
+	b = ho_bucket(&pkt->flow, &h);
+	if (!b)
+		return;
+	s = ho_victim(b, &pkt->flow, h, v.pad);
+	s->check = 0;
+	asm volatile("" ::: "memory");
+	s->key = pkt->flow;
+	s->val = v;
+	asm volatile("" ::: "memory");
+	s->check = ho_check(h, &v);
+}
+
+/* Forget pkt's half-open entry (its slot emptied). */
+static __always_inline void ho_forget(struct pkt *pkt)
+{
+	struct half_open_bucket *b;
+	struct half_open_slot *s;
+	struct flow_val v;
+	__u32 h;
+
+	b = ho_bucket(&pkt->flow, &h);
+	if (b && (s = ho_find(b, &pkt->flow, h, &v)))
+		s->check = 0;
 }
 
 /*
@@ -339,7 +446,7 @@ static __always_inline void passive_handshake(struct pkt *pkt, const struct sele
 		return;
 	b->consecutive = 0;
 	__sync_fetch_and_add(&b->synack, 1);
-	lbx_half_open.delete(&pkt->flow);
+	ho_forget(pkt);
 }
 
 /*

@@ -348,6 +348,19 @@ class DryRun:
             scratch.update(skey, v if isinstance(v, int) else scratch.Leaf.from_buffer_copy(bytes(v)))
         return v
 
+    def _copy_half_open(self, key: Any) -> Any:
+        """The half-open table is an array of buckets (bpf/maps.h): only the flow's own slot is
+        copied, into the scratch table's bucket for it (another size, another bucket), not the
+        whole array. Returns the live slot (backend_id, gen) or None."""
+        if abi.Map.HALF_OPEN not in self.sm or abi.Map.HALF_OPEN not in self.live:
+            return None
+        scratch = Maps(self.sm)
+        scratch.half_open_forget(bytes(key))
+        slot = self.lm.half_open_get(bytes(key))
+        if slot is not None:
+            scratch.half_open_put(slot.key, slot.backend_id, slot.gen, slot.time)
+        return slot
+
     def _vip_id(self, p: Probe) -> int | None:
         for port in (p.dport, 0):
             meta = self.live[abi.Map.VIPS].lookup(self.lm.vip_key(model.VipKey(p.dst, port, p.protocol)))
@@ -359,7 +372,7 @@ class DryRun:
         entries = []
         for name, label in ((abi.Map.FLOWS, "connection table"), (abi.Map.HALF_OPEN, "half-open table"),
                             (abi.Map.NAT, "nat conntrack")):
-            v = self._copy(name, key)
+            v = self._copy_half_open(key) if name == abi.Map.HALF_OPEN else self._copy(name, key)
             if v is not None and (name != abi.Map.NAT or v.dir == abi.NatDir.FWD):
                 entries.append(Entry(label, v.backend_id, v.gen, self._live_entry(v.backend_id, v.gen)))
         self._copy(abi.Map.FLOOD, 0)
@@ -432,9 +445,11 @@ class DryRun:
                 stats.zero(bid)
         if vip_id is not None:
             self.sm[abi.Map.VIP_STATS].zero(vip_id)
-        for name in (abi.Map.FLOWS, abi.Map.HALF_OPEN, abi.Map.NAT):
+        for name in (abi.Map.FLOWS, abi.Map.NAT):
             if name in self.sm:
                 self.sm[name].delete(self.sm[name].Key.from_buffer_copy(bytes(key)))
+        if abi.Map.HALF_OPEN in self.sm:
+            Maps(self.sm).half_open_forget(bytes(key))
         return got, reason, vip_id, backend, new_flow, entries, cpu
 
     def _take_reason(self) -> abi.Reason | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import dataclasses
 import ipaddress
 import os
 import socket
@@ -96,6 +97,58 @@ class VipMeta:
 def now_units() -> int:
     """The program's clock for vip_meta.changed_at: CLOCK_MONOTONIC ns >> LBX_TIME_SHIFT (never 0)."""
     return max(1, time.clock_gettime_ns(time.CLOCK_MONOTONIC) >> abi.TIME_SHIFT) & 0xFFFFFFFF
+
+
+# --- the half-open table's slots (bpf/abi.h struct half_open_slot, bpf/select.h) -----------------
+HO_SLOT = 64             # sizeof(struct half_open_slot)
+HALF_OPEN_UNITS = 64     # bpf/select.h LBX_HALF_OPEN_UNITS: older entries are ignored
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _M32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def flow_key_hash(key: bytes) -> int:
+    """flow_hash() of bpf/select.h over the bytes of a struct flow_key (words as x86 loads them)."""
+    src, dst = struct.unpack_from("<4I", key, 0), struct.unpack_from("<4I", key, 16)
+    sport, dport, proto = struct.unpack_from("<HHB", key, 32)
+    h = _mix32(((sport << 16) | dport) ^ (proto << 8))
+    for i in range(4):
+        h = (_mix32(h ^ src[i]) + dst[i]) & _M32
+    return _mix32(h)
+
+
+@dataclass(frozen=True)
+class HalfOpenSlot:
+    """One slot: the flow key's bytes, its choice, the low 16 bits of its SYN's now_units(), and
+    its check (0: empty; a torn slot's does not hold)."""
+
+    key: bytes
+    backend_id: int
+    gen: int
+    time: int
+    check: int
+
+    @classmethod
+    def parse(cls, raw: bytes) -> "HalfOpenSlot":
+        bid, gen, t, check = struct.unpack_from("<IHHI", raw, 40)
+        return cls(bytes(raw[:40]), bid, gen, t, check)
+
+    def pack(self) -> bytes:
+        return self.key + struct.pack("<IHHI", self.backend_id, self.gen, self.time, self.check) + bytes(12)
+
+    def expected_check(self) -> int:
+        """ho_check() of bpf/select.h."""
+        v = _mix32(self.backend_id ^ ((self.gen << 16) | self.time))
+        return _mix32(flow_key_hash(self.key) ^ v) | 1
+
+    def valid(self) -> bool:
+        return self.check != 0 and self.check == self.expected_check()
 
 
 @dataclass(frozen=True)
@@ -419,8 +472,86 @@ class Maps:
 
     def half_open_entries(self) -> int:
         m = self.m.get(abi.Map.HALF_OPEN)
-        return 0 if m is None else sum(n for _, _, n in m.batches())
+        if m is None or m.info.type != bpfsys.BPF_MAP_TYPE_ARRAY:   # an older version's LRU pin
+            return 0 if m is None else m.count()
+        now = now_units() & 0xFFFF
+        return sum(1 for s in self.half_open_slots() if s.valid() and (now - s.time) & 0xFFFF <= HALF_OPEN_UNITS)
 
+    def half_open_capacity(self) -> int:
+        """Slots of the half-open table (entries of an older version's LRU pin)."""
+        m = self.m.get(abi.Map.HALF_OPEN)
+        if m is None:
+            return 0
+        if m.info.type != bpfsys.BPF_MAP_TYPE_ARRAY:
+            return m.info.max_entries
+        return m.info.max_entries * (m.info.value_size // HO_SLOT)
+
+    def _ho_bucket(self, key: bytes) -> tuple[Any, int, Any]:
+        m = self.m[abi.Map.HALF_OPEN]
+        idx = flow_key_hash(key) & (m.info.max_entries - 1)
+        return m, idx, m.lookup(idx)
+
+    def half_open_get(self, key: bytes) -> HalfOpenSlot | None:
+        """The valid slot of this flow key (bytes of struct flow_key), or None."""
+        m, _, b = self._ho_bucket(key)
+        raw = bytes(b) if b is not None else b""
+        for off in range(0, len(raw), HO_SLOT):
+            s = HalfOpenSlot.parse(raw[off:off + HO_SLOT])
+            if s.key == bytes(key) and s.valid():
+                return s
+        return None
+
+    def half_open_put(self, key: bytes, backend_id: int, gen: int, time16: int) -> None:
+        """Write a valid entry for key (over its own slot, else the first empty one, else way 0):
+        what record_half_open() writes; for tests and explain's scratch copies."""
+        m, idx, b = self._ho_bucket(key)
+        raw = bytearray(bytes(b) if b is not None else bytes(ctypes.sizeof(m.Leaf)))
+        slots = [HalfOpenSlot.parse(bytes(raw[o:o + HO_SLOT])) for o in range(0, len(raw), HO_SLOT)]
+        way = next((i for i, s in enumerate(slots) if s.key == bytes(key)),
+                   next((i for i, s in enumerate(slots) if not s.check), 0))
+        s = HalfOpenSlot(bytes(key), backend_id, gen, time16 & 0xFFFF, 0)
+        raw[way * HO_SLOT:(way + 1) * HO_SLOT] = dataclasses.replace(s, check=s.expected_check()).pack()
+        m.update(idx, m.Leaf.from_buffer_copy(bytes(raw)))
+
+    def half_open_forget(self, key: bytes) -> bool:
+        """Empty key's slot (what the program does at a passive-health handshake's end)."""
+        m, idx, b = self._ho_bucket(key)
+        raw = bytearray(bytes(b) if b is not None else b"")
+        for off in range(0, len(raw), HO_SLOT):
+            if bytes(raw[off:off + 40]) == bytes(key):
+                raw[off + 48:off + 52] = bytes(4)
+                m.update(idx, m.Leaf.from_buffer_copy(bytes(raw)))
+                return True
+        return False
+
+    def clear_half_open(self) -> int:
+        """Empty the half-open table (flows flush, tests); returns how many slots were occupied.
+        A handshake in flight then gets its VIP's table's choice for its ACK, as after an eviction."""
+        m = self.m.get(abi.Map.HALF_OPEN)
+        if m is None:
+            return 0
+        n = sum(1 for _ in self.half_open_slots())
+        if n:
+            empty = m.Leaf()
+            for i in range(m.info.max_entries):
+                m.update(i, empty)
+        return n
+    # --- the half-open table (bpf/maps.h, bpf/select.h: buckets of HALF_OPEN_WAYS slots) -------
+    def half_open_slots(self) -> Iterator[HalfOpenSlot]:
+        """Every occupied slot of the half-open table, torn or expired ones included (one batched
+        read of the whole array: 1 MiB at the default 16384 slots)."""
+        m = self.m.get(abi.Map.HALF_OPEN)
+        if m is None or m.info.type != bpfsys.BPF_MAP_TYPE_ARRAY:
+            return
+        for _, values, n in m.batches(chunk=1024):
+            raw = ctypes.string_at(ctypes.addressof(values), n * ctypes.sizeof(m.Leaf))
+            for off in range(0, len(raw), HO_SLOT):
+                if raw[off + 48:off + 52] != b"\0\0\0\0":
+                    yield HalfOpenSlot.parse(raw[off:off + HO_SLOT])
+
+
+        """Half-open entries the program would still follow: slots whose check holds and whose
+        SYN is at most HALF_OPEN_UNITS old."""
     # --- VIPs ----------------------------------------------------------------------------------
     def vip_key(self, key: model.VipKey) -> Any:
         return make(self.vip_map.Key, addr=addr_bytes(key.address), port=socket.htons(key.port),

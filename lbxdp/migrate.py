@@ -177,6 +177,10 @@ def _copy(name: str, old: _Old, new: bpfsys.Map, saved: loader.SavedSchema | Non
         return 0   # never holds anything
     if old.info.type in MAP_OF_MAPS:
         return _copy_inner_maps(old, new)
+    if old.info.type != new.info.type and (old.info.type in ARRAYS or new.info.type in ARRAYS):
+        # A hash's keys are no array's indexes: lbx_half_open became an array of buckets (its
+        # handshakes in flight then get their table's choice for the ACK, as after an eviction).
+        return None
     if old.desc is not None:
         key_t, leaf_t = bpfsys.ctype_from_desc(old.desc["key"]), bpfsys.ctype_from_desc(old.desc["leaf"])
     elif (old.info.key_size, old.info.value_size) == (new.info.key_size, new.info.value_size):

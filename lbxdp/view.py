@@ -355,8 +355,7 @@ def _handshakes(maps: Any, backend_id: int) -> Handshakes:
 def read_gate(maps: Any) -> GateStatus:
     """The half-open table's entries (a batched walk, at most 16k) and the flood state."""
     f = maps.flood()
-    ho = maps.m.get(abi.Map.HALF_OPEN)
-    return GateStatus(maps.half_open_entries(), ho.info.max_entries if ho is not None else 0,
+    return GateStatus(maps.half_open_entries(), maps.half_open_capacity(),
                       f.threshold, f.cpus_flooded, f.skipped, f.half_open_written)
 
 

@@ -11,15 +11,16 @@ Every frame is checked as a Case (verdict, exact output, reason).
 from __future__ import annotations
 
 import dataclasses
-import socket
+import ipaddress
+import struct
 
 import pytest
-from scapy.layers.inet import TCP
+from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
 from lbxdp import abi, model
 from lbxdp.balancer import Runtime
-from lbxdp.maps import now_units
+from lbxdp.maps import addr_bytes, flow_key_hash, now_units
 
 from .frames import BASE, DNS4, RR4, XDP_TX, backends, forwarded, plus, tcp, udp, vip
 from .harness import Case, Lb, check, one_cpu
@@ -36,9 +37,7 @@ GATED = plus(BASE, MAG, MAGU)
 def glb(lb: Lb) -> Lb:
     """lb with MAG and MAGU added, no half-open entries and fresh per-CPU flood windows."""
     lb.apply(GATED)
-    m = lb.maps.m[abi.Map.HALF_OPEN]
-    for k in list(m.keys()):
-        m.delete(k)
+    lb.maps.clear_half_open()
     lb.maps.m[abi.Map.FLOOD].zero(0)
     return lb
 
@@ -105,12 +104,15 @@ def test_a_syn_does_not_follow_its_half_open_entry_to_a_backend_out_of_the_table
     glb.apply(cfg)
 
 
+def glb_slots(lb: Lb) -> list:
+    """The half-open table's valid slots."""
+    return [s for s in lb.maps.half_open_slots() if s.valid()]
+
+
 def _age_half_open(lb: Lb, pkt, units: int) -> None:
     """Make pkt's half-open entry `units` of now_units() old (bpf/select.h half_open())."""
-    m = lb.maps.m[abi.Map.HALF_OPEN]
-    [(k, v)] = [(k, v) for k, v in m.items() if k.sport == socket.htons(pkt[TCP].sport)]
-    v.pad = (now_units() - units) & 0xFFFF
-    m.update(k, v)
+    [s] = [s for s in glb_slots(lb) if s.key[32:34] == pkt[TCP].sport.to_bytes(2, "big")]
+    lb.maps.half_open_put(s.key, s.backend_id, s.gen, now_units() - units)
 
 
 def test_an_old_half_open_entry_is_not_followed_by_a_new_syn(glb: Lb) -> None:
@@ -128,6 +130,74 @@ def test_an_old_half_open_entry_is_not_followed_by_a_new_syn(glb: Lb) -> None:
         _age_half_open(glb, tcp(addr, 80, 50500), 40)
         assert tx_once(glb, tcp(addr, 80, 50500, flags="A"), RR4) == second, "the ACK follows it up to 64 units"
     assert counts(glb) == (1, 1)
+
+
+def key_of(pkt) -> bytes:
+    """The bytes of pkt's struct flow_key (bpf/abi.h), IPv4 TCP."""
+    ip = pkt[IP]
+    return (addr_bytes(ipaddress.ip_address(ip.src)) + addr_bytes(ipaddress.ip_address(ip.dst)) +
+            struct.pack("!HH", pkt[TCP].sport, pkt[TCP].dport) + bytes([6, abi.FAMILY_V4, 0, 0]))
+
+
+def test_the_half_open_slot_is_where_python_computes_it(glb: Lb) -> None:
+    """maps.py mirrors the table's layout (bucket = flow_hash() & mask, ho_check()): status,
+    explain and these tests read the program's entries through it."""
+    syn = tcp(str(RR4.address), 80, 50700)
+    with one_cpu():
+        be = tx_once(glb, syn, RR4)
+    got = glb.maps.half_open_get(key_of(syn))
+    assert got is not None and got.backend_id == glb.backend_id(RR4, be)
+    assert glb.maps.half_open_get(key_of(tcp(str(RR4.address), 80, 50701))) is None
+    assert glb.maps.half_open_capacity() == abi.HALF_OPEN_CAPACITY
+
+
+def test_a_torn_slot_is_a_miss_not_another_flows_choice(glb: Lb) -> None:
+    """A slot whose value another CPU overwrote after its key (its check no longer binds the
+    two) is not followed: the ACK gets the table's choice, not the torn value's backend."""
+    addr = str(RR4.address)
+    with one_cpu():
+        syns = [tx_once(glb, tcp(addr, 80, 50710 + i), RR4) for i in range(3)]
+        assert len(set(syns)) == 3
+        k = key_of(tcp(addr, 80, 50710))
+        s = glb.maps.half_open_get(k)
+        m, idx, bucket = glb.maps._ho_bucket(k)
+        raw = bytearray(bytes(bucket))
+        way = next(o for o in range(0, len(raw), 64) if bytes(raw[o:o + 40]) == k)
+        raw[way + 40:way + 44] = struct.pack("<I", glb.backend_id(RR4, syns[1]))   # the value torn, the check not
+        m.update(idx, m.Leaf.from_buffer_copy(bytes(raw)))
+        assert glb.maps.half_open_get(k) is None and s is not None
+        # round robin's next choice is the first SYN's again (3 backends, 3 SYNs)
+        assert tx_once(glb, tcp(addr, 80, 50710, flags="A"), RR4) == syns[0], "the torn slot was followed"
+
+
+def _colliding(n: int, vip_addr: str, buckets: int) -> list[int]:
+    """n source ports whose tuples to vip_addr:80 share a bucket of the half-open table."""
+    by_bucket: dict[int, list[int]] = {}
+    for sport in range(20000, 60000):
+        b = flow_key_hash(key_of(tcp(vip_addr, 80, sport))) & (buckets - 1)
+        by_bucket.setdefault(b, []).append(sport)
+        if len(by_bucket[b]) == n:
+            return by_bucket[b]
+    raise AssertionError("no bucket filled")
+
+
+def test_a_bucket_keeps_its_ways_and_a_fifth_syn_pushes_one_out(glb: Lb) -> None:
+    """Four handshakes in one bucket all keep their choice (an LRU of that size would too); a
+    fifth overwrites one of them, whose ACK then gets the table's choice (as after an LRU
+    eviction). Also proves the Python hash: the five tuples were picked by it."""
+    addr = str(RR4.address)
+    buckets = glb.maps.m[abi.Map.HALF_OPEN].info.max_entries
+    ports = _colliding(abi.HALF_OPEN_WAYS + 1, addr, buckets)
+    with one_cpu():
+        first = {p: tx_once(glb, tcp(addr, 80, p), RR4) for p in ports[:abi.HALF_OPEN_WAYS]}
+        assert counts(glb) == (0, abi.HALF_OPEN_WAYS)
+        assert all(glb.maps.half_open_get(key_of(tcp(addr, 80, p))) for p in first)
+        tx_once(glb, tcp(addr, 80, ports[-1]), RR4)
+        assert counts(glb) == (0, abi.HALF_OPEN_WAYS), "the bucket holds four"
+        kept = [p for p in ports if glb.maps.half_open_get(key_of(tcp(addr, 80, p)))]
+        assert len(kept) == abi.HALF_OPEN_WAYS and ports[-1] in kept
+        for p in kept[:-1]:
+            assert tx_once(glb, tcp(addr, 80, p, flags="A"), RR4) == first[p]
 
 
 def test_a_changed_maglev_table_sends_syns_half_open_until_it_settles(glb: Lb) -> None:
@@ -206,8 +276,7 @@ def test_under_a_flood_a_syn_skips_the_connection_table_and_a_reused_tuple_follo
             if tx_once(glb, tcp(addr, 80, port), RR4) != old:
                 break
         # the old handshake's half-open entry churned out meanwhile (the flood's syns fill that table)
-        glb.maps.m[abi.Map.HALF_OPEN].delete(glb.maps.m[abi.Map.HALF_OPEN].Key.from_buffer_copy(
-            next(e.key for e in glb.maps.flow_entries() if e.sport == reused)))
+        glb.maps.half_open_forget(bytes(next(e.key for e in glb.maps.flow_entries() if e.sport == reused)))
         new = tx_once(glb, tcp(addr, 80, reused), RR4)
         assert new != old, "round robin's next choice (the record was not looked up)"
         assert not records(glb, reused), "the reused tuple's stale record was not deleted"

@@ -29,9 +29,7 @@ PASSIVE = dataclasses.replace(
 @pytest.fixture
 def plb(lb: Lb) -> Lb:
     lb.apply(plus(BASE, PLAIN, PASSIVE))
-    m = lb.maps.m[abi.Map.HALF_OPEN]
-    for k in list(m.keys()):
-        m.delete(k)
+    lb.maps.clear_half_open()
     for v in (PLAIN, PASSIVE):
         for b in v.backends:
             lb.maps.m[abi.Map.NAT_BE].zero(lb.backend_id(v, b))

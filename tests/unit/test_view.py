@@ -71,6 +71,9 @@ class FakeMaps:
     def half_open_entries(self) -> int:
         return 3
 
+    def half_open_capacity(self) -> int:
+        return 16384
+
     def conns(self) -> dict:
         return {}
 
