@@ -619,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
             new_flows |= {"lim4": new_flow_frames(n, VIP4, CLIENT4, 83), "acl4": new_flow_frames(n, VIP4, CLIENT4, 84),
                           "acl6": new_flow_frames(n, VIP6, CLIENT6, 84)}
         sources = [("", args.bpf_dir)] + ([("before: ", args.baseline_dir)] if args.baseline_dir else [])
-        if args.sched_only or (args.bpf_dir or loader.bpf_dir()).joinpath("sched.h").is_file():
+        if not args.admission_only and (args.sched_only or (args.bpf_dir or loader.bpf_dir()).joinpath("sched.h").is_file()):
             for port in SCHED_PORTS.values():
                 new_flows |= {f"syn{port}": new_flow_frames(n, VIP4, CLIENT4, port),
                               f"ack{port}": new_flow_frames(n, VIP4, CLIENT4, port, tcp_flags=0x10)}
@@ -629,21 +629,22 @@ def main(argv: list[str] | None = None) -> int:
                     pin_dir=pin_dirs[-1], src_dir=args.bpf_dir, flow_capacity=args.flow_capacity,
                     defines=() if gate else ("LBX_NO_HANDSHAKE_GATE",))))
                 cases += sched_cases(progs[-1], new_flows, gate)
-        if args.sched_only:
-            sources = []
             if args.sched_only and args.baseline_dir:   # before/after of the gated rows in one run
                 pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
                 progs.append(loader.compile_program(loader.BuildConfig(
                     pin_dir=pin_dirs[-1], src_dir=args.baseline_dir, flow_capacity=args.flow_capacity)))
                 cases += sched_cases(progs[-1], new_flows, True, "before: ")
-        for label, src in sources:
+        if args.sched_only:
+            sources = []
+        for label, src in ([] if args.admission_only else sources):
             pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
             progs.append(loader.compile_program(loader.BuildConfig(pin_dir=pin_dirs[-1], src_dir=src,
                                                                    flow_capacity=args.flow_capacity)))
             cases += program_cases(label, progs[-1], new_flows, syn4)
             if not label:
                 cases += encap_cases(progs[-1], new_flows)
-        if ((args.bpf_dir or loader.bpf_dir()) / "nat.h").is_file() and not args.sched_only:   # programs of their own (their own VIP set)
+        if ((args.bpf_dir or loader.bpf_dir()) / "nat.h").is_file() and not args.sched_only \
+                and not args.admission_only:   # programs of their own (their own VIP set)
             roomy = 1 << (2 * n - 1).bit_length()   # every connection of a repetition: two entries each
             for full, defines in ((False, (f"LBX_NAT_CAPACITY={roomy}",)), (True, ())):
                 pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
@@ -651,12 +652,15 @@ def main(argv: list[str] | None = None) -> int:
                                                                        flow_capacity=args.flow_capacity,
                                                                        defines=defines)))
                 cases += nat_cases(progs[-1], new_flows, full)
-        if not args.no_admission and not args.sched_only:   # a program of its own: its rules never touch the rows above
+        # a program of its own per source (--baseline-dir: 'before: ' rows): its rules never touch the rows above
+        for label, src in ([] if args.no_admission or args.sched_only else sources):
             pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
-            progs.append(loader.compile_program(loader.BuildConfig(pin_dir=pin_dirs[-1], src_dir=args.bpf_dir,
+            progs.append(loader.compile_program(loader.BuildConfig(pin_dir=pin_dirs[-1], src_dir=src,
                                                                    flow_capacity=args.flow_capacity)))
-            cases += admission_cases(progs[-1], new_flows)
-        for label, src in sources:
+            for c in admission_cases(progs[-1], new_flows):
+                c.name = label + c.name
+                cases.append(c)
+        for label, src in ([] if args.admission_only else sources):
             if ((src or loader.bpf_dir()) / loader.DECAP.entry).is_file():
                 pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
                 progs.append(compile_decap(pin_dirs[-1], src))
