@@ -586,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
                          "interleaved with the current ones, so that before/after share the machine's state")
     ap.add_argument("--no-admission", action="store_true",
                     help="skip the admission rows (a per-source limit, ACL tries: bpf/admit.h)")
+    ap.add_argument("--admission-only", action="store_true",
+                    help="only the floor and the admission rows (with --baseline-dir: of both sources)")
     ap.add_argument("--sched-only", action="store_true",
                     help="only the floor and the scheduler rows (issue 13: source, leastconn, caps vs Maglev)")
     ap.add_argument("--fib", action="store_true",
