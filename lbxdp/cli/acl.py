@@ -1,8 +1,9 @@
 """`lbxdp acl ls|add|del`: the CIDR allow/deny rules of new flows, global or per VIP (--vip).
 
 Each edit is a pure function of lbxdp.edits (acl_add, acl_del) applied through control.edit(),
-like the vip and backend verbs: validated with the model's rules, applied as one new ACL trie
-swapped in whole (bpf/acl.h), which also purges the established flows the new rules refuse.
+like the vip and backend verbs: validated with the model's rules, applied as a new multibit trie
+and a new kernel LPM trie, each swapped in whole (bpf/acl.h, lbxdp/acl_mbt.py), which also purges
+the established flows the new rules refuse.
 """
 
 from __future__ import annotations
