@@ -550,6 +550,18 @@ struct quic_id_val {
 };
 _Static_assert(sizeof(struct quic_id_val) == 8, "also update lbxdp/abi.py");
 
+/*
+ * lbx_quic_sid[server id]: the same entry, direct by the 16-bit id, for ONE of the VIPs that use
+ * the id (the lowest VIP id: lbxdp.maps.Maps.write_quic_ids); quic.h reads it first (an inlined
+ * array lookup) and the hash only when the slot is another VIP's or empty (val.backend_id 0: ids
+ * are never 0). Written after lbx_quic_ids, cleared before an entry leaves it.
+ */
+struct quic_sid_val {
+	__u32 vip_id;
+	struct quic_id_val val;
+};
+_Static_assert(sizeof(struct quic_sid_val) == 12, "also update lbxdp/abi.py");
+
 /* What a QUIC VIP's UDP packet that the connection table did not know went by (lbx_quic_stats). */
 enum lbx_quic_reason {
 	LBX_QUIC_BY_ID = 0,       /* Handshake or short header: the backend its server id names */

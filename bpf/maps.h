@@ -192,6 +192,11 @@ BPF_TABLE_PINNED("percpu_array", __u32, __u64, lbx_overflows, LBX_MAX_VIPS,
 BPF_TABLE_PINNED("hash", struct quic_id_key, struct quic_id_val, lbx_quic_ids, LBX_MAX_BACKENDS,
 		 LBX_PIN_DIR "/lbx_quic_ids");
 
+/* server id (16 bits) -> the entry of one VIP using it (struct quic_sid_val, abi.h): quic.h's
+ * inlined first lookup, before the hash above. Written by lbxdp.maps.Maps.write_quic_ids only. */
+BPF_TABLE_PINNED("array", __u32, struct quic_sid_val, lbx_quic_sid, 65536,
+		 LBX_PIN_DIR "/lbx_quic_sid");
+
 /* enum lbx_quic_reason -> packets (per CPU): how QUIC VIPs' new-tuple packets were routed. */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, lbx_quic_stats, LBX_QUIC_MAX,
 		 LBX_PIN_DIR "/lbx_quic_stats");

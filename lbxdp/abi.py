@@ -220,6 +220,7 @@ class Map(str, enum.Enum):
     QUIC_IDS = "lbx_quic_ids"
     QUIC_STATS = "lbx_quic_stats"
     QUIC_VIP = "lbx_quic_vip"
+    QUIC_SID = "lbx_quic_sid"
 
 
 # --- QUIC connection-ID routing (bpf/quic.h, issue 13) -------------------------------------------
@@ -229,6 +230,7 @@ QUIC_F_DOWN = 0x01       # LBX_QUIC_F_DOWN
 QUIC_V1 = 0x00000001     # LBX_QUIC_V1
 QUIC_V2 = 0x6B3343CF     # LBX_QUIC_V2
 QUIC_SERVER_ID_MAX = 0xFFFF
+QUIC_SID_VAL_SIZE = 12   # sizeof(struct quic_sid_val): lbx_quic_sid, direct by server id
 
 
 class QuicReason(enum.IntEnum):

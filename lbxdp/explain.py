@@ -42,7 +42,7 @@ from .maps import Maps, addr_bytes, mac_str
 # Maps the program only reads: shared with the live program.
 SHARED = frozenset({abi.Map.VIPS, abi.Map.VIP_FILTER, abi.Map.BACKENDS, abi.Map.TABLE_TMPL, abi.Map.TABLES,
                     abi.Map.CTL, abi.Map.ADMIT, abi.Map.ACL_TMPL, abi.Map.ACL, abi.Map.NAT_CFG,
-                    abi.Map.NAT_FILTER, abi.Map.QUIC_IDS, abi.Map.BACKUPS, abi.Map.MBT_TMPL, abi.Map.ACL_MBT})
+                    abi.Map.NAT_FILTER, abi.Map.QUIC_IDS, abi.Map.QUIC_SID, abi.Map.BACKUPS, abi.Map.MBT_TMPL, abi.Map.ACL_MBT})
 # Maps the program writes: scratch copies, filled per query with what the packet can read.
 WRITTEN = frozenset({abi.Map.FLOWS, abi.Map.HALF_OPEN, abi.Map.FLOOD, abi.Map.RR, abi.Map.VIP_STATS,
                      abi.Map.BE_STATS, abi.Map.REASONS, abi.Map.SRC_LIMIT, abi.Map.SRC_LIMIT4, abi.Map.NAT, abi.Map.NAT_BE,

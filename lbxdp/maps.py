@@ -1033,11 +1033,49 @@ class Maps:
                 be = self.be_map.lookup(bid)
                 want[(vip_id, sid)] = (bid, be.gen if be is not None else 0, abi.QUIC_F_DOWN if down else 0)
         have = {(k.vip_id, k.server_id): (v.backend_id, v.gen, v.flags) for k, v in m.items()}
+        direct = self.m.get(abi.Map.QUIC_SID)
+        # lbx_quic_sid: per server id, the entry of the lowest VIP id using it (quic.h reads it
+        # first). Stale slots are cleared before the hash loses their entry and written after it
+        # has the new one, so a packet finds the id in one of the two, or falls back.
+        want_sid: dict[int, tuple[int, int, int, int]] = {}
+        for (vip_id, sid), (bid, gen, flags) in sorted(want.items()):
+            want_sid.setdefault(sid, (vip_id, bid, gen, flags))
+        have_sid: dict[int, tuple[int, int, int, int]] = {}
+        if direct is not None:
+            for keys, values, n in direct.batches():
+                for i in range(n):
+                    if values[i].val.backend_id:
+                        v = values[i]
+                        have_sid[int(getattr(keys[i], "value", keys[i]))] = (v.vip_id, v.val.backend_id, v.val.gen,
+                                                                            v.val.flags)
+            for sid in have_sid.keys() - want_sid.keys():
+                direct.zero(sid)
+            for sid, cur in have_sid.items():   # owner changed: empty first (the hash answers meanwhile)
+                if sid in want_sid and want_sid[sid][0] != cur[0]:
+                    direct.zero(sid)
         for (vip_id, sid), (bid, gen, flags) in want.items():
             if have.get((vip_id, sid)) != (bid, gen, flags):
                 m.update(make(m.Key, vip_id=vip_id, server_id=sid), make(m.Leaf, backend_id=bid, gen=gen, flags=flags))
+        if direct is not None:
+            for sid, (vip_id, bid, gen, flags) in want_sid.items():
+                if have_sid.get(sid) != (vip_id, bid, gen, flags):
+                    leaf = direct.Leaf()
+                    leaf.vip_id, leaf.val.backend_id, leaf.val.gen, leaf.val.flags = vip_id, bid, gen, flags
+                    direct.update(sid, leaf)
         for vip_id, sid in have.keys() - want.keys():
             m.delete(make(m.Key, vip_id=vip_id, server_id=sid))
+
+    def quic_sids(self) -> dict[int, tuple[int, int, int, int]]:
+        """lbx_quic_sid's used slots: server id -> (VIP id, backend entry id, generation, flags)."""
+        m = self.m.get(abi.Map.QUIC_SID)
+        out = {}
+        if m is not None:
+            for keys, values, n in m.batches():
+                for i in range(n):
+                    v = values[i]
+                    if v.val.backend_id:
+                        out[int(getattr(keys[i], "value", keys[i]))] = (v.vip_id, v.val.backend_id, v.val.gen, v.val.flags)
+        return out
 
     def quic_ids(self) -> dict[tuple[int, int], tuple[int, int, int]]:
         """lbx_quic_ids: (VIP id, server id) -> (backend entry id, generation, flags)."""

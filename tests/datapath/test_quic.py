@@ -244,10 +244,41 @@ def test_a_changed_server_id_moves_the_map_entry(qlb):
     qlb.apply(plus(BASE, v, QUIC6))
     vid = qlb.vip_id(v)
     assert sorted(s for (i, s) in qlb.maps.quic_ids() if i == vid) == [0x0202, 0x0303, 0x0404, 0x0777]
+    sids = qlb.maps.quic_sids()         # the direct slots follow: 0x0777 added, 0x0101 now QUIC6's alone
+    assert sids[0x0777][:2] == (vid, qlb.backend_id(v, bes[0]))
+    assert sids[0x0101][0] == qlb.vip_id(QUIC6)
     assert send(qlb, v, short_hdr(dcid(0x0777))) == bes[0]
     before = qlb.maps.quic_stats()
     send(qlb, v, short_hdr(dcid(0x0101)))
     assert stats_delta(qlb, before) == {Q.UNKNOWN_ID: 1}
+
+
+@pytest.mark.root
+def test_an_id_two_vips_use_is_direct_for_one_and_hashed_for_the_other(qlb):
+    """QUIC4 and QUIC6 use the same four ids: lbx_quic_sid holds the lower VIP id's entries (an
+    inlined array lookup), the other VIP's packets find theirs in lbx_quic_ids; both reach their
+    own backend, and a down backend's flag is in both maps."""
+    v4, v6 = qlb.vip_id(QUIC4), qlb.vip_id(QUIC6)
+    lo, hi = (QUIC4, QUIC6) if v4 < v6 else (QUIC6, QUIC4)
+    sids = qlb.maps.quic_sids()
+    assert sorted(sids) == [0x0101, 0x0202, 0x0303, 0x0404]
+    assert {sids[b.server_id][:2] for b in lo.backends} == {(qlb.vip_id(lo), qlb.backend_id(lo, b)) for b in lo.backends}
+    for v in (lo, hi):
+        for b in v.backends:
+            assert send(qlb, v, short_hdr(dcid(b.server_id))) == b
+    down = lo.backends[2]
+    qlb.apply(plus(BASE, QUIC4, QUIC6), Runtime(down=frozenset({lo.id_of(down)})))
+    assert qlb.maps.quic_sids()[down.server_id][3] == abi.QUIC_F_DOWN
+    before = qlb.maps.quic_stats()
+    assert send(qlb, lo, short_hdr(dcid(down.server_id))) != down
+    assert send(qlb, hi, short_hdr(dcid(down.server_id))) == hi.backends[2]
+    assert stats_delta(qlb, before) == {Q.DOWN_ID: 1, Q.BY_ID: 1}
+    # the lower VIP loses QUIC: its slots go to the other VIP
+    plain = dataclasses.replace(lo, quic=False, backends=tuple(dataclasses.replace(b, server_id=0) for b in lo.backends))
+    qlb.apply(plus(BASE, plain, hi))
+    assert {s: e[0] for s, e in qlb.maps.quic_sids().items()} == {b.server_id: qlb.vip_id(hi) for b in hi.backends}
+    for b in hi.backends:
+        assert send(qlb, hi, short_hdr(dcid(b.server_id))) == b
 
 
 def _paths(*vips: model.Vip) -> list[str]:
