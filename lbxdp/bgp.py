@@ -422,3 +422,31 @@ class BgpService(BaseService):
             return
         with contextlib.suppress(OSError):
             atomic_write(self.inst.run_dir / STATUS_FILE, json.dumps(self.status()))
+
+
+def metric_families(snaps: list[Any]) -> list[Any]:
+    """The exporter's [bgp] families, from each instance's bgp.json (InstanceStatus.bgp): per VIP
+    whether its prefix is announced, per neighbour whether the session is established, and
+    whether the node drains. Instances without [bgp] add no series."""
+    from prometheus_client.core import GaugeMetricFamily
+    ann = GaugeMetricFamily("lbxdp_bgp_announced", "1 if this node announces the VIP's prefix by BGP, 0 if it "
+                            "withdrew it (reason: the why label: usable, policy, detached, draining, stopping, "
+                            "all-backends-down).", labels=["interface", "vip", "prefix", "why"])
+    up = GaugeMetricFamily("lbxdp_bgp_session_up", "1 if the BGP session to the neighbour is established.",
+                           labels=["interface", "neighbor", "state"])
+    drain = GaugeMetricFamily("lbxdp_bgp_node_draining", "1 while the node is drained (`lbxdp node drain`) "
+                              "or stopping: it announces nothing.", labels=["interface"])
+    errs = GaugeMetricFamily("lbxdp_bgp_error", "1 while BIRD cannot run or take the config (see the log).",
+                             labels=["interface"])
+    for s in snaps:
+        st = getattr(s, "bgp", None)
+        if not st:
+            continue
+        iface = s.interface
+        for name, v in st.get("vips", {}).items():
+            ann.add_metric([iface, name, v["prefix"], v["why"]], 1 if v["announced"] else 0)
+        for n in st.get("neighbors", []):
+            up.add_metric([iface, n["address"], n["info"].split(" ")[0] or n["state"]], 1 if n["established"] else 0)
+        drain.add_metric([iface], 0 if st.get("node") == "serving" else 1)
+        errs.add_metric([iface], 1 if st.get("error") else 0)
+    return [ann, up, drain, errs]

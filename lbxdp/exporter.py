@@ -113,6 +113,8 @@ class LbxCollector(Collector):
         yield CounterMetricFamily("lbxdp_scrape_errors", "Instances (or instance listings) that could not "
                                   "be read, since the exporter started.", value=self._errors)
         yield from self._families(snaps)
+        from .bgp import metric_families   # issue 14: [bgp] announcements and sessions
+        yield from metric_families(snaps)
 
     @staticmethod
     def _families(snaps: list[InstanceStatus]) -> Iterable:

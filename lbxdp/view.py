@@ -293,6 +293,7 @@ class InstanceStatus:
     nat: NatStatus | None = None   # NAT conntrack and SNAT pool (None: no NAT VIP)
     quic: QuicStatus = QuicStatus()   # QUIC connection-ID routing (bpf/quic.h)
     config_source: dict[str, Any] | None = None   # the daemon's etcd source (lbxdp.etcdsrc), if any
+    bgp: dict[str, Any] | None = None   # the daemon's announcements and BGP sessions (lbxdp.bgp), if [bgp]
 
     def vip(self, name: str) -> VipStatus | None:
         return next((v for v in self.vips if v.name == name), None)
@@ -308,7 +309,7 @@ class InstanceStatus:
                 "flows": {"entries": self.flow_entries, "capacity": self.flow_capacity},
                 "admission": self.admission.to_json(), "gate": self.gate.to_json(),
                 "nat": self.nat.to_json() if self.nat else None, "quic": self.quic.to_json(),
-                "config_source": self.config_source}
+                "config_source": self.config_source, "bgp": self.bgp}
 
 
 def _stats(s: Stats) -> dict[str, int]:
@@ -322,7 +323,7 @@ def read(inst: Instance, told: Callable[[Instance], applied.State] = applied.loa
     """Read the instance once. told: where health overrides and verdicts come from (applied.load,
     which stops on an unreadable applied state as every command does; the exporter passes
     applied.load_runtime). Raises if the maps cannot be opened."""
-    from . import control, etcdsrc   # the loader: kept out of `lbxdp --help`
+    from . import bgp, control, etcdsrc   # the loader: kept out of `lbxdp --help`
     t0 = time.monotonic()
     private_dirs(inst)
     record = AttachRecord(control.read_state(inst))
@@ -344,7 +345,7 @@ def read(inst: Instance, told: Callable[[Instance], applied.State] = applied.loa
     return InstanceStatus(inst.ifname, inst.netns, str(inst.pin_dir), _xdp(inst), record,
                           tuple(_vip(v, health, admission, hs, cs, vquic, over) for v in views), reasons, entries, capacity,
                           time.monotonic() - t0, admission=glob, gate=gate, nat=nat, quic=quic,
-                          config_source=etcdsrc.read_source(inst))
+                          config_source=etcdsrc.read_source(inst), bgp=bgp.read_status(inst))
 
 
 def _handshakes(maps: Any, backend_id: int) -> Handshakes:

@@ -28,6 +28,7 @@ from .. import __version__
 from ..errors import LbxError
 from ..paths import check_netns
 from . import acl, cluster, daemon, decap, edit, inspect, instance, lab, nat
+from . import node as node_cmds   # `lbxdp node drain|undrain|bgp` (lbxdp.bgp, issue 14)
 from .params import BadValue
 
 log = logging.getLogger("lbxdp")
@@ -75,7 +76,8 @@ def enter_netns(name: str) -> None:
 
 
 for _cmd in (*instance.COMMANDS, *edit.COMMANDS, *daemon.COMMANDS, *lab.COMMANDS, *decap.COMMANDS,
-             *acl.COMMANDS, *nat.COMMANDS, *inspect.COMMANDS, *cluster.COMMANDS):
+             *acl.COMMANDS, *nat.COMMANDS, *inspect.COMMANDS, *cluster.COMMANDS,
+             *node_cmds.COMMANDS):
     cli.add_command(_cmd)
 
 

@@ -119,6 +119,10 @@ def print_status(r: InstanceStatus) -> None:
     if r.config_source:
         from ..etcdsrc import source_text
         click.echo(f"  {source_text(r.config_source)}")
+    if r.bgp:   # issue 14: announcements and sessions (lbxdp.bgp)
+        from .node import text as bgp_text
+        for line in bgp_text(r.bgp):
+            click.echo(f"  {line}")
     click.echo(f"  connection table: {r.flow_entries} / {r.flow_capacity} entries")
     click.echo(f"  {r.gate.text()}")
     if r.admission != NO_ADMISSION:

@@ -178,7 +178,11 @@ def standalone_registry() -> CollectorRegistry:
         reasons=tuple(ReasonCount(r, 1, 1) for r in abi.Reason.exits()), flow_entries=1, flow_capacity=65536,
         state=AttachRecord({"version": "0.1.0", "mode": "generic", "prog_id": 7}), read_seconds=0.01,
         gate=GateStatus(half_open_entries=1, cpus_flooded=1, inserts_skipped=1, half_open_written=1), nat=nat,
-        quic=QuicStatus(1, ((abi.QuicReason.BY_ID, 1),)))
+        quic=QuicStatus(1, ((abi.QuicReason.BY_ID, 1),)),
+        bgp={"node": "serving", "error": None,           # issue 14: [bgp] (lbxdp.bgp's bgp.json)
+             "vips": {"10.112.0.10:8080/tcp": {"prefix": "10.112.0.10/32", "announced": True, "why": "usable"}},
+             "neighbors": [{"address": "10.111.1.1", "as": 65000, "bfd": True, "state": "up", "info": "Established",
+                            "established": True}]})
 
     class Source:
         def instances(self) -> list[Instance]:

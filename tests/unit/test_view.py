@@ -148,6 +148,7 @@ EXPECTED = {
     "quic": {"server_ids": 0, "packets": {"by_id": 0, "initial": 0, "unknown_id": 0, "down_id": 0,   # issue 13
                                           "short_cid": 0, "other": 0}},
     "config_source": None,                                                       # issue 14: no etcd source
+    "bgp": None,                                                                 # issue 14: no [bgp]
 }
 
 
