@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, TypeVar
 
 from . import config, model
-from .balancer import Runtime
+from .balancer import Runtime, epoch_ceil
 from .errors import LbxError
 from .model import BackendId, HealthOverride
 from .paths import Instance, atomic_write
@@ -64,10 +64,13 @@ class State:
                        {k: t for k, t in self.joined.items() if k in r}, now, frozenset(self.down()))
 
     def moved_to(self, cfg: model.Config, now: float) -> "State":
-        """The state for a new config: backends new to their VIP join now; gone ones are forgotten.
-        A backend whose check changed forgets its health (the new check decides)."""
+        """The state for a new config: backends new to their VIP join at the next STEP boundary
+        (balancer.epoch_ceil: the same instant on every node that got the config within the step);
+        gone ones are forgotten. A backend whose check changed forgets its health (the new check
+        decides)."""
         old, new = self.cfg.backends(), cfg.backends()
-        joined = {k: self.joined.get(k, now) if k in old else now for k in new}
+        join = epoch_ceil(now)
+        joined = {k: self.joined.get(k, join) if k in old else join for k in new}
         checks = _checks(self.cfg)
         new_checks = _checks(cfg)
         health = {k: h for k, h in self.health.items() if k in new and checks.get(k) == new_checks.get(k)}

@@ -17,6 +17,7 @@ Capacity is checked before the first write, so a config that does not fit change
 from __future__ import annotations
 
 import array
+import math
 import zlib
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
@@ -26,6 +27,23 @@ from .errors import LbxError
 from .maps import BackendEntry, Encap, Maps, NatCfg, SchedFields, VipMeta, now_units
 
 WEIGHT_SCALE = 100   # weights are scaled so that a slow start can ramp in small steps
+
+STEP = 1.0
+"""Seconds. Slow starts step and drains end on wall-clock multiples of STEP (since the Unix epoch),
+not on instants of each daemon's own clock: a backend joins at the first boundary after its
+config was applied, its ramp moves on at each boundary, a drain ends at a boundary, and every
+daemon ticks just after each boundary (lbxdp.daemon). Nodes sharing a config (issue 14) that got
+it within the same STEP thus hold the same weights, and the same tables, at the same instant."""
+
+
+def epoch_floor(t: float) -> float:
+    """The last STEP boundary at or before t."""
+    return math.floor(t / STEP) * STEP
+
+
+def epoch_ceil(t: float) -> float:
+    """The first STEP boundary at or after t."""
+    return math.ceil(t / STEP) * STEP
 
 
 @dataclass(frozen=True)
@@ -40,13 +58,14 @@ class Runtime:
 
     def weight(self, vip: model.Vip, b: model.Backend) -> int:
         """The backend's share of new flows now, scaled by WEIGHT_SCALE: 0 while draining, and
-        ramping from 0 to its weight over the VIP's slow_start after it joined."""
+        ramping from 0 to its weight over the VIP's slow_start after it joined, in STEPs: the
+        ramp is read at the last boundary (epoch_floor), so it is the same all through a step."""
         ref = vip.id_of(b)
         if ref in self.draining or ref in self.down:
             return 0
         w = b.weight * WEIGHT_SCALE
         if vip.slow_start > 0 and ref in self.joined:
-            frac = (self.now - self.joined[ref]) / vip.slow_start
+            frac = (epoch_floor(self.now) - self.joined[ref]) / vip.slow_start
             if frac < 1:
                 return int(w * max(frac, 0.0))
         return w

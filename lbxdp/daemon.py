@@ -49,6 +49,15 @@ from .sched import ConnRecountService
 
 log = logging.getLogger("lbxdp.daemon")
 TICK = 1.0
+TICK_LAG = 0.01   # a tick comes this long after a wall-clock STEP boundary (balancer.STEP)
+
+
+def until_next_tick(now: float) -> float:
+    """Seconds until the next tick: just after the next wall-clock boundary of TICK (= balancer.
+    STEP) seconds, so that every node steps its slow starts and ends its drains together (issue
+    14), whenever it was started. A wake-up (a signal, a health transition, a new config from
+    etcd) runs the loop at once anyway."""
+    return TICK - now % TICK + TICK_LAG
 
 
 def _logfmt(v: Any) -> str:
@@ -746,7 +755,7 @@ class Daemon:
 
     def _loop(self) -> None:
         while not self._term:
-            self._wake.wait(TICK)
+            self._wake.wait(until_next_tick(time.time()))
             self._wake.clear()
             if self._term:
                 break

@@ -126,7 +126,10 @@ def backend_set_max_conns(cfg: model.Config, bid: BackendId, max_conns: int) -> 
 
 
 def backend_drain(cfg: model.Config, bid: BackendId, deadline: float) -> Change:
-    """No new flow goes to bid; at deadline (epoch seconds) it leaves its VIP with its flows."""
+    """No new flow goes to bid; at deadline (epoch seconds, rounded up to a balancer.STEP
+    boundary so that nodes told the same end it together) it leaves its VIP with its flows."""
+    from .balancer import epoch_ceil
+    deadline = epoch_ceil(deadline)
     _backends(cfg, bid)     # it exists
     return Change(cfg, drain={bid: deadline})
 
