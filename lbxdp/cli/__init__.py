@@ -11,6 +11,7 @@ modules never import this one, so there is no import circle):
   inspect   explain, preview backend, trace (lbxdp.explain, lbxdp.trace)
   params    VIP and ADDR:PORT parameter types, enum choices
   cluster   cluster status, config push (lbxdp.etcdsrc: shared config in etcd)
+  node      node drain, undrain, bgp (lbxdp.bgp: this node's BGP announcements)
   common    the root check, which instance a command is about
 
 bcc is imported only when a command compiles something, so `lbxdp --help` works anywhere.
