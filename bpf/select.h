@@ -20,6 +20,8 @@ struct selection {
 	__u32 vip_id;
 	__u8 new_flow;
 	__u8 unlooked;    /* a flood SYN that skipped the connection table (established()) */
+	__u8 hashed;      /* hash holds flow_hash() of the packet's flow (ho_bucket()) */
+	__u32 hash;
 };
 
 /* Final mixer of MurmurHash3 (public domain): every input bit flips about half the output. */
@@ -258,11 +260,16 @@ static __always_inline int reproducible(const struct vip_meta *vip, int *ho)
  * key to its value (abi.h struct half_open_slot), so a torn slot reads as a miss. A false accept
  * would need a torn read and two tuples of one bucket with the same 32-bit hash.
  */
-static __always_inline struct half_open_bucket *ho_bucket(const struct flow_key *f, __u32 *h)
+static __always_inline struct half_open_bucket *ho_bucket(const struct flow_key *f, struct selection *sel,
+						      __u32 *h)
 {
 	__u32 idx;
 
-	*h = flow_hash(f);
+	if (!sel->hashed) {      /* a SYN's lookup and insert hash once */
+		sel->hash = flow_hash(f);
+		sel->hashed = 1;
+	}
+	*h = sel->hash;
 	idx = *h & (LBX_HALF_OPEN_CAPACITY / LBX_HALF_OPEN_WAYS - 1);
 	return lbx_half_open.lookup(&idx);
 }
@@ -340,7 +347,7 @@ static __always_inline int half_open(struct pkt *pkt, struct selection *sel)
 	__u32 h;
 	__u16 age;
 
-	b = ho_bucket(&pkt->flow, &h);
+	b = ho_bucket(&pkt->flow, sel, &h);
 	if (!b || !ho_find(b, &pkt->flow, h, &seen))
 		return 0;
 	age = (__u16)now_units() - seen.pad;
@@ -384,7 +391,7 @@ static __always_inline void record(struct pkt *pkt, const struct selection *sel)
 }
 
 /* Written check last (x86 keeps stores in order; the barriers keep the compiler's). */
-static __always_inline void record_half_open(struct pkt *pkt, const struct selection *sel)
+static __always_inline void record_half_open(struct pkt *pkt, struct selection *sel)
 {
 	struct flow_val v = { .backend_id = sel->backend_id, .gen = sel->be->gen,
 			      .pad = (__u16)now_units() };     /* its age: half_open() */
@@ -395,7 +402,7 @@ static __always_inline void record_half_open(struct pkt *pkt, const struct selec
 
 	if (f)
 		f->half_open++;
-	b = ho_bucket(&pkt->flow, &h);
+	b = ho_bucket(&pkt->flow, sel, &h);
 	if (!b)
 		return;
 	s = ho_victim(b, &pkt->flow, h, v.pad);
@@ -408,14 +415,14 @@ static __always_inline void record_half_open(struct pkt *pkt, const struct selec
 }
 
 /* Forget pkt's half-open entry (its slot emptied). */
-static __always_inline void ho_forget(struct pkt *pkt)
+static __always_inline void ho_forget(struct pkt *pkt, struct selection *sel)
 {
 	struct half_open_bucket *b;
 	struct half_open_slot *s;
 	struct flow_val v;
 	__u32 h;
 
-	b = ho_bucket(&pkt->flow, &h);
+	b = ho_bucket(&pkt->flow, sel, &h);
 	if (b && (s = ho_find(b, &pkt->flow, h, &v)))
 		s->check = 0;
 }
@@ -429,7 +436,7 @@ static __always_inline void ho_forget(struct pkt *pkt)
  * TIME_WAIT is a new SYN, not a retransmission. The counts are lbx_nat_be's (abi.h), read by the
  * daemon's PassiveHealthService like NAT's. Only VIPs with the flag pay anything.
  */
-static __always_inline void passive_handshake(struct pkt *pkt, const struct selection *sel)
+static __always_inline void passive_handshake(struct pkt *pkt, struct selection *sel)
 {
 	__u32 id = sel->backend_id;
 	struct nat_backend *b = lbx_nat_be.lookup(&id);
@@ -446,7 +453,7 @@ static __always_inline void passive_handshake(struct pkt *pkt, const struct sele
 		return;
 	b->consecutive = 0;
 	__sync_fetch_and_add(&b->synack, 1);
-	ho_forget(pkt);
+	ho_forget(pkt, sel);
 }
 
 /*

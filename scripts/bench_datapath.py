@@ -376,7 +376,8 @@ def admission_cases(prog: loader.Program, new_flows: dict[str, list[bytes]]) -> 
 SCHED_PORTS = {"maglev": 80, "source": 87, "leastconn": 88, "maglev+caps": 89, "rr": 81}   # rr: config()'s v4:81
 
 
-def sched_cases(prog: loader.Program, new_flows: dict[str, list[bytes]], gate: bool = True, label: str = "") -> list[Case]:
+def sched_cases(prog: loader.Program, new_flows: dict[str, list[bytes]], gate: bool = True, label: str = "",
+                pairs: bool = False) -> list[Case]:
     """Issue 13's schedulers (bpf/sched.h) on a program of their own: beside config()'s VIPs
     (v4:80 is Maglev, the reference), v4:87 source, v4:88 leastconn and v4:89 Maglev with a cap
     on every backend that is never reached (the cap check and the count on every new flow), the
@@ -409,6 +410,10 @@ def sched_cases(prog: loader.Program, new_flows: dict[str, list[bytes]], gate: b
             continue
         cases += [Case(f"{label}sched: {name} tcp syn new flow v4", lb, new_flows[f"syn{port}"], XDP_TX, clear),
                   Case(f"{label}sched: {name} tcp ack new flow v4 (recorded)", lb, new_flows[f"ack{port}"], XDP_TX, clear)]
+        if pairs:   # a handshake: each SYN, then its ACK (on rr, leastconn, caps: a half-open hit)
+            hs = [f for sa in zip(new_flows[f"syn{port}"], new_flows[f"ack{port}"]) for f in sa]
+            cases.append(Case(f"{label}sched: {name} tcp syn then its ack v4 (mean of the two)", lb,
+                              hs[:len(new_flows[f"syn{port}"])], XDP_TX, clear))
     return cases
 
 
@@ -630,12 +635,12 @@ def main(argv: list[str] | None = None) -> int:
                 progs.append(loader.compile_program(loader.BuildConfig(
                     pin_dir=pin_dirs[-1], src_dir=args.bpf_dir, flow_capacity=args.flow_capacity,
                     defines=() if gate else ("LBX_NO_HANDSHAKE_GATE",))))
-                cases += sched_cases(progs[-1], new_flows, gate)
+                cases += sched_cases(progs[-1], new_flows, gate, pairs=bool(args.sched_only and args.baseline_dir))
             if args.sched_only and args.baseline_dir:   # before/after of the gated rows in one run
                 pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
                 progs.append(loader.compile_program(loader.BuildConfig(
                     pin_dir=pin_dirs[-1], src_dir=args.baseline_dir, flow_capacity=args.flow_capacity)))
-                cases += sched_cases(progs[-1], new_flows, True, "before: ")
+                cases += sched_cases(progs[-1], new_flows, True, "before: ", pairs=True)
         if args.sched_only:
             sources = []
         for label, src in ([] if args.admission_only else sources):
