@@ -281,6 +281,36 @@ def test_an_id_two_vips_use_is_direct_for_one_and_hashed_for_the_other(qlb):
         assert send(qlb, hi, short_hdr(dcid(b.server_id))) == b
 
 
+@pytest.mark.root
+def test_status_reads_quic_and_overflows_per_vip_from_the_maps(qlb):
+    """What `lbxdp status` and the exporter show per VIP (lbxdp.view.read_vip_extras), read from the
+    real program's maps after real packets: each QUIC VIP's own counts, and the backup overflows
+    of a capped VIP with a backup (a VIP with neither has no entry)."""
+    from lbxdp import view
+    from .frames import TCP_, backends, tcp, vip
+    p1, bk = backends("10.10.42.", 2, 0x42)
+    capped = dataclasses.replace(vip("10.10.0.42", 80, TCP_, (dataclasses.replace(p1, max_conns=5),
+                                                              dataclasses.replace(bk, backup=True, max_conns=5)),
+                                     model.Scheduler.MAGLEV), table_size=4099)
+    qlb.apply(plus(BASE, QUIC4, QUIC6, capped))
+    for i in range(8):                       # 5 fill the primary, 3 overflow to the backup
+        qlb.open(tcp("10.10.0.42", 80, 43000 + i))
+    for _ in range(4):
+        send(qlb, QUIC6, short_hdr(dcid(0x0303)))
+    send(qlb, QUIC6, long_hdr(V2, "initial", dcid(0x0303)))
+    quic, over = view.read_vip_extras(qlb.maps, qlb.maps.vip_views())
+    v6, cid = qlb.vip_id(QUIC6), qlb.vip_id(capped)
+    assert set(quic) == {qlb.vip_id(QUIC4), v6}
+    got6 = {r: n for r, n in quic[v6] if n}
+    assert got6[Q.BY_ID] >= 4 and got6[Q.INITIAL] >= 1
+    assert sum(got6.values()) == sum(qlb.maps.quic_vip_stats([v6])[v6].values())
+    assert over == {cid: 3}
+    st = view._vip(next(x for x in qlb.maps.vip_views() if x.id == cid), view._Told(view.applied.State(), {}), {},
+                   quic=quic, overflows=over)
+    assert st.backup_overflows == 3 and st.quic is None
+    assert st.lines() == ["backup overflows: 3 new flows sent to a backup (every primary full)"]
+
+
 def _paths(*vips: model.Vip) -> list[str]:
     return [p.path for p in model.Config(vips=vips).problems()]
 
