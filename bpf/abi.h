@@ -26,7 +26,9 @@
 #ifndef LBX_HALF_OPEN_CAPACITY
 #define LBX_HALF_OPEN_CAPACITY 16384 /* slots: a power of two, a multiple of LBX_HALF_OPEN_WAYS */
 #endif
-#define LBX_HALF_OPEN_WAYS 4         /* slots per bucket of the half-open table (maps.h) */
+#ifndef LBX_HALF_OPEN_WAYS
+#define LBX_HALF_OPEN_WAYS 4         /* slots per bucket of the half-open table (maps.h): 1, 2 or 4 */
+#endif
 /*
  * Handshake gate (select.h). Time in the program is bpf_ktime_get_coarse_ns() >> LBX_TIME_SHIFT
  * (~1.07 s units, CLOCK_MONOTONIC; lbxdp/maps.py writes the same). A VIP's table is settled

@@ -524,6 +524,25 @@ class Maps:
                 return True
         return False
 
+    def forget_half_open(self, keys: set[bytes]) -> int:
+        """Empty the slots of these flow keys (one pass over the table); returns how many."""
+        m = self.m.get(abi.Map.HALF_OPEN)
+        if not keys or m is None or m.info.type != bpfsys.BPF_MAP_TYPE_ARRAY:
+            return 0
+        size, gone = ctypes.sizeof(m.Leaf), 0
+        for idx, values, n in m.batches(chunk=1024):
+            raw = ctypes.string_at(ctypes.addressof(values), n * size)
+            for i in range(n):
+                bucket = bytearray(raw[i * size:(i + 1) * size])
+                hit = [o for o in range(0, size, HO_SLOT)
+                       if bytes(bucket[o:o + 40]) in keys and bucket[o + 48:o + 52] != bytes(4)]
+                for o in hit:
+                    bucket[o + 48:o + 52] = bytes(4)
+                if hit:
+                    m.update(idx[i], m.Leaf.from_buffer_copy(bytes(bucket)))
+                    gone += len(hit)
+        return gone
+
     def clear_half_open(self) -> int:
         """Empty the half-open table (flows flush, tests); returns how many slots were occupied.
         A handshake in flight then gets its VIP's table's choice for its ACK, as after an eviction."""
@@ -1238,5 +1257,9 @@ class Maps:
         return out
 
     def delete_flows(self, entries: list[FlowEntry]) -> int:
-        """Delete these connection-table entries; returns how many were still there."""
-        return sum(1 for e in entries if self.flow_map.delete(self.flow_map.Key.from_buffer_copy(e.key)))
+        """Delete these connection-table entries, and their half-open entries (a flushed flow's
+        next packet is a new flow: its VIP's choice now, not its SYN's); returns how many
+        connection-table entries were still there."""
+        n = sum(1 for e in entries if self.flow_map.delete(self.flow_map.Key.from_buffer_copy(e.key)))
+        self.forget_half_open({bytes(e.key) for e in entries})
+        return n

@@ -170,6 +170,22 @@ def test_a_torn_slot_is_a_miss_not_another_flows_choice(glb: Lb) -> None:
         assert tx_once(glb, tcp(addr, 80, 50710, flags="A"), RR4) == syns[0], "the torn slot was followed"
 
 
+def test_a_flush_forgets_the_flushed_flows_half_open_entries(glb: Lb) -> None:
+    """`lbxdp flows flush` (Maps.delete_flows): the flushed flow's next packet is a new flow, its
+    VIP's choice now; its half-open entry (the SYN's choice, followed for 64 units) goes too."""
+    addr = str(RR4.address)
+    with one_cpu():
+        first = tx_once(glb, tcp(addr, 80, 50800), RR4)
+        other = tx_once(glb, tcp(addr, 80, 50801), RR4)
+        assert first != other
+        assert tx_once(glb, tcp(addr, 80, 50800, flags="A"), RR4) == first
+        assert glb.maps.delete_flows([e for e in glb.maps.flow_entries() if e.sport == 50800]) == 1
+        assert glb.maps.half_open_get(key_of(tcp(addr, 80, 50800))) is None
+        assert glb.maps.half_open_get(key_of(tcp(addr, 80, 50801))) is not None, "another flow's entry went"
+        # round robin's third slot: neither backend above
+        assert tx_once(glb, tcp(addr, 80, 50800, flags="A"), RR4) not in (first, other)
+
+
 def _colliding(n: int, vip_addr: str, buckets: int) -> list[int]:
     """n source ports whose tuples to vip_addr:80 share a bucket of the half-open table."""
     by_bucket: dict[int, list[int]] = {}
