@@ -470,7 +470,22 @@ class Maps:
             under += 0 < now - f.window < 1_000_000_000 and max(f.inserts, getattr(f, "syns", 0)) > limit
         return FloodState(limit, under, skipped, half_open)
 
+    # --- the half-open table (bpf/maps.h, bpf/select.h: buckets of HALF_OPEN_WAYS slots) -------
+    def half_open_slots(self) -> Iterator[HalfOpenSlot]:
+        """Every occupied slot of the half-open table, torn or expired ones included (one batched
+        read of the whole array: 1 MiB at the default 16384 slots)."""
+        m = self.m.get(abi.Map.HALF_OPEN)
+        if m is None or m.info.type != bpfsys.BPF_MAP_TYPE_ARRAY:
+            return
+        for _, values, n in m.batches(chunk=1024):
+            raw = ctypes.string_at(ctypes.addressof(values), n * ctypes.sizeof(m.Leaf))
+            for off in range(0, len(raw), HO_SLOT):
+                if raw[off + 48:off + 52] != b"\0\0\0\0":
+                    yield HalfOpenSlot.parse(raw[off:off + HO_SLOT])
+
     def half_open_entries(self) -> int:
+        """Half-open entries the program would still follow: slots whose check holds and whose
+        SYN is at most HALF_OPEN_UNITS old."""
         m = self.m.get(abi.Map.HALF_OPEN)
         if m is None or m.info.type != bpfsys.BPF_MAP_TYPE_ARRAY:   # an older version's LRU pin
             return 0 if m is None else m.count()
@@ -555,22 +570,7 @@ class Maps:
             for i in range(m.info.max_entries):
                 m.update(i, empty)
         return n
-    # --- the half-open table (bpf/maps.h, bpf/select.h: buckets of HALF_OPEN_WAYS slots) -------
-    def half_open_slots(self) -> Iterator[HalfOpenSlot]:
-        """Every occupied slot of the half-open table, torn or expired ones included (one batched
-        read of the whole array: 1 MiB at the default 16384 slots)."""
-        m = self.m.get(abi.Map.HALF_OPEN)
-        if m is None or m.info.type != bpfsys.BPF_MAP_TYPE_ARRAY:
-            return
-        for _, values, n in m.batches(chunk=1024):
-            raw = ctypes.string_at(ctypes.addressof(values), n * ctypes.sizeof(m.Leaf))
-            for off in range(0, len(raw), HO_SLOT):
-                if raw[off + 48:off + 52] != b"\0\0\0\0":
-                    yield HalfOpenSlot.parse(raw[off:off + HO_SLOT])
 
-
-        """Half-open entries the program would still follow: slots whose check holds and whose
-        SYN is at most HALF_OPEN_UNITS old."""
     # --- VIPs ----------------------------------------------------------------------------------
     def vip_key(self, key: model.VipKey) -> Any:
         return make(self.vip_map.Key, addr=addr_bytes(key.address), port=socket.htons(key.port),
