@@ -29,7 +29,8 @@
 /* Layout of the blob (lbxdp/acl_mbt.py mirrors these; tests/unit/test_acl_mbt.py checks). */
 #define LBX_ACL_MBT_H_BIG 0x4       /* header: the root indexes the first two address bytes */
 #define LBX_ACL_MBT_H_FALLBACK 0x8  /* header: this (scope, family) is in the kernel trie only */
-#define LBX_ACL_MBT_LEAF 0x4        /* entry: the offset is a leaf (one prefix), not a node */
+#define LBX_ACL_MBT_LEAF 0x4        /* entry: the offset is a leaf (up to LEAF_MAX prefixes), not a node */
+#define LBX_ACL_MBT_LEAF_MAX 4      /* prefixes in one leaf */
 #define LBX_ACL_MBT_MASK (LBX_ACL_MBT_WORDS - 1)
 _Static_assert((LBX_ACL_MBT_WORDS & LBX_ACL_MBT_MASK) == 0, "LBX_ACL_MBT_WORDS: a power of two");
 
@@ -52,7 +53,7 @@ _Static_assert((LBX_ACL_MBT_WORDS & LBX_ACL_MBT_MASK) == 0, "LBX_ACL_MBT_WORDS: 
 static __always_inline __u32 mbt_walk(const __u32 *w, __u32 head, const struct lbx_addr *src, int v6)
 {
 	const __u8 *a = (const __u8 *)src->w;
-	__u32 best = head & 3, off = head >> 4, e;
+	__u32 best = head & 3, off = head >> 4, e, n;
 	const __u32 *l;
 
 	if (head & LBX_ACL_MBT_H_BIG) {
@@ -74,14 +75,28 @@ static __always_inline __u32 mbt_walk(const __u32 *w, __u32 head, const struct l
 	if (!off || !(e & LBX_ACL_MBT_LEAF))
 		return best;
 leaf:
-	/* verdict word, the prefix's words, its mask's (1 + 1 + 1 or 1 + 4 + 4) */
-	l = &w[off & LBX_ACL_MBT_MASK];
+	/* the count, then per prefix, longest first: verdict word, its words, its mask's (1 + 1 + 1
+	 * or 1 + 4 + 4); the first that contains src is the longest match below the entry */
+	off &= LBX_ACL_MBT_MASK;
+	n = w[off];
+	l = &w[off + 1];
 	if (!v6) {
-		if (!((src->w[0] ^ l[1]) & l[2]))
-			best = l[0];
-	} else if (!(((src->w[0] ^ l[1]) & l[5]) | ((src->w[1] ^ l[2]) & l[6]) |
-		     ((src->w[2] ^ l[3]) & l[7]) | ((src->w[3] ^ l[4]) & l[8]))) {
-		best = l[0];
+#pragma unroll
+		for (int k = 0; k < LBX_ACL_MBT_LEAF_MAX; k++, l += 3) {
+			if (k >= n)
+				break;
+			if (!((src->w[0] ^ l[1]) & l[2]))
+				return l[0];
+		}
+		return best;
+	}
+#pragma unroll
+	for (int k = 0; k < LBX_ACL_MBT_LEAF_MAX; k++, l += 9) {
+		if (k >= n)
+			break;
+		if (!(((src->w[0] ^ l[1]) & l[5]) | ((src->w[1] ^ l[2]) & l[6]) |
+		      ((src->w[2] ^ l[3]) & l[7]) | ((src->w[3] ^ l[4]) & l[8])))
+			return l[0];
 	}
 	return best;
 }

@@ -112,7 +112,7 @@ BPF_TABLE_PINNED("array_of_maps$lbx_acl_tmpl", int, int, lbx_acl, 1, LBX_PIN_DIR
 
 /*
  * The same rules as a multibit trie in one array value (the blob; acl.h walks it, lbxdp/acl_mbt.py
- * builds it and says its layout): LBX_ACL_MBT_WORDS words, and 16 more so that a leaf read at a
+ * builds it and says its layout): LBX_ACL_MBT_WORDS words, and 64 more so that a leaf read at a
  * masked offset stays inside. 0 -> the blob, written by lbxdp.maps.Maps.write_admission only,
  * built aside and swapped in like lbx_acl (after it). An empty slot: every scope uses lbx_acl.
  * The template has one entry and no BPF_F_INNER_MAP, so the program's lookups of both are
@@ -120,9 +120,9 @@ BPF_TABLE_PINNED("array_of_maps$lbx_acl_tmpl", int, int, lbx_acl, 1, LBX_PIN_DIR
  */
 #define LBX_ACL_MBT_WORDS (1 << 19)
 struct lbx_acl_mbt {
-	__u32 w[LBX_ACL_MBT_WORDS + 16];
+	__u32 w[LBX_ACL_MBT_WORDS + 64];
 };
-_Static_assert(sizeof(struct lbx_acl_mbt) == 2097216, "4 * (LBX_ACL_MBT_WORDS + 16)");
+_Static_assert(sizeof(struct lbx_acl_mbt) == 2097408, "4 * (LBX_ACL_MBT_WORDS + 64)");
 BPF_TABLE_PINNED("array", __u32, struct lbx_acl_mbt, lbx_mbt_tmpl, 1, LBX_PIN_DIR "/lbx_mbt_tmpl");
 BPF_TABLE_PINNED("array_of_maps$lbx_mbt_tmpl", int, int, lbx_acl_mbt, 1, LBX_PIN_DIR "/lbx_acl_mbt");
 

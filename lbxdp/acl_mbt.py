@@ -9,9 +9,11 @@ program walks one address byte per level (the first two bytes at once for a big 
           offset << 4 | LBX_ACL_MBT_H_* flags << 2 | the scope's /0 verdict; 0: no rules
   node    256 words (one address byte), or 65,536 for a big root (two bytes)
   entry   offset << 3 | LBX_ACL_MBT_LEAF | verdict; offset 0: nothing below
-  leaf    the only prefix below an entry (path compression: sparse prefixes cost one leaf, not a
-          chain of nodes): verdict word, then the prefix's words, then its mask's (1 + 1 + 1 words
-          for IPv4, 1 + 4 + 4 for IPv6), in the order the CPU loads the packet's address words
+  leaf    the prefixes below an entry when there are at most LEAF_MAX (path compression: sparse
+          prefixes cost one leaf, not a chain of nodes): their count, then per prefix, longest
+          first, its verdict word, its words and its mask's (1 + 1 + 1 words for IPv4, 1 + 4 + 4
+          for IPv6), in the order the CPU loads the packet's address words; the first that
+          contains the source is its longest match there
   verdict 0: none here, else enum lbx_acl_action + 1
 
 Verdicts are "best match so far": a prefix that ends in a node is expanded over the slots it
@@ -39,6 +41,8 @@ BIG_ROOT_MIN_RULES = 256   # a (scope, family) with this many rules gets a 16-bi
 H_BIG = 0x4                # LBX_ACL_MBT_H_BIG << 2
 H_FALLBACK = 0x8           # LBX_ACL_MBT_H_FALLBACK << 2
 LEAF = 0x4                 # LBX_ACL_MBT_LEAF
+LEAF_MAX = 4               # LBX_ACL_MBT_LEAF_MAX: prefixes in one leaf
+PAD = 64                   # words after LBX_ACL_MBT_WORDS (a leaf read at a masked offset stays inside)
 
 
 def header_words(max_vips: int) -> int:
@@ -129,20 +133,21 @@ class _Placer:
             self.w[first:first + span] = array.array("I", [v]) * span    # shortest first: overwrite
         for idx, sub in below.items():
             slot = at + idx
-            if len(sub) == 1:
-                child = self.leaf(*sub[0]) << 3 | LEAF
+            if len(sub) <= LEAF_MAX:
+                child = self.leaf(sub) << 3 | LEAF
             else:
                 child = self.node(sub, end, 8) << 3
             self.w[slot] = child | (self.w[slot] & 3)
         return at
 
-    def leaf(self, length: int, addr: int, v: int) -> int:
+    def leaf(self, rules: list[tuple[int, int, int]]) -> int:
         n = self.bits // 8
-        mask = ((1 << length) - 1) << (self.bits - length)
-        at = self.alloc(1 + 2 * (n // 4))
-        self.w[at] = v
-        self.w[at + 1:at + 1 + 2 * (n // 4)] = array.array(
-            "I", _addr_words(addr.to_bytes(n, "big")) + _addr_words(mask.to_bytes(n, "big")))
+        rec: list[int] = [len(rules)]
+        for length, addr, v in sorted(rules, reverse=True):    # longest first
+            mask = ((1 << length) - 1) << (self.bits - length)
+            rec += [v] + _addr_words(addr.to_bytes(n, "big")) + _addr_words(mask.to_bytes(n, "big"))
+        at = self.alloc(len(rec))
+        self.w[at:at + len(rec)] = array.array("I", rec)
         return at
 
 
@@ -168,8 +173,11 @@ def lookup(words: array.array, scope: int, addr: Addr) -> int | None:
         if e & LEAF:
             n = len(raw) // 4
             src = _addr_words(raw)
-            if all((src[i] ^ words[off + 1 + i]) & words[off + 1 + n + i] == 0 for i in range(n)):
-                best = words[off]
+            for k in range(words[off]):
+                p = off + 1 + k * (1 + 2 * n)
+                if all((src[i] ^ words[p + 1 + i]) & words[p + 1 + n + i] == 0 for i in range(n)):
+                    best = words[p]
+                    break
             break
         e, pos = words[off + raw[pos]], pos + 1
     return best - 1 if best else None

@@ -919,7 +919,7 @@ class Maps:
     @property
     def acl_mbt_capacity(self) -> int:
         """Words of the ACL blob (LBX_ACL_MBT_WORDS); 0 for a program without it."""
-        return self.mbt_tmpl.info.value_size // 4 - 16 if self.mbt_tmpl is not None else 0
+        return self.mbt_tmpl.info.value_size // 4 - acl_mbt.PAD if self.mbt_tmpl is not None else 0
 
     def _swap_acl_mbt(self, entries: frozenset[AclEntry]) -> acl_mbt.Built | None:
         """Build the blob of these entries and swap it in (or empty the slot: no rules); a scope

@@ -78,3 +78,7 @@ def test_constants_match_the_c_side() -> None:
     defs = {m[1]: int(m[2], 0) for m in re.finditer(r"#define (LBX_ACL_MBT_\w+) (0x[0-9a-f]+)", text)}
     assert defs["LBX_ACL_MBT_H_BIG"] == acl_mbt.H_BIG and defs["LBX_ACL_MBT_H_FALLBACK"] == acl_mbt.H_FALLBACK
     assert defs["LBX_ACL_MBT_LEAF"] == acl_mbt.LEAF
+    assert int(re.search(r"#define LBX_ACL_MBT_LEAF_MAX (\d+)", text)[1]) == acl_mbt.LEAF_MAX
+    maps_h = (ROOT / "bpf" / "maps.h").read_text()
+    assert f"w[LBX_ACL_MBT_WORDS + {acl_mbt.PAD}]" in maps_h
+    assert acl_mbt.PAD >= 1 + acl_mbt.LEAF_MAX * 9    # the largest leaf: count + 4 IPv6 prefixes
