@@ -88,6 +88,8 @@ class RouterBird:
         argv = ["bird", "-f", "-c", str(self.conf), "-s", str(self.ctl), "-P", str(self.pid_file)]
         srv = processes.start(self.rig.ns(RT), argv, self.log, self.rig._persistent, "rt's bird")
         self.rig._servers[BIRD_ROLE] = srv
+        if self.rig._persistent:
+            self.rig.save_state()     # so that `lbxdp rig down` stops it too
         try:
             nsx.poll("rt's bird to answer on its control socket", lambda: self.command("show", "status"), timeout=10)
             processes.check_is(srv, "bird", "rt's bird")
@@ -101,6 +103,8 @@ class RouterBird:
         if srv is not None:
             processes.terminate(srv, 5.0)
             del self.rig._servers[BIRD_ROLE]
+            if self.rig._persistent:
+                self.rig.save_state()
 
     def command(self, *args: str) -> str | None:
         """birdc's output (the socket is a file: birdc runs outside the namespace), None if down."""
