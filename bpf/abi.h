@@ -512,8 +512,15 @@ struct nat_backend {
 	__u64 synack;             /* SYN-ACKs (successful handshakes), ever */
 	__u32 port_cursor;        /* SNAT: index into the pool of the next port to try (program only) */
 	__u32 reserved;           /* zero */
+	/* dsr/ipip/gue with LBX_VIP_F_PASSIVE only (select.h passive_syn()): handshakes started and
+	 * not yet seen to finish, so that the control plane sees a silent backend before any client's
+	 * retransmission (its 1 s RTO). NAT leaves them 0. */
+	__u64 pending_since;      /* bpf_ktime_get_coarse_ns() of the first SYN since the last handshake's ACK; 0: none */
+	__u64 syn_sent;           /* first SYNs (new handshakes) sent to this backend, ever */
+	__u32 pending;            /* first SYNs since the last handshake's ACK (the ACK sets 0) */
+	__u32 reserved2;          /* zero */
 };
-_Static_assert(sizeof(struct nat_backend) == 40, "also update lbxdp/abi.py");
+_Static_assert(sizeof(struct nat_backend) == 64, "also update lbxdp/abi.py");
 
 /* lbx_nat_scratch[0]: a CPU's room to build a new connection's entries and keys (nat.h), which
  * do not fit the program's 512-byte stack beside the rest of the pipeline. Program only. */

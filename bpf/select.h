@@ -452,8 +452,31 @@ static __always_inline void passive_handshake(struct pkt *pkt, struct selection 
 	if (pkt->flags & LBX_PKT_F_FIN)       /* the client gave up (RST) or closed: no verdict */
 		return;
 	b->consecutive = 0;
+	b->pending = 0;
+	b->pending_since = 0;
 	__sync_fetch_and_add(&b->synack, 1);
 	ho_forget(pkt, sel);
+}
+
+/*
+ * A passive-health VIP's new handshake (a first SYN, gone half-open): pending counts them since
+ * the last handshake's ACK and pending_since is the first one's time, so that the daemon sees
+ * handshakes still unfinished past the VIP's timeout long before the client's retransmission
+ * (its 1 s RTO). The coarse clock is CLOCK_MONOTONIC at tick resolution, the control plane's.
+ * Racy across CPUs by design (a SYN and an ACK at once may leave a stale time): it only brings
+ * an active check forward, never an ejection.
+ */
+static __always_inline void passive_syn(const struct selection *sel)
+{
+	__u32 id = sel->backend_id;
+	struct nat_backend *b = lbx_nat_be.lookup(&id);
+
+	if (!b)
+		return;
+	if (!b->pending)
+		b->pending_since = bpf_ktime_get_coarse_ns();
+	__sync_fetch_and_add(&b->pending, 1);
+	__sync_fetch_and_add(&b->syn_sent, 1);
 }
 
 /*
@@ -507,6 +530,8 @@ static __always_inline int select_backend(const struct vip_meta *vip, struct pkt
 		if (sel->unlooked)     /* a reused tuple's ACK must not meet its old record */
 			lbx_flows.delete(&pkt->flow);
 		record_half_open(pkt, sel);
+		if (passive && (pkt->flags & LBX_PKT_F_SYN))
+			passive_syn(sel);
 		return LBX_R_OK;
 	}
 	if (may_record(1)) {

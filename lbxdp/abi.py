@@ -76,7 +76,7 @@ NAT_PORT_TRIES = 8       # LBX_NAT_PORT_TRIES
 NAT_CAPACITY = 131072    # LBX_NAT_CAPACITY (entries: two per connection)
 NAT_ENTRY_SIZE = 64      # sizeof(struct nat_entry)
 NAT_CFG_SIZE = 48        # sizeof(struct nat_cfg)
-NAT_BACKEND_SIZE = 40    # sizeof(struct nat_backend)
+NAT_BACKEND_SIZE = 64    # sizeof(struct nat_backend)
 
 
 class NatState(enum.IntEnum):

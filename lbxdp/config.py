@@ -282,13 +282,14 @@ def _port_range(v: Any) -> tuple[int, int]:
     return int(m[1]), int(m[2] or m[1])
 
 
-def _passive_health(d: Any, path: str) -> model.PassiveHealth:
+def _passive_health(d: Any, path: str, mode: model.Mode) -> model.PassiveHealth:
     if not isinstance(d, dict):
         raise ConfigError(path, f"{_show(d)} must be a table: write [vip.passive_health]")
     _no_unknown(d, _PASSIVE_HEALTH_KEYS, path)
     dp = model.PassiveHealth()
+    timeout = dp.timeout if mode is model.Mode.NAT else model.DSR_PASSIVE_TIMEOUT
     return model.PassiveHealth(_get(d, "failures", path, _integer, dp.failures),
-                               _get(d, "timeout", path, _seconds, dp.timeout),
+                               _get(d, "timeout", path, _seconds, timeout),
                                _get(d, "max_ejected", path, _share, dp.max_ejected))
 
 
@@ -442,7 +443,7 @@ def _vip(d: Any, path: str) -> model.Vip:
     return model.Vip(address, port, protocol, mode, scheduler, backends, table_size, slow_start,
                      vip_health, on_down, on_all_down, **encap, admission=_admission(d, path),
                      snat=_get(d, "snat", path, _bool, False),
-                     passive_health=_passive_health(ph, f"{path}.passive_health") if ph is not None else None,
+                     passive_health=_passive_health(ph, f"{path}.passive_health", mode) if ph is not None else None,
                      source_prefix=_get(d, "source_prefix", path, _integer, None),
                      quic=_get(d, "quic", path, _bool, False),
                      announce=_get(d, "announce", path, _bool, None))

@@ -434,16 +434,21 @@ class NatGcService(BaseService):
 
 class PassiveHealthService(BaseService):
     """Passive health of VIPs with [vip.passive_health] (lbxdp.passive has the rules; NAT, and
-    since issue 13 dsr/ipip/gue TCP VIPs, whose SYN retransmissions and handshake ACKs bpf/select.h
-    counts in the same lbx_nat_be entries):
-    once a tick, read lbx_nat_be of their backends; a backend past `failures` failed
-    handshakes in a row is suspected (backend-suspect) and gets one immediate TCP check of its
-    service port (the checker's loop); a pass clears it (backend-suspect-cleared), a failure
-    marks it down (backend-down cause=passive: the applied state's health, and the checker's
-    state, so its `rise` brings it back) unless the VIP is at its max_ejected cap
-    (ejection-capped). Either way its count starts over."""
+    since issue 13 dsr/ipip/gue TCP VIPs, whose SYN retransmissions, pending handshakes and
+    handshake ACKs bpf/select.h counts in the same lbx_nat_be entries):
+    every PASSIVE_POLL (a thread of its own, which reads a few lbx_nat_be entries and nothing
+    more while nobody is suspect), read lbx_nat_be of their backends; a backend past `failures`
+    failed handshakes in a row is suspected (backend-suspect) and gets one immediate TCP check of
+    its service port (the checker's loop; connect timeout: the smaller of its check's and the
+    passive `timeout`); its result wakes the daemon's loop, whose tick settles it: a pass clears
+    it (backend-suspect-cleared; no new suspicion for QUIET_AFTER_CLEAR), a failure marks it down
+    (backend-down cause=passive: the applied state's health, and the checker's state, so its
+    `rise` brings it back) unless the VIP is at its max_ejected cap (ejection-capped). Either way
+    its count starts over."""
 
     name = "passive-health"
+    PASSIVE_POLL = 0.1           # seconds between reads of lbx_nat_be
+    QUIET_AFTER_CLEAR = 1.0      # seconds before a backend whose check passed may be suspected again
 
     def __init__(self, inst: Instance, metrics: MetricsService, health: HealthService, gc: NatGcService,
                  wake: threading.Event):
@@ -453,15 +458,32 @@ class PassiveHealthService(BaseService):
         self.state: applied.State | None = None
         self.entries: dict[BackendId, int] = {}          # passive-health backends -> entry id
         self.confirming: dict[BackendId, tuple[Any, Any]] = {}   # -> (future, Failures)
+        self._lock = threading.RLock()                   # all of the above, the poller's and the loop's
+        self._maps: Any = None                           # lbx_nat_be's reader, kept while there are entries
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._poll_error: str | None = None
 
     def _passive(self, state: applied.State) -> dict[BackendId, tuple[model.Vip, model.Backend]]:
         return {bid: (v, b) for bid, (v, b) in state.cfg.backends().items()
                 if v.passive_health is not None}     # nat, and dsr/ipip/gue TCP VIPs (issue 13: bpf/select.h)
 
     def on_change(self, state: applied.State) -> None:
+        with self._lock:
+            self._on_change(state)
+        if self.entries and self._thread is None:
+            self._thread = threading.Thread(target=self._poller, name="lbxdp-passive", daemon=True)
+            self._thread.start()
+
+    def _on_change(self, state: applied.State) -> None:
         self.state = state
         want = self._passive(state)
         self.tracker.failures = {bid: v.passive_health.failures for bid, (v, _) in want.items()}  # type: ignore[union-attr]
+        self.tracker.timeout = {bid: v.passive_health.timeout for bid, (v, _) in want.items()  # type: ignore[union-attr]
+                                if v.mode is not model.Mode.NAT}
+        if self._maps is not None:
+            self._maps.close()
+            self._maps = None
         if not want:
             self.entries, self.gc.gc.syn_timeout = {}, {}
             return
@@ -475,35 +497,72 @@ class PassiveHealthService(BaseService):
                                   for bid, i in self.entries.items() if want[bid][0].mode is model.Mode.NAT}
 
     def _signals(self) -> dict[BackendId, Any]:
+        from . import loader
+        from .maps import Maps
         from .passive import Signals
-        with control.open_maps(self.inst) as m:
-            out = {}
-            for bid, i in self.entries.items():
-                s = m.nat_backend(i)
-                out[bid] = Signals(s.consecutive, s.syn_rst, s.syn_retx, s.synack, self.gc.timeouts.get(i, 0))
+        if self._maps is None:
+            self._maps = Maps(loader.open_pinned_maps(self.inst))
+        out = {}
+        for bid, i in self.entries.items():
+            s = self._maps.nat_backend(i)
+            out[bid] = Signals(s.consecutive, s.syn_rst, s.syn_retx, s.synack, self.gc.timeouts.get(i, 0),
+                               s.pending, s.pending_since)
         return out
 
+    def _poller(self) -> None:
+        """The fast half: suspect and start confirmations between the loop's ticks."""
+        while not self._stopping.wait(self.PASSIVE_POLL):
+            try:
+                self.poll()
+            except Exception as e:  # noqa: BLE001 - logged once per distinct error; the loop's tick goes on
+                error = e.message if isinstance(e, LbxError) else f"{type(e).__name__}: {e}"
+                if error != self._poll_error:
+                    _event("step-failed", step="passive-poll", error=error, type=type(e).__name__)
+                self._poll_error = error
+            else:
+                if self._poll_error is not None:
+                    _event("step-recovered", step="passive-poll")
+                self._poll_error = None
+
+    def poll(self) -> dict[BackendId, Any] | None:
+        """Read the signals, start a confirmation for each newly suspected backend; the signals."""
+        with self._lock:
+            if not self.entries or self.state is None or self.health.checker is None:
+                return None
+            st = self.state
+            signals = self._signals()
+            now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)   # the data path's clock (coarse: <= a tick behind)
+            for bid, f in self.tracker.observe(signals, exempt=st.down(), now_ns=now).items():
+                v, b = st.cfg.backends()[bid]
+                self._confirm(bid, v, b, f)
+            return signals
+
     def tick(self) -> None:
-        if not self.entries or self.state is None or self.health.checker is None:
-            return
-        st = self.state
-        signals = self._signals()
-        for bid, f in self.tracker.observe(signals, exempt=st.down()).items():
-            v, b = st.cfg.backends()[bid]
-            self._confirm(bid, v, b, f)
-        self._settle(signals)
+        with self._lock:
+            signals = self.poll()
+            if signals is not None:
+                self._settle(signals)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+        with self._lock:
+            if self._maps is not None:
+                self._maps.close()
+                self._maps = None
 
     def _confirm(self, bid: BackendId, v: model.Vip, b: model.Backend, f: Any) -> None:
         from .health import CheckType, HealthCheck, Target
         check = v.check_of(b)
-        t = Target(("confirm", bid), str(b.address), b.port,
-                   HealthCheck(CheckType.TCP, timeout=check.timeout if check else 1.0))
+        timeout = min(check.timeout if check else 1.0, v.passive_health.timeout)  # type: ignore[union-attr]
+        t = Target(("confirm", bid), str(b.address), b.port, HealthCheck(CheckType.TCP, timeout=timeout))
         fut = self.health.checker.probe_now(t)
         fut.add_done_callback(lambda _: self.wake.set())
         self.confirming[bid] = (fut, f)
         self.metrics.count_passive("suspects", bid)
         _event("backend-suspect", vip=bid.vip.name, backend=bid.name, failures=f.total, rst=f.rst, retx=f.retx,
-               timeout=f.timeout, confirming=f"tcp {b.name}")
+               timeout=f.timeout, unfinished=f.unfinished, confirming=f"tcp {b.name}")
 
     def _settle(self, signals: dict[BackendId, Any]) -> None:
         from .passive import decide
@@ -517,7 +576,8 @@ class PassiveHealthService(BaseService):
                 continue
             r = fut.result()
             if r.ok:
-                self.tracker.settle(bid, signals[bid])
+                quiet = time.clock_gettime_ns(time.CLOCK_MONOTONIC) + int(self.QUIET_AFTER_CLEAR * 1e9)
+                self.tracker.settle(bid, signals[bid], quiet)
                 _event("backend-suspect-cleared", vip=bid.vip.name, backend=bid.name, check=r.detail,
                        latency=f"{r.latency:.4f}")
             else:

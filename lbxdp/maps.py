@@ -252,6 +252,9 @@ class NatBackendState:
     syn_rst: int = 0
     syn_retx: int = 0
     synack: int = 0
+    pending_since: int = 0   # dsr/ipip/gue passive health (bpf/select.h passive_syn): CLOCK_MONOTONIC ns, 0 none
+    syn_sent: int = 0
+    pending: int = 0
 
 
 @dataclass(frozen=True)
@@ -709,7 +712,8 @@ class Maps:
         v = m.lookup(backend_id) if m is not None else None
         if v is None:
             return NatBackendState()
-        return NatBackendState(v.consecutive, v.last_failure, v.syn_rst, v.syn_retx, v.synack)
+        return NatBackendState(v.consecutive, v.last_failure, v.syn_rst, v.syn_retx, v.synack,
+                               v.pending_since, v.syn_sent, v.pending)
 
     # --- backends ------------------------------------------------------------------------------
     def backends(self) -> dict[int, BackendEntry]:

@@ -290,11 +290,17 @@ class PassiveHealth:
     consecutive failed handshakes (an RST answering a SYN, a SYN retransmitted or unanswered for
     `timeout` seconds); at most `max_ejected` of the VIP's backends are down for it at once.
     On a dsr/ipip/gue TCP VIP (issue 13) only the client's side is seen (bpf/select.h): a SYN
-    retransmitted while half-open is a failure, the handshake's ACK a success; `timeout` is then
-    the client's own retransmission timer (no control-plane scan)."""
+    retransmitted while half-open is a failure, the handshake's ACK a success, and once the first
+    handshake since the last ACK is `timeout` old (default there DSR_PASSIVE_TIMEOUT) every one
+    since counts as failed (lbxdp.passive.unfinished). Either way the confirming check's connect
+    timeout is at most `timeout`."""
     failures: int = 10
     timeout: float = 2.0
     max_ejected: float = 0.5
+
+
+DSR_PASSIVE_TIMEOUT = 0.5   # [vip.passive_health] timeout's default on dsr/ipip/gue VIPs (config.py): a
+                            # handshake's final ACK comes one client RTT after its SYN
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ without passive health is unchanged: its Maglev SYNs are forwarded by the table,
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 from scapy.layers.l2 import Ether
@@ -97,3 +98,40 @@ def test_a_vip_without_passive_health_inserts_no_half_open_entry(plb: Lb) -> Non
     assert plb.maps.half_open_entries() == 0, "a settled Maglev VIP's SYN was recorded"
     assert send(plb, tcp(addr, 80, 52001, flags="A"), PLAIN) == be
     assert all(sig(plb, PLAIN, b) == (0, 0, 0) for b in PLAIN.backends)
+
+
+def pend(lb: Lb, v: model.Vip, b: model.Backend) -> tuple[int, int, int]:
+    s = lb.maps.nat_backend(lb.backend_id(v, b))
+    return s.pending, s.syn_sent, s.pending_since
+
+
+def test_first_syns_are_pending_with_the_first_ones_time_until_a_handshake_ack(plb: Lb) -> None:
+    """passive_syn(): the signal that needs no client retransmission (the daemon compares
+    pending_since with CLOCK_MONOTONIC and the VIP's timeout)."""
+    addr = str(PASSIVE.address)
+    chosen: dict[model.Backend, list[int]] = {}
+    for port in range(53100, 53140):
+        chosen.setdefault(send(plb, tcp(addr, 80, port), PASSIVE), []).append(port)
+    be, ports = max(chosen.items(), key=lambda kv: len(kv[1]))
+    n = len(ports)
+    pending, sent, since = pend(plb, PASSIVE, be)
+    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    assert (pending, sent) == (n, n)
+    assert now - 2 * 10**9 < since <= now + 10**7, (since, now)   # CLOCK_MONOTONIC, the coarse tick
+    assert sum(pend(plb, PASSIVE, b)[1] for b in PASSIVE.backends) == 40
+    # a retransmission is not a new handshake: pending and the first one's time stay
+    send(plb, tcp(addr, 80, ports[0]), PASSIVE)
+    assert pend(plb, PASSIVE, be) == (n, n, since)
+    # the handshake's ACK ends the run (pending 0, no time); the next SYN starts a new one
+    send(plb, tcp(addr, 80, ports[1], flags="A"), PASSIVE)
+    assert pend(plb, PASSIVE, be) == (0, n, 0)
+    port = next(p for p in range(53200, 53300) if send(plb, tcp(addr, 80, p), PASSIVE) == be)
+    pending, sent, since2 = pend(plb, PASSIVE, be)
+    assert (pending, sent) == (1, n + 1) and since2 >= since, (port, pending, sent, since2, since)
+
+
+def test_a_vip_without_passive_health_counts_no_pending_handshake(plb: Lb) -> None:
+    addr = str(PLAIN.address)
+    for port in range(52100, 52110):
+        send(plb, tcp(addr, 80, port), PLAIN)
+    assert all(pend(plb, PLAIN, b) == (0, 0, 0) for b in PLAIN.backends)

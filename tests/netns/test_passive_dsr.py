@@ -4,18 +4,18 @@ One rig of shape l2 (cli, lb, be1, be2; DSR, generic XDP), the DSR VIP on the ri
 echo servers' port, 8080) with [vip.passive_health]. Every backend's check port (CHECK_PORT) is an
 nftables redirect to its echo server, so the active check answers on every backend; a backend
 that "silently drops SYNs to the service port" has a prerouting rule before NAT (priority -150)
-dropping SYNs to 8080. The balancer sees only the client's side (bpf/select.h): the client
-retransmitting its SYN is the failure. The confirmation check is a TCP handshake to the backend's
-service port (8080), which the dropping backend fails.
+dropping SYNs to 8080. The balancer sees only the client's side (bpf/select.h): handshakes
+sent to a backend with no final ACK for the VIP's passive `timeout` (TIMEOUT, 0.2 s), or a client
+retransmitting its SYN, are the failures. The confirmation check is a TCP handshake to the
+backend's service port (8080, connect timeout TIMEOUT), which the dropping backend fails.
 
 What is shown:
-- at 20 connections/s such a backend is marked down (backend-down cause=passive) and the numbers
-  are printed: failed handshakes started towards it, and time from the first data-path failure
-  (the clients' first retransmission, 1 s after their SYN: Linux's initial RTO, the earliest any
-  passive signal can exist in DSR) to the event. The issue asks for "within 10 failed handshakes
-  or 1 s"; measured here ~1.5 s after the first signal with ~11 failures counted by the data path
-  (the daemon's 1 s tick plus the 0.5 s confirmation timeout), so the test's bounds are 2.5 s and
-  2 x failures + 10 handshakes counted;
+- at 20 connections/s such a backend is marked down (backend-down cause=passive) within 1 s of
+  the first failed handshake's SYN (the issue's "within 10 failed handshakes or 1 s": the time is
+  asserted, the count printed: about 8-11 with the Maglev table's share at this rate).
+  A failed handshake is one whose first SYN went unanswered (its connect took a retransmission,
+  which reaches the other backend once the first is down). Measured before the pending-handshake
+  signal (the clients' 1 s RTO, the daemon's 1 s tick, a 0.5 s confirmation): ~2 s and ~20;
 - a spoofed SYN flood (tests/netns/flood.py, each SYN twice, so the data path counts the second
   as a retransmission) makes backends suspected; their confirmation checks pass and nobody is
   ejected.
@@ -50,6 +50,7 @@ pytestmark = pytest.mark.root
 CHECK_PORT = 8082
 TABLE = "lbxpdsr"
 FAILURES = 5
+TIMEOUT = 0.2
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def rules(rig: Rig) -> Iterator[Callable[[list[str]], None]]:
 
 def config(rig: Rig, max_ejected: float = 0.5) -> str:
     vip = rig.vip(4, "tcp", health=HealthCheck(CheckType.TCP, port=CHECK_PORT, interval=1.0, timeout=0.5, rise=2),
-                  passive_health=model.PassiveHealth(failures=FAILURES, timeout=1.0, max_ejected=max_ejected))
+                  passive_health=model.PassiveHealth(failures=FAILURES, timeout=TIMEOUT, max_ejected=max_ejected))
     return rig.nat_config_toml(vip)           # config.dump of these VIPs (any mode)
 
 
@@ -96,21 +97,28 @@ def role_of(rig: Rig, name: str) -> str:
 
 class Clients:
     """Connections to the VIP at `rate` per second from cli, each in its own thread (a dropped SYN
-    holds its connect for `timeout`): when each started and what it got (a backend name, None)."""
+    holds its connect for `timeout`): when each started, what it got (a backend name, None) and
+    how long it took (a handshake whose first SYN was dropped needs the client's retransmission,
+    >= 1 s later, which may reach another backend once the first is down)."""
 
     def __init__(self, rig: Rig, rate: float, timeout: float = 3.0) -> None:
         self.rig, self.rate, self.timeout = rig, rate, timeout
-        self.results: list[tuple[float, str | None]] = []
+        self.results: list[tuple[float, str | None, float]] = []
         self.threads: list[threading.Thread] = []
         self._lock = threading.Lock()
 
     def _one(self, started: float) -> None:
+        t = time.monotonic()
         try:
             got: str | None = self.rig.tcp_hello(self.rig.spec.vip4, self.rig.spec.port, timeout=self.timeout)
         except (OSError, EOFError):
             got = None
         with self._lock:
-            self.results.append((started, got))
+            self.results.append((started, got, time.monotonic() - t))
+
+    def failed(self) -> list[float]:
+        """When the handshakes that failed (their first SYN unanswered) started, in order."""
+        return sorted(s for s, got, took in self.results if got is None or took >= 0.5)
 
     def run_until(self, stop: Callable[[], bool], limit: float) -> None:
         t0 = time.monotonic()
@@ -140,16 +148,15 @@ def test_a_backend_dropping_syns_is_marked_down_at_20_connections_per_second(
     assert role_of(rig, ev["backend"]) == "be1", ev
     assert d.events("backend-suspect", backend=ev["backend"]), d.text()
     assert not d.events("backend-down", cause="passive", backend=model.endpoint(rig.addr4("be2"), rig.spec.port))
-    failed = sorted(s for s, got in c.results if got is None)
+    failed = c.failed()
+    assert failed, "no handshake failed: the test shows nothing"
     failed_before = [s for s in failed if s < at]
-    first_signal = failed[0] + 1.0               # the first retransmission: Linux's initial RTO
-    print(f"\n[passive-dsr] be1 down {at - first_signal:.2f}s after the first data-path failure "
-          f"({at - failed[0]:.2f}s after the first failed SYN); {len(failed_before)} failed handshakes "
-          f"started before it, {len(c.results)} connections in all; event {ev}")
-    # failures counted in the data path: retransmissions of handshakes started >= 1 s before the event
-    counted = [s for s in failed_before if s + 1.0 <= at]
-    assert len(counted) <= 2 * FAILURES + 10, (len(counted), failed_before)
-    assert at - first_signal <= 2.5, at - first_signal
+    suspect_at, suspect = d.events("backend-suspect", backend=ev["backend"])[0]
+    print(f"\n[passive-dsr] be1 down {at - failed[0]:.2f}s after the first failed SYN (suspected after "
+          f"{suspect_at - failed[0]:.2f}s); {len(failed_before)} failed handshakes started before it, "
+          f"{len(c.results)} connections in all; suspect {suspect}; down {ev}")
+    assert at - failed[0] <= 1.0, (at - failed[0], [round(s - failed[0], 2) for s in failed_before], d.text())
+    assert len(failed_before) <= 2 * FAILURES + 5, (len(failed_before), d.text())
     # Right after the event new connections reach be2 only. Right after: be1's check port
     # answers, so the checker's rise (2 x 1 s) brings it back about a second later (the confirming
     # check is on the service port, the rise on the check port: README), and it fails again.

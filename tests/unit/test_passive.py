@@ -91,3 +91,53 @@ def test_tracker_forgets_backends_that_are_gone():
     assert "b" in t.pending
     t.observe({})
     assert "b" not in t.pending and "b" not in t.base
+
+
+S = 10**9   # ns
+
+
+def dsr(pending=0, since=0, retx=0, synack=0) -> Signals:
+    """A dsr VIP's signals: consecutive = retransmissions since the last ACK."""
+    return Signals(retx, 0, retx, synack, 0, pending, since)
+
+
+def test_pending_handshakes_count_once_the_first_is_past_the_timeout():
+    base = dsr(0, 0)
+    now = dsr(7, since=100 * S)
+    assert failures_since(base, now, 100 * S + int(0.29 * S), 0.3) == Failures()
+    assert failures_since(base, now, 100 * S + int(0.3 * S), 0.3) == Failures(7, 0, 0, 0, 7)
+    assert failures_since(base, now, 200 * S, None).total == 0, "no timeout (nat): not counted"
+    # the retransmissions of the same handshakes: the larger count, not the sum
+    assert failures_since(base, dsr(7, 100 * S, retx=3), 101 * S, 0.3) == Failures(7, 0, 3, 0, 7)
+    assert failures_since(base, dsr(2, 100 * S, retx=5), 101 * S, 0.3).total == 5
+
+
+def test_pending_handshakes_already_in_the_baseline_count_only_in_the_same_run():
+    # settled at 7 pending of the run that began at 100 s: 3 more since
+    assert failures_since(dsr(7, 100 * S), dsr(10, 100 * S), 101 * S, 0.3).unfinished == 3
+    # an ACK (synack moved) ended that run: the new run's 4 all count
+    assert failures_since(dsr(7, 100 * S), dsr(4, 105 * S, synack=1), 106 * S, 0.3).unfinished == 4
+
+
+def test_tracker_suspects_a_silent_backend_on_unfinished_handshakes_and_keeps_quiet_after_a_clear():
+    t = Tracker(failures={"b": 5}, timeout={"b": 0.3})
+    assert t.observe({"b": dsr()}, now_ns=10 * S) == {}
+    assert t.observe({"b": dsr(5, 10 * S)}, now_ns=10 * S + S // 10) == {}      # not yet 0.3 s old
+    got = t.observe({"b": dsr(6, 10 * S)}, now_ns=10 * S + S // 3)
+    assert got == {"b": Failures(6, 0, 0, 0, 6)}
+    t.settle("b", dsr(6, 10 * S), quiet_until=12 * S)                          # its check passed
+    assert t.observe({"b": dsr(50, 10 * S)}, now_ns=11 * S) == {}               # quiet: a flood
+    assert t.observe({"b": dsr(50, 10 * S)}, now_ns=12 * S)["b"].unfinished == 44
+
+
+@pytest.mark.parametrize("mode, port, timeout", [("dsr", 80, 0.5), ("gue", 80, 0.5), ("nat", 8080, 2.0)])
+def test_the_timeout_defaults_to_half_a_second_on_dsr_and_two_on_nat(mode, port, timeout):
+    """[vip.passive_health] timeout: dsr/ipip/gue see the handshake's final ACK one client RTT after
+    its SYN (model.DSR_PASSIVE_TIMEOUT); nat keeps its SYN_SENT scan's 2 s."""
+    from lbxdp import config, model
+    text = (f'[[vip]]\naddress = "10.0.9.1"\nport = 80\nprotocol = "tcp"\nmode = "{mode}"\n'
+            f'  [vip.passive_health]\n  failures = 5\n'
+            f'  [[vip.backend]]\n  address = "10.1.0.5"\n  port = {port}\n  mac = "02:00:00:00:00:05"\n')
+    cfg = config.parse(text)
+    assert cfg.vips[0].passive_health == model.PassiveHealth(5, timeout, 0.5)
+    assert config.parse(config.dump(cfg)) == cfg
