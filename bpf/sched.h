@@ -179,9 +179,11 @@ static __always_inline int sched_choice(const struct vip_meta *vip, struct pkt *
 	case LBX_SCHED_LEASTCONN:
 		if (pkt->flags & LBX_PKT_F_ICMP_ERR)
 			return LBX_R_PASS_ICMP_NO_FLOW;
-		h = flow_hash(&pkt->flow);
+		/* the half-open lookup before this choice hashed the flow already (select.h) */
+		h = sel->hashed ? sel->hash : flow_hash(&pkt->flow);
 		slot = h % vip->table_size;
-		slot2 = mix32(h ^ 0x9e3779b9) % vip->table_size;
+		/* the second by a multiply-shift range reduction: no second division */
+		slot2 = ((__u64)mix32(h ^ 0x9e3779b9) * vip->table_size) >> 32;
 		be = slot_backend(table, slot, &id);
 		be2 = slot_backend(table, slot2, &id2);
 		/*
@@ -202,14 +204,16 @@ static __always_inline int sched_choice(const struct vip_meta *vip, struct pkt *
 			h = slot;
 			slot = slot2;
 			slot2 = h;
+			id = id2;
+			be = be2;
 		}
-		if (!(vip->flags & LBX_VIP_F_CAPS))
-			goto unchecked;
-		be = slot_backend(table, slot, &id);
-		if (be && !at_cap(be, id)) {
+		/* the candidates' entries are in hand: no third lookup of the chosen slot */
+		if (be && (!(vip->flags & LBX_VIP_F_CAPS) || !at_cap(be, id))) {
 			chose(sel, be, id, vip->id);
 			return LBX_R_OK;
 		}
+		if (!(vip->flags & LBX_VIP_F_CAPS))
+			return LBX_R_DROP_BACKEND_GONE;
 		slot = slot2;
 		break;
 	default:
