@@ -860,13 +860,18 @@ class Daemon:
         _warn(cfg)
 
     def _announcements(self) -> Any:
-        """What the BGP service (issue 14's other half) says it announces, if there is one."""
+        """What the BGP service (lbxdp.bgp) announces, for the etcd node record: VIP name ->
+        'announced' or 'withdrawn (why)', and each BGP session's state; None without [bgp]."""
         bgp = getattr(self, "bgp", None)
-        for attr in ("announcements", "status"):
-            fn = getattr(bgp, attr, None)
-            if callable(fn):
-                return fn()
-        return None
+        if bgp is None or getattr(bgp, "opts", None) is None:
+            return None
+        st = bgp.status()
+        out = {name: "announced" if v.get("announced") else f"withdrawn ({v.get('why')})"
+               for name, v in (st.get("vips") or {}).items()}
+        out |= {f"session {n['address']}": n.get("state") for n in st.get("neighbors") or ()}
+        if st.get("error"):
+            out["error"] = st["error"]
+        return out
 
     def reload(self) -> None:
         if self.etcd is not None:   # SIGHUP with etcd: fetch and apply the current revision again
