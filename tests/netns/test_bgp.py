@@ -184,6 +184,30 @@ def test_undrain_announces_again(rig, router, cluster):
     wait_announcing(router, rig.spec.vip4, set(NODES), timeout=10)
 
 
+def test_a_misconfigured_neighbour_is_visible_and_retried_and_forwarding_goes_on(rig, router, cluster):
+    """lb1 reloads a config with the router's AS wrong: its session fails (the reason in status),
+    rt stops routing to it, the VIP stays reachable, lb1's program keeps its VIPs; fixed and
+    reloaded, BIRD opens the session again by itself and lb1 announces again."""
+    wait_announcing(router, rig.spec.vip4, set(NODES))
+    cfg: Path = cluster["config"]
+    good = cfg.read_text()
+    try:
+        cfg.write_text(good.replace("as = 65000", "as = 65099"))
+        lbxdp(rig, "lb1", "reload", "-i", HOST_IF)
+        wait_announcing(router, rig.spec.vip4, {"lb2", "lb3"}, timeout=20)
+        st = node_status(rig, "lb1", lambda st: not any(n["established"] for n in st["neighbors"]), timeout=20)
+        assert st["neighbors"][0]["as"] == 65099 and st["neighbors"][0]["info"], st
+        assert st["announced"] == ["10.112.0.10/32", "fd00:112::10/128"], st     # offered, not taken
+        doc = json.loads(lbxdp(rig, "lb1", "status", HOST_IF, "--json").stdout)
+        assert doc["xdp"]["attached"] and {v["vip"] for v in doc["vips"]} == {rig.vip_name(4), rig.vip_name(6)}
+        assert "!failed" not in rig.tcp_names(rig.spec.vip4, count=20)
+        print(f"\nmisconfigured neighbour: lb1 reports {st['neighbors'][0]['state']} {st['neighbors'][0]['info']!r}")
+    finally:
+        cfg.write_text(good)
+        lbxdp(rig, "lb1", "reload", "-i", HOST_IF)
+    wait_announcing(router, rig.spec.vip4, set(NODES), timeout=30)
+
+
 def all_backends_up(rig: Rig) -> None:
     """Every node sees every backend up (the same Maglev table everywhere: a flow that moves keeps
     its backend only while the backend set is the same on every node)."""
