@@ -37,7 +37,7 @@ from typing import Any
 
 from . import abi, bpfsys, loader, model
 from .errors import LbxError
-from .maps import Maps, addr_bytes, mac_str
+from .maps import Maps, addr_bytes, flow_words_hash, mac_str
 
 # Maps the program only reads: shared with the live program.
 SHARED = frozenset({abi.Map.VIPS, abi.Map.VIP_FILTER, abi.Map.BACKENDS, abi.Map.TABLE_TMPL, abi.Map.TABLES,
@@ -57,7 +57,6 @@ _SCRATCH_FLOWS = 1024
 
 XDP_VERDICTS = {0: "aborted", 1: "drop", 2: "pass", 3: "tx", 4: "redirect"}
 SCRATCH_MAC = "02:00:00:00:00:fe"   # the crafted frame's source MAC (no guard reads it)
-_M32 = 0xFFFFFFFF
 
 
 # --- the packet ---------------------------------------------------------------------------------
@@ -149,23 +148,11 @@ def frame(p: Probe, dst_mac: str, payload: bytes = b"lbxdp-explain") -> bytes:
 
 # --- the program's hash, for saying which slot ---------------------------------------------------
 
-def _mix32(h: int) -> int:
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & _M32
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & _M32
-    return h ^ (h >> 16)
-
-
 def flow_hash(p: Probe) -> int:
-    """flow_hash() of bpf/select.h for this packet's flow key (words as an x86 CPU loads them)."""
-    src = struct.unpack("<4I", addr_bytes(p.src))
-    dst = struct.unpack("<4I", addr_bytes(p.dst))
+    """flow_hash() of bpf/select.h for this packet's flow key (lbxdp.maps.flow_words_hash)."""
     sport, dport = (struct.unpack("<H", struct.pack("!H", x))[0] for x in (p.sport, p.dport))
-    h = _mix32(((sport << 16) | dport) ^ (p.protocol.number << 8))
-    for i in range(4):
-        h = (_mix32(h ^ src[i]) + dst[i]) & _M32
-    return _mix32(h)
+    return flow_words_hash(struct.unpack("<4I", addr_bytes(p.src)), struct.unpack("<4I", addr_bytes(p.dst)),
+                           sport, dport, p.protocol.number)
 
 
 # --- the answer ---------------------------------------------------------------------------------

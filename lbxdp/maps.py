@@ -113,14 +113,19 @@ def _mix32(h: int) -> int:
     return h ^ (h >> 16)
 
 
-def flow_key_hash(key: bytes) -> int:
-    """flow_hash() of bpf/select.h over the bytes of a struct flow_key (words as x86 loads them)."""
-    src, dst = struct.unpack_from("<4I", key, 0), struct.unpack_from("<4I", key, 16)
-    sport, dport, proto = struct.unpack_from("<HHB", key, 32)
+def flow_words_hash(src: tuple[int, ...], dst: tuple[int, ...], sport: int, dport: int, proto: int) -> int:
+    """flow_hash() of bpf/select.h: the addresses as four 32-bit words each and the ports as
+    16-bit words, as an x86 CPU loads them from a struct flow_key (lbxdp.explain uses it too)."""
     h = _mix32(((sport << 16) | dport) ^ (proto << 8))
     for i in range(4):
         h = (_mix32(h ^ src[i]) + dst[i]) & _M32
     return _mix32(h)
+
+
+def flow_key_hash(key: bytes) -> int:
+    """flow_hash() of bpf/select.h over the bytes of a struct flow_key."""
+    sport, dport, proto = struct.unpack_from("<HHB", key, 32)
+    return flow_words_hash(struct.unpack_from("<4I", key, 0), struct.unpack_from("<4I", key, 16), sport, dport, proto)
 
 
 @dataclass(frozen=True)
