@@ -155,8 +155,8 @@ def trace(ctx: click.Context, ifname: str | None, as_json: bool, vip_text: str |
     try:
         writer = tr.PcapWriter(out) if out else None
         with _stop_on_signals(), tr.Tracer(inst) as t:
-            click.echo(f"tracing {inst.label} (trace build attached; Ctrl-C stops)", err=True)
-            try:
+            try:    # the echo too: a SIGTERM sent on seeing this line can land before the loop
+                click.echo(f"tracing {inst.label} (trace build attached; Ctrl-C stops)", err=True)
                 for e in t.events(flt, count, seconds):
                     n += 1
                     click.echo(json.dumps(e.to_json()) if as_json else e.text())
