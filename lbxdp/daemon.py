@@ -845,11 +845,14 @@ class Daemon:
         atomic_write(self.inst.pid_file, f"{os.getpid()} {_start_time(os.getpid())}\n")
 
     def _apply_from_source(self, cfg: model.Config, source: str) -> None:
-        """The reload path for a config from etcd (already parsed): apply it as a minimal diff, or
+        """The reload path for a parsed config (a file's, or etcd's): apply it as a minimal diff, or
         raise (the caller logs the refusal; the running config stays)."""
         t = time.monotonic()
         try:
             diff = control.apply(self.inst, cfg, allow_empty=self.allow_empty, source=source)
+            from . import trace
+            if trace.restore(self.inst):   # a killed `lbxdp trace` had left its build attached
+                _event("trace-build-replaced", interface=self.inst.label, by="the normal build")
         except Exception:
             self.metrics.count_reload("error")
             raise
@@ -877,23 +880,16 @@ class Daemon:
         if self.etcd is not None:   # SIGHUP with etcd: fetch and apply the current revision again
             self.etcd.refetch()
             return
-        t = time.monotonic()
         try:
-            cfg = config.load(self.config_path)
-            diff = control.apply(self.inst, cfg, allow_empty=self.allow_empty, source=self.config_path)
-            from . import trace
-            if trace.restore(self.inst):   # a killed `lbxdp trace` had left its build attached
-                _event("trace-build-replaced", interface=self.inst.label, by="the normal build")
+            try:
+                cfg = config.load(self.config_path)
+            except Exception:
+                self.metrics.count_reload("error")
+                raise
+            self._apply_from_source(cfg, self.config_path)
         except Exception as e:  # noqa: BLE001 - any error: the running config and data path stay
-            self.metrics.count_reload("error")
             _event("reload-failed", error=e.message if isinstance(e, LbxError) else f"{type(e).__name__}: {e}",
                    type=type(e).__name__, kept="the running config")
-            return
-        self.metrics.observe_apply(time.monotonic() - t)
-        self.metrics.count_reload("ok")
-        _event("reloaded", changes=len(diff.lines), seconds=f"{time.monotonic() - t:.3f}")
-        log_diff(diff)
-        _warn(cfg)
 
     def _stop(self) -> None:
         if self.keep_attached:
