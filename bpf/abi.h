@@ -59,6 +59,11 @@
 #define LBX_VIP_FILTER_BITS 16
 #define LBX_VIP_FILTER_WORDS 1024 /* __u64 words: 1 << (LBX_VIP_FILTER_BITS - 6) */
 #define LBX_VIP_FILTER_MUL 0x9E3779B1u
+
+/* The ACL blob (bpf/maps.h struct lbx_acl_blob): LBX_ACL_MBT_WORDS words (a power of two: indexes
+ * are masked) and LBX_ACL_MBT_PAD after them, so that a leaf read at a masked offset stays inside. */
+#define LBX_ACL_MBT_WORDS 524288   /* 1 << 19 */
+#define LBX_ACL_MBT_PAD 64
 _Static_assert(LBX_VIP_FILTER_WORDS * 64 == 1 << LBX_VIP_FILTER_BITS, "filter words and bits disagree");
 
 #define LBX_FAMILY_V4 4

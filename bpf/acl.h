@@ -108,7 +108,7 @@ static __always_inline int acl_verdict(const struct lbx_admit *adm, __u32 id, co
 	struct acl_key key;
 	int zero = 0;
 	void *inner;
-	struct lbx_acl_mbt *blob;
+	struct lbx_acl_blob *blob;
 	__u8 *action;
 	__u32 head, best;
 

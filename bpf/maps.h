@@ -111,18 +111,27 @@ BPF_TABLE_PINNED("lpm_trie", struct acl_key, __u8, lbx_acl_tmpl, LBX_ACL_MAX,
 BPF_TABLE_PINNED("array_of_maps$lbx_acl_tmpl", int, int, lbx_acl, 1, LBX_PIN_DIR "/lbx_acl");
 
 /*
- * The same rules as a multibit trie in one array value (the blob; acl.h walks it, lbxdp/acl_mbt.py
- * builds it and says its layout): LBX_ACL_MBT_WORDS words, and 64 more so that a leaf read at a
- * masked offset stays inside. 0 -> the blob, written by lbxdp.maps.Maps.write_admission only,
- * built aside and swapped in like lbx_acl (after it). An empty slot: every scope uses lbx_acl.
- * The template has one entry and no BPF_F_INNER_MAP, so the program's lookups of both are
- * inlined; it is preallocated (LBX_ACL_MBT_WORDS * 4 bytes), never used itself.
+ * The same rules as a multibit trie in one array value (the blob, struct lbx_acl_blob; acl.h walks
+ * it, lbxdp/acl_mbt.py builds it and says its layout): LBX_ACL_MBT_WORDS words, and
+ * LBX_ACL_MBT_PAD more so that a leaf read at a masked offset stays inside. 0 -> the blob,
+ * written by lbxdp.maps.Maps.write_admission only, built aside and swapped in like lbx_acl (after
+ * it). An empty slot: every scope uses lbx_acl. The template has one entry and no
+ * BPF_F_INNER_MAP, so the program's lookups of both are inlined; it is preallocated, never used
+ * itself.
+ *
+ * The template is declared to bcc with a one-word value and created at the blob's size by the
+ * loader before bcc compiles (lbxdp/loader.py: precreate_templates; bcc reuses a pin it finds):
+ * bcc generates a text reader and writer for every table's value type, one step per array
+ * element, and for the 2 MiB blob clang took ~40 s of a ~46 s compile (5.8 s without it).
  */
-#define LBX_ACL_MBT_WORDS (1 << 19)
-struct lbx_acl_mbt {
-	__u32 w[LBX_ACL_MBT_WORDS + 64];
+struct lbx_acl_blob {
+	__u32 w[LBX_ACL_MBT_WORDS + LBX_ACL_MBT_PAD];
 };
-_Static_assert(sizeof(struct lbx_acl_mbt) == 2097408, "4 * (LBX_ACL_MBT_WORDS + 64)");
+_Static_assert(sizeof(struct lbx_acl_blob) == 2097408, "4 * (LBX_ACL_MBT_WORDS + LBX_ACL_MBT_PAD)");
+struct lbx_acl_mbt {   /* what bcc is told lbx_mbt_tmpl holds; the loader describes it as the blob */
+	__u32 w[1];
+};
+_Static_assert(sizeof(struct lbx_acl_mbt) == 4, "one word");
 BPF_TABLE_PINNED("array", __u32, struct lbx_acl_mbt, lbx_mbt_tmpl, 1, LBX_PIN_DIR "/lbx_mbt_tmpl");
 BPF_TABLE_PINNED("array_of_maps$lbx_mbt_tmpl", int, int, lbx_acl_mbt, 1, LBX_PIN_DIR "/lbx_acl_mbt");
 

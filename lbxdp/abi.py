@@ -22,6 +22,8 @@ VIP_BACKENDS_MAX = 1024  # LBX_VIP_BACKENDS_MAX
 VIP_FILTER_BITS = 16     # LBX_VIP_FILTER_BITS
 VIP_FILTER_WORDS = 1024  # LBX_VIP_FILTER_WORDS
 VIP_FILTER_MUL = 0x9E3779B1  # LBX_VIP_FILTER_MUL
+ACL_MBT_WORDS = 1 << 19  # LBX_ACL_MBT_WORDS: words of the ACL blob (bpf/acl.h, lbxdp/acl_mbt.py)
+ACL_MBT_PAD = 64         # LBX_ACL_MBT_PAD: words after them (a leaf read at a masked offset stays inside)
 
 FAMILY_V4 = 4            # LBX_FAMILY_V4
 FAMILY_V6 = 6            # LBX_FAMILY_V6

@@ -42,7 +42,7 @@ H_BIG = 0x4                # LBX_ACL_MBT_H_BIG << 2
 H_FALLBACK = 0x8           # LBX_ACL_MBT_H_FALLBACK << 2
 LEAF = 0x4                 # LBX_ACL_MBT_LEAF
 LEAF_MAX = 4               # LBX_ACL_MBT_LEAF_MAX: prefixes in one leaf
-PAD = 64                   # words after LBX_ACL_MBT_WORDS (a leaf read at a masked offset stays inside)
+PAD = abi.ACL_MBT_PAD      # words after LBX_ACL_MBT_WORDS (a leaf read at a masked offset stays inside)
 
 
 def header_words(max_vips: int) -> int:

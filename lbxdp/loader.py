@@ -189,6 +189,7 @@ def compile_program(build: BuildConfig, source: Source = BALANCER) -> Program:
     ensure_bpffs()
     build.pin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     text = render((build.src_dir or bpf_dir()) / source.entry)
+    precreate_templates(build.pin_dir, text)
     try:
         b = bcc.BPF(text=text.encode(), cflags=build.cflags())
         fn = b.load_func(source.function.encode(), getattr(bcc.BPF, source.prog_type))
@@ -203,10 +204,50 @@ def compile_program(build: BuildConfig, source: Source = BALANCER) -> Program:
             continue   # older sources lack newer maps
         leaf = lib.bpf_table_leaf_desc(b.module, name.encode())
         schema[name] = {"key": json.loads(key), "leaf": json.loads(leaf)}
+    if abi.Map.MBT_TMPL.value in schema:
+        schema[abi.Map.MBT_TMPL.value]["leaf"] = _blob_desc(schema[abi.Map.MBT_TMPL.value]["leaf"])
     # Typed the same way as in a CLI process that opens the pins (open_pinned_maps).
     for name, (key_t, leaf_t) in decode_types(schema).items():
         maps[name] = bpfsys.Map(b.get_table(name.encode()).map_fd, key_t, leaf_t)
     return Program(b, fn.fd, bpfsys.prog_info(fn.fd), maps, schema, fingerprint(build, source))
+
+
+# Templates bcc is shown smaller than they are (bpf/maps.h says why): pin name -> value size. The
+# loader creates each at its real size before bcc compiles, and bcc reuses a pin it finds.
+ACL_BLOB_BYTES = 4 * (abi.ACL_MBT_WORDS + abi.ACL_MBT_PAD)
+_SIZED_TEMPLATES = {abi.Map.MBT_TMPL.value: ACL_BLOB_BYTES}
+
+
+def precreate_templates(pin_dir: Path, text: str) -> None:
+    """Create (and pin) the templates of _SIZED_TEMPLATES that text declares and pin_dir lacks; a
+    pin already there must have the size (an older program's, made by bcc from the full type)."""
+    for name, value_size in _SIZED_TEMPLATES.items():
+        if f", {name}," not in text:
+            continue
+        path = pin_dir / name
+        try:
+            fd = bpfsys.obj_get(path)
+        except OSError:
+            fd = bpfsys.array_create(name, 1, value_size)
+            try:
+                bpfsys.obj_pin(fd, path)
+            finally:
+                os.close(fd)
+            continue
+        try:
+            got = bpfsys.map_info(fd).value_size
+        finally:
+            os.close(fd)
+        if got != value_size:
+            raise LbxError(f"the pinned map {path} holds {got}-byte values, this program needs {value_size}",
+                           f"detach lbxdp and remove {path} (it holds no state), then attach again")
+
+
+def _blob_desc(declared: Any) -> Any:
+    """bcc's description of lbx_mbt_tmpl's declared one-word value, as the blob it really holds."""
+    name, fields, kind = declared
+    (field_name, ctype, _count), = fields
+    return [name, [[field_name, ctype, [abi.ACL_MBT_WORDS + abi.ACL_MBT_PAD]]], kind]
 
 
 def compile_stub() -> tuple[Any, int]:
