@@ -218,6 +218,9 @@ struct vip_meta {
 };
 _Static_assert(sizeof(struct vip_meta) == 20, "also update lbxdp/abi.py");
 
+/* Peers per backend entry: leastconn's second candidates (struct backend.lc_peer, sched.h). */
+#define LBX_LC_PEERS 3
+
 /*
  * One backend of one VIP: what an established flow needs to forward, without a VIP lookup.
  * The encap fields (issue 10) came out of a reserved tail; the rest of it holds the per-backend
@@ -225,7 +228,8 @@ _Static_assert(sizeof(struct vip_meta) == 20, "also update lbxdp/abi.py");
  * lbxdp/migrate.py for what a layout change costs):
  *   nat (issue 12): __u8 nat_flags (LBX_NAT_F_SNAT; the pool is lbx_nat_cfg's, one per instance);
  *   scheduling (issue 13): __u16 weight and __u32 max_conns (sched.h, taken), __u32 server_id (QUIC,
- *   quic.h, taken: offset 48, the first word of the old reserved[]).
+ *   quic.h, taken: offset 48, the first word of the old reserved[]), __u32 lc_peer[3] (leastconn's
+ *   second candidates, the rest of it).
  * 64 bytes, one cache line: no entry straddles two, and the verifier's inlined array lookup
  * scales the index by a shift (a 48-byte entry took a multiply; docs/benchmarks.md).
  * mac is the next hop: the backend's own MAC on the segment (dsr, an on-link encap backend) or
@@ -249,7 +253,8 @@ struct backend {
 	__u16 weight;     /* leastconn: the configured weight (scaled to fit 16 bits); 0 counts as 1 */
 	__u32 max_conns;  /* open connections past which it gets no new flow (sched.h); 0 = no cap */
 	__u32 server_id;  /* quic: its server id (1-65535, quic.h); 0 = none. Offset 48 */
-	__u8 reserved[12]; /* zero */
+	__u32 lc_peer[LBX_LC_PEERS]; /* leastconn: other entries of its VIP, drawn by weight (sched.h: the
+				  * second candidate when a flow's slot names this one); 0 = none */
 };
 _Static_assert(sizeof(struct backend) == 64, "also update lbxdp/abi.py");
 

@@ -31,8 +31,6 @@
  * a share p of the weight fills the next k slots with probability p^k: 32 leave 0.1% at p = 0.8.
  */
 #define LBX_CAP_PROBES 32
-/* Slots after leastconn's second candidate tried while it names the first one's backend. */
-#define LBX_LC_REDRAWS 4
 
 /*
  * The client's address, its first vip->src_prefix bits, hashed: nothing of the port, the VIP or
@@ -159,9 +157,9 @@ static __always_inline int backup_choice(const struct vip_meta *vip, struct pkt 
 
 /*
  * The choice of a source or leastconn VIP, or of any VIP with caps. leastconn: power of two
- * choices, two slots of the weighted table by two hashes of the flow, the lower open/weight
- * (compared crosswise, no division); ties go to the first. A full backend (max_conns) is skipped
- * for the other candidate, then for the next LBX_CAP_PROBES slots, then the VIP's backups
+ * choices, the flow's slot of the weighted table and one of its backend's peers, the lower
+ * open/weight (compared crosswise, no division); ties go to the first. A full backend
+ * (max_conns) is skipped for the other candidate, then for the next LBX_CAP_PROBES slots, then the VIP's backups
  * (backup_choice); none left: the VIP's on_all_down with LBX_R_{PASS,DROP}_BACKENDS_FULL. An ICMP error ignores caps (it is about a
  * flow that exists) and, on leastconn, cannot name the flow's backend (like round robin).
  */
@@ -182,39 +180,45 @@ static __always_inline int sched_choice(const struct vip_meta *vip, struct pkt *
 		/* the half-open lookup before this choice hashed the flow already (select.h) */
 		h = sel->hashed ? sel->hash : flow_hash(&pkt->flow);
 		slot = h % vip->table_size;
-		/* the second by a multiply-shift range reduction: no second division */
-		slot2 = ((__u64)mix32(h ^ 0x9e3779b9) * vip->table_size) >> 32;
 		be = slot_backend(table, slot, &id);
-		be2 = slot_backend(table, slot2, &id2);
+		if (!be) {      /* an entry out of service, its table not yet rebuilt: the next slot */
+			slot = slot + 1 < vip->table_size ? slot + 1 : 0;
+			break;
+		}
 		/*
-		 * Two different backends: with three, a second draw of the same one (1 in 3) would
-		 * send a ninth of the flows to the busiest backend whatever its load. The next slots
-		 * of a Maglev table name other backends in a weighted order.
+		 * The second candidate: one of the first's peers (struct backend.lc_peer, other
+		 * entries of this VIP drawn by weight at apply time), by other bits of the hash. An
+		 * inlined array read where a second table slot is an inner-map lookup (a helper
+		 * call); always another backend, so a loaded one always meets a less loaded one.
 		 */
-#pragma unroll
-		for (int i = 0; i < LBX_LC_REDRAWS; i++) {
-			if (!be || !be2 || id2 != id)
-				break;
-			slot2 = slot2 + 1 < vip->table_size ? slot2 + 1 : 0;
-			be2 = slot_backend(table, slot2, &id2);
-		}
-		if (be2 && (!be || open_conns(id2) * (be->weight ? be->weight : 1) <
-				   open_conns(id) * (be2->weight ? be2->weight : 1))) {
+		slot2 = (((h >> 8) & 0xff) * LBX_LC_PEERS) >> 8;
+		asm volatile("" : "+r"(slot2));   /* the verifier loses the bound through the multiply */
+		if (slot2 >= LBX_LC_PEERS)
+			slot2 = 0;
+		id2 = be->lc_peer[slot2];
+		be2 = id2 ? backend_by_id(id2) : NULL;
+		if (be2 && (!(be2->flags & LBX_BE_F_ACTIVE) || be2->vip_id != vip->id))
+			be2 = NULL;
+		if (be2 && open_conns(id2) * (be->weight ? be->weight : 1) <
+			   open_conns(id) * (be2->weight ? be2->weight : 1)) {
 			/* the second is less loaded: it first, the other as the fallback */
-			h = slot;
-			slot = slot2;
-			slot2 = h;
+			struct backend *t = be;
+
+			h = id;
 			id = id2;
+			id2 = h;
 			be = be2;
+			be2 = t;
 		}
-		/* the candidates' entries are in hand: no third lookup of the chosen slot */
-		if (be && (!(vip->flags & LBX_VIP_F_CAPS) || !at_cap(be, id))) {
+		if (!(vip->flags & LBX_VIP_F_CAPS) || !at_cap(be, id)) {
 			chose(sel, be, id, vip->id);
 			return LBX_R_OK;
 		}
-		if (!(vip->flags & LBX_VIP_F_CAPS))
-			return LBX_R_DROP_BACKEND_GONE;
-		slot = slot2;
+		if (be2 && !at_cap(be2, id2)) {
+			chose(sel, be2, id2, vip->id);
+			return LBX_R_OK;
+		}
+		slot = slot + 1 < vip->table_size ? slot + 1 : 0;   /* both full: the slots after */
 		break;
 	default:
 		r = pick_slot(vip, pkt, &slot);

@@ -38,6 +38,7 @@ VIP_F_PASSIVE = 0x10     # LBX_VIP_F_PASSIVE (issue 13: passive health of a non-
 FLOW_F_COUNTED = 0x01    # LBX_FLOW_F_COUNTED
 FLOW_F_CLOSED = 0x02     # LBX_FLOW_F_CLOSED
 CONNS_SIZE = 16          # sizeof(struct lbx_conns)
+LC_PEERS = 3             # LBX_LC_PEERS: struct backend.lc_peer (leastconn's second candidates)
 BACKUP_MAX = 7           # LBX_BACKUP_MAX (issue 13: backups a capped VIP overflows to)
 BACKUPS_SIZE = 32        # sizeof(struct lbx_backups)
 VIP_F_PASS_NO_BACKEND = 0x01  # LBX_VIP_F_PASS_NO_BACKEND

@@ -17,7 +17,10 @@ Capacity is checked before the first write, so a config that does not fit change
 from __future__ import annotations
 
 import array
+import bisect
+import itertools
 import math
+import random
 import zlib
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
@@ -93,6 +96,31 @@ def backups_of(vip: model.Vip, ids: list[int], rt: Runtime) -> list[int]:
     if not use or vip.backends[use[0][0]].backup:
         return []
     return [ids[i] for i, b in enumerate(vip.backends) if b.backup and rt.weight(vip, b) > 0][:abi.BACKUP_MAX]
+
+
+def lc_peers(vip: model.Vip, ids: list[int], rt: Runtime) -> dict[int, tuple[int, ...]]:
+    """struct backend.lc_peer of a leastconn VIP's entries (bpf/sched.h: a flow's second
+    candidate is one of the peers of the backend its slot names): for each backend that takes new
+    flows, abi.LC_PEERS others of them drawn by weight (a backend with twice the weight is twice as
+    often a peer, as it is twice as often a slot), never itself; zeros where it has no other. The
+    draw is seeded by the VIP's and the backend's names: the same on every node and apply."""
+    use = usable(vip, rt)
+    cum = list(itertools.accumulate(w for _, w in use))
+    out = {}
+    for i, _ in use:
+        peers: list[int] = []
+        if len(use) > 1:
+            rnd = random.Random(zlib.crc32(f"{vip.name}/{vip.backends[i].name}".encode()))
+            for _ in range(64 * abi.LC_PEERS):   # bounded: a backend with nearly all the weight
+                j = use[bisect.bisect_right(cum, rnd.random() * cum[-1])][0]
+                if j != i:
+                    peers.append(ids[j])
+                    if len(peers) == abi.LC_PEERS:
+                        break
+            other = next(ids[j] for j, _ in use if j != i)
+            peers += [other] * (abi.LC_PEERS - len(peers))
+        out[ids[i]] = tuple(peers) or (0,) * abi.LC_PEERS
+    return out
 
 
 def encap_of(vip: model.Vip, b: model.Backend, opts: model.BalancerOptions, link_mtu: int) -> Encap:
@@ -234,6 +262,7 @@ class Balancer:
         diff, retired, switches = Diff(), [], []
         quic_ids: dict[int, dict[int, tuple[int, bool]]] = {}
         backups: dict[int, list[int]] = {}   # VIP id -> lbx_backups
+        peers: dict[int, tuple[int, ...]] = {}   # backend entry id -> lc_peer (leastconn VIPs)
         admit: dict[int, model.Admission] = {}   # scope (vip id, or the global one) -> its rules
         for e in orphans:
             # An established flow finds its backend without a VIP lookup: an entry must not
@@ -286,6 +315,8 @@ class Balancer:
             # rules take effect when the flag is set (a flag without entries is no rule).
             has_rules = vip.admission != model.Admission() or cfg.balancer.admission != model.Admission()
             backups[vip_id] = backups_of(vip, ids, rt)
+            if vip.scheduler is model.Scheduler.LEASTCONN:
+                peers.update(lc_peers(vip, ids, rt))
             switch = self._plan_switch(vip, vip_id, meta, ids, rt, diff, has_rules)
             if switch is not None:
                 switches.append(switch)
@@ -293,6 +324,8 @@ class Balancer:
         self._switch_tables(switches)
         self.maps.write_quic_ids(quic_ids)   # after the entries it names; drops deleted VIPs' ids
         self.maps.write_backups(backups)     # after the entries it names (bpf/sched.h: backup_choice)
+        for bid, p in peers.items():         # written where they changed (an upgrade: every one)
+            self.maps.set_lc_peers(bid, p)
         for key, meta in current.items():
             if key not in desired:
                 self.maps.delete_vip(key)

@@ -760,6 +760,8 @@ class Maps:
             fields |= dict(weight=sched.weight, max_conns=sched.max_conns)
         if server_id:
             fields["server_id"] = server_id
+        if same and hasattr(old, "lc_peer"):
+            fields["lc_peer"] = old.lc_peer   # set_lc_peers' (kept while the entry is the same)
         if mode == abi.FwdMode.DSR and not hasattr(self.be_map.Leaf, "mode"):
             del fields["mode"]   # a program built from older sources (the scripts' --bpf-dir): DSR only
         self.be_map.update(backend_id, make(self.be_map.Leaf, **fields))
@@ -772,6 +774,16 @@ class Maps:
         if old is None or not old.flags & abi.BE_F_ACTIVE or bool(old.flags & abi.BE_F_IN_TABLE) == in_table:
             return
         old.flags = (old.flags | abi.BE_F_IN_TABLE) if in_table else (old.flags & ~abi.BE_F_IN_TABLE)
+        self.be_map.update(backend_id, old)
+
+    def set_lc_peers(self, backend_id: int, peers: tuple[int, ...]) -> None:
+        """A leastconn entry's peers (bpf/sched.h: its flows' second candidates); written only
+        when they differ. A program without the field (older sources): nothing."""
+        old = self.be_map.lookup(backend_id)
+        if old is None or not hasattr(old, "lc_peer") or tuple(old.lc_peer) == tuple(peers):
+            return
+        for k, p in enumerate(peers):
+            old.lc_peer[k] = p
         self.be_map.update(backend_id, old)
 
     def deactivate_backend(self, backend_id: int) -> None:

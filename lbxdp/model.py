@@ -44,7 +44,7 @@ class Scheduler(str, enum.Enum):
     RR = "rr"          # weighted round robin
     HASH = "hash"      # 5-tuple hash over the weighted sequence (not consistent)
     SOURCE = "source"  # hash of the client address (source_prefix bits) over a Maglev table (issue 13)
-    LEASTCONN = "leastconn"  # weighted least connections: two Maglev slots, the lower open/weight (issue 13)
+    LEASTCONN = "leastconn"  # weighted least connections: the flow's Maglev slot or a peer of it, the lower open/weight (issue 13)
 
     @property
     def abi(self) -> abi.Sched:

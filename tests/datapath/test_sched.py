@@ -156,6 +156,27 @@ def test_leastconn_balances_and_picks_the_less_loaded(lb: Lb) -> None:
     assert sum(open_) == 600 and 340 <= open_[2] <= 460, f"weights 1, 1, 4: {open_}"
 
 
+def test_leastconn_peers_are_written_and_an_entry_without_them_gets_them_back(lb: Lb) -> None:
+    """The second candidate is one of the first's peers (struct backend.lc_peer): other entries of
+    the VIP. An entry without peers (a pin of the release before them) still forwards, by its
+    first candidate, and the next apply writes its peers."""
+    lb.apply(plus(BASE, LC4))
+    ids = [lb.backend_id(LC4, b) for b in LC4.backends]
+    for bid in ids:
+        peers = list(lb.maps.be_map.lookup(bid).lc_peer)
+        assert all(peers) and set(peers) <= set(ids) - {bid}, (bid, peers)
+    e = lb.maps.be_map.lookup(ids[0])
+    want = list(e.lc_peer)
+    for k in range(abi.LC_PEERS):
+        e.lc_peer[k] = 0
+    lb.maps.be_map.update(ids[0], e)
+    a = str(LC4.address)
+    got = Counter(sent_to(lb, LC4, tcp(a, 80, 20000 + p, src=f"192.0.2.{1 + p % 200}")).name for p in range(60))
+    assert sum(got.values()) == 60
+    lb.apply(plus(BASE, LC4))
+    assert list(lb.maps.be_map.lookup(ids[0]).lc_peer) == want
+
+
 def test_recount_restores_exact_counts_after_evictions(lb: Lb) -> None:
     lb.apply(plus(BASE, LC4))
     a = str(LC4.address)

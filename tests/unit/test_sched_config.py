@@ -3,10 +3,12 @@ max_conns; each bad value is one error naming its key, and a good config dumps b
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from lbxdp import abi, config, model
-from lbxdp.balancer import sched_of
+from lbxdp.balancer import Runtime, lc_peers, sched_of
 from lbxdp.errors import LbxError
 
 VIP = '''
@@ -138,3 +140,31 @@ def test_recount_service_runs_only_for_counted_vips_and_at_its_interval(monkeypa
     now[0] += 10.5
     svc.tick()
     assert calls == [1, 1]
+
+
+def _lc_vip(weights: tuple[int, ...]) -> model.Vip:
+    text = VIP.replace('"source"', '"leastconn"').replace("source_prefix = 24\n", "")
+    for n, w in enumerate(weights):
+        text += f'  [[vip.backend]]\n  address = "10.1.0.{10 + n}"\n  mac = "02:00:00:00:00:{10 + n:02x}"\n  weight = {w}\n'
+    return config.parse(text).vips[0]
+
+
+def test_leastconn_peers_are_other_backends_drawn_by_weight() -> None:
+    """struct backend.lc_peer (bpf/sched.h: a flow's second candidate): other usable backends of
+    the VIP, never the backend itself, drawn by weight, the same on every call (every node)."""
+    v = _lc_vip((1, 1, 1, 5))
+    ids = [11, 12, 13, 14]
+    peers = lc_peers(v, ids, Runtime())
+    assert set(peers) == set(ids) and peers == lc_peers(v, ids, Runtime())
+    for bid, p in peers.items():
+        assert len(p) == abi.LC_PEERS and bid not in p and set(p) <= set(ids), (bid, p)
+    # weight 5 of 8: backend 14 is most of the others' peers (5/7 of each draw)
+    drawn = Counter(x for bid, p in peers.items() if bid != 14 for x in p)
+    assert drawn[14] >= 5, drawn
+    # a backend out of service is nobody's peer, and has none written
+    down = Runtime(down=frozenset({v.id_of(v.backends[3])}))
+    peers = lc_peers(v, ids, down)
+    assert 14 not in peers and all(14 not in p for p in peers.values())
+    # one backend: no peer (zeros); two: each the other's
+    assert lc_peers(_lc_vip((1,)), [7], Runtime()) == {7: (0,) * abi.LC_PEERS}
+    assert lc_peers(_lc_vip((1, 9)), [7, 8], Runtime()) == {7: (8,) * abi.LC_PEERS, 8: (7,) * abi.LC_PEERS}
