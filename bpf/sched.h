@@ -187,11 +187,12 @@ static __always_inline int sched_choice(const struct vip_meta *vip, struct pkt *
 		}
 		/*
 		 * The second candidate: one of the first's peers (struct backend.lc_peer, other
-		 * entries of this VIP drawn by weight at apply time), by other bits of the hash. An
+		 * entries of this VIP, lbxdp.balancer.lc_peers; the last word 0: two of them), by
+		 * other bits of the hash. An
 		 * inlined array read where a second table slot is an inner-map lookup (a helper
 		 * call); always another backend, so a loaded one always meets a less loaded one.
 		 */
-		slot2 = (((h >> 8) & 0xff) * LBX_LC_PEERS) >> 8;
+		slot2 = (((h >> 8) & 0xff) * (be->lc_peer[LBX_LC_PEERS - 1] ? LBX_LC_PEERS : LBX_LC_PEERS - 1)) >> 8;
 		asm volatile("" : "+r"(slot2));   /* the verifier loses the bound through the multiply */
 		if (slot2 >= LBX_LC_PEERS)
 			slot2 = 0;

@@ -101,25 +101,27 @@ def backups_of(vip: model.Vip, ids: list[int], rt: Runtime) -> list[int]:
 def lc_peers(vip: model.Vip, ids: list[int], rt: Runtime) -> dict[int, tuple[int, ...]]:
     """struct backend.lc_peer of a leastconn VIP's entries (bpf/sched.h: a flow's second
     candidate is one of the peers of the backend its slot names): for each backend that takes new
-    flows, abi.LC_PEERS others of them drawn by weight (a backend with twice the weight is twice as
-    often a peer, as it is twice as often a slot), never itself; zeros where it has no other. The
-    draw is seeded by the VIP's and the backend's names: the same on every node and apply."""
+    flows, other such backends, never itself, all different. With up to abi.LC_PEERS others, all of
+    them (two: the third word 0, and the program picks between the first two); with more, that
+    many drawn by weight without replacement (a backend with more weight is more often a peer, as
+    it is more often a slot), seeded by the VIP's and the backend's names: the same on every node
+    and every apply. One backend alone: zeros."""
     use = usable(vip, rt)
-    cum = list(itertools.accumulate(w for _, w in use))
     out = {}
     for i, _ in use:
-        peers: list[int] = []
-        if len(use) > 1:
+        others = [(j, w) for j, w in use if j != i]
+        if len(others) <= abi.LC_PEERS:
+            peers = [ids[j] for j, _ in others]
+            if len(peers) == 1:
+                peers *= 2
+        else:
             rnd = random.Random(zlib.crc32(f"{vip.name}/{vip.backends[i].name}".encode()))
-            for _ in range(64 * abi.LC_PEERS):   # bounded: a backend with nearly all the weight
-                j = use[bisect.bisect_right(cum, rnd.random() * cum[-1])][0]
-                if j != i:
-                    peers.append(ids[j])
-                    if len(peers) == abi.LC_PEERS:
-                        break
-            other = next(ids[j] for j, _ in use if j != i)
-            peers += [other] * (abi.LC_PEERS - len(peers))
-        out[ids[i]] = tuple(peers) or (0,) * abi.LC_PEERS
+            peers = []
+            while len(peers) < abi.LC_PEERS:
+                cum = list(itertools.accumulate(w for _, w in others))
+                k = bisect.bisect_right(cum, rnd.random() * cum[-1])
+                peers.append(ids[others.pop(min(k, len(others) - 1))[0]])
+        out[ids[i]] = tuple(peers + [0] * (abi.LC_PEERS - len(peers)))
     return out
 
 

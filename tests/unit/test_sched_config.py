@@ -151,20 +151,22 @@ def _lc_vip(weights: tuple[int, ...]) -> model.Vip:
 
 def test_leastconn_peers_are_other_backends_drawn_by_weight() -> None:
     """struct backend.lc_peer (bpf/sched.h: a flow's second candidate): other usable backends of
-    the VIP, never the backend itself, drawn by weight, the same on every call (every node)."""
-    v = _lc_vip((1, 1, 1, 5))
-    ids = [11, 12, 13, 14]
+    the VIP, never the backend itself, all different, drawn by weight, the same on every call
+    (every node); with few backends, all the others."""
+    v = _lc_vip((1, 1, 1, 1, 1, 1, 1, 20))
+    ids = list(range(11, 19))
     peers = lc_peers(v, ids, Runtime())
     assert set(peers) == set(ids) and peers == lc_peers(v, ids, Runtime())
     for bid, p in peers.items():
-        assert len(p) == abi.LC_PEERS and bid not in p and set(p) <= set(ids), (bid, p)
-    # weight 5 of 8: backend 14 is most of the others' peers (5/7 of each draw)
-    drawn = Counter(x for bid, p in peers.items() if bid != 14 for x in p)
-    assert drawn[14] >= 5, drawn
+        assert len(p) == abi.LC_PEERS == len(set(p)) and bid not in p and set(p) <= set(ids), (bid, p)
+    # weight 20 of 27: the heavy backend is a peer of (nearly) every other one
+    assert sum(18 in p for bid, p in peers.items() if bid != 18) >= 6, peers
     # a backend out of service is nobody's peer, and has none written
-    down = Runtime(down=frozenset({v.id_of(v.backends[3])}))
+    down = Runtime(down=frozenset({v.id_of(v.backends[7])}))
     peers = lc_peers(v, ids, down)
-    assert 14 not in peers and all(14 not in p for p in peers.values())
-    # one backend: no peer (zeros); two: each the other's
-    assert lc_peers(_lc_vip((1,)), [7], Runtime()) == {7: (0,) * abi.LC_PEERS}
-    assert lc_peers(_lc_vip((1, 9)), [7, 8], Runtime()) == {7: (8,) * abi.LC_PEERS, 8: (7,) * abi.LC_PEERS}
+    assert 18 not in peers and all(18 not in p for p in peers.values())
+    # few backends: all the others (the program reads a third word 0 as "two peers")
+    assert lc_peers(_lc_vip((1, 1, 4, 1)), [1, 2, 3, 4], Runtime())[3] == (1, 2, 4)
+    assert lc_peers(_lc_vip((1, 1, 4)), [1, 2, 3], Runtime()) == {1: (2, 3, 0), 2: (1, 3, 0), 3: (1, 2, 0)}
+    assert lc_peers(_lc_vip((1, 9)), [7, 8], Runtime()) == {7: (8, 8, 0), 8: (7, 7, 0)}
+    assert lc_peers(_lc_vip((1,)), [7], Runtime()) == {7: (0, 0, 0)}
