@@ -574,6 +574,19 @@ def trace_pages(calls: int) -> int:
     return 1 << (need - 1).bit_length()
 
 
+COMPILES: list[float] = []   # seconds per compile_program (bcc's clang + the verifier)
+
+
+def compile_timed(build: loader.BuildConfig, source: loader.Source = loader.BALANCER) -> loader.Program:
+    """loader.compile_program, timed: the figures print the compile time too (a 2 MiB map value
+    type once made every compile ~46 s instead of ~5: bpf/maps.h, lbx_mbt_tmpl)."""
+    t = time.monotonic()
+    try:
+        return loader.compile_program(build, source)
+    finally:
+        COMPILES.append(time.monotonic() - t)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -632,20 +645,20 @@ def main(argv: list[str] | None = None) -> int:
                               f"ack{port}": new_flow_frames(n, VIP4, CLIENT4, port, tcp_flags=0x10)}
             for gate in (True, False):
                 pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
-                progs.append(loader.compile_program(loader.BuildConfig(
+                progs.append(compile_timed(loader.BuildConfig(
                     pin_dir=pin_dirs[-1], src_dir=args.bpf_dir, flow_capacity=args.flow_capacity,
                     defines=() if gate else ("LBX_NO_HANDSHAKE_GATE",))))
                 cases += sched_cases(progs[-1], new_flows, gate, pairs=bool(args.sched_only and args.baseline_dir))
             if args.sched_only and args.baseline_dir:   # before/after of the gated rows in one run
                 pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
-                progs.append(loader.compile_program(loader.BuildConfig(
+                progs.append(compile_timed(loader.BuildConfig(
                     pin_dir=pin_dirs[-1], src_dir=args.baseline_dir, flow_capacity=args.flow_capacity)))
                 cases += sched_cases(progs[-1], new_flows, True, "before: ", pairs=True)
         if args.sched_only:
             sources = []
         for label, src in ([] if args.admission_only else sources):
             pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
-            progs.append(loader.compile_program(loader.BuildConfig(pin_dir=pin_dirs[-1], src_dir=src,
+            progs.append(compile_timed(loader.BuildConfig(pin_dir=pin_dirs[-1], src_dir=src,
                                                                    flow_capacity=args.flow_capacity)))
             cases += program_cases(label, progs[-1], new_flows, syn4)
             if not label:
@@ -655,14 +668,14 @@ def main(argv: list[str] | None = None) -> int:
             roomy = 1 << (2 * n - 1).bit_length()   # every connection of a repetition: two entries each
             for full, defines in ((False, (f"LBX_NAT_CAPACITY={roomy}",)), (True, ())):
                 pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
-                progs.append(loader.compile_program(loader.BuildConfig(pin_dir=pin_dirs[-1], src_dir=args.bpf_dir,
+                progs.append(compile_timed(loader.BuildConfig(pin_dir=pin_dirs[-1], src_dir=args.bpf_dir,
                                                                        flow_capacity=args.flow_capacity,
                                                                        defines=defines)))
                 cases += nat_cases(progs[-1], new_flows, full)
         # a program of its own per source (--baseline-dir: 'before: ' rows): its rules never touch the rows above
         for label, src in ([] if args.no_admission or args.sched_only else sources):
             pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
-            progs.append(loader.compile_program(loader.BuildConfig(pin_dir=pin_dirs[-1], src_dir=src,
+            progs.append(compile_timed(loader.BuildConfig(pin_dir=pin_dirs[-1], src_dir=src,
                                                                    flow_capacity=args.flow_capacity)))
             for c in admission_cases(progs[-1], new_flows):
                 c.name = label + c.name
@@ -674,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
                 cases += decap_cases(progs[-1], label)
         if args.trace:
             pin_dirs.append(Path(f"/sys/fs/bpf/lbxdp-bench-{uuid.uuid4().hex[:12]}"))
-            progs.append(loader.compile_program(loader.BuildConfig(
+            progs.append(compile_timed(loader.BuildConfig(
                 pin_dir=pin_dirs[-1], src_dir=args.bpf_dir, flow_capacity=args.flow_capacity,
                 defines=("LBX_TRACE", f"LBX_TRACE_PAGES={trace_pages(args.calls)}"))))
             cases += trace_cases(progs[-1], new_flows, syn4)
@@ -712,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
                  "ok": by_name[name].ns_median - by_name[ref].ns_median <= extra}
                 for name, ref, extra in TARGETS_NS if name in by_name and ref in by_name]
     info = {**machine(), "pinned_cpu": cpu, "calls": args.calls, "reps": args.reps,
-            "flow_capacity": args.flow_capacity,
+            "flow_capacity": args.flow_capacity, "compile_s": [round(c, 2) for c in COMPILES],
             "command": " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])}
     if args.json:
         print(json.dumps({"machine": info, "results": [asdict(r) for r in results], "targets": targets}, indent=2))
@@ -720,6 +733,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{info['cpu']}, {info['nproc']} CPUs, kernel {info['kernel']}, clocksource {info['clocksource']}; "
           f"pinned to CPU {cpu}; {args.calls} calls x {args.reps} reps, one run per call; "
           f"connection table of {args.flow_capacity}")
+    if COMPILES:
+        print(f"compile and load (bcc + verifier): {len(COMPILES)} programs, median {statistics.median(COMPILES):.1f} s, "
+              f"max {max(COMPILES):.1f} s")
     print()
     print("| case | ns/packet (median) | min | max | x floor |")
     print("|---|---:|---:|---:|---:|")
