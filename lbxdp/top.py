@@ -387,13 +387,16 @@ def terminal_size(out: TextIO) -> tuple[int, int]:
 
 
 def _on_quit_signals() -> Callable[[], None]:
-    """Make SIGTERM and SIGHUP raise Quit (so the terminal is restored); returns the undo."""
+    """Make SIGTERM, SIGHUP and SIGINT raise Quit (so the terminal is restored); returns the undo.
+    SIGINT too, although Python raises KeyboardInterrupt for it by default: a process started with
+    SIGINT ignored (from a script's background job, whose shell ignores it there) inherits that,
+    and Python then leaves it ignored, so Ctrl-C on the view's terminal did nothing."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
     def handler(signum: int, _frame: Any) -> None:
         raise Quit(signal.Signals(signum).name)
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
 
     def undo() -> None:
         for s, h in old.items():
