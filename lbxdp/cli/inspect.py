@@ -104,10 +104,12 @@ def preview_remove(ctx: click.Context, ifname: str | None, as_json: bool, key: m
 
 @contextlib.contextmanager
 def _stop_on_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP end the trace like Ctrl-C does: the normal build is put back."""
+    """SIGTERM and SIGHUP end the trace like Ctrl-C does: the normal build is put back. SIGINT is
+    set too: a trace started with SIGINT ignored (a script's background job) would not stop on
+    Ctrl-C otherwise (lbxdp/top.py: _on_quit_signals)."""
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
-    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     try:
         yield
     finally:
