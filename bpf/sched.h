@@ -188,9 +188,9 @@ static __always_inline int sched_choice(const struct vip_meta *vip, struct pkt *
 		/*
 		 * The second candidate: one of the first's peers (struct backend.lc_peer, other
 		 * entries of this VIP, lbxdp.balancer.lc_peers; the last word 0: two of them), by
-		 * other bits of the hash. An
-		 * inlined array read where a second table slot is an inner-map lookup (a helper
-		 * call); always another backend, so a loaded one always meets a less loaded one.
+		 * other bits of the hash. An inlined array read where a second table slot is an
+		 * inner-map lookup (a helper call); always another backend, so a loaded one always
+		 * meets a less loaded one.
 		 */
 		slot2 = (((h >> 8) & 0xff) * (be->lc_peer[LBX_LC_PEERS - 1] ? LBX_LC_PEERS : LBX_LC_PEERS - 1)) >> 8;
 		asm volatile("" : "+r"(slot2));   /* the verifier loses the bound through the multiply */

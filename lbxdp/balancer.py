@@ -107,20 +107,30 @@ def lc_peers(vip: model.Vip, ids: list[int], rt: Runtime) -> dict[int, tuple[int
     it is more often a slot), seeded by the VIP's and the backend's names: the same on every node
     and every apply. One backend alone: zeros."""
     use = usable(vip, rt)
+    cum = list(itertools.accumulate(w for _, w in use))   # once per VIP: O(n log n) for n backends
     out = {}
-    for i, _ in use:
-        others = [(j, w) for j, w in use if j != i]
-        if len(others) <= abi.LC_PEERS:
-            peers = [ids[j] for j, _ in others]
+    for pos, (i, _) in enumerate(use):
+        if len(use) - 1 <= abi.LC_PEERS:
+            peers = [ids[j] for j, _ in use if j != i]
             if len(peers) == 1:
                 peers *= 2
         else:
+            # Draws by weight, a repeat or itself drawn again (the law of drawing without
+            # replacement); bounded, then the next ones in order (a backend with nearly all the weight).
             rnd = random.Random(zlib.crc32(f"{vip.name}/{vip.backends[i].name}".encode()))
-            peers = []
-            while len(peers) < abi.LC_PEERS:
-                cum = list(itertools.accumulate(w for _, w in others))
-                k = bisect.bisect_right(cum, rnd.random() * cum[-1])
-                peers.append(ids[others.pop(min(k, len(others) - 1))[0]])
+            picked: list[int] = []
+            for _ in range(64 * abi.LC_PEERS):
+                k = min(bisect.bisect_right(cum, rnd.random() * cum[-1]), len(use) - 1)
+                if k != pos and k not in picked:
+                    picked.append(k)
+                    if len(picked) == abi.LC_PEERS:
+                        break
+            k = pos
+            while len(picked) < abi.LC_PEERS:
+                k = (k + 1) % len(use)
+                if k != pos and k not in picked:
+                    picked.append(k)
+            peers = [ids[use[k][0]] for k in picked]
         out[ids[i]] = tuple(peers + [0] * (abi.LC_PEERS - len(peers)))
     return out
 
