@@ -19,8 +19,9 @@
 #define LBX_FLOW_CAPACITY 65536
 #endif
 #ifndef LBX_SRC_LIMIT_CAPACITY
-#define LBX_SRC_LIMIT_CAPACITY 65536 /* sources the new-flow limiter tracks (limit.h) */
+#define LBX_SRC_LIMIT_CAPACITY 65536 /* buckets of the new-flow limiter per family and CPU (limit.h) */
 #endif
+#define LBX_SRC_LIMIT_WAYS 4 /* buckets per set of the limiter's tables (limit.h) */
 /* The half-open table (select.h): SYNs (and first UDP datagrams) whose choice the VIP's table
  * cannot reproduce later, until the client's next packet records the flow. */
 #ifndef LBX_HALF_OPEN_CAPACITY
@@ -427,20 +428,39 @@ struct acl_key {
 };
 _Static_assert(sizeof(struct acl_key) == 24, "also update lbxdp/abi.py");
 
-/* Per-source limiter key: the source (IPv6: its /64, the rest zero) in one scope. */
-struct src_limit_key {
-	struct lbx_addr src;
-	__u32 scope;           /* LBX_ACL_SCOPE(family, vip id or LBX_ADMIT_GLOBAL) */
+/*
+ * The per-source limiter's buckets (limit.h), in sets of LBX_SRC_LIMIT_WAYS: a source's set is
+ * src_set_index() of its identity (abi.h below, mirrored by lbxdp.maps.src_limit_set). tat 0 =
+ * an empty way. IPv4: who = scope << 32 | the source (network order, as loaded from the packet:
+ * the low 32 bits on a little-endian CPU), one cache line per set.
+ */
+struct src_way4 {
+	__u64 who;             /* (__u64)LBX_ACL_SCOPE(LBX_FAMILY_V4, id) << 32 | source */
+	__u64 tat;             /* the GCRA theoretical arrival time (tick_ns() ns); 0 = empty */
 };
-_Static_assert(sizeof(struct src_limit_key) == 20, "also update lbxdp/abi.py");
+_Static_assert(sizeof(struct src_way4) == 16, "also update lbxdp/maps.py src_limit_tat");
+struct src_set4 {
+	struct src_way4 way[LBX_SRC_LIMIT_WAYS];
+};
+_Static_assert(sizeof(struct src_set4) == 64, "also update lbxdp/abi.py");
 
-/* The same for an IPv4 source, in a map of its own (lbx_src_limit4): an 8-byte key hashes and
- * compares faster than 20 bytes (limit.h; docs/benchmarks.md, issue 11). */
-struct src_limit_key4 {
-	__be32 src;
-	__u32 scope;           /* LBX_ACL_SCOPE(LBX_FAMILY_V4, vip id or LBX_ADMIT_GLOBAL) */
+/* IPv6: the source's /64 (its first 8 bytes as loaded) and the scope. */
+struct src_way6 {
+	__u64 net;             /* the /64 */
+	__u64 scope;           /* LBX_ACL_SCOPE(LBX_FAMILY_V6, id) */
+	__u64 tat;
 };
-_Static_assert(sizeof(struct src_limit_key4) == 8, "also update lbxdp/abi.py");
+_Static_assert(sizeof(struct src_way6) == 24, "also update lbxdp/maps.py src_limit_tat");
+struct src_set6 {
+	struct src_way6 way[LBX_SRC_LIMIT_WAYS];
+};
+_Static_assert(sizeof(struct src_set6) == 96, "also update lbxdp/abi.py");
+
+/* A source's set (limit.h src_set_index): x = v4: source ^ scope * LBX_SRC_SCOPE_MUL; v6: the
+ * /64's two words ^ scope * LBX_SRC_SCOPE_MUL; then (x * LBX_VIP_FILTER_MUL mod 2^32) *
+ * LBX_SRC_LIMIT_SETS >> 32: the product's high bits scaled to the set count. */
+#define LBX_SRC_SCOPE_MUL 0x85EBCA77u
+#define LBX_SRC_LIMIT_SETS (LBX_SRC_LIMIT_CAPACITY / LBX_SRC_LIMIT_WAYS)
 
 /*
  * NAT (issue 12): bpf/nat.h (client -> backend), bpf/return_path.h (backend -> client).

@@ -7,9 +7,15 @@
  * division and no refill loop on the hot path (the control plane turns rate and burst into
  * nanoseconds). An IPv6 source is keyed by its /64: one host can hold a whole /64.
  *
- * Per-CPU buckets (LRU per-CPU hashes: lbx_src_limit4 for IPv4 sources, whose 8-byte key hashes
- * and compares faster than 20 bytes, and lbx_src_limit for IPv6 /64s): a CPU reads and writes
- * only its own TAT, so there is no atomic and no lock on the hot path. The cost is that a source
+ * Buckets in per-CPU set-associative arrays (maps.h: lbx_src_limit4 for IPv4 sources, one
+ * 64-byte set of LBX_SRC_LIMIT_WAYS per index; lbx_src_limit for IPv6 /64s): the source's set is
+ * one inlined array read (src_set_index: a multiply), its ways are compared in registers. A
+ * source without a way takes the way with the smallest TAT: a TAT at or before now is a full
+ * bucket, so dropping it loses nothing; only when every way of the set is in debt is the least
+ * indebted one forgotten (that source then starts again with a full bucket: an eviction can
+ * only admit more, never refuse a source). The LRU per-CPU hashes this replaced cost a call
+ * (jhash, the bucket walk, the LRU list) of ~20-40 ns per new flow (docs/benchmarks.md, issue 11).
+ * A CPU reads and writes only its own TATs, so there is no atomic and no lock on the hot path. The cost is that a source
  * whose flows are spread over N CPUs (RSS hashes each 5-tuple, so one client's flows usually
  * are) has N buckets: its effective limit lies between rate (all its flows on one queue) and N x rate, and
  * its burst between burst and N x burst. The control plane does NOT divide by the CPU count:
@@ -49,35 +55,80 @@ static __always_inline int charged(const struct pkt *pkt)
 	return pkt->flow.proto != IPPROTO_TCP || (pkt->flags & LBX_PKT_F_SYN);
 }
 
-/* 1 if this source has no token left in this scope, else 0 (and a token is taken). */
-static __always_inline int over_limit(const struct lbx_admit *adm, __u32 id, const struct pkt *pkt, __u64 now)
+/* src_set_index(x): the set of a source's identity word x (abi.h; lbxdp.maps.src_limit_set). */
+static __always_inline __u32 src_set_index(__u32 x)
 {
-	__u64 *tat, t = now + adm->interval_ns;
+	return ((__u64)(__u32)(x * LBX_VIP_FILTER_MUL) * LBX_SRC_LIMIT_SETS) >> 32;
+}
 
-	if (pkt->flow.family == LBX_FAMILY_V4) {
-		struct src_limit_key4 key = { .src = pkt->flow.src.w[0], .scope = LBX_ACL_SCOPE(LBX_FAMILY_V4, id) };
+/* The GCRA step on a source's bucket: 1 if it has no token left, else 0 (and a token is taken). */
+static __always_inline int gcra(__u64 *tat, const struct lbx_admit *adm, __u64 now)
+{
+	__u64 t = *tat > now ? *tat : now;
 
-		tat = lbx_src_limit4.lookup(&key);
-		if (!tat) {
-			lbx_src_limit4.update(&key, &t);
-			return 0;
-		}
-	} else {
-		struct src_limit_key key = { .src = pkt->flow.src, .scope = LBX_ACL_SCOPE(pkt->flow.family, id) };
-
-		key.src.w[2] = 0;
-		key.src.w[3] = 0;
-		tat = lbx_src_limit.lookup(&key);
-		if (!tat) {
-			lbx_src_limit.update(&key, &t);
-			return 0;
-		}
-	}
-	t = *tat > now ? *tat : now;
 	if (t - now > adm->burst_ns + LBX_LIMIT_SLACK_NS)
 		return 1;
 	*tat = t + adm->interval_ns;
 	return 0;
+}
+
+/* The way of the set whose TAT is smallest (empty ways have 0): the one a new source takes. */
+#define LBX_SRC_VICTIM(s, victim)                                                      \
+	do {                                                                           \
+		__u64 least = (s)->way[0].tat;                                         \
+		victim = 0;                                                            \
+		_Pragma("unroll") for (int i = 1; i < LBX_SRC_LIMIT_WAYS; i++) {       \
+			if ((s)->way[i].tat < least) {                                 \
+				least = (s)->way[i].tat;                               \
+				victim = i;                                            \
+			}                                                              \
+		}                                                                      \
+	} while (0)
+
+static __always_inline int over_limit4(const struct lbx_admit *adm, __u32 scope, __be32 src, __u64 now)
+{
+	__u32 idx = src_set_index(src ^ scope * LBX_SRC_SCOPE_MUL), victim;
+	__u64 who = (__u64)scope << 32 | src;
+	struct src_set4 *s = lbx_src_limit4.lookup(&idx);
+
+	if (!s)
+		return 0;
+#pragma unroll
+	for (int i = 0; i < LBX_SRC_LIMIT_WAYS; i++)
+		if (s->way[i].who == who && s->way[i].tat)
+			return gcra(&s->way[i].tat, adm, now);
+	LBX_SRC_VICTIM(s, victim);
+	s->way[victim & (LBX_SRC_LIMIT_WAYS - 1)].who = who;
+	s->way[victim & (LBX_SRC_LIMIT_WAYS - 1)].tat = now + adm->interval_ns;
+	return 0;
+}
+
+static __always_inline int over_limit6(const struct lbx_admit *adm, __u32 scope, const struct lbx_addr *src,
+				       __u64 now)
+{
+	__u32 idx = src_set_index(src->w[0] ^ src->w[1] ^ scope * LBX_SRC_SCOPE_MUL), victim;
+	__u64 net = (__u64)src->w[1] << 32 | src->w[0];
+	struct src_set6 *s = lbx_src_limit.lookup(&idx);
+
+	if (!s)
+		return 0;
+#pragma unroll
+	for (int i = 0; i < LBX_SRC_LIMIT_WAYS; i++)
+		if (s->way[i].net == net && s->way[i].scope == scope && s->way[i].tat)
+			return gcra(&s->way[i].tat, adm, now);
+	LBX_SRC_VICTIM(s, victim);
+	s->way[victim & (LBX_SRC_LIMIT_WAYS - 1)].net = net;
+	s->way[victim & (LBX_SRC_LIMIT_WAYS - 1)].scope = scope;
+	s->way[victim & (LBX_SRC_LIMIT_WAYS - 1)].tat = now + adm->interval_ns;
+	return 0;
+}
+
+/* 1 if this source has no token left in this scope, else 0 (and a token is taken). */
+static __always_inline int over_limit(const struct lbx_admit *adm, __u32 id, const struct pkt *pkt, __u64 now)
+{
+	if (pkt->flow.family == LBX_FAMILY_V4)
+		return over_limit4(adm, LBX_ACL_SCOPE(LBX_FAMILY_V4, id), pkt->flow.src.w[0], now);
+	return over_limit6(adm, LBX_ACL_SCOPE(pkt->flow.family, id), &pkt->flow.src, now);
 }
 
 #endif /* LBX_LIMIT_H */

@@ -136,19 +136,19 @@ BPF_TABLE_PINNED("array", __u32, struct lbx_acl_mbt, lbx_mbt_tmpl, 1, LBX_PIN_DI
 BPF_TABLE_PINNED("array_of_maps$lbx_mbt_tmpl", int, int, lbx_acl_mbt, 1, LBX_PIN_DIR "/lbx_acl_mbt");
 
 /*
- * (source or its /64, scope) -> the source's theoretical arrival time (ns, bpf_ktime_get_coarse_ns; the
- * GCRA form of a token bucket, limit.h). Written by the program only. Per-CPU values and per-CPU
- * LRU lists (BPF_F_NO_COMMON_LRU): a CPU reads and writes only its own bucket, without atomics
- * or a shared lock; the price is that each CPU has its own bucket (limit.h says what that does
- * to the limit) and its own share of the capacity.
+ * The per-source limiter's buckets (limit.h): set index (limit.h src_set_index) -> a set of
+ * LBX_SRC_LIMIT_WAYS (source or its /64, scope, theoretical arrival time), IPv4 sources in
+ * lbx_src_limit4 (a set per cache line), IPv6 /64s in lbx_src_limit. Written by the program
+ * only. Per-CPU arrays: a CPU reads and writes only its own buckets, without atomics or a
+ * lock, and the lookup is inlined by the verifier (the per-CPU LRU hashes they replace were a
+ * call: jhash, bucket walk, LRU bookkeeping); the price is that each CPU has its own bucket
+ * per source (limit.h says what that does to the limit). LBX_SRC_LIMIT_CAPACITY buckets per
+ * family and CPU.
  */
-BPF_TABLE_PINNED("lru_percpu_hash", struct src_limit_key, __u64, lbx_src_limit, LBX_SRC_LIMIT_CAPACITY,
-		 LBX_PIN_DIR "/lbx_src_limit", BPF_F_NO_COMMON_LRU);
-
-/* The same for IPv4 sources, keyed (address, scope): 8 bytes (limit.h). lbx_src_limit keeps the
- * IPv6 /64s. Each has LBX_SRC_LIMIT_CAPACITY entries. */
-BPF_TABLE_PINNED("lru_percpu_hash", struct src_limit_key4, __u64, lbx_src_limit4, LBX_SRC_LIMIT_CAPACITY,
-		 LBX_PIN_DIR "/lbx_src_limit4", BPF_F_NO_COMMON_LRU);
+BPF_TABLE_PINNED("percpu_array", __u32, struct src_set6, lbx_src_limit, LBX_SRC_LIMIT_SETS,
+		 LBX_PIN_DIR "/lbx_src_limit");
+BPF_TABLE_PINNED("percpu_array", __u32, struct src_set4, lbx_src_limit4, LBX_SRC_LIMIT_SETS,
+		 LBX_PIN_DIR "/lbx_src_limit4");
 
 /*
  * NAT conntrack (issue 12; abi.h says what an entry is): a connection's forward key (client ->

@@ -53,7 +53,11 @@ GUE_SPORT_MASK = 0x3FFF  # LBX_GUE_SPORT_MASK
 ICMP4_QUOTE = 548        # LBX_ICMP4_QUOTE
 ICMP6_QUOTE = 1232       # LBX_ICMP6_QUOTE
 # Admission of new flows (bpf/admit.h, acl.h, limit.h)
-SRC_LIMIT_CAPACITY = 65536  # LBX_SRC_LIMIT_CAPACITY
+SRC_LIMIT_CAPACITY = 65536  # LBX_SRC_LIMIT_CAPACITY: buckets per family and CPU
+SRC_LIMIT_WAYS = 4       # LBX_SRC_LIMIT_WAYS: buckets per set
+SRC_SCOPE_MUL = 0x85EBCA77  # LBX_SRC_SCOPE_MUL
+SRC_SET4_SIZE = 64       # sizeof(struct src_set4)
+SRC_SET6_SIZE = 96       # sizeof(struct src_set6)
 ACL_MAX = 16384          # LBX_ACL_MAX
 ADMIT_F_ACL_V4 = 0x01    # LBX_ADMIT_F_ACL_V4
 ADMIT_F_ACL_V6 = 0x02    # LBX_ADMIT_F_ACL_V6

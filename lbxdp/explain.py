@@ -37,7 +37,7 @@ from typing import Any
 
 from . import abi, bpfsys, loader, model
 from .errors import LbxError
-from .maps import Maps, addr_bytes, flow_words_hash, mac_str
+from .maps import Maps, addr_bytes, flow_words_hash, mac_str, src_limit_set
 
 # Maps the program only reads: shared with the live program.
 SHARED = frozenset({abi.Map.VIPS, abi.Map.VIP_FILTER, abi.Map.BACKENDS, abi.Map.TABLE_TMPL, abi.Map.TABLES,
@@ -365,23 +365,19 @@ class DryRun:
         self._copy(abi.Map.FLOOD, 0)
         if vip_id is not None:
             self._copy(abi.Map.RR, vip_id)
-        lim4 = self.sm.get(abi.Map.SRC_LIMIT4)
-        lim = self.sm.get(abi.Map.SRC_LIMIT)
-        if lim4 is not None and p.family == abi.FAMILY_V4:   # bpf/limit.h: IPv4 sources' own map
+        # bpf/limit.h: a source's buckets are in one set of a per-CPU array per family; the
+        # live set is copied into the scratch table's set for the source (another size).
+        name = abi.Map.SRC_LIMIT4 if p.family == abi.FAMILY_V4 else abi.Map.SRC_LIMIT
+        live, scratch = self.live.get(name), self.sm.get(name)
+        if live is not None and scratch is not None:
+            src = addr_bytes(p.src)
             scopes = [self.live[abi.Map.VIPS].info.max_entries] + ([vip_id] if vip_id is not None else [])
             for s in scopes:
-                k = lim4.Key()
-                ctypes.memmove(ctypes.addressof(k), addr_bytes(p.src)[:4] + struct.pack("=I", abi.acl_scope(p.family, s)), 8)
-                self._copy(abi.Map.SRC_LIMIT4, k)
-        elif lim is not None:
-            src = bytearray(addr_bytes(p.src))
-            if p.family == abi.FAMILY_V6:
-                src[8:] = bytes(8)
-            scopes = [self.live[abi.Map.VIPS].info.max_entries] + ([vip_id] if vip_id is not None else [])
-            for s in scopes:
-                k = lim.Key()
-                ctypes.memmove(ctypes.addressof(k), bytes(src) + struct.pack("=I", abi.acl_scope(p.family, s)), 20)
-                self._copy(abi.Map.SRC_LIMIT, k)
+                scope = abi.acl_scope(p.family, s)
+                v = live.lookup(src_limit_set(p.family, src, scope, live.info.max_entries))
+                if v is not None:
+                    scratch.update(src_limit_set(p.family, src, scope, scratch.info.max_entries),
+                                   [scratch.Leaf.from_buffer_copy(bytes(x)) for x in v])
         return entries
 
     def _live_entry(self, backend_id: int, gen: int) -> bool:

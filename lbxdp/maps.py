@@ -122,6 +122,33 @@ def flow_words_hash(src: tuple[int, ...], dst: tuple[int, ...], sport: int, dpor
     return _mix32(h)
 
 
+def src_limit_set(family: int, src: bytes, scope: int, sets: int) -> int:
+    """src_set_index() of bpf/limit.h: the set of the limiter table (of `sets` sets) that holds
+    the bucket of a source (struct lbx_addr bytes; IPv6: only its /64 counts) in a scope
+    (abi.acl_scope), its words loaded as an x86 CPU loads them."""
+    w = struct.unpack_from("<2I", src, 0)
+    x = (w[0] if family == abi.FAMILY_V4 else w[0] ^ w[1]) ^ ((scope * abi.SRC_SCOPE_MUL) & _M32)
+    return (((x * abi.VIP_FILTER_MUL) & _M32) * sets) >> 32
+
+
+def src_limit_tat(family: int, src: bytes, scope: int, set_bytes: bytes) -> int | None:
+    """The TAT of the source's bucket in one CPU's copy of its set (the raw struct src_set4 or
+    src_set6), or None when the set holds none."""
+    if family == abi.FAMILY_V4:
+        who = scope << 32 | struct.unpack_from("<I", src, 0)[0]
+        for off in range(0, len(set_bytes), 16):
+            w, tat = struct.unpack_from("<QQ", set_bytes, off)
+            if w == who and tat:
+                return tat
+        return None
+    net = struct.unpack_from("<Q", src, 0)[0]
+    for off in range(0, len(set_bytes), 24):
+        n, sc, tat = struct.unpack_from("<QQQ", set_bytes, off)
+        if n == net and sc == scope and tat:
+            return tat
+    return None
+
+
 def flow_key_hash(key: bytes) -> int:
     """flow_hash() of bpf/select.h over the bytes of a struct flow_key."""
     sport, dport, proto = struct.unpack_from("<HHB", key, 32)

@@ -341,9 +341,9 @@ def acl_rules(client: str, n: int | None = None) -> model.Admission:
 
 def admission_cases(prog: loader.Program, new_flows: dict[str, list[bytes]]) -> list[Case]:
     """New flows through admit.h (bpf/acl.h, bpf/limit.h) on the current program: beside config()'s
-    VIPs, three with the same 8 backends and scheduler (Maglev) on port 83 and 84: v4:83 with a
+    VIPs, four with the same 8 backends and scheduler (Maglev) on port 83 and 84: v4:83 and v6:83 with a
     per-source limit that admits everything (rate 10M/s, burst 10M; the frames come from ~13
-    sources, so nearly every flow finds its source's bucket: the admitted path), v4:84 and v6:84
+    sources (v6: one /64), so nearly every flow finds its source's bucket: the admitted path), v4:84 and v6:84
     with ACL_PREFIXES prefixes of their family each (the client's on an allow rule). The v4:80 and
     v6:80 rows of this program are the same VIP shape without rules; established and non-VIP rows
     never reach admission."""
@@ -352,6 +352,7 @@ def admission_cases(prog: loader.Program, new_flows: dict[str, list[bytes]]) -> 
     like = {4: base.vips[0], 6: base.vips[1]}
     limit = model.Admission(new_flow_limit=model.NewFlowLimit(model.MAX_NEW_FLOW_RATE, model.MAX_NEW_FLOW_BURST))
     extra = (model.Vip(ip(VIP4), 83, model.Protocol.TCP, backends=like[4].backends, admission=limit),
+             model.Vip(ip(VIP6), 83, model.Protocol.TCP, backends=like[6].backends, admission=limit),
              model.Vip(ip(VIP4), 84, model.Protocol.TCP, backends=like[4].backends, admission=acl_rules(CLIENT4)),
              model.Vip(ip(VIP6), 84, model.Protocol.TCP, backends=like[6].backends, admission=acl_rules(CLIENT6)))
     maps = Maps(prog.maps)
@@ -366,6 +367,7 @@ def admission_cases(prog: loader.Program, new_flows: dict[str, list[bytes]]) -> 
         Case("admit: tcp syn new flow v4, source limit", lb, new_flows["lim4"], XDP_TX, clear),
         Case(f"admit: tcp syn new flow v4, {ACL_PREFIXES} prefixes", lb, new_flows["acl4"], XDP_TX, clear),
         Case("admit: tcp syn new flow v6, no rules", lb, new_flows["v6"], XDP_TX, clear),
+        Case("admit: tcp syn new flow v6, source limit", lb, new_flows["lim6"], XDP_TX, clear),
         Case(f"admit: tcp syn new flow v6, {ACL_PREFIXES} prefixes", lb, new_flows["acl6"], XDP_TX, clear),
         Case("admit: tcp established v4, source limit", lb, [frame(CLIENT4, VIP4, 999, 83, 6, tcp_flags=0x10)], XDP_TX,
              recorded=recorded(maps, 999, 83)),
@@ -637,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
                      "nat85": new_flow_frames(n, VIP4, CLIENT4, 85), "nat86": new_flow_frames(n, VIP4, CLIENT4, 86)}
         if not args.no_admission:
             new_flows |= {"lim4": new_flow_frames(n, VIP4, CLIENT4, 83), "acl4": new_flow_frames(n, VIP4, CLIENT4, 84),
-                          "acl6": new_flow_frames(n, VIP6, CLIENT6, 84)}
+                          "acl6": new_flow_frames(n, VIP6, CLIENT6, 84), "lim6": new_flow_frames(n, VIP6, CLIENT6, 83)}
         sources = [("", args.bpf_dir)] + ([("before: ", args.baseline_dir)] if args.baseline_dir else [])
         if not args.admission_only and (args.sched_only or (args.bpf_dir or loader.bpf_dir()).joinpath("sched.h").is_file()):
             for port in SCHED_PORTS.values():

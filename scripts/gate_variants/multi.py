@@ -28,7 +28,8 @@ cases = [b.Case("floor", bpfsys.TestRunner(stub_fd), [syn4], b.XDP_PASS)]
 nf = {"v4": b.new_flow_frames(n, b.VIP4, b.CLIENT4), "rr": b.new_flow_frames(n, b.VIP4, b.CLIENT4, 81),
       "v6": b.new_flow_frames(n, b.VIP6, b.CLIENT6), "ack4": b.new_flow_frames(n, b.VIP4, b.CLIENT4, tcp_flags=0x10),
       "lim4": b.new_flow_frames(n, b.VIP4, b.CLIENT4, 83), "acl4": b.new_flow_frames(n, b.VIP4, b.CLIENT4, 84),
-      "acl6": b.new_flow_frames(n, b.VIP6, b.CLIENT6, 84)}
+      "acl6": b.new_flow_frames(n, b.VIP6, b.CLIENT6, 84),
+      "lim6": b.new_flow_frames(n, b.VIP6, b.CLIENT6, 83)}
 progs, pins = [], []
 try:
     for spec in a.dirs:
@@ -56,3 +57,16 @@ finally:
 print(f"calls {a.calls} x reps {a.reps}")
 for k, v in reps.items():
     print(f"| {k} | {statistics.median(v):.1f} | {min(v):.1f} |")
+if a.admission:
+    # Paired: each row minus its program's "no rules" row of the same family in the same repetition
+    # (consecutive measurements), then the median and quartiles over repetitions.
+    print("paired deltas over the same program's 'no rules' row, per repetition: median (q25, q75)")
+    for k, v in reps.items():
+        label, _, name = k.partition(": ")
+        fam = "v6" if "v6" in name else "v4"
+        base = reps.get(f"{label}: admit: tcp syn new flow {fam}, no rules")
+        if base is None or base is v or "new flow" not in name:
+            continue
+        d = sorted(x - y for x, y in zip(v, base))
+        q = statistics.quantiles(d, n=4) if len(d) >= 2 else [d[0]] * 3
+        print(f"| {k} | {statistics.median(d):+.1f} | ({q[0]:+.1f}, {q[2]:+.1f}) |")

@@ -17,6 +17,7 @@ from typing import Iterator
 import pytest
 
 from lbxdp import abi, model
+from lbxdp.maps import addr_bytes, src_limit_set, src_limit_tat
 
 from .conftest import compiled
 from .frames import (BASE, CLIENT4, LB_MAC, CLIENT6, DNS4, TCP_, WEB4, WEB6, OTHER4, XDP_DROP, XDP_PASS, XDP_TX, backends,
@@ -47,9 +48,11 @@ def with_admission(cfg: model.Config, glob: model.Admission = model.Admission(),
 
 
 def clear_limiter(lb: Lb) -> None:
+    """Empty every set of the limiter's per-CPU arrays that holds a bucket (bpf/limit.h)."""
     for m in (lb.prog.maps[abi.Map.SRC_LIMIT], lb.prog.maps[abi.Map.SRC_LIMIT4]):
-        for k in list(m.keys()):
-            m.delete(k)
+        used = [int(keys[i]) for keys, values, n in m.batches() for i in range(n) if any(bytes(values[i]))]
+        for k in used:
+            m.zero(k)
 
 
 @pytest.fixture
@@ -287,6 +290,61 @@ def test_the_limiter_admits_the_configured_rate_within_10_percent(fresh: Lb) -> 
     expected = 1 + rate * elapsed
     assert abs(admitted - expected) <= 0.1 * expected, \
         f"admitted {admitted} of {sent} in {elapsed:.3f} s; expected {expected:.0f} (rate {rate}/s)"
+
+
+def _bucket(lb: Lb, family: int, src: str, scope_id: int) -> int | None:
+    """The TAT of src's bucket in scope scope_id, found where lbxdp.maps.src_limit_set says the
+    program keeps it (any CPU's copy: the test runs may land on either)."""
+    m = lb.prog.maps[abi.Map.SRC_LIMIT4 if family == abi.FAMILY_V4 else abi.Map.SRC_LIMIT]
+    raw, scope = addr_bytes(ipaddress.ip_address(src)), abi.acl_scope(family, scope_id)
+    tats = [src_limit_tat(family, raw, scope, bytes(v))
+            for v in m.lookup(src_limit_set(family, raw, scope, m.info.max_entries))]
+    return max((t for t in tats if t), default=None)
+
+
+def test_the_control_plane_finds_each_sources_bucket_where_the_program_put_it(fresh: Lb) -> None:
+    """lbxdp.maps.src_limit_set mirrors limit.h's src_set_index (explain copies a source's set by
+    it): after one SYN the source's bucket is in that set, v4 and v6 (by its /64)."""
+    fresh.apply(limited(rate=1, burst=5))
+    ids = {k.address.version: m.id for k, m in fresh.maps.vips().items() if k in (ONE4.key, ONE6.key)}
+    assert _bucket(fresh, abi.FAMILY_V4, "192.0.2.77", ids[4]) is None
+    check(fresh, _tx("a SYN from 192.0.2.77", tcp(O4, 80, 43400, src="192.0.2.77"), ONE4))
+    check(fresh, _tx("a SYN from 2001:db8:77::1", tcp(O6, 80, 43401, src="2001:db8:77::1"), ONE6))
+    assert _bucket(fresh, abi.FAMILY_V4, "192.0.2.77", ids[4]) is not None
+    assert _bucket(fresh, abi.FAMILY_V4, "192.0.2.78", ids[4]) is None
+    assert _bucket(fresh, abi.FAMILY_V6, "2001:db8:77::ffff", ids[6]) is not None, "keyed by the /64"
+    assert _bucket(fresh, abi.FAMILY_V6, "2001:db8:78::1", ids[6]) is None
+
+
+def test_a_new_source_in_a_full_set_takes_the_bucket_with_the_least_debt(fresh: Lb) -> None:
+    """Five sources whose buckets share one set of four ways (bpf/limit.h): the fifth takes the
+    way whose TAT is smallest, so the source deepest in debt keeps its bucket and stays refused,
+    and the one forgotten starts again with a full bucket (an eviction never refuses anyone)."""
+    fresh.apply(limited(rate=1, burst=2))
+    vid = next(m.id for k, m in fresh.maps.vips().items() if k == ONE4.key)
+    m = fresh.prog.maps[abi.Map.SRC_LIMIT4]
+    scope, sets = abi.acl_scope(abi.FAMILY_V4, vid), m.info.max_entries
+    want = src_limit_set(abi.FAMILY_V4, addr_bytes(ipaddress.ip_address("198.18.0.1")), scope, sets)
+    same = [a for a in (str(ipaddress.ip_address("198.18.0.0") + i) for i in range(1, 1 << 20))
+            if src_limit_set(abi.FAMILY_V4, addr_bytes(ipaddress.ip_address(a)), scope, sets) == want][:5]
+    assert len(same) == 5
+    deep, light, newcomer = same[0], same[1:4], same[4]
+    port = iter(range(43500, 43600))
+    for _ in range(2):
+        check(fresh, _tx(f"{deep} spends its burst of 2", tcp(O4, 80, next(port), src=deep), ONE4))
+    check(fresh, _drop(f"{deep} is refused", tcp(O4, 80, next(port), src=deep), R.DROP_SRC_RATE))
+    for a in light:
+        check(fresh, _tx(f"{a}: one flow (one token of debt)", tcp(O4, 80, next(port), src=a), ONE4))
+    assert all(_bucket(fresh, abi.FAMILY_V4, a, vid) for a in same[:4])
+    check(fresh, _tx(f"{newcomer}: a fifth source in the full set", tcp(O4, 80, next(port), src=newcomer), ONE4))
+    assert _bucket(fresh, abi.FAMILY_V4, newcomer, vid) is not None
+    assert _bucket(fresh, abi.FAMILY_V4, deep, vid) is not None, "the deepest debt is never the one forgotten"
+    forgotten = [a for a in light if _bucket(fresh, abi.FAMILY_V4, a, vid) is None]
+    assert len(forgotten) == 1
+    check(fresh, _drop(f"{deep} is still refused", tcp(O4, 80, next(port), src=deep), R.DROP_SRC_RATE))
+    for _ in range(2):
+        check(fresh, _tx(f"{forgotten[0]} starts again with a full bucket", tcp(O4, 80, next(port), src=forgotten[0]),
+                         ONE4))
 
 
 # --- the rows above can fail ------------------------------------------------------------------------

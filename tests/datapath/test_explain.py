@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import random
+import time
 from typing import Iterator
 
 import pytest
@@ -129,6 +130,33 @@ def test_explanation_names_the_path(lbx: Lb, dry: explain.DryRun) -> None:
     e3 = dry.explain(dataclasses.replace(p, dst=ipaddress.ip_address("198.51.100.7")))
     assert (e3.verdict, e3.reason, e3.backend) == ("pass", abi.Reason.PASS_NOT_VIP, None)
     assert e.to_json()["backend"]["name"] == e.backend.name and "because:" in "\n".join(e.text())
+
+
+@pytest.mark.parametrize("v, src", [(MAG4, "100.64.7.7"), (MAG6, "2001:db8:1000::7")], ids=["v4", "v6"])
+def test_explain_sees_the_sources_limit(lb: Lb, dry: explain.DryRun, v: model.Vip, src: str) -> None:
+    """A source that spent its burst (bpf/limit.h's per-CPU buckets, copied by explain from the
+    set lbxdp.maps.src_limit_set names) is explained as refused, as the program then refuses it;
+    another source (and, for v6, another /64) is not; the live buckets are left as they were."""
+    lim = model.Admission(new_flow_limit=model.NewFlowLimit(1, 2))
+    lb.apply(dataclasses.replace(CFG, vips=tuple(dataclasses.replace(x, admission=lim) if x.key == v.key else x
+                                                 for x in CFG.vips)))
+    a = ipaddress.ip_address(src)
+    with one_cpu():
+        for port in (41001, 41002):
+            assert lb.run(explain.frame(explain.Probe(a, port, v.address, v.port, TCP_, syn=True), LB_MAC)).retval == 3
+        third = explain.Probe(a, 41003, v.address, v.port, TCP_, syn=True)
+        before = written_state(lb.maps)
+        t0 = time.monotonic()
+        e = dry.explain(third)
+        got = lb.run(explain.frame(third, LB_MAC)).retval   # within the second a token takes to come back
+        assert time.monotonic() - t0 < 0.9, "too slow to compare within one token's time"
+        other = dry.explain(dataclasses.replace(third, src=a + (1 << 64 if a.version == 6 else 1)))
+        after = written_state(lb.maps)
+        assert (e.verdict, e.reason) == ("drop", abi.Reason.DROP_SRC_RATE)
+        assert got == 1
+        assert (other.verdict, other.reason) == ("tx", abi.Reason.TX_FORWARD)
+        lim = (abi.Map.SRC_LIMIT, abi.Map.SRC_LIMIT4)   # a refused SYN takes no token: unchanged
+        assert [after[n] for n in lim] == [before[n] for n in lim], "explain wrote a live bucket"
 
 
 def test_parse_probe_forms() -> None:
