@@ -44,6 +44,16 @@
 #define LBX_FLOOD_THRESHOLD 10000
 /* Most slots one VIP's selection table may have (the Maglev default is 65537). */
 #define LBX_TABLE_MAX 1048576 /* 2^20 */
+/*
+ * A VIP's table (an inner map of lbx_tables) packs LBX_TABLE_SLOTS_PER_WORD 16-bit backend ids
+ * into each 8-byte value: slot s is bits (s % 4) * 16 .. + 15 of value s / 4 (0: no backend).
+ * An array stores every value at an 8-byte stride, so u32 slots took 8 bytes each (512 KiB for
+ * a 65537-slot Maglev table); packed it is 128 KiB, and a new flow's one random slot misses the
+ * cache less often (docs/benchmarks.md, issue 11: flood SYN 228 -> 178 ns). select.h table_slot();
+ * lbxdp/bpfsys.py table_fill()/table_read().
+ */
+#define LBX_TABLE_SLOTS_PER_WORD 4
+_Static_assert(LBX_MAX_BACKENDS <= 65536, "a table slot holds a 16-bit backend id");
 /* Most backends one VIP may have. */
 #define LBX_VIP_BACKENDS_MAX 1024
 

@@ -68,13 +68,9 @@ static __always_inline int sched_repeats(const struct vip_meta *vip)
  */
 static __always_inline struct backend *slot_backend(void *table, __u32 slot, __u32 *id)
 {
-	__u32 *p = bpf_map_lookup_elem(table, &slot);
 	struct backend *be;
-	__u32 k;
+	__u32 k = table_slot(table, slot);   /* select.h */
 
-	if (!p)
-		return NULL;
-	k = *p;
 	*id = k;
 	be = lbx_backends.lookup(&k);
 	if (!be)

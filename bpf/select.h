@@ -65,6 +65,19 @@ static __always_inline __u32 next_rr_slot(const struct vip_meta *vip)
 }
 
 /*
+ * The backend id in a slot of a VIP's table (abi.h: four 16-bit ids per 8-byte value), 0 when
+ * there is none. An inner map's lookup is a call, not inlined (BPF_F_INNER_MAP: every table
+ * has its own size): only new flows pay it.
+ */
+static __always_inline __u32 table_slot(void *table, __u32 slot)
+{
+	__u32 word = slot / LBX_TABLE_SLOTS_PER_WORD;
+	__u64 *w = bpf_map_lookup_elem(table, &word);
+
+	return w ? (__u32)(*w >> (slot % LBX_TABLE_SLOTS_PER_WORD * 16)) & 0xffff : 0;
+}
+
+/*
  * The slot of the VIP's table a new flow takes, by its scheduler: LBX_R_OK with *slot set, or
  * LBX_R_DROP_UNKNOWN_SCHED for a scheduler this program does not know (never a guess).
  */
@@ -176,7 +189,7 @@ static __always_inline int established(struct pkt *pkt, struct selection *sel)
 static __always_inline int table_choice(const struct vip_meta *vip, struct pkt *pkt,
 					struct selection *sel)
 {
-	__u32 slot, *id;
+	__u32 slot, id;
 	void *table;
 	int r;
 
@@ -193,14 +206,11 @@ static __always_inline int table_choice(const struct vip_meta *vip, struct pkt *
 	r = pick_slot(vip, pkt, &slot);
 	if (r != LBX_R_OK)
 		return r;
-	/* An inner map's lookup is a call, not inlined: only new flows pay it. */
-	id = bpf_map_lookup_elem(table, &slot);
-	if (!id)
-		return LBX_R_DROP_BACKEND_GONE;
-	sel->be = backend_by_id(*id);
+	id = table_slot(table, slot);
+	sel->be = backend_by_id(id);   /* id 0 is never a backend's */
 	if (!sel->be)
 		return LBX_R_DROP_BACKEND_GONE;
-	sel->backend_id = *id;
+	sel->backend_id = id;
 	sel->vip_id = vip->id;
 	return LBX_R_OK;
 }

@@ -265,6 +265,45 @@ def array_read(fd: int) -> "array.array[int]":
     return out
 
 
+def table_fill(fd: int, ids: "array.array[int]", *, mmapable: bool = False) -> None:
+    """Write a VIP's selection table (bpf/abi.h LBX_TABLE_SLOTS_PER_WORD: four 16-bit backend ids
+    per 8-byte value, slot s in bits (s % 4) * 16 of value s // 4) into a map of u64 values
+    created with at least table_words(len(ids)) entries; the last value's unused slots are 0."""
+    n = table_words(len(ids))
+    if not n:
+        return
+    packed = array.array("H", ids)
+    packed.extend([0] * (4 * n - len(ids)))
+    if mmapable:
+        with mmap.mmap(fd, 8 * n, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
+            mm[:] = packed.tobytes()
+        return
+    keys = array.array("I", range(n))
+    count = ctypes.c_uint32(n)
+    _check(lib().bpf_map_update_batch(fd, (ctypes.c_uint32 * n).from_buffer(keys),
+                                      (ctypes.c_uint64 * n).from_buffer(packed), ctypes.byref(count), None),
+           "batch update of a table")
+
+
+def table_words(slots: int) -> int:
+    """Values of a table of `slots` slots (bpf/abi.h LBX_TABLE_SLOTS_PER_WORD)."""
+    return (slots + 3) // 4
+
+
+def table_read(fd: int) -> "array.array[int]":
+    """A VIP's table as slot -> backend id (table_fill's format), without the last value's unused
+    slots (0: no backend id is 0)."""
+    m = Map(fd, ctypes.c_uint32, ctypes.c_uint64)
+    raw = bytearray(8 * m.info.max_entries)
+    for keys, values, n in m.batches(chunk=min(m.info.max_entries, 65536)):
+        assert keys[n - 1] - keys[0] == n - 1, "array batch out of order"
+        ctypes.memmove((ctypes.c_char * (8 * n)).from_buffer(raw, 8 * keys[0]), values, 8 * n)
+    out = array.array("I", array.array("H", bytes(raw)))
+    while out and not out[-1]:
+        out.pop()
+    return out
+
+
 def prog_fd_by_id(prog_id: int) -> int:
     return _check(lib().bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
 

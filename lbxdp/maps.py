@@ -149,6 +149,28 @@ def src_limit_tat(family: int, src: bytes, scope: int, set_bytes: bytes) -> int 
     return None
 
 
+def new_table(name: str, backend_ids: "array.array[int]", flags: int, packed: bool = True) -> int:
+    """A filled inner map for lbx_tables (the caller owns the fd): slot -> backend id, packed four
+    to a value (bpf/abi.h) unless `packed` is False (a u32 per slot: older programs). flags: the
+    template's (the kernel compares them when the map is stored); BPF_F_MMAPABLE is written as
+    memory."""
+    assert not packed or max(backend_ids, default=0) < 1 << 16, "a packed slot holds a 16-bit backend id"
+    mmapable = bool(flags & bpfsys.BPF_F_MMAPABLE)
+    if packed:
+        fd = bpfsys.array_create(name, bpfsys.table_words(len(backend_ids)), value_size=8, flags=flags)
+    else:
+        fd = bpfsys.array_create(name, len(backend_ids), flags=flags)
+    try:
+        if packed:
+            bpfsys.table_fill(fd, backend_ids, mmapable=mmapable)
+        else:
+            bpfsys.array_fill(fd, backend_ids, mmapable=mmapable)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def flow_key_hash(key: bytes) -> int:
     """flow_hash() of bpf/select.h over the bytes of a struct flow_key."""
     sport, dport, proto = struct.unpack_from("<HHB", key, 32)
@@ -408,6 +430,9 @@ class Maps:
         # A new table must have its template's flags (the kernel compares them when it is
         # stored); pins made before BPF_F_MMAPABLE was added are filled the slower way.
         self.table_flags = maps[abi.Map.TABLE_TMPL].info.flags
+        # 8: four 16-bit slots per value (bpf/abi.h LBX_TABLE_SLOTS_PER_WORD); 4: a u32 per slot
+        # (programs built from sources before the packed tables: the scripts' --baseline-dir).
+        self.table_packed = maps[abi.Map.TABLE_TMPL].info.value_size == 8
         # Admission of new flows (issue 11); None for pins or programs of an older version.
         self.admit_map = maps.get(abi.Map.ADMIT)
         self.acl_map = maps.get(abi.Map.ACL)
@@ -852,13 +877,7 @@ class Maps:
                 os.close(fd)
 
     def _new_table(self, vip_id: int, backend_ids: "array.array[int]") -> int:
-        fd = bpfsys.array_create(f"lbx_t{vip_id}", len(backend_ids), flags=self.table_flags)
-        try:
-            bpfsys.array_fill(fd, backend_ids, mmapable=bool(self.table_flags & bpfsys.BPF_F_MMAPABLE))
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        return new_table(f"lbx_t{vip_id}", backend_ids, self.table_flags, self.table_packed)
 
     def _swap(self, staged: dict[int, int]) -> None:
         """Store the staged tables in lbx_tables (one write), close and forget their fds."""
@@ -876,7 +895,7 @@ class Maps:
             return array.array("I")
         fd = bpfsys.map_fd_by_id(inner_id.value)
         try:
-            return bpfsys.array_read(fd)
+            return bpfsys.table_read(fd) if self.table_packed else bpfsys.array_read(fd)
         finally:
             os.close(fd)
 

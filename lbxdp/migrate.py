@@ -44,6 +44,7 @@ import shutil
 from typing import Any, Iterable
 
 from . import abi, bpfsys, loader
+from .maps import new_table
 from .paths import Instance
 
 STAGING = "staging"   # under the instance's pin directory: same bpffs, so rename works (bpffs refuses dots in names)
@@ -167,16 +168,19 @@ def _adopt(name: str, old: _Old, staged: loader.Program, saved: loader.SavedSche
         same = same and done.get(abi.Map.TABLE_TMPL) == KEPT
     if same:
         return KEPT
-    n = _copy(name, old, new, saved)
+    tmpl = staged.maps[abi.Map.TABLE_TMPL].info if name == abi.Map.TABLES else None
+    n = _copy(name, old, new, saved, tmpl)
     return RECREATED if n is None else f"migrated ({n} entries)"
 
 
-def _copy(name: str, old: _Old, new: bpfsys.Map, saved: loader.SavedSchema | None) -> int | None:
-    """Fill new from old; the number of entries copied, or None if old cannot be read as new."""
+def _copy(name: str, old: _Old, new: bpfsys.Map, saved: loader.SavedSchema | None,
+          tmpl: bpfsys.MapInfo | None = None) -> int | None:
+    """Fill new from old; the number of entries copied, or None if old cannot be read as new.
+    tmpl: for lbx_tables, the new template (tables of another value size are rewritten to it)."""
     if name == abi.Map.TABLE_TMPL:
         return 0   # never holds anything
     if old.info.type in MAP_OF_MAPS:
-        return _copy_inner_maps(old, new)
+        return _copy_inner_maps(old, new, tmpl)
     if old.info.type != new.info.type and (old.info.type in ARRAYS or new.info.type in ARRAYS):
         # A hash's keys are no array's indexes: lbx_half_open became an array of buckets (its
         # handshakes in flight then get their table's choice for the ACK, as after an eviction).
@@ -208,8 +212,10 @@ def _copy(name: str, old: _Old, new: bpfsys.Map, saved: loader.SavedSchema | Non
     return n
 
 
-def _copy_inner_maps(old: _Old, new: bpfsys.Map) -> int | None:
-    """Put the old outer map's inner maps (by id) into the new one; None if it refuses one."""
+def _copy_inner_maps(old: _Old, new: bpfsys.Map, tmpl: bpfsys.MapInfo | None = None) -> int | None:
+    """Put the old outer map's inner maps (by id) into the new one; None if it refuses one.
+    tmpl (lbx_tables): an old table whose value size is not the template's (a u32 per slot, before
+    the packed tables of bpf/abi.h) is rewritten as a new table with the same slots."""
     src = bpfsys.Map(old.fd, new.Key, new.Leaf)
     n = 0
     for k, inner_id in src.items():
@@ -217,11 +223,17 @@ def _copy_inner_maps(old: _Old, new: bpfsys.Map) -> int | None:
             continue
         fd = bpfsys.map_fd_by_id(inner_id.value)
         try:
+            if tmpl is not None and bpfsys.map_info(fd).value_size == 4 and tmpl.value_size == 8:
+                ids = bpfsys.array_read(fd)
+                os.close(fd)
+                fd = -1
+                fd = new_table(f"lbx_t{int.from_bytes(bytes(k), 'little')}", ids, tmpl.flags)
             new.update(k, new.Leaf(fd))
         except bpfsys.BpfError:
             return None
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         n += 1
     return n
 

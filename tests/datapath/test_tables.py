@@ -26,7 +26,7 @@ import pytest
 
 from lbxdp import abi, bpfsys, model
 from lbxdp.balancer import WEIGHT_SCALE, Balancer, Runtime
-from lbxdp.maps import Maps
+from lbxdp.maps import Maps, new_table
 
 from .frames import (BASE, XDP_DROP, XDP_PASS, XDP_TX, backends, forwarded, mac_bytes, new_flows, plus, tcp,
                      tcp_bytes, udp)
@@ -395,6 +395,20 @@ def test_reapplying_the_same_config_keeps_the_table(lb: Lb) -> None:
     Balancer(spy).apply(with_vip(heavier), macs={})
     assert lb.maps.tables_map.lookup(vid).value != inner
     assert table_shares(lb, heavier)[bes[0].name] == pytest.approx(SLOTS / 2, abs=4)
+
+
+@pytest.mark.parametrize("slots", [1, 3, 4, 5, 251, 65537])
+def test_a_packed_table_reads_back_slot_for_slot(slots: int) -> None:
+    """bpf/abi.h LBX_TABLE_SLOTS_PER_WORD: four 16-bit backend ids per 8-byte value, written as
+    memory (BPF_F_MMAPABLE) or by batch update; the last value's unused slots are not slots."""
+    ids = array.array("I", (1 + (i * 40503) % 16383 for i in range(slots)))
+    for flags in (bpfsys.BPF_F_INNER_MAP, bpfsys.BPF_F_INNER_MAP | bpfsys.BPF_F_MMAPABLE):
+        fd = new_table("lbx_test", ids, flags)
+        try:
+            assert bpfsys.map_info(fd).max_entries == (slots + 3) // 4
+            assert bpfsys.table_read(fd) == ids
+        finally:
+            os.close(fd)
 
 
 def test_a_table_written_as_memory_reads_back_like_one_written_by_batch_update() -> None:

@@ -1,0 +1,56 @@
+"""Issue 12 scratch driver: the NAT rows of scripts/bench_datapath.py (nat_cases) and the DSR
+new-flow rows for several bpf/ directories in one run, interleaved per repetition.
+
+    flock /tmp/lbxdp-heavy.lock .venv/bin/python scripts/gate_variants/natv.py --calls 20000 --reps 9 head=bpf x=/tmp/x/bpf
+"""
+import sys, uuid, shutil, statistics, os, argparse
+from pathlib import Path
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "scripts"))
+import bench_datapath as b
+from lbxdp import loader, bpfsys
+ap = argparse.ArgumentParser()
+ap.add_argument("--calls", type=int, default=20000); ap.add_argument("--reps", type=int, default=9)
+ap.add_argument("--full", action="store_true", help="also the rows on a full conntrack (default capacity)")
+ap.add_argument("dirs", nargs="+")  # label=dir[:DEF1,DEF2]
+a = ap.parse_args()
+os.sched_setaffinity(0, {1})
+n = a.calls + b.WARMUP
+stub, stub_fd = loader.compile_stub()
+syn4 = b.frame(b.CLIENT4, b.VIP4, 999, 80, 6)
+cases = [b.Case("floor", bpfsys.TestRunner(stub_fd), [syn4], b.XDP_PASS)]
+nf = {"v4": b.new_flow_frames(n, b.VIP4, b.CLIENT4), "ack4": b.new_flow_frames(n, b.VIP4, b.CLIENT4, tcp_flags=0x10),
+      "rr": b.new_flow_frames(n, b.VIP4, b.CLIENT4, 81), "v6": b.new_flow_frames(n, b.VIP6, b.CLIENT6),
+      "nat85": b.new_flow_frames(n, b.VIP4, b.CLIENT4, 85), "nat86": b.new_flow_frames(n, b.VIP4, b.CLIENT4, 86)}
+rows = {"tcp syn new flow v4, not under flood", "tcp ack new flow v4 (recorded)"}
+progs, pins = [], []
+roomy = 1 << (2 * n - 1).bit_length()
+try:
+    for spec in a.dirs:
+        label, _, rest = spec.partition("=")
+        d, _, defs = rest.partition(":")
+        extra = tuple(x for x in defs.split(",") if x)
+        for full in ((False, True) if a.full else (False,)):
+            pins.append(Path(f"/sys/fs/bpf/lbxdp-nv-{uuid.uuid4().hex[:10]}"))
+            progs.append(loader.compile_program(loader.BuildConfig(pin_dir=pins[-1], src_dir=Path(d) if d else None,
+                         defines=extra + (() if full else (f"LBX_NAT_CAPACITY={roomy}",)))))
+            cs = b.nat_cases(progs[-1], nf, full)
+            if not full:   # the DSR rows on a program of their own (program_cases applies its own VIPs)
+                pins.append(Path(f"/sys/fs/bpf/lbxdp-nv-{uuid.uuid4().hex[:10]}"))
+                progs.append(loader.compile_program(loader.BuildConfig(pin_dir=pins[-1], src_dir=Path(d) if d else None,
+                             defines=extra)))
+                cs += [c for c in b.program_cases("", progs[-1], nf, syn4) if c.name in rows]
+            for c in cs:
+                c.name = f"{label}: {c.name}"
+            cases += cs
+    reps = {c.name: [] for c in cases}
+    for _ in range(a.reps):
+        for c in cases:
+            reps[c.name].append(b.measure(c, a.calls))
+finally:
+    for p in progs: p.close()
+    stub.cleanup()
+    for d in pins: shutil.rmtree(d, ignore_errors=True)
+print(f"calls {a.calls} x reps {a.reps}")
+for k, v in reps.items():
+    print(f"| {k} | {statistics.median(v):.1f} | {min(v):.1f} |")
