@@ -173,3 +173,51 @@ def test_same_layout_keeps_every_map(inst: Instance, monkeypatch: pytest.MonkeyP
     finally:
         first.close()
     assert not (inst.pin_dir / migrate.STAGING).exists()
+
+
+LAST_RELEASE = "9de896e"   # the last release with u32 table slots and per-CPU LRU limiter buckets
+
+
+@pytest.mark.parametrize("old_bpf", [LAST_RELEASE], indirect=True)
+def test_upgrade_from_the_last_release_repacks_tables_and_keeps_handshakes(old_bpf: Path, inst: Instance) -> None:
+    """The release before packed tables (bpf/abi.h LBX_TABLE_SLOTS_PER_WORD) and set-associative
+    limiter buckets (bpf/limit.h): its u32 tables are rewritten slot for slot, so a handshake
+    begun before the upgrade (its SYN forwarded by the old program: the hash VIP by its table, the
+    round-robin VIP from the half-open table) ends on the same backend after it; every other map
+    is kept or converted; only the limiter's buckets (soft state: a source starts again with a
+    full bucket) are recreated."""
+    build = loader.BuildConfig(pin_dir=inst.pin_dir)
+    old = loader.compile_program(loader.BuildConfig(pin_dir=inst.pin_dir, src_dir=old_bpf))
+    new = None
+    try:
+        loader.save_schema(inst, old.schema)   # what that release's attach saved (same reason names)
+        old_maps = Maps(old.maps)
+        old_maps.set_own_mac(LB_MAC)
+        Balancer(old_maps).apply(BASE, macs={})
+        assert old.maps[abi.Map.TABLE_TMPL].info.value_size == 4, "not the release this test is about"
+        flows = _flows(12)
+        with one_cpu():
+            first = [bpfsys.TestRunner(old.fd).run(f) for f in flows]
+        assert {r.retval for r in first} == {XDP_TX}
+        tables = {m.id: old_maps.table(m.id) for m in old_maps.vips().values()}
+        assert sum(len(t) for t in tables.values()) > 8, "tables to repack"
+
+        adopted = migrate.upgrade(inst, build)
+        new = loader.compile_program(build)
+        old.close()
+        old = None
+        assert adopted[abi.Map.TABLES] == f"migrated ({sum(1 for t in tables.values() if t)} entries)", adopted
+        assert {n: how for n, how in adopted.items() if how == migrate.RECREATED} == \
+            {abi.Map.SRC_LIMIT: migrate.RECREATED, abi.Map.SRC_LIMIT4: migrate.RECREATED}, adopted
+        maps = Maps(new.maps)
+        assert maps.m[abi.Map.TABLE_TMPL].info.value_size == 8
+        assert {i: maps.table(i) for i in tables} == tables
+        with one_cpu():
+            after = [bpfsys.TestRunner(new.fd).run(_ack(f)) for f in flows]
+        assert [r.retval for r in after] == [XDP_TX] * len(flows)
+        assert [r.data[:6] for r in after] == [r.data[:6] for r in first], "a handshake changed its backend"
+    finally:
+        if old is not None:
+            old.close()
+        if new is not None:
+            new.close()
