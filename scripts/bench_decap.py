@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
 import uuid
@@ -68,12 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                 run, f = c.runner.run, c.frames[0]
                 ns[c.name].append(sum(run(f).duration_ns for _ in range(args.calls)) / args.calls)
     finally:
-        for p in progs:
-            p.close()
-        if stub is not None:
-            stub.cleanup()
-        for d in pins:
-            shutil.rmtree(d, ignore_errors=True)
+        bd.release(progs, stub, pins)
     floor = ns[cases[0].name]
     info = bd.machine()
     print(f"{info['cpu']}, {info['nproc']} CPUs, kernel {info['kernel']}; pinned to CPU {cpu}; "

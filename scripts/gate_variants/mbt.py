@@ -80,9 +80,7 @@ try:
                 nm.update_batch([nm.Key(k) for k in keys[i:i + 8192]], [nm.Leaf(v) for v in flat[i:i + 8192]])
             for (scope, ver), r in roots.items():
                 rm.update(rm.Key(scope * 2 + (ver == 6)), rm.Leaf(r))
-        for c in cs:
-            c.name = f"{label}: {c.name}"
-        cases += cs
+        cases += b.labelled(cs, label)
     # agreement check: a random address inside each of 400 random rules, both programs
     import random
     rnd = random.Random(5)
@@ -97,14 +95,7 @@ try:
             r = [x.run(f).retval for x in runners]
             bad += r[0] != r[1]; dropped += r[0] == 1
         print(f"agreement {client}: {400 - bad}/400 same verdict ({dropped} dropped by the trie)", file=sys.stderr)
-    reps = {c.name: [] for c in cases}
-    for _ in range(a.reps):
-        for c in cases:
-            reps[c.name].append(b.measure(c, a.calls))
+    reps = b.interleaved(cases, a.reps, a.calls)
 finally:
-    for p in progs: p.close()
-    stub.cleanup()
-    for d in pins: shutil.rmtree(d, ignore_errors=True)
-print(f"calls {a.calls} x reps {a.reps}, {a.prefixes} prefixes")
-for k, v in reps.items():
-    print(f"| {k} | {statistics.median(v):.1f} | {min(v):.1f} |")
+    b.release(progs, stub, pins)
+b.print_medians(reps, f"calls {a.calls} x reps {a.reps}, {a.prefixes} prefixes")

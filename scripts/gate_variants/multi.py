@@ -43,20 +43,11 @@ try:
             cs = [c for c in cs if "new flow" in c.name]
         else:
             cs = [c for c in b.program_cases("", progs[-1], nf, syn4) if c.name in rows]
-        for c in cs:
-            c.name = f"{label}: {c.name}"
-        cases += cs
-    reps = {c.name: [] for c in cases}
-    for _ in range(a.reps):
-        for c in cases:
-            reps[c.name].append(b.measure(c, a.calls))
+        cases += b.labelled(cs, label)
+    reps = b.interleaved(cases, a.reps, a.calls)
 finally:
-    for p in progs: p.close()
-    stub.cleanup()
-    for d in pins: shutil.rmtree(d, ignore_errors=True)
-print(f"calls {a.calls} x reps {a.reps}")
-for k, v in reps.items():
-    print(f"| {k} | {statistics.median(v):.1f} | {min(v):.1f} |")
+    b.release(progs, stub, pins)
+b.print_medians(reps, f"calls {a.calls} x reps {a.reps}")
 if a.admission:
     # Paired: each row minus its program's "no rules" row of the same family in the same repetition
     # (consecutive measurements), then the median and quartiles over repetitions.
