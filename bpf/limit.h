@@ -15,8 +15,8 @@
  * indebted one forgotten (that source then starts again with a full bucket: an eviction can
  * only admit more, never refuse a source). The LRU per-CPU hashes this replaced cost a call
  * (jhash, the bucket walk, the LRU list) of ~20-40 ns per new flow (docs/benchmarks.md, issue 11).
- * A CPU reads and writes only its own TATs, so there is no atomic and no lock on the hot path. The cost is that a source
- * whose flows are spread over N CPUs (RSS hashes each 5-tuple, so one client's flows usually
+ * A CPU reads and writes only its own TATs, so there is no atomic and no lock on the hot path.
+ * The cost is that a source whose flows are spread over N CPUs (RSS hashes each 5-tuple, so one client's flows usually
  * are) has N buckets: its effective limit lies between rate (all its flows on one queue) and N x rate, and
  * its burst between burst and N x burst. The control plane does NOT divide by the CPU count:
  * a source whose flows all land on one queue would then get rate / N. The configured rate is

@@ -27,20 +27,20 @@ BPF_TABLE_PINNED("array", __u32, struct backend, lbx_backends, LBX_MAX_BACKENDS,
 
 /*
  * Template of the per-VIP tables below (abi.h: four 16-bit slots per u64 value, so the value
- * type is __u64); never used itself. BPF_F_INNER_MAP lets every VIP's
- * table have its own size (a 65537-slot Maglev table beside a 3-slot round robin);
- * BPF_F_MMAPABLE lets the control plane write a new table as memory (0.4 ms for 65537 slots)
- * instead of by a batch update, which the kernel applies slot by slot (13 ms).
- * Every table gets these flags: the kernel refuses an inner map whose flags differ.
+ * type is __u64); never used itself. BPF_F_INNER_MAP lets every VIP's table have its own size
+ * (a 65537-slot Maglev table beside a 3-slot round robin); BPF_F_MMAPABLE lets the control
+ * plane write a new table as memory (0.4 ms for 65537 slots) instead of by a batch update,
+ * which the kernel applies slot by slot (13 ms). Every table gets these flags: the kernel
+ * refuses an inner map whose flags differ.
  */
 BPF_TABLE_PINNED("array", __u32, __u64, lbx_table_tmpl, 1, LBX_PIN_DIR "/lbx_table_tmpl",
 		 BPF_F_INNER_MAP | BPF_F_MMAPABLE);
 
 /*
- * vip id -> that VIP's table: slot -> backend id (packed, abi.h), built by lbxdp.ring (Maglev or a weighted
- * sequence). Written by lbxdp.maps.Maps.write_tables only: it builds a new table aside and swaps
- * it in with one write of this map (many VIPs' tables per write), so a packet never sees a
- * half-written table.
+ * vip id -> that VIP's table: slot -> backend id (packed four to a value, abi.h), built by
+ * lbxdp.ring (Maglev or a weighted sequence). Written by lbxdp.maps.Maps.write_tables only: it
+ * builds a new table aside and swaps it in with one write of this map (many VIPs' tables per
+ * write), so a packet never sees a half-written table.
  */
 BPF_TABLE_PINNED("array_of_maps$lbx_table_tmpl", int, int, lbx_tables, LBX_MAX_VIPS,
 		 LBX_PIN_DIR "/lbx_tables");

@@ -23,7 +23,8 @@ fresh with the new layout):
   - otherwise the staged map is filled from the pinned one, converting keys and values field by
     field by name (old layouts from the instance's saved schema.json; a field the old layout
     lacks starts at 0, which for backend.mode means DSR; reason counters by reason name; inner
-    tables re-inserted into a new outer map), and then renamed over the pin (bpffs renames
+    tables re-inserted into a new outer map; a release's u32-per-slot tables rewritten as the packed
+    tables of bpf/abi.h, slot for slot), and then renamed over the pin (bpffs renames
     atomically: a reader opens the old map or the new one, never a half state): "migrated (N
     entries)". A map that cannot be converted (no saved schema and other sizes; inner tables the
     new template refuses) starts empty: "recreated".

@@ -86,7 +86,8 @@ DEFINES = {
 
 # struct -> the abi constant that mirrors its pinned size
 SIZES = {"lbx_ctl": "CTL_SIZE", "backend": "BACKEND_SIZE", "lbx_admit": "ADMIT_SIZE",
-         "nat_entry": "NAT_ENTRY_SIZE", "nat_cfg": "NAT_CFG_SIZE", "nat_backend": "NAT_BACKEND_SIZE"}
+         "nat_entry": "NAT_ENTRY_SIZE", "nat_cfg": "NAT_CFG_SIZE", "nat_backend": "NAT_BACKEND_SIZE",
+         "src_set4": "SRC_SET4_SIZE", "src_set6": "SRC_SET6_SIZE"}
 
 
 # --- the parser -------------------------------------------------------------------------------
