@@ -25,7 +25,8 @@
 /* The half-open table (select.h): SYNs (and first UDP datagrams) whose choice the VIP's table
  * cannot reproduce later, until the client's next packet records the flow. */
 #ifndef LBX_HALF_OPEN_CAPACITY
-#define LBX_HALF_OPEN_CAPACITY 16384 /* slots: a power of two, a multiple of LBX_HALF_OPEN_WAYS */
+#define LBX_HALF_OPEN_CAPACITY 65536 /* slots: a power of two, a multiple of LBX_HALF_OPEN_WAYS (README: how long
+				      * a handshake survives a flood: ~capacity / flooding SYNs per second) */
 #endif
 #ifndef LBX_HALF_OPEN_WAYS
 #define LBX_HALF_OPEN_WAYS 4         /* slots per bucket of the half-open table (maps.h): 1, 2 or 4 */

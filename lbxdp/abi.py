@@ -12,7 +12,7 @@ import enum
 MAX_VIPS = 1024          # LBX_MAX_VIPS (default; BuildConfig may override)
 MAX_BACKENDS = 16384     # LBX_MAX_BACKENDS
 FLOW_CAPACITY = 65536    # LBX_FLOW_CAPACITY
-HALF_OPEN_CAPACITY = 16384  # LBX_HALF_OPEN_CAPACITY (slots)
+HALF_OPEN_CAPACITY = 65536  # LBX_HALF_OPEN_CAPACITY (slots)
 HALF_OPEN_WAYS = 4       # LBX_HALF_OPEN_WAYS (slots per bucket)
 TIME_SHIFT = 30          # LBX_TIME_SHIFT: the program's clock is CLOCK_MONOTONIC ns >> this
 SETTLE_UNITS = 2         # LBX_SETTLE_UNITS

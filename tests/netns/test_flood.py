@@ -179,7 +179,10 @@ def test_a_spoofed_flood_breaks_no_established_connection(rig: Rig, tmp_path: Pa
     if kind == "ack":
         assert out["flood"].skipped > 0, f"no bare ACK was refused a record: {figures}"
     else:
-        assert out["flood"].half_open_written > out["flood_stats"]["sent"] // 4, figures
+        # every first SYN of a tuple on the round-robin VIP (half the flood) is written; with "syn2"
+        # its copy follows the entry it wrote (unless a spoofed SYN took the slot meanwhile)
+        share = 8 if kind == "syn2" else 4
+        assert out["flood"].half_open_written > out["flood_stats"]["sent"] // share, figures
 
 
 def test_without_the_gate_the_same_flood_breaks_connections(rig: Rig, tmp_path: Path,
