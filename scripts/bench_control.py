@@ -108,7 +108,7 @@ class Phases:
                 self.wrap(maps, name, "read")
         for name in ("maglev", "weighted_rr"):
             self.wrap(ring, name, "build")
-        for name in ("array_create", "array_fill"):
+        for name in ("array_create", "array_fill", "table_fill"):
             self.wrap(bpfsys, name, "fill")
         for name in ("update", "update_batch"):
             self.wrap(maps.tables_map, name, "swap")
@@ -180,7 +180,7 @@ def table_memory(maps: Maps) -> dict[str, int]:
         finally:
             os.close(fd)
         memlock += int(info["memlock"])
-        slots += int(info["max_entries"])
+        slots += meta.table_size   # not max_entries: a packed table holds four slots per entry (bpf/abi.h)
         tables += 1
     return {"tables": tables, "slots": slots, "memlock_bytes": memlock}
 
