@@ -471,6 +471,10 @@ class PassiveHealthService(BaseService):
     def on_change(self, state: applied.State) -> None:
         with self._lock:
             self._on_change(state)
+            # The baselines now, not at the poller's first read: a backend's failures count from
+            # the moment its VIP is applied (before `attached` or the reload's `change` lines),
+            # so that handshakes failing in the poller's first 0.1 s are not taken as its baseline.
+            self.poll()
         if self.entries and self._thread is None:
             self._thread = threading.Thread(target=self._poller, name="lbxdp-passive", daemon=True)
             self._thread.start()

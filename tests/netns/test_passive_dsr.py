@@ -11,8 +11,10 @@ backend's service port (8080, connect timeout TIMEOUT), which the dropping backe
 
 What is shown:
 - at 20 connections/s such a backend is marked down (backend-down cause=passive) within 1 s of
-  the first failed handshake's SYN (the issue's "within 10 failed handshakes or 1 s": the time is
-  asserted, the count printed: about 8-11 with the Maglev table's share at this rate).
+  the first failed handshake's SYN or within 10 failed handshakes (the issue's words; 0.56-0.92 s
+  and 7-10 in six runs). The daemon takes each backend's baseline when its VIP is applied: taken
+  at the poller's first read instead, 0.1 s later, the clients' first failures became the baseline
+  and 3 runs of 4 took 1.05-1.09 s.
   A failed handshake is one whose first SYN went unanswered (its connect took a retransmission,
   which reaches the other backend once the first is down). Measured before the pending-handshake
   signal (the clients' 1 s RTO, the daemon's 1 s tick, a 0.5 s confirmation): ~2 s and ~20;
@@ -155,8 +157,12 @@ def test_a_backend_dropping_syns_is_marked_down_at_20_connections_per_second(
     print(f"\n[passive-dsr] be1 down {at - failed[0]:.2f}s after the first failed SYN (suspected after "
           f"{suspect_at - failed[0]:.2f}s); {len(failed_before)} failed handshakes started before it, "
           f"{len(c.results)} connections in all; suspect {suspect}; down {ev}")
-    assert at - failed[0] <= 1.0, (at - failed[0], [round(s - failed[0], 2) for s in failed_before], d.text())
-    assert len(failed_before) <= 2 * FAILURES + 5, (len(failed_before), d.text())
+    # The issue's bound, "within 10 failed handshakes or 1 s": either holds. Which one is luck of
+    # the table (be1's share of 20 connections/s): few connections reaching be1 make a late but
+    # short run, many an early one with more failures. Both failing means a slow mechanism.
+    took, n = at - failed[0], len(failed_before)
+    assert took <= 1.0 or n <= 10, (took, [round(s - failed[0], 2) for s in failed_before], d.text())
+    assert took <= 1.5 and n <= 2 * FAILURES + 5, (took, n, d.text())
     # Right after the event new connections reach be2 only. Right after: be1's check port
     # answers, so the checker's rise (2 x 1 s) brings it back about a second later (the confirming
     # check is on the service port, the rise on the check port: README), and it fails again.
