@@ -410,6 +410,7 @@ _Static_assert(sizeof(struct lbx_count) == 16, "also update lbxdp/abi.py");
  * LBX_ACL_SCOPE(family, id). Written by lbxdp.maps.Maps.write_admission only.
  */
 #define LBX_ADMIT_GLOBAL LBX_MAX_VIPS /* lbx_admit index of the [balancer] rules */
+#define LBX_RETIRED_ALL LBX_MAX_VIPS  /* lbx_vip_retired index of every retired entry */
 #define LBX_ACL_MAX 16384             /* rules (plus each scope's implicit "not allowed" /0) in one trie */
 #define LBX_ACL_SCOPE(family, id) ((__u32)(family) << 24 | (id))
 #define LBX_ADMIT_F_ACL_V4 0x01       /* the trie has entries of this scope for IPv4 sources */

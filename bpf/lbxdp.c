@@ -84,6 +84,8 @@ int lbxdp_ingress(struct xdp_md *ctx)
 	r = forward(ctx, &pkt, &sel, &nf);              /* forward.h: by the entry's mode */
 	if (r != LBX_R_OK)
 		return count(forward_verdict(r), r, &pkt);
-	account(&sel, &pkt);                            /* stats.h */
-	return count(XDP_TX, pkt.flags & LBX_PKT_F_ICMP_ERR ? LBX_R_TX_ICMP_STEERED : LBX_R_TX_FORWARD, &pkt);
+	account(&sel, &pkt);                            /* stats.h: the backend's counter */
+	if (pkt.flags & LBX_PKT_F_ICMP_ERR)
+		return count(XDP_TX, LBX_R_TX_ICMP_STEERED, &pkt);
+	return count(XDP_TX, LBX_R_TX_FORWARD, &pkt);   /* stats.h: account() counted it */
 }

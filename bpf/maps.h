@@ -77,11 +77,17 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct lbx_flood, lbx_flood, 1, LBX_PIN_
 BPF_TABLE_PINNED("percpu_array", __u32, __u32, lbx_rr, LBX_MAX_VIPS,
 		 LBX_PIN_DIR "/lbx_rr");
 
-/* vip id -> traffic counters. Written by the program, read by lbxdp status and the exporter. */
-BPF_TABLE_PINNED("percpu_array", __u32, struct lbx_stats, lbx_vip_stats, LBX_MAX_VIPS,
-		 LBX_PIN_DIR "/lbx_vip_stats");
+/* vip id -> the counters of its backend entries retired so far; LBX_RETIRED_ALL -> those of every
+ * entry ever retired. Written by the control plane only (lbxdp.maps.Maps.retire_backend_counters):
+ * the program counts a forwarded packet once, in lbx_be_stats, and a VIP's counters (and the
+ * tx_forward reason) are its backends' sums plus these (docs/benchmarks.md: two per-CPU counters
+ * less per packet, ~15 ns on an established flow). Before this map, lbx_vip_stats was written
+ * per packet; lbxdp.migrate fills this one from it. */
+BPF_TABLE_PINNED("array", __u32, struct lbx_stats, lbx_vip_retired, LBX_MAX_VIPS + 1,
+		 LBX_PIN_DIR "/lbx_vip_retired");
 
-/* backend id -> traffic counters. Written by the program; reset by the control plane on reuse. */
+/* backend id -> traffic counters. Written by the program; folded into lbx_vip_retired and reset
+ * by the control plane when the entry is retired. */
 BPF_TABLE_PINNED("percpu_array", __u32, struct lbx_stats, lbx_be_stats, LBX_MAX_BACKENDS,
 		 LBX_PIN_DIR "/lbx_be_stats");
 

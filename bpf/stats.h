@@ -8,14 +8,23 @@
 #include "select.h"
 #include "trace.h"
 
-/* Count a packet under its reason and return the verdict, so every exit reads `return count(...)`. */
+/*
+ * Count a packet under its reason and return the verdict, so every exit reads `return count(...)`.
+ * LBX_R_TX_FORWARD is the one reason not counted here: a forwarded packet is counted once, by
+ * account() in its backend's entry, and the control plane derives the reason's count from those
+ * (lbxdp.maps.Maps.reasons: the backends' sums, plus lbx_vip_retired's, less the ICMP errors
+ * steered, which account() counts too). Every call site passes a constant: the test is compiled out.
+ */
 static __always_inline int count(int verdict, __u32 reason, const struct pkt *pkt)
 {
-	struct lbx_count *c = lbx_reasons.lookup(&reason);
+	struct lbx_count *c;
 
-	if (c) {
-		c->packets++;
-		c->bytes += pkt->len;
+	if (reason != LBX_R_TX_FORWARD) {
+		c = lbx_reasons.lookup(&reason);
+		if (c) {
+			c->packets++;
+			c->bytes += pkt->len;
+		}
 	}
 	LBX_TRACE_END(verdict, reason, &pkt->flow);   /* trace.h: nothing unless -DLBX_TRACE */
 	return verdict;
@@ -30,11 +39,11 @@ static __always_inline void add_stats(struct lbx_stats *s, const struct pkt *pkt
 	s->new_flows += new_flow;
 }
 
-/* Traffic of the VIP and of the backend that the packet was sent to. */
+/* Traffic of the backend that the packet was sent to: its VIP's is the sum of its backends'
+ * (lbx_vip_retired above them), so one per-CPU counter per forwarded packet. */
 static __always_inline void account(const struct selection *sel, const struct pkt *pkt)
 {
 	LBX_TRACE_SEL(sel->vip_id, sel->backend_id);
-	add_stats(lbx_vip_stats.lookup((__u32 *)&sel->vip_id), pkt, sel->new_flow);
 	add_stats(lbx_be_stats.lookup((__u32 *)&sel->backend_id), pkt, sel->new_flow);
 }
 

@@ -206,7 +206,7 @@ class Map(str, enum.Enum):
     HALF_OPEN = "lbx_half_open"
     FLOOD = "lbx_flood"
     RR = "lbx_rr"
-    VIP_STATS = "lbx_vip_stats"
+    VIP_RETIRED = "lbx_vip_retired"
     BE_STATS = "lbx_be_stats"
     REASONS = "lbx_reasons"
     CTL = "lbx_ctl"
@@ -229,6 +229,11 @@ class Map(str, enum.Enum):
     QUIC_STATS = "lbx_quic_stats"
     QUIC_VIP = "lbx_quic_vip"
     QUIC_SID = "lbx_quic_sid"
+
+
+LEGACY_VIP_STATS = "lbx_vip_stats"
+"""The per-CPU VIP counters the program wrote per packet until lbx_vip_retired replaced them
+(lbxdp.migrate fills lbx_vip_retired from this pin and removes it)."""
 
 
 # --- QUIC connection-ID routing (bpf/quic.h, issue 13) -------------------------------------------

@@ -272,6 +272,7 @@ class Balancer:
         self.maps.set_nat_cfg(nat_cfg_of(cfg.balancer, nat_sources))
         self.maps.add_to_nat_filter(nat_addresses(cfg))
         diff, retired, switches = Diff(), [], []
+        retired_from: dict[int, int | None] = {}   # retired entry -> its VIP's id, None when the VIP goes too
         quic_ids: dict[int, dict[int, tuple[int, bool]]] = {}
         backups: dict[int, list[int]] = {}   # VIP id -> lbx_backups
         peers: dict[int, tuple[int, ...]] = {}   # backend entry id -> lc_peer (leastconn VIPs)
@@ -280,6 +281,7 @@ class Balancer:
             # An established flow finds its backend without a VIP lookup: an entry must not
             # outlive its VIP (an id's next owner gets a new generation, but this one is active).
             self.maps.deactivate_backend(e.id)
+            self.maps.retire_backend_counters(e.id, None)
             diff.add(f"- backend {e.name} of a VIP that no longer exists (id {e.vip_id})")
         self.maps.add_to_vip_filter({k.address for k in current} | {v.address for v in cfg.vips})
         desired = {v.key for v in cfg.vips}
@@ -321,6 +323,7 @@ class Balancer:
             for addr_port, e in have.items():
                 if addr_port not in kept:
                     retired.append(e.id)
+                    retired_from[e.id] = vip_id
                     diff.add(f"- backend {e.name} from {vip.name}")
             # LBX_VIP_F_ADMIT: admit() reads lbx_admit only for a VIP whose flag says either
             # scope has rules. Written with the meta in _switch_tables, after _apply_admission:
@@ -346,6 +349,7 @@ class Balancer:
                 diff.add(f"- vip {key.name}")
         for bid in retired:
             self.maps.deactivate_backend(bid)
+            self.maps.retire_backend_counters(bid, retired_from.get(bid))
         diff.retired = retired
         self.maps.reset_vip_filter({v.address for v in cfg.vips})
         self.maps.reset_nat_filter(nat_addresses(cfg))

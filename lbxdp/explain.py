@@ -42,9 +42,10 @@ from .maps import Maps, addr_bytes, flow_words_hash, mac_str, src_limit_set
 # Maps the program only reads: shared with the live program.
 SHARED = frozenset({abi.Map.VIPS, abi.Map.VIP_FILTER, abi.Map.BACKENDS, abi.Map.TABLE_TMPL, abi.Map.TABLES,
                     abi.Map.CTL, abi.Map.ADMIT, abi.Map.ACL_TMPL, abi.Map.ACL, abi.Map.NAT_CFG,
-                    abi.Map.NAT_FILTER, abi.Map.QUIC_IDS, abi.Map.QUIC_SID, abi.Map.BACKUPS, abi.Map.MBT_TMPL, abi.Map.ACL_MBT})
+                    abi.Map.NAT_FILTER, abi.Map.QUIC_IDS, abi.Map.QUIC_SID, abi.Map.BACKUPS, abi.Map.MBT_TMPL, abi.Map.ACL_MBT,
+                    abi.Map.VIP_RETIRED})   # ... or never touches (the control plane's counters)
 # Maps the program writes: scratch copies, filled per query with what the packet can read.
-WRITTEN = frozenset({abi.Map.FLOWS, abi.Map.HALF_OPEN, abi.Map.FLOOD, abi.Map.RR, abi.Map.VIP_STATS,
+WRITTEN = frozenset({abi.Map.FLOWS, abi.Map.HALF_OPEN, abi.Map.FLOOD, abi.Map.RR,
                      abi.Map.BE_STATS, abi.Map.REASONS, abi.Map.SRC_LIMIT, abi.Map.SRC_LIMIT4, abi.Map.NAT, abi.Map.NAT_BE,
                      abi.Map.NAT_SCRATCH, abi.Map.CONNS, abi.Map.QUIC_STATS, abi.Map.QUIC_VIP,
                      abi.Map.BACKUP_OVERFLOWS})
@@ -426,8 +427,8 @@ class DryRun:
             if any(c.packets for c in per_cpu):
                 backend, new_flow = bid, any(c.new_flows for c in per_cpu)
                 stats.zero(bid)
-        if vip_id is not None:
-            self.sm[abi.Map.VIP_STATS].zero(vip_id)
+        if reason is None and backend is not None:
+            reason = abi.Reason.TX_FORWARD   # the one reason bpf/stats.h leaves to the backend's counter
         for name in (abi.Map.FLOWS, abi.Map.NAT):
             if name in self.sm:
                 self.sm[name].delete(self.sm[name].Key.from_buffer_copy(bytes(key)))

@@ -169,7 +169,9 @@ class Source:
     prog_type: str = "XDP"   # bcc.BPF's name of the program type (SCHED_CLS: tc)
 
 
-BALANCER = Source("lbxdp.c", abi.PROGRAM, tuple(m.value for m in abi.Map))
+BALANCER = Source("lbxdp.c", abi.PROGRAM, tuple(m.value for m in abi.Map) + (abi.LEGACY_VIP_STATS,))
+# Maps only older programs declare (scripts' --baseline-dir builds, and upgrade tests): read when there.
+_LEGACY_MAPS = frozenset({abi.LEGACY_VIP_STATS})
 DECAP = Source("decap.c", abi.DECAP_PROGRAM, tuple(m.value for m in abi.DecapMap))   # lbxdp.decap
 PROBE = Source("probe.c", abi.PROBE_PROGRAM, (abi.Map.BACKENDS.value, abi.Map.CTL.value), "SCHED_CLS")   # lbxdp.probe
 
@@ -200,8 +202,8 @@ def compile_program(build: BuildConfig, source: Source = BALANCER) -> Program:
     schema, maps = {}, {}
     for name in source.maps:
         key = lib.bpf_table_key_desc(b.module, name.encode())
-        if key is None and build.src_dir is not None:
-            continue   # older sources lack newer maps
+        if key is None and (build.src_dir is not None or name in _LEGACY_MAPS):
+            continue   # older sources lack newer maps, newer ones older maps
         leaf = lib.bpf_table_leaf_desc(b.module, name.encode())
         schema[name] = {"key": json.loads(key), "leaf": json.loads(leaf)}
     if abi.Map.MBT_TMPL.value in schema:

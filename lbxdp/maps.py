@@ -364,6 +364,25 @@ class Stats:
     new_flows: int = 0
 
 
+def _total(parts: Iterable[Stats]) -> Stats:
+    parts = list(parts)
+    return Stats(sum(p.packets for p in parts), sum(p.bytes for p in parts), sum(p.new_flows for p in parts))
+
+
+def stats_total(m: Any) -> Stats:
+    """Every entry of a per-CPU array of struct lbx_stats (three u64), summed over entries and
+    CPUs: one batch read per 4,096 entries and three slice sums, not a lookup per entry (16,384
+    backend entries)."""
+    words = 3
+    assert m.percpu and ctypes.sizeof(m.Leaf) == 8 * words, "struct lbx_stats: packets, bytes, new_flows"
+    out = [0] * words
+    for _keys, values, n in m.batches(chunk=4096):
+        flat = (ctypes.c_uint64 * (n * bpfsys.possible_cpus() * words)).from_buffer(values)
+        for i in range(words):
+            out[i] += sum(flat[i::words])
+    return Stats(*out)
+
+
 @dataclass(frozen=True)
 class BackendView:
     """One backend entry as status and the exporter show it."""
@@ -1070,23 +1089,74 @@ class Maps:
         return Stats(sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu),
                      sum(c.new_flows for c in per_cpu))
 
+    @property
+    def counts_per_vip(self) -> bool:
+        """The maps of a program older than lbx_vip_retired, which counted every forwarded packet
+        in its VIP's lbx_vip_stats and under tx_forward too (a status of the running program
+        before the new one is attached): read those as they are."""
+        return abi.Map.VIP_RETIRED not in self.m and abi.LEGACY_VIP_STATS in self.m
+
+    @property
+    def retired_all(self) -> int:
+        """lbx_vip_retired's index of every retired entry (LBX_RETIRED_ALL: after the last VIP)."""
+        return self.m[abi.Map.VIP_RETIRED].info.max_entries - 1
+
+    def _retired(self, index: int) -> Stats:
+        v = self.m[abi.Map.VIP_RETIRED].lookup(index)
+        return Stats(v.packets, v.bytes, v.new_flows) if v is not None else Stats(0, 0, 0)
+
     def vip_stats(self, vip_id: int) -> Stats:
-        return self._sum(abi.Map.VIP_STATS, vip_id)
+        """The VIP's counters: its active backend entries' plus those it retired (the program
+        counts a forwarded packet in its backend's entry only: bpf/stats.h)."""
+        if self.counts_per_vip:
+            return self._sum(abi.LEGACY_VIP_STATS, vip_id)
+        return _total([self._retired(vip_id)] + [self.backend_stats(e.id) for e in self.backends().values()
+                                                 if e.vip_id == vip_id])
 
     def backend_stats(self, backend_id: int) -> Stats:
         return self._sum(abi.Map.BE_STATS, backend_id)
 
     def reasons(self) -> dict[abi.Reason, tuple[int, int]]:
-        """(packets, bytes) per exit reason, summed over CPUs."""
+        """(packets, bytes) per exit reason, summed over CPUs. tx_forward is derived (bpf/stats.h
+        does not count it): every backend entry's packets (any entry: one whose id was freed may
+        still hold a few) plus the retired ones', less the ICMP errors steered (account() counts
+        those in their backend too)."""
+        out = self.counted_reasons()
+        if self.counts_per_vip:
+            return out
+        fwd = _total([self._retired(self.retired_all), stats_total(self.m[abi.Map.BE_STATS])])
+        steered = out.get(abi.Reason.TX_ICMP_STEERED, (0, 0))
+        out[abi.Reason.TX_FORWARD] = (max(0, fwd.packets - steered[0]), max(0, fwd.bytes - steered[1]))
+        return out
+
+    def counted_reasons(self) -> dict[abi.Reason, tuple[int, int]]:
+        """(packets, bytes) per exit reason as the program counts them (lbx_reasons, summed over
+        CPUs): tx_forward stays 0 (reasons() derives it). Cheap: no read of the backends'."""
         m, out = self.m[abi.Map.REASONS], {}
         for r in abi.Reason.exits():
             per_cpu = m.lookup(int(r)) or []
             out[r] = (sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu))
         return out
 
+    def retire_backend_counters(self, backend_id: int, vip_id: int | None) -> None:
+        """The entry leaves service: add its counters to its VIP's retired ones (vip_id; None when
+        the VIP goes too) and to every entry's, then zero them, so that neither the VIP's counters
+        nor tx_forward go down when it is removed, and its id's next owner starts from zero.
+        Call it after the entry is deactivated (no packet counts in it any more)."""
+        s = self.backend_stats(backend_id)
+        if self.counts_per_vip or s == Stats(0, 0, 0):
+            self.m[abi.Map.BE_STATS].zero(backend_id)
+            return
+        m = self.m[abi.Map.VIP_RETIRED]
+        for index in ([vip_id] if vip_id is not None else []) + [self.retired_all]:
+            v = m.lookup(index) or m.Leaf()
+            v.packets, v.bytes, v.new_flows = v.packets + s.packets, v.bytes + s.bytes, v.new_flows + s.new_flows
+            m.update(index, v)
+        self.m[abi.Map.BE_STATS].zero(backend_id)
+
     def reset_vip_counters(self, vip_id: int) -> None:
         """A reused VIP id starts from zero (counters and round-robin position)."""
-        self.m[abi.Map.VIP_STATS].zero(vip_id)
+        self.m[abi.LEGACY_VIP_STATS if self.counts_per_vip else abi.Map.VIP_RETIRED].zero(vip_id)
         self.m[abi.Map.RR].zero(vip_id)
         if abi.Map.BACKUP_OVERFLOWS in self.m:   # issue 13: its backup overflows
             self.m[abi.Map.BACKUP_OVERFLOWS].zero(vip_id)
@@ -1095,7 +1165,9 @@ class Maps:
                 self.m[abi.Map.QUIC_VIP].zero(vip_id * abi.QuicReason.MAX + r)
 
     def reset_backend_counters(self, backend_id: int) -> None:
-        self.m[abi.Map.BE_STATS].zero(backend_id)
+        """A reused backend id starts from zero: what its entry still counted (packets after its
+        retirement) goes to every entry's retired counters, so tx_forward does not go down."""
+        self.retire_backend_counters(backend_id, None)
         if abi.Map.NAT_BE in self.m:   # a new owner starts with no handshake history and no SNAT cursor
             self.m[abi.Map.NAT_BE].zero(backend_id)
         if abi.Map.CONNS in self.m:    # ... and no open connections
@@ -1273,7 +1345,9 @@ class Maps:
             # affordable (100 VIPs: 1.5 s); the balancer sets the flag with every table switch.
             bes = tuple(BackendView(e.name, self.backend_stats(e.id), e.in_table and meta.table_size > 0, e.id, e.mac)
                         for e in backends if e.vip_id == meta.id)
-            out.append(VipView(key.name, self.vip_stats(meta.id), bes, meta.id, meta.mode.name.lower(),
+            total = self.vip_stats(meta.id) if self.counts_per_vip else \
+                _total([self._retired(meta.id)] + [b.stats for b in bes])   # as vip_stats()
+            out.append(VipView(key.name, total, bes, meta.id, meta.mode.name.lower(),
                                meta.sched.name.lower(), meta.table_size))
         return tuple(out)
 

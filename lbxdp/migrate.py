@@ -45,7 +45,7 @@ import shutil
 from typing import Any, Iterable
 
 from . import abi, bpfsys, loader
-from .maps import new_table
+from .maps import new_table, stats_total
 from .paths import Instance
 
 STAGING = "staging"   # under the instance's pin directory: same bpffs, so rename works (bpffs refuses dots in names)
@@ -125,6 +125,11 @@ def upgrade(inst: Instance, build: loader.BuildConfig) -> dict[str, str]:
                 os.rename(staging / name, inst.pin_dir / name)   # atomic on bpffs
         if out.get(abi.Map.TABLES) == RECREATED:
             _forget_table_tags(inst, staged)
+        if out.get(abi.Map.VIP_RETIRED) == "created" and (inst.pin_dir / abi.LEGACY_VIP_STATS).exists():
+            n = _retire_legacy_vip_stats(inst, staged)
+            os.rename(staging / abi.Map.VIP_RETIRED.value, inst.pin_dir / abi.Map.VIP_RETIRED.value)
+            os.unlink(inst.pin_dir / abi.LEGACY_VIP_STATS)   # the running program keeps its own reference
+            out[abi.Map.VIP_RETIRED] = f"migrated ({n} entries, from {abi.LEGACY_VIP_STATS})"
     finally:
         staged.close()
         shutil.rmtree(staging, ignore_errors=True)
@@ -239,11 +244,45 @@ def _copy_inner_maps(old: _Old, new: bpfsys.Map, tmpl: bpfsys.MapInfo | None = N
     return n
 
 
+def _retire_legacy_vip_stats(inst: Instance, staged: loader.Program) -> int:
+    """Fill the staged lbx_vip_retired from an older program's lbx_vip_stats (per-CPU VIP counters
+    it wrote per packet, as it wrote lbx_be_stats and the tx_forward reason): a VIP's retired
+    counters are its old ones less its active entries' (which go on counting), and LBX_RETIRED_ALL's
+    are every packet forwarded so far (tx_forward and the ICMP errors steered) less every entry's. Neither a VIP's counters nor tx_forward move at the upgrade. The entries' counters are
+    read first: a packet the running program counts meanwhile may be counted twice, never lost
+    (a counter that went down would read as a reset). Returns the entries written."""
+    def total(per_cpu: Any) -> tuple[int, int, int]:
+        per_cpu = per_cpu or []
+        return (sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu),
+                sum(getattr(c, "new_flows", 0) for c in per_cpu))
+
+    new, st, bt, rt = (staged.maps[m] for m in (abi.Map.VIP_RETIRED, abi.Map.BE_STATS, abi.Map.BACKENDS, abi.Map.REASONS))
+    pin = inst.pin_dir
+    with bpfsys.Map.pinned(pin / abi.Map.BE_STATS.value, st.Key, st.Leaf) as be_stats, \
+            bpfsys.Map.pinned(pin / abi.Map.BACKENDS.value, bt.Key, bt.Leaf) as backends:
+        active = {int(k.value if hasattr(k, "value") else k): e.vip_id for k, e in backends.items()
+                  if e.flags & abi.BE_F_ACTIVE}
+        active.pop(0, None)
+        live = {bid: total(be_stats.lookup(bid)) for bid in active}
+        every = stats_total(be_stats)   # tx_forward sums every entry (maps.Maps.reasons)
+    with bpfsys.Map.pinned(pin / abi.LEGACY_VIP_STATS, st.Key, st.Leaf) as legacy, \
+            bpfsys.Map.pinned(pin / abi.Map.REASONS.value, rt.Key, rt.Leaf) as reasons:
+        rows = {int(k.value if hasattr(k, "value") else k): total(v) for k, v in legacy.items()}
+        fwd = total(reasons.lookup(int(abi.Reason.TX_FORWARD)))
+        steered = total(reasons.lookup(int(abi.Reason.TX_ICMP_STEERED)))
+    rows = {vip: tuple(max(0, x - sum(live[b][i] for b, v in active.items() if v == vip)) for i, x in enumerate(row))
+            for vip, row in rows.items() if vip < new.info.max_entries - 1 and any(row)}
+    rows[new.info.max_entries - 1] = (max(0, fwd[0] + steered[0] - every.packets), max(0, fwd[1] + steered[1] - every.bytes), 0)
+    for index, (packets, nbytes, new_flows) in rows.items():
+        new.update(index, new.Leaf(packets=packets, bytes=nbytes, new_flows=new_flows))
+    return len(rows)
+
+
 def _forget_table_tags(inst: Instance, staged: loader.Program) -> None:
     """The tables were recreated empty: make the next apply rebuild every VIP's table (a VIP whose
     tag still matched its config would be skipped)."""
     vips = staged.maps[abi.Map.VIPS]
-    with bpfsys.Map.pinned(inst.pin_dir / abi.Map.VIPS, vips.Key, vips.Leaf) as pinned:
+    with bpfsys.Map.pinned(inst.pin_dir / abi.Map.VIPS.value, vips.Key, vips.Leaf) as pinned:
         for k, v in list(pinned.items()):
             v.table_tag = 0
             pinned.update(k, v)

@@ -9,7 +9,7 @@ import pytest
 from lbxdp import abi
 from lbxdp.maps import Stats
 
-from .frames import EMPTY4, STATS4, XDP_DROP, XDP_PASS, XDP_TX, forwarded, tcp
+from .frames import BASE, EMPTY4, STATS4, XDP_DROP, XDP_PASS, XDP_TX, forwarded, tcp, with_backends
 from .harness import Case, Lb, check, one_cpu
 
 pytestmark = pytest.mark.root
@@ -63,3 +63,39 @@ def test_a_vip_with_no_backend_counts_its_drops_under_the_reason_only(lb: Lb) ->
     check(lb, Case("syn to the empty vip", tcp(str(EMPTY4.address), 80, 46201), XDP_DROP,
                    reason=R.DROP_NO_BACKEND))
     assert lb.maps.vip_stats(vid) == before
+
+
+def test_a_retired_backend_keeps_its_traffic_in_its_vip_and_in_tx_forward(lb: Lb) -> None:
+    """The program counts a forwarded packet in its backend's entry only (bpf/stats.h); a VIP's
+    counters and the tx_forward reason are sums (lbxdp.maps). Removing a backend must move none
+    of them down (Prometheus would read a reset), and its id's next owner starts from zero."""
+    vip = str(STATS4.address)
+    p, q = STATS4.backends
+    vid, pid = lb.vip_id(STATS4), lb.backend_id(STATS4, p)
+    before, reasons0 = lb.maps.vip_stats(vid), lb.maps.reasons()
+    frames = [tcp(vip, 80, 46301 + i, payload=b"x" * i) for i in range(8)]
+    with one_cpu():
+        for f in frames:
+            lb.run(f)
+    sent = Stats(len(frames), sum(map(len, frames)), len(frames))
+    assert delta(lb.maps.vip_stats(vid), before) == sent
+    assert lb.reason_delta(reasons0) == {R.TX_FORWARD: (sent.packets, sent.bytes)}
+    on_p = lb.maps.backend_stats(pid)
+    assert on_p.packets, "no packet reached the backend to retire: the test shows nothing"
+
+    lb.apply(with_backends(BASE, STATS4, (q,)))   # p retired
+    assert delta(lb.maps.vip_stats(vid), before) == sent
+    assert lb.reason_delta(reasons0) == {R.TX_FORWARD: (sent.packets, sent.bytes)}
+    assert lb.maps.backend_stats(pid) == Stats()
+
+    lb.apply(BASE)                                # p again: a new entry, from zero
+    assert lb.maps.backend_stats(lb.backend_id(STATS4, p)) == Stats()
+    assert delta(lb.maps.vip_stats(vid), before) == sent
+    with one_cpu():
+        assert lb.run(frames[0]).retval == XDP_TX
+    assert delta(lb.maps.vip_stats(vid), before).packets == sent.packets + 1
+
+    lb.apply(BASE.__class__(vips=tuple(v for v in BASE.vips if v.key != STATS4.key)))   # the VIP goes
+    assert lb.reason_delta(reasons0) == {R.TX_FORWARD: (sent.packets + 1, sent.bytes + len(frames[0]))}
+    lb.apply(BASE)                                # a new VIP under that key: its own counters
+    assert lb.maps.vip_stats(lb.vip_id(STATS4)) == Stats()
