@@ -1142,7 +1142,8 @@ class Maps:
         """The entry leaves service: add its counters to its VIP's retired ones (vip_id; None when
         the VIP goes too) and to every entry's, then zero them, so that neither the VIP's counters
         nor tx_forward go down when it is removed, and its id's next owner starts from zero.
-        Call it after the entry is deactivated (no packet counts in it any more)."""
+        Call it after the entry is deactivated (no packet counts in it any more). A reader
+        between the two writes (microseconds) sees the entry's counts twice."""
         s = self.backend_stats(backend_id)
         if self.counts_per_vip or s == Stats(0, 0, 0):
             self.m[abi.Map.BE_STATS].zero(backend_id)

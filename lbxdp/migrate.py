@@ -247,10 +247,11 @@ def _copy_inner_maps(old: _Old, new: bpfsys.Map, tmpl: bpfsys.MapInfo | None = N
 def _retire_legacy_vip_stats(inst: Instance, staged: loader.Program) -> int:
     """Fill the staged lbx_vip_retired from an older program's lbx_vip_stats (per-CPU VIP counters
     it wrote per packet, as it wrote lbx_be_stats and the tx_forward reason): a VIP's retired
-    counters are its old ones less its active entries' (which go on counting), and LBX_RETIRED_ALL's
-    are every packet forwarded so far (tx_forward and the ICMP errors steered) less every entry's. Neither a VIP's counters nor tx_forward move at the upgrade. The entries' counters are
-    read first: a packet the running program counts meanwhile may be counted twice, never lost
-    (a counter that went down would read as a reset). Returns the entries written."""
+    counters are its old ones less its active entries' (which go on counting), and
+    LBX_RETIRED_ALL's are every packet forwarded so far (tx_forward and the ICMP errors steered)
+    less every entry's. Neither a VIP's counters nor tx_forward move at the upgrade. The entries'
+    counters are read first: a packet the running program counts meanwhile may be counted twice,
+    never lost (a counter that went down would read as a reset). Returns the entries written."""
     def total(per_cpu: Any) -> tuple[int, int, int]:
         per_cpu = per_cpu or []
         return (sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu),
