@@ -13,7 +13,8 @@
  * LBX_R_TX_FORWARD is the one reason not counted here: a forwarded packet is counted once, by
  * account() in its backend's entry, and the control plane derives the reason's count from those
  * (lbxdp.maps.Maps.reasons: the backends' sums, plus lbx_vip_retired's, less the ICMP errors
- * steered, which account() counts too). Every call site passes a constant: the test is compiled out.
+ * steered, which account() counts too). At the forwarded exit the reason is a constant and the
+ * test is compiled out; at an exit whose reason is a variable it is one compare.
  */
 static __always_inline int count(int verdict, __u32 reason, const struct pkt *pkt)
 {

@@ -369,6 +369,14 @@ def _total(parts: Iterable[Stats]) -> Stats:
     return Stats(sum(p.packets for p in parts), sum(p.bytes for p in parts), sum(p.new_flows for p in parts))
 
 
+def per_cpu_total(per_cpu: Any) -> Stats:
+    """One entry of a per-CPU counter map (a list of struct lbx_stats, or of struct lbx_count,
+    which has no new_flows), summed over CPUs; None (no entry) is zero."""
+    per_cpu = per_cpu or []
+    return Stats(sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu),
+                 sum(getattr(c, "new_flows", 0) for c in per_cpu))
+
+
 def stats_total(m: Any) -> Stats:
     """Every entry of a per-CPU array of struct lbx_stats (three u64), summed over entries and
     CPUs: one batch read per 4,096 entries and three slice sums, not a lookup per entry (16,384
@@ -1085,9 +1093,7 @@ class Maps:
 
     # --- counters ------------------------------------------------------------------------------
     def _sum(self, name: str, key: int) -> Stats:
-        per_cpu = self.m[name].lookup(key) or []
-        return Stats(sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu),
-                     sum(c.new_flows for c in per_cpu))
+        return per_cpu_total(self.m[name].lookup(key))
 
     @property
     def counts_per_vip(self) -> bool:
@@ -1134,8 +1140,8 @@ class Maps:
         CPUs): tx_forward stays 0 (reasons() derives it). Cheap: no read of the backends'."""
         m, out = self.m[abi.Map.REASONS], {}
         for r in abi.Reason.exits():
-            per_cpu = m.lookup(int(r)) or []
-            out[r] = (sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu))
+            s = per_cpu_total(m.lookup(int(r)))
+            out[r] = (s.packets, s.bytes)
         return out
 
     def retire_backend_counters(self, backend_id: int, vip_id: int | None) -> None:

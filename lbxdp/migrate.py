@@ -45,7 +45,7 @@ import shutil
 from typing import Any, Iterable
 
 from . import abi, bpfsys, loader
-from .maps import new_table, stats_total
+from .maps import Stats, new_table, per_cpu_total, stats_total
 from .paths import Instance
 
 STAGING = "staging"   # under the instance's pin directory: same bpffs, so rename works (bpffs refuses dots in names)
@@ -252,11 +252,6 @@ def _retire_legacy_vip_stats(inst: Instance, staged: loader.Program) -> int:
     less every entry's. Neither a VIP's counters nor tx_forward move at the upgrade. The entries'
     counters are read first: a packet the running program counts meanwhile may be counted twice,
     never lost (a counter that went down would read as a reset). Returns the entries written."""
-    def total(per_cpu: Any) -> tuple[int, int, int]:
-        per_cpu = per_cpu or []
-        return (sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu),
-                sum(getattr(c, "new_flows", 0) for c in per_cpu))
-
     new, st, bt, rt = (staged.maps[m] for m in (abi.Map.VIP_RETIRED, abi.Map.BE_STATS, abi.Map.BACKENDS, abi.Map.REASONS))
     pin = inst.pin_dir
     with bpfsys.Map.pinned(pin / abi.Map.BE_STATS.value, st.Key, st.Leaf) as be_stats, \
@@ -264,18 +259,23 @@ def _retire_legacy_vip_stats(inst: Instance, staged: loader.Program) -> int:
         active = {int(k.value if hasattr(k, "value") else k): e.vip_id for k, e in backends.items()
                   if e.flags & abi.BE_F_ACTIVE}
         active.pop(0, None)
-        live = {bid: total(be_stats.lookup(bid)) for bid in active}
+        live = {bid: per_cpu_total(be_stats.lookup(bid)) for bid in active}
         every = stats_total(be_stats)   # tx_forward sums every entry (maps.Maps.reasons)
     with bpfsys.Map.pinned(pin / abi.LEGACY_VIP_STATS, st.Key, st.Leaf) as legacy, \
             bpfsys.Map.pinned(pin / abi.Map.REASONS.value, rt.Key, rt.Leaf) as reasons:
-        rows = {int(k.value if hasattr(k, "value") else k): total(v) for k, v in legacy.items()}
-        fwd = total(reasons.lookup(int(abi.Reason.TX_FORWARD)))
-        steered = total(reasons.lookup(int(abi.Reason.TX_ICMP_STEERED)))
-    rows = {vip: tuple(max(0, x - sum(live[b][i] for b, v in active.items() if v == vip)) for i, x in enumerate(row))
-            for vip, row in rows.items() if vip < new.info.max_entries - 1 and any(row)}
-    rows[new.info.max_entries - 1] = (max(0, fwd[0] + steered[0] - every.packets), max(0, fwd[1] + steered[1] - every.bytes), 0)
-    for index, (packets, nbytes, new_flows) in rows.items():
-        new.update(index, new.Leaf(packets=packets, bytes=nbytes, new_flows=new_flows))
+        old = {int(k.value if hasattr(k, "value") else k): per_cpu_total(v) for k, v in legacy.items()}
+        fwd = per_cpu_total(reasons.lookup(int(abi.Reason.TX_FORWARD)))
+        steered = per_cpu_total(reasons.lookup(int(abi.Reason.TX_ICMP_STEERED)))
+    rows = {}
+    for vip, o in old.items():
+        if vip < new.info.max_entries - 1 and o != Stats():
+            mine = [live[b] for b, v in active.items() if v == vip]
+            rows[vip] = Stats(*(max(0, getattr(o, f) - sum(getattr(m, f) for m in mine))
+                                for f in ("packets", "bytes", "new_flows")))
+    rows[new.info.max_entries - 1] = Stats(max(0, fwd.packets + steered.packets - every.packets),
+                                           max(0, fwd.bytes + steered.bytes - every.bytes), 0)
+    for index, r in rows.items():
+        new.update(index, new.Leaf(packets=r.packets, bytes=r.bytes, new_flows=r.new_flows))
     return len(rows)
 
 
