@@ -163,9 +163,18 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct src_set4, lbx_src_limit4, LBX_SRC
  * that direction. Written by the program (nat.h opens both entries on a connection's first
  * packet, return_path.h and nat.h move their state); read and aged by the control plane. A
  * shared LRU: one connection's directions may run on different CPUs.
+ *
+ * Two tables, as a conntrack keeps "assured" connections apart from unanswered ones: a TCP
+ * connection opened by a SYN has its entries in lbx_nat_new until its client acknowledges the
+ * backend's SYN-ACK (the handshake's ACK proves the client's address, as issue 11's gate does
+ * for DSR); that packet moves them to lbx_nat. A spoofed SYN flood then evicts only other
+ * handshakes, never an established connection. UDP and a TCP connection picked up mid-stream
+ * (no SYN seen: after a flush) open in lbx_nat as before. Lookups read lbx_nat first.
  */
 BPF_TABLE_PINNED("lru_hash", struct flow_key, struct nat_entry, lbx_nat, LBX_NAT_CAPACITY,
 		 LBX_PIN_DIR "/lbx_nat");
+BPF_TABLE_PINNED("lru_hash", struct flow_key, struct nat_entry, lbx_nat_new, LBX_NAT_NEW_CAPACITY,
+		 LBX_PIN_DIR "/lbx_nat_new");
 
 /* 0 -> struct nat_cfg (SNAT addresses, port pool, timeouts). Written by lbxdp.maps.Maps.set_nat_cfg only. */
 BPF_TABLE_PINNED("array", __u32, struct nat_cfg, lbx_nat_cfg, 1, LBX_PIN_DIR "/lbx_nat_cfg");

@@ -10,7 +10,9 @@
  * carry; each says what to write into its direction's packets, so an established packet costs
  * one lookup per direction. Both keep the TCP state (SYN_SENT -> ESTABLISHED on the backend's
  * SYN-ACK -> CLOSING on a FIN or RST from either side) and its timeout; an entry past
- * seen + timeout counts as absent (the LRU or the control plane removes it later).
+ * seen + timeout counts as absent (the LRU or the control plane removes it later). A TCP
+ * connection opened by a SYN keeps its entries in lbx_nat_new (maps.h) until the client's ACK
+ * of the SYN-ACK, which moves them to lbx_nat (nat_assure): a SYN flood churns lbx_nat_new only.
  *
  * Checksums are updated incrementally (csum.h): the sum of every changed word's complement and
  * its new value is added to the complemented old checksum (RFC 1624 eqn. 3, 32-bit words at
@@ -48,6 +50,9 @@
 struct nat_flow {
 	struct nat_entry *e;  /* the connection's entry for this direction; NULL: open one */
 	__u32 now;            /* nat_now() when it was looked up */
+	__u8 fresh;           /* e is in lbx_nat_new: a handshake its client has not acknowledged */
+	__u8 held;            /* lbx_nat has an entry under the packet's key that e is not (closing,
+			       * expired, or its backend entry gone): a connection opened now replaces it */
 };
 
 /*
@@ -79,12 +84,25 @@ static __always_inline int nat_expired(const struct nat_entry *e, __u32 now)
 	return now - e->seen > e->timeout;
 }
 
-/* The live entry under key k, or NULL (none, or past its timeout: absent). */
-static __always_inline struct nat_entry *nat_lookup(struct flow_key *k, __u32 now)
+/* The live entry under key k: lbx_nat's, else lbx_nat_new's (*fresh = 1), else NULL (none, or
+ * past its timeout: absent). *held: lbx_nat has an entry under k, live or not. */
+static __always_inline struct nat_entry *nat_lookup(struct flow_key *k, __u32 now, __u8 *fresh, __u8 *held)
 {
 	struct nat_entry *e = lbx_nat.lookup(k);
 
+	*held = e != NULL;
+	*fresh = 0;
+	if (e && !nat_expired(e, now))
+		return e;
+	e = lbx_nat_new.lookup(k);
+	*fresh = 1;
 	return e && !nat_expired(e, now) ? e : NULL;
+}
+
+/* The entry under k in lbx_nat_new (fresh) or lbx_nat. */
+static __always_inline struct nat_entry *nat_get(struct flow_key *k, int fresh)
+{
+	return fresh ? lbx_nat_new.lookup(k) : lbx_nat.lookup(k);
 }
 
 /* The key of e's other direction: e's rewritten tuple, reversed. */
@@ -99,8 +117,8 @@ static __always_inline void nat_peer_key(const struct nat_entry *e, struct flow_
 }
 
 /* Move both entries of e's connection to state (its timeout from lbx_nat_cfg). Only on a
- * state change: the second lookup is the peer's. */
-static __always_inline void nat_set_state(struct nat_entry *e, __u8 state)
+ * state change: the second lookup is the peer's, in e's table (fresh: lbx_nat_new). */
+static __always_inline void nat_set_state(struct nat_entry *e, __u8 state, int fresh)
 {
 	__u32 zero = 0;
 	struct nat_cfg *cfg = lbx_nat_cfg.lookup(&zero);
@@ -111,7 +129,7 @@ static __always_inline void nat_set_state(struct nat_entry *e, __u8 state)
 	e->state = state;
 	e->timeout = t;
 	nat_peer_key(e, &k);
-	peer = lbx_nat.lookup(&k);
+	peer = nat_get(&k, fresh);
 	if (peer) {
 		peer->state = state;
 		peer->timeout = t;
@@ -158,7 +176,8 @@ static __always_inline __u8 nat_tcp_flags(struct xdp_md *ctx, const struct pkt *
  * failed handshake). Reply: the SYN-ACK establishes, an RST while SYN_SENT refuses (failed).
  * A FIN or RST from either side closes.
  */
-static __always_inline void nat_track(struct xdp_md *ctx, const struct pkt *pkt, struct nat_entry *e, __u32 now)
+static __always_inline void nat_track(struct xdp_md *ctx, const struct pkt *pkt, struct nat_entry *e, __u32 now,
+				      int fresh)
 {
 	__u8 f = nat_tcp_flags(ctx, pkt);
 
@@ -171,13 +190,13 @@ static __always_inline void nat_track(struct xdp_md *ctx, const struct pkt *pkt,
 			nat_handshake(e->backend_id, 0, 0, now);
 		} else if (e->dir == LBX_NAT_DIR_REPLY && (f & (LBX_TCP_SYN | LBX_TCP_ACK)) == (LBX_TCP_SYN | LBX_TCP_ACK)) {
 			nat_handshake(e->backend_id, 1, 0, now);
-			nat_set_state(e, LBX_NAT_ESTABLISHED);
+			nat_set_state(e, LBX_NAT_ESTABLISHED, fresh);
 		} else if (e->dir == LBX_NAT_DIR_REPLY && (f & LBX_TCP_RST)) {
 			nat_handshake(e->backend_id, 0, 1, now);
 		}
 	}
 	if ((f & (LBX_TCP_FIN | LBX_TCP_RST)) && e->state != LBX_NAT_CLOSING)
-		nat_set_state(e, LBX_NAT_CLOSING);
+		nat_set_state(e, LBX_NAT_CLOSING, fresh);
 }
 
 /*
@@ -194,7 +213,7 @@ static __always_inline int nat_established(struct pkt *pkt, struct selection *se
 	if (!nat_filter_has(&pkt->flow.dst))
 		return 0;
 	nf->now = nat_now();
-	e = nat_lookup(&pkt->flow, nf->now);
+	e = nat_lookup(&pkt->flow, nf->now, &nf->fresh, &nf->held);
 	if (!e || e->dir != LBX_NAT_DIR_FWD)
 		return 0;
 	if ((pkt->flags & LBX_PKT_F_SYN) && e->state == LBX_NAT_CLOSING)
@@ -203,6 +222,7 @@ static __always_inline int nat_established(struct pkt *pkt, struct selection *se
 	if (!be || be->gen != e->gen)
 		return 0;
 	nf->e = e;
+	nf->held = 0;
 	sel->be = be;
 	sel->backend_id = e->backend_id;
 	sel->vip_id = be->vip_id;
@@ -233,9 +253,9 @@ static __always_inline int nat_same(const struct lbx_addr *a, const struct lbx_a
 }
 
 /* Whether old, found under a reply key wanted for rep, may be replaced: it is rep's own client
- * tuple (the same client reopening), or it and its peer are past their timeouts. */
+ * tuple (the same client reopening), or it and its peer (in old's table) are past their timeouts. */
 static __always_inline int nat_replaceable(struct nat_entry *old, const struct nat_entry *rep, struct flow_key *k,
-					   __u32 now)
+					   __u32 now, int fresh)
 {
 	struct nat_entry *peer;
 
@@ -245,21 +265,50 @@ static __always_inline int nat_replaceable(struct nat_entry *old, const struct n
 	if (!nat_expired(old, now))
 		return 0;
 	nat_peer_key(old, k);
-	peer = lbx_nat.lookup(k);
+	peer = nat_get(k, fresh);
 	return !peer || nat_expired(peer, now);
 }
 
-/* Insert rep under the reply key k unless a live connection holds it (never a silent collision). */
-static __always_inline int nat_claim(struct flow_key *k, struct nat_entry *rep, struct flow_key *tmp, __u32 now)
+/* Whether the other table (fresh: lbx_nat; else lbx_nat_new) lets rep have the reply key k: no
+ * entry there, or a replaceable one, which goes (it would shadow rep or be shadowed by it). */
+static __always_inline int nat_claim_other(struct flow_key *k, struct nat_entry *rep, struct flow_key *tmp, __u32 now,
+					   int fresh)
+{
+	struct nat_entry *old = nat_get(k, !fresh);
+
+	if (!old)
+		return 1;
+	if (!nat_replaceable(old, rep, tmp, now, !fresh))
+		return 0;
+	if (fresh)
+		lbx_nat.delete(k);
+	else
+		lbx_nat_new.delete(k);
+	return 1;
+}
+
+/* Insert rep under the reply key k in its table (fresh: lbx_nat_new) unless a live connection
+ * holds it in either table (never a silent collision). */
+static __always_inline int nat_claim(struct flow_key *k, struct nat_entry *rep, struct flow_key *tmp, __u32 now,
+				     int fresh)
 {
 	struct nat_entry *old;
 
-	if (lbx_nat.insert(k, rep) == 0)
-		return 1;
-	old = lbx_nat.lookup(k);
-	if (old && !nat_replaceable(old, rep, tmp, now))
+	if (!nat_claim_other(k, rep, tmp, now, fresh))
 		return 0;
-	lbx_nat.update(k, rep);
+	if (fresh) {
+		if (lbx_nat_new.insert(k, rep) == 0)
+			return 1;
+	} else if (lbx_nat.insert(k, rep) == 0) {
+		return 1;
+	}
+	old = nat_get(k, fresh);
+	if (old && !nat_replaceable(old, rep, tmp, now, fresh))
+		return 0;
+	if (fresh)
+		lbx_nat_new.update(k, rep);
+	else
+		lbx_nat.update(k, rep);
 	return 1;
 }
 
@@ -271,7 +320,7 @@ static __always_inline int nat_claim(struct flow_key *k, struct nat_entry *rep, 
  * reply key. LBX_NAT_PORT_TRIES candidates, then LBX_R_DROP_NAT_NO_PORT.
  */
 static __always_inline int nat_alloc_port(const struct nat_cfg *cfg, __u32 backend_id, struct nat_scratch *s,
-					  __u32 now)
+					  __u32 now, int fresh)
 {
 	struct nat_backend *nb = lbx_nat_be.lookup(&backend_id);
 	__u32 size, idx;
@@ -285,7 +334,7 @@ static __always_inline int nat_alloc_port(const struct nat_cfg *cfg, __u32 backe
 
 		s->rk.dport = port;
 		s->fwd.sport = port;
-		if (nat_claim(&s->rk, &s->rep, &s->k, now)) {
+		if (nat_claim(&s->rk, &s->rep, &s->k, now, fresh)) {
 			if (nb)
 				nb->port_cursor = idx + i + 1;
 			return LBX_R_OK;
@@ -311,9 +360,10 @@ static __always_inline int nat_source(const struct nat_cfg *cfg, __u8 family, st
  * Open a connection's two entries from its first packet (fwd gets the forward entry): the
  * reply entry first (its key may be taken: SNAT then tries other ports), then the forward one.
  * The reply entry remembers the source MAC of this packet: the next hop back to the client.
+ * A SYN's entries go to lbx_nat_new (fresh), replacing what lbx_nat held under its key (nf).
  */
 static __always_inline int nat_open(struct xdp_md *ctx, const struct pkt *pkt, const struct selection *sel,
-				    struct nat_scratch *s)
+				    struct nat_scratch *s, const struct nat_flow *nf)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
@@ -323,13 +373,14 @@ static __always_inline int nat_open(struct xdp_md *ctx, const struct pkt *pkt, c
 	const struct backend *be = sel->be;
 	struct nat_entry *fwd = &s->fwd, *rep = &s->rep;
 	__u32 now = nat_now();
-	int r = LBX_R_OK;
+	int r = LBX_R_OK, fresh;
 
 	if (!cfg || (void *)(eth + 1) > end)
 		return LBX_R_ABORT_REWRITE;
 	__builtin_memset(s, 0, sizeof(*s));
 	fwd->state = pkt->flow.proto == IPPROTO_UDP ? LBX_NAT_UDP :
 		     (pkt->flags & LBX_PKT_F_SYN) ? LBX_NAT_SYN_SENT : LBX_NAT_ESTABLISHED;
+	fresh = fwd->state == LBX_NAT_SYN_SENT;
 	fwd->timeout = cfg->timeout[fwd->state & 3];
 	fwd->backend_id = sel->backend_id;
 	fwd->gen = be->gen;
@@ -356,13 +407,43 @@ static __always_inline int nat_open(struct xdp_md *ctx, const struct pkt *pkt, c
 	}
 	nat_peer_key(fwd, &s->rk);
 	if (be->nat_flags & LBX_NAT_F_SNAT)
-		r = nat_alloc_port(cfg, sel->backend_id, s, now);
-	else if (!nat_claim(&s->rk, rep, &s->k, now))
+		r = nat_alloc_port(cfg, sel->backend_id, s, now, fresh);
+	else if (!nat_claim(&s->rk, rep, &s->k, now, fresh))
 		r = LBX_R_DROP_NAT_TUPLE_TAKEN;
 	if (r != LBX_R_OK)
 		return r;
-	lbx_nat.update((struct flow_key *)&pkt->flow, fwd);
+	if (!fresh) {
+		lbx_nat.update((struct flow_key *)&pkt->flow, fwd);
+		return LBX_R_OK;
+	}
+	if (nf->held)
+		lbx_nat.delete((struct flow_key *)&pkt->flow);
+	lbx_nat_new.update((struct flow_key *)&pkt->flow, fwd);
 	return LBX_R_OK;
+}
+
+/*
+ * The client's first packet after the SYN-ACK of a handshake in lbx_nat_new (ESTABLISHED there,
+ * a packet without SYN): the connection is assured, and its two entries move to lbx_nat, the
+ * reply entry first (a reply in between finds one copy or the other). Called after the packet
+ * was translated by e, which the move frees. If lbx_nat refuses an entry (memory), both stay.
+ * A reply translated on another CPU during the move may refresh the old copy (its `seen`):
+ * the new copies were taken just before, so at most that refresh is lost.
+ */
+static __always_inline void nat_assure(const struct pkt *pkt, struct nat_entry *e, struct flow_key *k)
+{
+	struct nat_entry *peer;
+
+	nat_peer_key(e, k);
+	peer = lbx_nat_new.lookup(k);
+	if (!peer || lbx_nat.update(k, peer) != 0)
+		return;
+	if (lbx_nat.update((struct flow_key *)&pkt->flow, e) != 0) {
+		lbx_nat.delete(k);
+		return;
+	}
+	lbx_nat_new.delete(k);
+	lbx_nat_new.delete((struct flow_key *)&pkt->flow);
 }
 
 /* Write *p = v and return what the change adds to a sum that covers p (csum.h's convention). */
@@ -577,14 +658,21 @@ static __always_inline int forward_nat(struct xdp_md *ctx, const struct pkt *pkt
 		s = lbx_nat_scratch.lookup(&zero);
 		if (!s)
 			return LBX_R_ABORT_REWRITE;
-		r = nat_open(ctx, pkt, sel, s);
+		r = nat_open(ctx, pkt, sel, s, nf);
 		if (r != LBX_R_OK)
 			return r;
 		return nat_translate(ctx, pkt, &s->fwd, sel->be->mac);
 	}
 	if (!(pkt->flags & LBX_PKT_F_ICMP_ERR))
-		nat_track(ctx, pkt, nf->e, nf->now);
-	return nat_translate(ctx, pkt, nf->e, sel->be->mac);
+		nat_track(ctx, pkt, nf->e, nf->now, nf->fresh);
+	r = nat_translate(ctx, pkt, nf->e, sel->be->mac);
+	if (r == LBX_R_OK && nf->fresh && nf->e->state == LBX_NAT_ESTABLISHED &&
+	    !(pkt->flags & (LBX_PKT_F_ICMP_ERR | LBX_PKT_F_SYN))) {
+		s = lbx_nat_scratch.lookup(&zero);
+		if (s)
+			nat_assure(pkt, nf->e, &s->k);
+	}
+	return r;
 }
 
 #endif /* LBX_NAT_H */

@@ -31,13 +31,14 @@
 static __always_inline int return_path(struct xdp_md *ctx, struct pkt *pkt, int *verdict)
 {
 	struct nat_entry *e;
+	__u8 fresh, held;
 	__u32 now;
 	int r;
 
 	if (!nat_filter_has(&pkt->flow.src))             /* one bit: no NAT backend sent it */
 		return LBX_R_OK;
 	now = nat_now();
-	e = nat_lookup(&pkt->flow, now);
+	e = nat_lookup(&pkt->flow, now, &fresh, &held);
 	if (!e || e->dir != LBX_NAT_DIR_REPLY) {
 		/* A NAT backend's address, no connection: its own traffic to the balancer (health
 		 * check answers, ssh), a reply of an expired connection, or a packet of it for a
@@ -53,7 +54,7 @@ static __always_inline int return_path(struct xdp_md *ctx, struct pkt *pkt, int 
 		return r;
 	}
 	if (!(pkt->flags & LBX_PKT_F_ICMP_ERR))
-		nat_track(ctx, pkt, e, now);
+		nat_track(ctx, pkt, e, now, fresh);
 	r = nat_translate(ctx, pkt, e, e->mac);
 	if (r != LBX_R_OK) {
 		*verdict = XDP_ABORTED;

@@ -82,6 +82,7 @@ NAT_F_SNAT = 0x01        # LBX_NAT_F_SNAT (struct backend.nat_flags)
 NAT_TIME_SHIFT = 20      # LBX_NAT_TIME_SHIFT: lbx_nat times are CLOCK_MONOTONIC ns >> this
 NAT_PORT_TRIES = 8       # LBX_NAT_PORT_TRIES
 NAT_CAPACITY = 131072    # LBX_NAT_CAPACITY (entries: two per connection)
+NAT_NEW_CAPACITY = 65536 # LBX_NAT_NEW_CAPACITY (entries: two per TCP handshake its client has not acknowledged)
 NAT_ENTRY_SIZE = 64      # sizeof(struct nat_entry)
 NAT_CFG_SIZE = 48        # sizeof(struct nat_cfg)
 NAT_BACKEND_SIZE = 64    # sizeof(struct nat_backend)
@@ -218,6 +219,7 @@ class Map(str, enum.Enum):
     SRC_LIMIT = "lbx_src_limit"
     SRC_LIMIT4 = "lbx_src_limit4"
     NAT = "lbx_nat"
+    NAT_NEW = "lbx_nat_new"
     NAT_CFG = "lbx_nat_cfg"
     NAT_FILTER = "lbx_nat_filter"
     NAT_BE = "lbx_nat_be"

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from . import abi, model
-from .maps import Maps, NatEntry, nat_now
+from .maps import Maps, NatEntry, nat_now, nat_tables
 
 _U32 = 0xFFFFFFFF
 CHUNK = 16384              # entries read per batch (and per GC tick)
@@ -52,11 +52,13 @@ class NatStatus:
     expired ones not yet collected, and the SNAT pool with its use per source and protocol."""
     capacity: int = 0
     entries: dict[tuple[str, str], int] = field(default_factory=dict)   # (direction, state) -> live entries
-    expired: int = 0
+    expired: int = 0                                                    # in both tables
     pool: tuple[int, int] | None = None                                 # inclusive port range
     sources: tuple[str, ...] = ()                                       # SNAT addresses (v4, v6)
     ports: tuple[PortUse, ...] = ()
     timeouts: dict[str, int] = field(default_factory=dict)              # seconds by state
+    handshakes: int = 0           # live entries of lbx_nat_new (TCP handshakes not yet acknowledged by their client)
+    handshake_capacity: int = 0
 
     @property
     def pool_size(self) -> int:
@@ -68,6 +70,7 @@ class NatStatus:
 
     def to_json(self) -> dict[str, Any]:
         return {"capacity": self.capacity, "live": self.live, "expired": self.expired,
+                "handshakes": {"entries": self.handshakes, "capacity": self.handshake_capacity},
                 "entries": [{"direction": d, "state": s, "entries": n} for (d, s), n in sorted(self.entries.items())],
                 "snat_pool": {"ports": list(self.pool) if self.pool else None, "size": self.pool_size,
                               "sources": list(self.sources),
@@ -81,6 +84,9 @@ class NatStatus:
             by_state[f"{d} {s}"] += n
         states = ", ".join(f"{k} {n}" for k, n in sorted(by_state.items())) or "none"
         out = [f"NAT conntrack: {self.live} live + {self.expired} expired / {self.capacity} entries ({states})"]
+        if self.handshake_capacity:
+            out.append(f"NAT handshakes (not yet acknowledged by their client): {self.handshakes} / "
+                       f"{self.handshake_capacity} entries")
         if self.pool is not None:
             use = ", ".join(f"{p.address}/{p.protocol} {p.in_use}" for p in self.ports) or "none in use"
             out.append(f"SNAT pool: ports {self.pool[0]}-{self.pool[1]} ({self.pool_size} per address and "
@@ -136,28 +142,30 @@ def _live(w: memoryview, lay: "_Layout", now: int) -> list[bool]:
 def summarize(maps: Maps, now: int | None = None) -> NatStatus | None:
     """The NAT status of an instance (None: a program without NAT maps). One batched walk;
     every per-entry loop is a map/zip/compress/Counter chain, so it runs in C."""
-    m = maps.m.get(abi.Map.NAT)
-    if m is None:
+    tables = maps.nat_tables()
+    if not tables:
         return None
     cfg = maps.nat_cfg()
     now = nat_now() if now is None else now
-    lay = _Layout(m)
     snat = [a for a in ((cfg.snat_v4, cfg.snat_v6) if cfg else ()) if a is not None]
     counts: Counter[int] = Counter()        # dir | state << 8 -> live entries
     # Live replies to an SNAT address (by construction the only keys with it as destination),
     # by (dst words, proto | family << 8); the first word filters in C before anything is counted.
     replies: Counter[tuple[int, ...]] = Counter()
     first = {_words(a)[0] for a in snat}
-    expired = 0
-    for keys, values, n in m.batches(CHUNK):
+    expired = handshakes = 0
+    for m, keys, values, n in ((m, *b) for m in tables for b in m.batches(CHUNK)):
+        lay = _Layout(m)
         raw, kraw = _raw(values, lay.esize, n), _raw(keys, lay.ksize, n)
         w, kw = memoryview(raw).cast("I"), memoryview(kraw).cast("I")
         live = _live(w, lay, now)
-        # dir and state are adjacent bytes: one 16-bit load per entry names both
-        ds = memoryview(raw).cast("H")[lay.dir // 2::lay.esize // 2]
-        counts.update(compress(ds, live))
         expired += n - sum(live)
-        if snat:
+        if m is not tables[0]:      # lbx_nat_new: counted apart (a SYN flood fills it, by design)
+            handshakes += sum(live)
+        else:   # dir and state are adjacent bytes: one 16-bit load per entry names both
+            ds = memoryview(raw).cast("H")[lay.dir // 2::lay.esize // 2]
+            counts.update(compress(ds, live))
+        if snat:   # ports held by handshakes are in use too
             kwn, d = lay.ksize // 4, lay.kdst
             pf = memoryview(kraw).cast("H")[lay.kproto // 2::lay.ksize // 2]
             w0 = kw[d::kwn]
@@ -174,8 +182,9 @@ def summarize(maps: Maps, now: int | None = None) -> NatStatus | None:
             if c:
                 use.append(PortUse(str(a), name, c))
     timeouts = dict(vars(cfg.timeouts)) if cfg is not None else {}
-    return NatStatus(m.info.max_entries, entries, expired, cfg.ports if cfg and snat else None,
-                     tuple(str(a) for a in snat), tuple(use), timeouts)
+    return NatStatus(tables[0].info.max_entries, entries, expired, cfg.ports if cfg and snat else None,
+                     tuple(str(a) for a in snat), tuple(use), timeouts, handshakes,
+                     tables[1].info.max_entries if len(tables) > 1 else 0)
 
 
 # ------------------------------------------------------------------------------ connections
@@ -193,11 +202,12 @@ class Connection:
     age: float                # seconds since the first packet
     idle: float               # seconds since the client's last packet
     expired: bool
+    assured: bool = True      # False: a TCP handshake its client has not acknowledged (lbx_nat_new)
 
     def to_json(self) -> dict[str, Any]:
         return {"protocol": self.protocol, "client": self.client, "vip": self.vip, "backend": self.backend,
                 "snat": self.snat, "state": self.state, "age": round(self.age, 3), "idle": round(self.idle, 3),
-                "expired": self.expired}
+                "expired": self.expired, "assured": self.assured}
 
 
 def _secs(units: int) -> float:
@@ -208,7 +218,8 @@ def connection(e: NatEntry, now: int) -> Connection:
     client = model.endpoint(e.src, e.sport)
     snat = None if (e.new_src, e.new_sport) == (e.src, e.sport) else model.endpoint(e.new_src, e.new_sport)
     return Connection(e.protocol.value, client, model.endpoint(e.dst, e.dport), model.endpoint(e.new_dst, e.new_dport),
-                      snat, state_name(e.state, 0), _secs(now - e.created), _secs(now - e.seen), e.expired(now))
+                      snat, state_name(e.state, 0), _secs(now - e.created), _secs(now - e.seen), e.expired(now),
+                      e.assured)
 
 
 def connections(maps: Maps, limit: int | None = None, expired: bool = False) -> list[Connection]:
@@ -233,7 +244,7 @@ class GcTick:
 
 
 class Gc:
-    """Removes lbx_nat entries past their state's timeout (and GC_GRACE), at most `chunk` entries read (and
+    """Removes lbx_nat and lbx_nat_new entries past their state's timeout (and GC_GRACE), at most `chunk` entries read (and
     `max_deletes` deleted) per tick, resuming where the last tick stopped (the kernel's batch
     cursor); a pass over a full table takes capacity / chunk ticks. An entry is deleted only if
     a fresh read right before the delete still finds it expired (the program may have reused
@@ -245,7 +256,7 @@ class Gc:
 
     def __init__(self, chunk: int = CHUNK, max_deletes: int = CHUNK):
         self.chunk, self.max_deletes = chunk, max_deletes
-        self._walk: Iterator[tuple[Any, Any, int]] | None = None
+        self._walk: Iterator[tuple[Any, Any, Any, int]] | None = None   # (table, keys, values, n)
         self._maps: Maps | None = None
         self.syn_timeout: dict[int, int] = {}      # backend id -> units; only backends with passive health
         self._timed_out: set[bytes] = set()
@@ -263,16 +274,15 @@ class Gc:
         if self._walk is None:
             self.close()
             self._maps = open_maps()
-            m = self._maps.m.get(abi.Map.NAT)
-            if m is None:
+            tables = nat_tables(self._maps.m)
+            if not tables:
                 self.close()
                 out.pass_done = True
                 return out
-            self._walk = m.batches(self.chunk)
-        m = self._maps.m[abi.Map.NAT]    # type: ignore[union-attr]
+            self._walk = ((m, *b) for m in tables for b in m.batches(self.chunk))
         now = nat_now() if now is None else now
         try:
-            keys, values, n = next(self._walk)
+            m, keys, values, n = next(self._walk)
         except StopIteration:
             out.pass_done = True
             self._end_pass()

@@ -46,14 +46,14 @@ SHARED = frozenset({abi.Map.VIPS, abi.Map.VIP_FILTER, abi.Map.BACKENDS, abi.Map.
                     abi.Map.VIP_RETIRED})   # ... or never touches (the control plane's counters)
 # Maps the program writes: scratch copies, filled per query with what the packet can read.
 WRITTEN = frozenset({abi.Map.FLOWS, abi.Map.HALF_OPEN, abi.Map.FLOOD, abi.Map.RR,
-                     abi.Map.BE_STATS, abi.Map.REASONS, abi.Map.SRC_LIMIT, abi.Map.SRC_LIMIT4, abi.Map.NAT, abi.Map.NAT_BE,
+                     abi.Map.BE_STATS, abi.Map.REASONS, abi.Map.SRC_LIMIT, abi.Map.SRC_LIMIT4, abi.Map.NAT, abi.Map.NAT_NEW, abi.Map.NAT_BE,
                      abi.Map.NAT_SCRATCH, abi.Map.CONNS, abi.Map.QUIC_STATS, abi.Map.QUIC_VIP,
                      abi.Map.BACKUP_OVERFLOWS})
 _unsorted = set(abi.Map) - SHARED - WRITTEN
 assert not _unsorted, f"lbxdp.explain: say whether the program writes {sorted(_unsorted)} (SHARED or WRITTEN)"
 
 # Small scratch tables: they hold one packet's entries at a time.
-_SCRATCH_DEFINES = ("LBX_NAT_CAPACITY=1024", "LBX_SRC_LIMIT_CAPACITY=1024")
+_SCRATCH_DEFINES = ("LBX_NAT_CAPACITY=1024", "LBX_NAT_NEW_CAPACITY=1024", "LBX_SRC_LIMIT_CAPACITY=1024")
 _SCRATCH_FLOWS = 1024
 
 XDP_VERDICTS = {0: "aborted", 1: "drop", 2: "pass", 3: "tx", 4: "redirect"}
@@ -359,9 +359,9 @@ class DryRun:
     def _prepare(self, p: Probe, key: Any, vip_id: int | None) -> list[Entry]:
         entries = []
         for name, label in ((abi.Map.FLOWS, "connection table"), (abi.Map.HALF_OPEN, "half-open table"),
-                            (abi.Map.NAT, "nat conntrack")):
+                            (abi.Map.NAT, "nat conntrack"), (abi.Map.NAT_NEW, "nat handshakes")):
             v = self._copy_half_open(key) if name == abi.Map.HALF_OPEN else self._copy(name, key)
-            if v is not None and (name != abi.Map.NAT or v.dir == abi.NatDir.FWD):
+            if v is not None and (name not in (abi.Map.NAT, abi.Map.NAT_NEW) or v.dir == abi.NatDir.FWD):
                 entries.append(Entry(label, v.backend_id, v.gen, self._live_entry(v.backend_id, v.gen)))
         self._copy(abi.Map.FLOOD, 0)
         if vip_id is not None:
@@ -429,7 +429,7 @@ class DryRun:
                 stats.zero(bid)
         if reason is None and backend is not None:
             reason = abi.Reason.TX_FORWARD   # the one reason bpf/stats.h leaves to the backend's counter
-        for name in (abi.Map.FLOWS, abi.Map.NAT):
+        for name in (abi.Map.FLOWS, abi.Map.NAT, abi.Map.NAT_NEW):
             if name in self.sm:
                 self.sm[name].delete(self.sm[name].Key.from_buffer_copy(bytes(key)))
         if abi.Map.HALF_OPEN in self.sm:

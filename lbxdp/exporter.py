@@ -24,7 +24,8 @@ keys of the connection table (one syscall per entry: ~64k at a full table, tens 
 kept because a filling table is what an operator needs to see; lbxdp_scrape_duration_seconds
 shows what it costs.
 
-NAT (issue 12): lbxdp_nat_entries / _expired_entries / _capacity, lbxdp_snat_pool_ports and
+NAT (issue 12): lbxdp_nat_entries / _expired_entries / _capacity, lbxdp_nat_handshake_entries /
+_capacity (lbx_nat_new), lbxdp_snat_pool_ports and
 lbxdp_snat_ports_in_use come from one batched walk of the NAT conntrack (lbxdp.conntrack.summarize:
 counted over the raw bytes, no object per entry); the per-backend handshake signals are one
 lookup per NAT backend. The NAT reasons are lbxdp_verdict_packets_total's (every reason is).
@@ -177,6 +178,11 @@ class LbxCollector(Collector):
                                         labels=["interface"])
         nat_capacity = GaugeMetricFamily("lbxdp_nat_capacity", "Size of the NAT conntrack (max entries).",
                                          labels=["interface"])
+        nat_hs = GaugeMetricFamily("lbxdp_nat_handshake_entries", "Live entries of the NAT handshake table (two "
+                                   "per TCP handshake its client has not acknowledged yet; a SYN flood fills it, "
+                                   "not the conntrack).", labels=["interface"])
+        nat_hs_capacity = GaugeMetricFamily("lbxdp_nat_handshake_capacity", "Size of the NAT handshake table "
+                                            "(max entries).", labels=["interface"])
         pool_size = GaugeMetricFamily("lbxdp_snat_pool_ports", "Ports in the SNAT pool, per source address and "
                                       "protocol ([balancer] snat_ports).", labels=["interface"])
         pool_use = GaugeMetricFamily("lbxdp_snat_ports_in_use", "SNAT ports held by live connections, per source "
@@ -222,6 +228,9 @@ class LbxCollector(Collector):
                     nat_entries.add_metric([iface, d, st], n)
                 nat_expired.add_metric([iface], s.nat.expired)
                 nat_capacity.add_metric([iface], s.nat.capacity)
+                if s.nat.handshake_capacity:
+                    nat_hs.add_metric([iface], s.nat.handshakes)
+                    nat_hs_capacity.add_metric([iface], s.nat.handshake_capacity)
                 if s.nat.pool is not None:
                     pool_size.add_metric([iface], s.nat.pool_size)
                     have = {(p.address, p.protocol): p.in_use for p in s.nat.ports}
@@ -277,7 +286,7 @@ class LbxCollector(Collector):
             took.add_metric([iface], s.read_seconds)
         yield from (*vip.values(), *be.values(), in_table, healthy, v_pkts, v_bytes, entries, capacity, info, took,
                     acl_rules, lim_rate, lim_burst, half_open, flood_threshold, flood_cpus, skipped, ho_written,
-                    nat_entries, nat_expired, nat_capacity, pool_size, pool_use, hs_fail, hs_total, passive_down,
+                    nat_entries, nat_expired, nat_capacity, nat_hs, nat_hs_capacity, pool_size, pool_use, hs_fail, hs_total, passive_down,
                     open_conns, max_conns, cap_hits, quic_pkts, quic_ids, vip_quic, overflows)
 
 

@@ -292,6 +292,7 @@ class NatEntry:
     seen: int             # nat_now() units
     timeout: int          # units
     created: int
+    assured: bool = True  # in lbx_nat; False: lbx_nat_new (a TCP handshake its client has not acknowledged)
 
     def expired(self, now: int) -> bool:
         """What the program decides: past seen + timeout, the entry counts as absent."""
@@ -439,6 +440,12 @@ def admit_flags(scope: int, entries: frozenset[AclEntry]) -> int:
     """lbx_admit flags of a scope: which families the trie has entries of."""
     return sum({abi.ADMIT_F_ACL_V4 if e.network.version == 4 else abi.ADMIT_F_ACL_V6
                 for e in entries if e.scope == scope})
+
+
+def nat_tables(m: dict[str, Any]) -> list[Any]:
+    """The NAT conntrack's tables among a program's maps m: lbx_nat, then lbx_nat_new (TCP
+    handshakes not yet acknowledged by their clients, bpf/maps.h; absent in programs before it)."""
+    return [t for t in (m.get(abi.Map.NAT), m.get(abi.Map.NAT_NEW)) if t is not None]
 
 
 class Maps:
@@ -766,16 +773,25 @@ class Maps:
             if have.get(i, 0) != want.get(i, 0):
                 m.update(i, m.Leaf(want.get(i, 0)))
 
+    def nat_tables(self) -> list[Any]:
+        return nat_tables(self.m)
+
     def nat_entries(self, limit: int | None = None) -> list[NatEntry]:
-        """The NAT conntrack (both directions' entries; expired ones included: see NatEntry.expired)."""
-        m = self.m.get(abi.Map.NAT)
+        """The NAT conntrack (both tables, both directions' entries; expired ones included: see
+        NatEntry.expired; NatEntry.assured says which table)."""
         out: list[NatEntry] = []
-        if m is None:
-            return out
+        for m in self.nat_tables():
+            if not self._nat_entries(m, m is not self.m.get(abi.Map.NAT_NEW), out, limit):
+                break
+        return out
+
+    @staticmethod
+    def _nat_entries(m: Any, assured: bool, out: list[NatEntry], limit: int | None) -> bool:
+        """Append m's entries to out; False once limit is reached."""
         for keys, values, n in m.batches():
             for i in range(n):
                 if limit is not None and len(out) >= limit:
-                    return out
+                    return False
                 k, v = keys[i], values[i]
                 proto = {6: model.Protocol.TCP, 17: model.Protocol.UDP}.get(k.proto)
                 if proto is None:
@@ -784,12 +800,11 @@ class Maps:
                                     addr_from(k.dst, k.family), socket.ntohs(k.dport), proto,
                                     addr_from(v.saddr, v.family), socket.ntohs(v.sport),
                                     addr_from(v.daddr, v.family), socket.ntohs(v.dport), v.state, v.backend_id,
-                                    v.gen, mac_str(v.mac), v.seen, v.timeout, v.created))
-        return out
+                                    v.gen, mac_str(v.mac), v.seen, v.timeout, v.created, assured))
+        return True
 
     def nat_entry_count(self) -> int:
-        m = self.m.get(abi.Map.NAT)
-        return 0 if m is None else sum(n for _, _, n in m.batches())
+        return sum(n for m in self.nat_tables() for _, _, n in m.batches())
 
     def nat_backend(self, backend_id: int) -> NatBackendState:
         m = self.m.get(abi.Map.NAT_BE)
@@ -1370,13 +1385,12 @@ class Maps:
         for keys, values, n in self.flow_map.batches():
             doomed += [self.flow_map.Key.from_buffer_copy(keys[i]) for i in range(n) if values[i].backend_id in ids]
         gone = sum(1 for k in doomed if self.flow_map.delete(k))
-        nat = self.m.get(abi.Map.NAT)
-        if nat is None:
-            return gone
-        doomed = []
-        for keys, values, n in nat.batches():
-            doomed += [nat.Key.from_buffer_copy(keys[i]) for i in range(n) if values[i].backend_id in ids]
-        return gone + sum(1 for k in doomed if nat.delete(k))
+        for nat in self.nat_tables():
+            doomed = []
+            for keys, values, n in nat.batches():
+                doomed += [nat.Key.from_buffer_copy(keys[i]) for i in range(n) if values[i].backend_id in ids]
+            gone += sum(1 for k in doomed if nat.delete(k))
+        return gone
 
     def flow_count(self) -> int:
         return self.flow_map.count()

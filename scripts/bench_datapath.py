@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 from lbxdp import abi, bpfsys, loader, model
 from lbxdp.balancer import Balancer
-from lbxdp.maps import Maps
+from lbxdp.maps import Maps, nat_now
 from lbxdp.lab.traffic import inet_checksum
 
 LB_MAC, CLIENT_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
@@ -304,9 +304,12 @@ def nat_cases(prog: loader.Program, new_flows: dict[str, list[bytes]], full: boo
     per backend) so that the new-flow rows never run out.
     full=False: prog's conntrack holds every connection of a repetition and is emptied before it
     (a table the GC keeps below capacity); the established rows send an ACK of a connection opened
-    (SYN, then the backend's SYN-ACK) before each repetition. full=True: only the new-flow rows, on
-    the default capacity (131,072 entries), which they fill: then every new connection's two
-    inserts also evict two entries (the LRU's cost at capacity)."""
+    (SYN, then the backend's SYN-ACK) before each repetition; the "ack completing a handshake"
+    rows send, per call, the ACK of one of the new-flow rows' handshakes (SYN and SYN-ACK run
+    before the repetition), which moves its entries from the handshake table (lbx_nat_new) to the
+    conntrack. full=True: only the new-flow rows, on the default capacities, which they fill: then
+    every new connection's two inserts also evict two entries (the LRU's cost at capacity; the
+    handshake table's, 65,536 entries, since SYNs open there)."""
     ip = ipaddress.ip_address
     snat4 = "10.99.255.1"
 
@@ -325,11 +328,10 @@ def nat_cases(prog: loader.Program, new_flows: dict[str, list[bytes]], full: boo
     if full:
         return [Case("nat: snat tcp syn new flow v4, conntrack full (LRU evicts)", lb, new_flows["nat85"], XDP_TX),
                 Case("nat: dnat tcp syn new flow v4, conntrack full (LRU evicts)", lb, new_flows["nat86"], XDP_TX)]
-    ct = maps.m[abi.Map.NAT]
-
     def clear() -> None:
-        for k in list(ct.keys()):
-            ct.delete(k)
+        for ct in maps.nat_tables():
+            for k in list(ct.keys()):
+                ct.delete(k)
     fwd = {85: [b""], 86: [b""]}
     reply = {85: [b""], 86: [b""]}
 
@@ -339,13 +341,35 @@ def nat_cases(prog: loader.Program, new_flows: dict[str, list[bytes]], full: boo
             if lb.run(frame(CLIENT4, VIP4, client_port, dport, 6)).retval != XDP_TX:
                 raise SystemExit(f"nat: the SYN to port {dport} was not forwarded; is the setup right?")
             # the reply key is the forward entry's rewritten tuple, reversed (bpf/nat.h)
+            now = nat_now()
             [e] = [e for e in maps.nat_entries() if e.dir is abi.NatDir.FWD and e.sport == client_port
-                   and e.dport == dport]
+                   and e.dport == dport and not e.expired(now)]
             synack = frame(str(e.new_dst), str(e.new_src), e.new_dport, e.new_sport, 6, tcp_flags=0x12)
             if lb.run(synack).retval != XDP_TX:
                 raise SystemExit("nat: the SYN-ACK was not translated; is the setup right?")
             reply[dport][0] = frame(str(e.new_dst), str(e.new_src), e.new_dport, e.new_sport, 6, tcp_flags=0x10)
             fwd[dport][0] = frame(CLIENT4, VIP4, client_port, dport, 6, tcp_flags=0x10)
+        return setup
+
+    def acks(dport: int) -> list[bytes]:
+        """The ACKs of the row's new-flow SYNs (the same tuples; TCP flags are byte 47)."""
+        out = []
+        for f in new_flows[f"nat{dport}"]:
+            assert f[47] == 0x02, "not an untagged IPv4 SYN"
+            out.append(f[:47] + b"\x10" + f[48:])
+        return out
+
+    def handshakes(dport: int) -> Callable[[], None]:
+        """Before each repetition: the conntrack emptied, then every SYN of the row's tuples and its
+        backend's SYN-ACK run, so that each call's ACK completes a handshake (bpf/nat.h nat_assure:
+        its two entries move from lbx_nat_new to lbx_nat)."""
+        def setup() -> None:
+            clear()
+            for f in new_flows[f"nat{dport}"]:
+                lb.run(f)
+            for e in maps.nat_entries():
+                if e.dir is abi.NatDir.FWD and e.dport == dport:
+                    lb.run(frame(str(e.new_dst), str(e.new_src), e.new_dport, e.new_sport, 6, tcp_flags=0x12))
         return setup
     return [
         Case("nat: snat tcp syn new flow v4", lb, new_flows["nat85"], XDP_TX, clear),
@@ -354,6 +378,10 @@ def nat_cases(prog: loader.Program, new_flows: dict[str, list[bytes]], full: boo
         Case("nat: snat tcp established v4 (backend -> client)", lb, reply[85], XDP_TX, establish(85)),
         Case("nat: dnat tcp established v4 (client -> backend)", lb, fwd[86], XDP_TX, establish(86)),
         Case("nat: dnat tcp established v4 (backend -> client)", lb, reply[86], XDP_TX, establish(86)),
+        Case("nat: snat tcp ack completing a handshake v4", lb, acks(85), XDP_TX, handshakes(85),
+             lambda: any(e.assured for e in maps.nat_entries(limit=4))),
+        Case("nat: dnat tcp ack completing a handshake v4", lb, acks(86), XDP_TX, handshakes(86),
+             lambda: any(e.assured for e in maps.nat_entries(limit=4))),
     ]
 
 

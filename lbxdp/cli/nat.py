@@ -39,7 +39,7 @@ def nat_ls(ctx: click.Context, ifname: str | None, as_json: bool, limit: int | N
     click.echo(fmt.format("PROTO", "CLIENT", "VIP", "BACKEND", "SNAT", "STATE", "AGE", "IDLE"))
     for c in conns:
         click.echo(fmt.format(c.protocol, c.client, c.vip, c.backend, c.snat or "-",
-                              c.state + (" (expired)" if c.expired else ""), f"{c.age:.1f}s", f"{c.idle:.1f}s"))
+                              c.state + ("" if c.assured else " (handshake)") + (" (expired)" if c.expired else ""), f"{c.age:.1f}s", f"{c.idle:.1f}s"))
 
 
 @nat.command("status")

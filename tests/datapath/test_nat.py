@@ -53,9 +53,9 @@ CFG = model.Config(vips=BASE.vips + NAT_VIPS, balancer=OPTS)
 
 
 def reset_nat(lb: Lb) -> None:
-    m = lb.maps.m[abi.Map.NAT]
-    for k in list(m.keys()):
-        m.delete(k)
+    for m in lb.maps.nat_tables():
+        for k in list(m.keys()):
+            m.delete(k)
     for bid in lb.maps.backends():
         lb.maps.m[abi.Map.NAT_BE].zero(bid)
 
@@ -133,6 +133,11 @@ def states(lb: Lb) -> dict[abi.NatDir, tuple[int, int]]:
     return {e.dir: (e.state, e.timeout) for e in lb.maps.nat_entries()}
 
 
+def assured(lb: Lb) -> dict[abi.NatDir, bool]:
+    """direction -> whether the (one) connection's entry is in lbx_nat (else lbx_nat_new)."""
+    return {e.dir: e.assured for e in lb.maps.nat_entries()}
+
+
 def units(seconds: int) -> int:
     return -(-seconds * 1_000_000_000 >> abi.NAT_TIME_SHIFT)
 
@@ -153,10 +158,14 @@ def test_tcp_connection_both_directions(nlb: Lb, name: str, v: model.Vip, client
     check(nlb, fwd_case(f"{name}: SYN to the backend", v, syn, seen))
     assert states(nlb) == {abi.NatDir.FWD: (abi.NatState.SYN_SENT, units(10)),
                            abi.NatDir.REPLY: (abi.NatState.SYN_SENT, units(10))}
+    assert assured(nlb) == {d: False for d in abi.NatDir}      # a handshake: lbx_nat_new
     check(nlb, reply_case(f"{name}: SYN-ACK back from the VIP", v, client, cport, seen, "SA"))
     assert states(nlb) == {d: (abi.NatState.ESTABLISHED, units(600)) for d in abi.NatDir}
+    assert assured(nlb) == {d: False for d in abi.NatDir}      # the client has not acknowledged it
     data = seg(client, str(v.address), cport, v.port, "PA", payload=b"GET / HTTP/1.0\r\n\r\n")
     check(nlb, fwd_case(f"{name}: data to the backend", v, data, seen))
+    assert assured(nlb) == {d: True for d in abi.NatDir}       # moved to lbx_nat, both entries
+    assert len(nlb.maps.nat_entries()) == 2
     check(nlb, reply_case(f"{name}: data back", v, client, cport, seen, "PA"))
     fin = seg(client, str(v.address), cport, v.port, "FA")
     check(nlb, fwd_case(f"{name}: client's FIN", v, fin, seen))
@@ -328,3 +337,72 @@ def test_purging_a_backend_ends_its_nat_connections(nlb: Lb) -> None:
     assert {(e.dport, e.dir) for e in nlb.maps.nat_entries()} == {(80, abi.NatDir.FWD), (48101, abi.NatDir.REPLY)}
     late = seg(be(SNAT4T), SNAT4, 8080, POOL[0], "SA", smac=be_mac(SNAT4T))
     check(nlb, Case("the purged connection's reply is no longer translated", late, XDP_PASS, None, R.PASS_NAT_NO_FLOW))
+
+
+# --- a SYN flood churns the handshake table, never the conntrack (bpf/maps.h lbx_nat_new) ------------
+def establish(lb: Lb, v: model.Vip, cport: int) -> None:
+    """A TCP connection through v from CLIENT4:cport as a client makes it (SYN, the backend's SYN-ACK,
+    the client's ACK), each step forwarded."""
+    assert lb.run(seg(CLIENT4, str(v.address), cport, v.port, "S")).retval == XDP_TX
+    [e] = [e for e in lb.maps.nat_entries()
+           if e.dir is abi.NatDir.FWD and (e.sport, e.dst, e.dport) == (cport, v.address, v.port)]
+    synack = seg(str(e.new_dst), str(e.new_src), e.new_dport, e.new_sport, "SA", smac=be_mac(v))
+    assert lb.run(synack).retval == XDP_TX
+    assert lb.run(seg(CLIENT4, str(v.address), cport, v.port, "A")).retval == XDP_TX
+
+
+def spoofed_syns(v: model.Vip, n: int) -> list[bytes]:
+    """n SYNs to v, each from its own address and port (a spoofed flood): one frame patched."""
+    frame = bytearray(bytes(seg("100.80.0.0", str(v.address), 1024, v.port, "S")))
+    out = []
+    for i in range(n):
+        frame[26:30] = (0x64500000 + (i >> 10)).to_bytes(4, "big")   # IPv4 source
+        frame[34:36] = (1024 + (i & 1023)).to_bytes(2, "big")         # TCP source port
+        out.append(bytes(frame))
+    return out
+
+
+def test_a_syn_flood_evicts_no_established_connection(nlb: Lb) -> None:
+    """3x the handshake table's capacity in spoofed SYNs (their entries evict each other in
+    lbx_nat_new) leaves every established connection of both setups in lbx_nat, translated as
+    before; each flood SYN is still forwarded. With the connections' entries in one LRU (before
+    lbx_nat_new) the flood evicted ~2/3 of them."""
+    held = {(v, 45000 + i) for v in (DNAT4, SNAT4T) for i in range(40)}
+    for v, cport in held:
+        establish(nlb, v, cport)
+    before = {(e.src, e.sport, e.dst, e.dport): e for e in nlb.maps.nat_entries() if e.assured}
+    assert len(before) == 2 * len(held)
+    flood = spoofed_syns(DNAT4, 3 * abi.NAT_NEW_CAPACITY // 2)
+    sent = sum(nlb.runner.run(f).retval == XDP_TX for f in flood)
+    assert sent == len(flood)
+    after = {(e.src, e.sport, e.dst, e.dport): e for e in nlb.maps.nat_entries() if e.assured}
+    assert after.keys() == before.keys()
+    handshakes = [e for e in nlb.maps.nat_entries() if not e.assured]
+    assert abi.NAT_NEW_CAPACITY // 2 < len(handshakes) <= abi.NAT_NEW_CAPACITY
+    for v, cport in sorted(held, key=str)[:6]:   # still translated by their entries
+        e = before[(ip(CLIENT4), cport, v.address, v.port)]
+        data = seg(CLIENT4, str(v.address), cport, v.port, "PA", payload=b"more")
+        check(nlb, fwd_case(f"{v.address}:{v.port} from port {cport}: data after the flood", v, data, e.new_sport))
+
+
+def test_a_syn_reusing_a_closed_connections_tuple_starts_a_handshake(nlb: Lb) -> None:
+    """The client reuses its port after a FIN: the closing entries leave lbx_nat and the new
+    handshake lives in lbx_nat_new until its ACK (nothing shadows it in either direction)."""
+    establish(nlb, DNAT4, 46000)
+    check(nlb, fwd_case("FIN", DNAT4, seg(CLIENT4, "10.30.0.1", 46000, 80, "FA"), 46000))
+    assert {(e.state, e.assured) for e in nlb.maps.nat_entries()} == {(abi.NatState.CLOSING, True)}
+    check(nlb, fwd_case("the port's next SYN", DNAT4, seg(CLIENT4, "10.30.0.1", 46000, 80, "S"), 46000))
+    assert {(e.state, e.assured) for e in nlb.maps.nat_entries()} == {(abi.NatState.SYN_SENT, False)}
+    assert len(nlb.maps.nat_entries()) == 2
+    check(nlb, reply_case("its SYN-ACK", DNAT4, CLIENT4, 46000, 46000, "SA"))
+    check(nlb, fwd_case("its ACK", DNAT4, seg(CLIENT4, "10.30.0.1", 46000, 80, "A"), 46000))
+    assert {(e.state, e.assured) for e in nlb.maps.nat_entries()} == {(abi.NatState.ESTABLISHED, True)}
+    assert len(nlb.maps.nat_entries()) == 2
+
+
+def test_an_snat_port_held_by_a_handshake_is_not_given_again(nlb: Lb) -> None:
+    """A handshake's reply entry (lbx_nat_new) holds its pool port against a connection opened
+    straight into lbx_nat (a TCP packet without SYN: picked up mid-stream)."""
+    check(nlb, fwd_case("a SYN gets the pool's first port", SNAT4T, seg(CLIENT4, "10.30.0.2", 47000, 80, "S"), POOL[0]))
+    nlb.maps.m[abi.Map.NAT_BE].zero(nlb.backend_id(SNAT4T, SNAT4T.backends[0]))   # the cursor back to the first port
+    check(nlb, fwd_case("a mid-stream ACK skips it", SNAT4T, seg(CLIENT4, "10.30.0.2", 47001, 80, "A"), POOL[0] + 1))

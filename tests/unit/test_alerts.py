@@ -168,7 +168,8 @@ def exporter_samples() -> dict[str, set[str]]:
 
 def standalone_registry() -> CollectorRegistry:
     nat = NatStatus(capacity=4096, entries={("original", "established"): 2, ("reply", "established"): 2}, expired=1,
-                    pool=(20000, 20999), sources=("10.113.0.1",), ports=(PortUse("10.113.0.1", "tcp", 2),))
+                    pool=(20000, 20999), sources=("10.113.0.1",), ports=(PortUse("10.113.0.1", "tcp", 2),),
+                    handshakes=6, handshake_capacity=2048)
     be = BackendStatus("10.111.0.11:8080", Stats(1, 2, 3), True, health=Health("up", passing=True),
                        handshakes=Handshakes(0, 1, 2, 3), conns=Conns(5, 1, 100))
     snap = InstanceStatus(

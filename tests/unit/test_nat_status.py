@@ -17,7 +17,7 @@ from .test_exporter import FakeSource
 VIP, BE1, BE2 = "10.112.0.10:80/tcp", "10.111.0.11:8081", "10.111.0.12:8081"
 NAT = NatStatus(131072, {("forward", "established"): 40, ("reply", "established"): 40,
                          ("forward", "closing"): 3, ("reply", "closing"): 3}, 5, (20000, 21023),
-                ("10.111.0.3",), (PortUse("10.111.0.3", "tcp", 43),), {"tcp_syn": 10})
+                ("10.111.0.3",), (PortUse("10.111.0.3", "tcp", 43),), {"tcp_syn": 10}, 12, 65536)
 SNAP = InstanceStatus("eth0", vips=(VipStatus(VIP, Stats(), (
     BackendStatus(BE1, Stats(), False, 0, "", Health("down", passing=False, cause="passive",
                                                      detail="passive: 8 failed handshakes"), Handshakes(8, 8, 0, 0)),
@@ -32,6 +32,7 @@ def test_nat_families_have_exact_values() -> None:
     assert g("lbxdp_nat_entries", {**e, "direction": "forward", "state": "established"}) == 40
     assert g("lbxdp_nat_expired_entries", e) == 5 and g("lbxdp_nat_capacity", e) == 131072
     assert g("lbxdp_snat_pool_ports", e) == 1024
+    assert g("lbxdp_nat_handshake_entries", e) == 12 and g("lbxdp_nat_handshake_capacity", e) == 65536
     assert g("lbxdp_snat_ports_in_use", {**e, "address": "10.111.0.3", "protocol": "tcp"}) == 43
     assert g("lbxdp_snat_ports_in_use", {**e, "address": "10.111.0.3", "protocol": "udp"}) == 0
     b1, b2 = {**e, "vip": VIP, "backend": BE1}, {**e, "vip": VIP, "backend": BE2}
@@ -53,6 +54,7 @@ def test_no_nat_no_nat_series() -> None:
 def test_status_json_and_text_show_nat_and_passive_health(capsys) -> None:
     doc = SNAP.to_json()
     assert doc["nat"]["live"] == 86 and doc["nat"]["expired"] == 5
+    assert doc["nat"]["handshakes"] == {"entries": 12, "capacity": 65536}
     assert doc["nat"]["snat_pool"] == {"ports": [20000, 21023], "size": 1024, "sources": ["10.111.0.3"],
                                        "in_use": [{"address": "10.111.0.3", "protocol": "tcp", "ports": 43}]}
     be1 = doc["vips"][0]["backends"][0]
@@ -61,6 +63,7 @@ def test_status_json_and_text_show_nat_and_passive_health(capsys) -> None:
     print_status(SNAP)
     out = capsys.readouterr().out
     assert "NAT conntrack: 86 live + 5 expired / 131072 entries" in out
+    assert "NAT handshakes (not yet acknowledged by their client): 12 / 65536 entries" in out
     assert "SNAT pool: ports 20000-21023 (1024 per address and protocol) on 10.111.0.3: 10.111.0.3/tcp 43" in out
     assert "down (passive health)" in out
     assert "handshakes: 0 ok, 8 rst, 0 syn retransmitted; 8 failed in a row" in out
