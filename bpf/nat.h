@@ -380,7 +380,11 @@ static __always_inline int nat_open(struct xdp_md *ctx, const struct pkt *pkt, c
 	__builtin_memset(s, 0, sizeof(*s));
 	fwd->state = pkt->flow.proto == IPPROTO_UDP ? LBX_NAT_UDP :
 		     (pkt->flags & LBX_PKT_F_SYN) ? LBX_NAT_SYN_SENT : LBX_NAT_ESTABLISHED;
+#ifndef LBX_NAT_NO_HANDSHAKE_TABLE
 	fresh = fwd->state == LBX_NAT_SYN_SENT;
+#else
+	fresh = 0;   /* every connection opens in lbx_nat: tests/netns/test_nat.py's unprotected build */
+#endif
 	fwd->timeout = cfg->timeout[fwd->state & 3];
 	fwd->backend_id = sel->backend_id;
 	fwd->gen = be->gen;

@@ -21,6 +21,7 @@ left (checked).
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -32,7 +33,10 @@ from typing import Iterator
 
 import pytest
 
-from lbxdp import model
+from lbxdp import abi, control, loader, model
+from lbxdp.conntrack import summarize as nat_summary
+from lbxdp.lab import namespaces as nsx
+from lbxdp.lab import processes
 from lbxdp.lab.rig import CLI, FAILED, HOST_IF, LB, SW, Rig, RigSpec, Shape
 from lbxdp.paths import Instance
 
@@ -396,3 +400,86 @@ def test_bad_nat_input_is_refused_and_nothing_applied(dnat: Nat) -> None:
         rig.run(LB, "ip", "-6", "addr", "add", addr6, "dev", HOST_IF, "nodad")
     names = rig.tcp_names(rig.spec.vip4, VIP_PORT, count=6, timeout=20)
     assert names[FAILED] == 0 and sum(names.values()) == 6, names
+
+
+# -- a spoofed SYN flood: the handshake table takes it, established connections stay -------------
+FLOOD = Path(__file__).with_name("flood.py")
+FLOOD_SECONDS, FLOOD_MAX_PACKETS = 12.0, 4_000_000
+HELD = 200
+FLOOD_NET4, FLOOD_NET6 = "100.64.0.0/10", "2001:db8:f::/48"   # tests/netns/flood.py's sources
+HELD_INTERVAL = 4.0            # a held connection's packets are seconds apart
+
+
+def nat_flood(nat: Nat, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, defines: tuple[str, ...] = ()) -> dict:
+    """Attach (in-process, generic XDP, unique pins), hold HELD connections through the v4 NAT
+    VIP (round robin: a connection whose entries were lost is picked up by another backend, which
+    resets it), flood both VIPs with spoofed SYNs from the client's namespace (tests/netns/flood.py),
+    then let every held connection exchange once more; returns what happened."""
+    rig = nat.rig
+    lbxdp(rig, "detach", HOST_IF, check=False)
+    pins = Path("/sys/fs/bpf") / f"lbxdp-test-{rig.spec.prefix}-natflood"
+    monkeypatch.setenv("LBXDP_PIN_ROOT", str(pins))
+    monkeypatch.setenv("LBXDP_RUN_ROOT", str(tmp_path / "run"))
+    inst = Instance(HOST_IF)
+    cfg = model.Config(vips=tuple(rig.nat_vip(f, "tcp", port=VIP_PORT, snat=nat.snat) for f in (4, 6)))
+    out: dict = {}
+    flood_proc = None
+    # As where DNAT backends route everything via the balancer: their SYN-ACKs to the flood's
+    # sources come back through lb (then to the client's MAC, which drops them), so the flood's
+    # entries are looked up again, as a real connection's are, and the LRU cannot tell them apart.
+    routes = [(be, v, net, str(rig.addr4(LB) if v == "-4" else rig.addr6(LB)))
+              for be in rig.backends for v, net in (("-4", FLOOD_NET4), ("-6", FLOOD_NET6))] if not nat.snat else []
+    try:
+        for be, v, net, via in routes:
+            rig.run(be, "ip", v, "route", "replace", net, "via", via)
+        with nsx.in_netns(rig.ns(LB)):
+            control.attach(inst, cfg, model.XdpMode.GENERIC, build=loader.BuildConfig(inst.pin_dir, defines=defines))
+        with rig.hold(rig.spec.vip4, VIP_PORT, conns=HELD, interval=HELD_INTERVAL, duration=120,
+                      try_timeout=3.0) as held:
+            ready = held.wait_ready(timeout=60)
+            assert ready["open"] == HELD, ready
+            argv = [sys.executable, str(FLOOD), HOST_IF, rig.mac(LB), rig.mac(CLI), str(rig.spec.vip4),
+                    str(rig.spec.vip6), str(VIP_PORT), "--kind", "syn", "--seconds", str(FLOOD_SECONDS),
+                    "--max-packets", str(FLOOD_MAX_PACKETS)]
+            flood_proc = subprocess.Popen([*nsx.ns_cmd(rig.ns(CLI)), *argv], stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, env=processes.python_env(),
+                                          preexec_fn=processes.set_pdeathsig)
+            stdout, stderr = flood_proc.communicate(timeout=FLOOD_SECONDS + 90)   # the pool is built first
+            assert flood_proc.returncode == 0, stderr
+            out["flood"] = json.loads(stdout)
+            with control.open_maps(inst) as m:
+                out["nat"] = nat_summary(m)
+            time.sleep(HELD_INTERVAL + 2)   # every held connection exchanges after the flood
+            out["held"] = held.stop()
+    finally:
+        if flood_proc is not None and flood_proc.poll() is None:
+            flood_proc.kill()
+            flood_proc.wait(10)
+        with nsx.in_netns(rig.ns(LB)):
+            control.detach(inst)
+        shutil.rmtree(pins, ignore_errors=True)
+        for be, v, net, via in routes:
+            rig.run(be, "ip", v, "route", "del", net, "via", via, check=False)
+    conns = out["held"]["conns"]
+    out["broken"] = [c for c in conns if not c["open"] or c["errors"] or c["sent"] != c["received"] or not c["sent"]]
+    st, nat_st = out["flood"], out["nat"]
+    out["figures"] = (f"{st['sent']} spoofed SYNs in {st['seconds']}s = {st['pps']}/s; held {len(conns) - len(out['broken'])}"
+                      f"/{len(conns)} intact; after the flood: {nat_st.live} conntrack entries, {nat_st.handshakes} "
+                      f"handshake entries (of {nat_st.handshake_capacity})")
+    return out
+
+
+def test_a_syn_flood_breaks_no_established_nat_connection(dnat: Nat, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    out = nat_flood(dnat, tmp_path, monkeypatch)
+    print(f"\n[nat flood] handshake table: {out['figures']}")
+    assert not out["broken"], f"{len(out['broken'])} held connections broke: {out['broken'][:3]}; {out['figures']}"
+    assert out["flood"]["sent"] >= 2 * abi.NAT_CAPACITY, f"the flood did not churn a conntrack's worth: {out['figures']}"
+    assert out["nat"].handshakes > abi.NAT_NEW_CAPACITY // 2, out["figures"]   # the flood's entries: there
+
+
+def test_without_the_handshake_table_the_same_flood_breaks_nat_connections(dnat: Nat, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    out = nat_flood(dnat, tmp_path, monkeypatch, defines=("LBX_NAT_NO_HANDSHAKE_TABLE",))
+    print(f"\n[nat flood] no handshake table: {out['figures']}")
+    assert out["broken"], f"the flood broke nothing without the handshake table: the test cannot fail; {out['figures']}"
