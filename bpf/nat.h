@@ -116,6 +116,16 @@ static __always_inline void nat_peer_key(const struct nat_entry *e, struct flow_
 	k->family = e->family;
 }
 
+/* The timeout of state for an entry of lbx_nat (fresh = 0) or lbx_nat_new: there, a handshake
+ * the backend answered keeps tcp_syn until its client's ACK (nf_conntrack's SYN_RECV), so that a
+ * flood's answered handshakes do not hold their entries (and SNAT ports) for tcp_established. */
+static __always_inline __u32 nat_timeout(const struct nat_cfg *cfg, __u8 state, int fresh)
+{
+	if (!cfg)
+		return 0;
+	return cfg->timeout[fresh && state == LBX_NAT_ESTABLISHED ? LBX_NAT_SYN_SENT : state & 3];
+}
+
 /* Move both entries of e's connection to state (its timeout from lbx_nat_cfg). Only on a
  * state change: the second lookup is the peer's, in e's table (fresh: lbx_nat_new). */
 static __always_inline void nat_set_state(struct nat_entry *e, __u8 state, int fresh)
@@ -124,7 +134,7 @@ static __always_inline void nat_set_state(struct nat_entry *e, __u8 state, int f
 	struct nat_cfg *cfg = lbx_nat_cfg.lookup(&zero);
 	struct flow_key k = {};
 	struct nat_entry *peer;
-	__u32 t = cfg ? cfg->timeout[state & 3] : 0;
+	__u32 t = nat_timeout(cfg, state, fresh);
 
 	e->state = state;
 	e->timeout = t;
@@ -428,19 +438,25 @@ static __always_inline int nat_open(struct xdp_md *ctx, const struct pkt *pkt, c
 
 /*
  * The client's first packet after the SYN-ACK of a handshake in lbx_nat_new (ESTABLISHED there,
- * a packet without SYN): the connection is assured, and its two entries move to lbx_nat, the
- * reply entry first (a reply in between finds one copy or the other). Called after the packet
+ * a packet without SYN): the connection is assured, and its two entries move to lbx_nat with
+ * tcp_established's timeout, the reply entry first (a reply in between finds one copy or the
+ * other). Called after the packet
  * was translated by e, which the move frees. If lbx_nat refuses an entry (memory), both stay.
  * A reply translated on another CPU during the move may refresh the old copy (its `seen`):
  * the new copies were taken just before, so at most that refresh is lost.
  */
 static __always_inline void nat_assure(const struct pkt *pkt, struct nat_entry *e, struct flow_key *k)
 {
+	__u32 zero = 0;
+	struct nat_cfg *cfg = lbx_nat_cfg.lookup(&zero);
 	struct nat_entry *peer;
 
 	nat_peer_key(e, k);
 	peer = lbx_nat_new.lookup(k);
-	if (!peer || lbx_nat.update(k, peer) != 0)
+	if (!peer)
+		return;
+	e->timeout = peer->timeout = nat_timeout(cfg, LBX_NAT_ESTABLISHED, 0);   /* copied with them */
+	if (lbx_nat.update(k, peer) != 0)
 		return;
 	if (lbx_nat.update((struct flow_key *)&pkt->flow, e) != 0) {
 		lbx_nat.delete(k);

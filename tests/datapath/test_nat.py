@@ -160,11 +160,13 @@ def test_tcp_connection_both_directions(nlb: Lb, name: str, v: model.Vip, client
                            abi.NatDir.REPLY: (abi.NatState.SYN_SENT, units(10))}
     assert assured(nlb) == {d: False for d in abi.NatDir}      # a handshake: lbx_nat_new
     check(nlb, reply_case(f"{name}: SYN-ACK back from the VIP", v, client, cport, seen, "SA"))
-    assert states(nlb) == {d: (abi.NatState.ESTABLISHED, units(600)) for d in abi.NatDir}
-    assert assured(nlb) == {d: False for d in abi.NatDir}      # the client has not acknowledged it
+    # the client has not acknowledged it: still a handshake, with the handshake's timeout
+    assert states(nlb) == {d: (abi.NatState.ESTABLISHED, units(10)) for d in abi.NatDir}
+    assert assured(nlb) == {d: False for d in abi.NatDir}
     data = seg(client, str(v.address), cport, v.port, "PA", payload=b"GET / HTTP/1.0\r\n\r\n")
     check(nlb, fwd_case(f"{name}: data to the backend", v, data, seen))
     assert assured(nlb) == {d: True for d in abi.NatDir}       # moved to lbx_nat, both entries
+    assert states(nlb) == {d: (abi.NatState.ESTABLISHED, units(600)) for d in abi.NatDir}
     assert len(nlb.maps.nat_entries()) == 2
     check(nlb, reply_case(f"{name}: data back", v, client, cport, seen, "PA"))
     fin = seg(client, str(v.address), cport, v.port, "FA")
