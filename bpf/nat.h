@@ -440,10 +440,10 @@ static __always_inline int nat_open(struct xdp_md *ctx, const struct pkt *pkt, c
  * The client's first packet after the SYN-ACK of a handshake in lbx_nat_new (ESTABLISHED there,
  * a packet without SYN): the connection is assured, and its two entries move to lbx_nat with
  * tcp_established's timeout, the reply entry first (a reply in between finds one copy or the
- * other). Called after the packet
- * was translated by e, which the move frees. If lbx_nat refuses an entry (memory), both stay.
- * A reply translated on another CPU during the move may refresh the old copy (its `seen`):
- * the new copies were taken just before, so at most that refresh is lost.
+ * other). Called after the packet was translated by e, which the move frees. If lbx_nat refuses
+ * an entry (memory; an LRU makes room), both stay where they are, with that timeout. A reply
+ * translated on another CPU during the move may refresh the old copy (its `seen`): the new
+ * copies were taken just before, so at most that refresh is lost.
  */
 static __always_inline void nat_assure(const struct pkt *pkt, struct nat_entry *e, struct flow_key *k)
 {

@@ -244,9 +244,9 @@ class GcTick:
 
 
 class Gc:
-    """Removes lbx_nat and lbx_nat_new entries past their state's timeout (and GC_GRACE), at most `chunk` entries read (and
-    `max_deletes` deleted) per tick, resuming where the last tick stopped (the kernel's batch
-    cursor); a pass over a full table takes capacity / chunk ticks. An entry is deleted only if
+    """Removes lbx_nat and lbx_nat_new entries past their state's timeout (and GC_GRACE), at most
+    `chunk` entries read (and `max_deletes` deleted) per tick, resuming where the last tick
+    stopped (the kernel's batch cursor); a pass over both tables takes their capacity / chunk ticks. An entry is deleted only if
     a fresh read right before the delete still finds it expired (the program may have reused
     the tuple for a new connection meanwhile).
 

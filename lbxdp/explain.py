@@ -46,8 +46,8 @@ SHARED = frozenset({abi.Map.VIPS, abi.Map.VIP_FILTER, abi.Map.BACKENDS, abi.Map.
                     abi.Map.VIP_RETIRED})   # ... or never touches (the control plane's counters)
 # Maps the program writes: scratch copies, filled per query with what the packet can read.
 WRITTEN = frozenset({abi.Map.FLOWS, abi.Map.HALF_OPEN, abi.Map.FLOOD, abi.Map.RR,
-                     abi.Map.BE_STATS, abi.Map.REASONS, abi.Map.SRC_LIMIT, abi.Map.SRC_LIMIT4, abi.Map.NAT, abi.Map.NAT_NEW, abi.Map.NAT_BE,
-                     abi.Map.NAT_SCRATCH, abi.Map.CONNS, abi.Map.QUIC_STATS, abi.Map.QUIC_VIP,
+                     abi.Map.BE_STATS, abi.Map.REASONS, abi.Map.SRC_LIMIT, abi.Map.SRC_LIMIT4, abi.Map.NAT,
+                     abi.Map.NAT_NEW, abi.Map.NAT_BE, abi.Map.NAT_SCRATCH, abi.Map.CONNS, abi.Map.QUIC_STATS, abi.Map.QUIC_VIP,
                      abi.Map.BACKUP_OVERFLOWS})
 _unsorted = set(abi.Map) - SHARED - WRITTEN
 assert not _unsorted, f"lbxdp.explain: say whether the program writes {sorted(_unsorted)} (SHARED or WRITTEN)"

@@ -286,8 +286,8 @@ class LbxCollector(Collector):
             took.add_metric([iface], s.read_seconds)
         yield from (*vip.values(), *be.values(), in_table, healthy, v_pkts, v_bytes, entries, capacity, info, took,
                     acl_rules, lim_rate, lim_burst, half_open, flood_threshold, flood_cpus, skipped, ho_written,
-                    nat_entries, nat_expired, nat_capacity, nat_hs, nat_hs_capacity, pool_size, pool_use, hs_fail, hs_total, passive_down,
-                    open_conns, max_conns, cap_hits, quic_pkts, quic_ids, vip_quic, overflows)
+                    nat_entries, nat_expired, nat_capacity, nat_hs, nat_hs_capacity, pool_size, pool_use, hs_fail,
+                    hs_total, passive_down, open_conns, max_conns, cap_hits, quic_pkts, quic_ids, vip_quic, overflows)
 
 
 def make_registry(source: Source, registry: CollectorRegistry | None = None) -> CollectorRegistry:

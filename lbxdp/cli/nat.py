@@ -38,8 +38,9 @@ def nat_ls(ctx: click.Context, ifname: str | None, as_json: bool, limit: int | N
     fmt = "{:<5} {:<44} {:<44} {:<44} {:<44} {:<12} {:>8} {:>8}"
     click.echo(fmt.format("PROTO", "CLIENT", "VIP", "BACKEND", "SNAT", "STATE", "AGE", "IDLE"))
     for c in conns:
-        click.echo(fmt.format(c.protocol, c.client, c.vip, c.backend, c.snat or "-",
-                              c.state + ("" if c.assured else " (handshake)") + (" (expired)" if c.expired else ""), f"{c.age:.1f}s", f"{c.idle:.1f}s"))
+        state = c.state + ("" if c.assured else " (handshake)") + (" (expired)" if c.expired else "")
+        click.echo(fmt.format(c.protocol, c.client, c.vip, c.backend, c.snat or "-", state,
+                              f"{c.age:.1f}s", f"{c.idle:.1f}s"))
 
 
 @nat.command("status")

@@ -463,8 +463,8 @@ def nat_flood(nat: Nat, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, defines
     conns = out["held"]["conns"]
     out["broken"] = [c for c in conns if not c["open"] or c["errors"] or c["sent"] != c["received"] or not c["sent"]]
     st, nat_st = out["flood"], out["nat"]
-    out["figures"] = (f"{st['sent']} spoofed SYNs in {st['seconds']}s = {st['pps']}/s; held {len(conns) - len(out['broken'])}"
-                      f"/{len(conns)} intact; after the flood: {nat_st.live} conntrack entries, {nat_st.handshakes} "
+    out["figures"] = (f"{st['sent']} spoofed SYNs in {st['seconds']}s = {st['pps']}/s; "
+                      f"held {len(conns) - len(out['broken'])}/{len(conns)} intact; after the flood: {nat_st.live} conntrack entries, {nat_st.handshakes} "
                       f"handshake entries (of {nat_st.handshake_capacity})")
     return out
 
@@ -474,7 +474,7 @@ def test_a_syn_flood_breaks_no_established_nat_connection(dnat: Nat, tmp_path: P
     out = nat_flood(dnat, tmp_path, monkeypatch)
     print(f"\n[nat flood] handshake table: {out['figures']}")
     assert not out["broken"], f"{len(out['broken'])} held connections broke: {out['broken'][:3]}; {out['figures']}"
-    assert out["flood"]["sent"] >= 2 * abi.NAT_CAPACITY, f"the flood did not churn a conntrack's worth: {out['figures']}"
+    assert out["flood"]["sent"] >= 2 * abi.NAT_CAPACITY, f"the flood churned less than a conntrack: {out['figures']}"
     assert out["nat"].handshakes > abi.NAT_NEW_CAPACITY // 2, out["figures"]   # the flood's entries: there
 
 
