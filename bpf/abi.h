@@ -491,9 +491,10 @@ _Static_assert(sizeof(struct src_set6) == 96, "also update lbxdp/abi.py");
 #define LBX_NAT_CAPACITY 131072   /* lbx_nat entries: two per connection */
 #endif
 #ifndef LBX_NAT_NEW_CAPACITY
-#define LBX_NAT_NEW_CAPACITY 65536 /* lbx_nat_new entries: two per TCP handshake not yet acknowledged by
-				    * its client; a SYN flood churns only these (README: how long a
-				    * handshake survives a flood: ~capacity / 2 / flooding SYNs per second) */
+#define LBX_NAT_NEW_CAPACITY 65536 /* lbx_nat_new entries: two per new connection (a TCP handshake its
+				    * client has not acknowledged, a UDP flow before its client's second
+				    * datagram); a flood churns only these (README: how long one survives
+				    * a flood: ~capacity / 2 / flooding packets per second) */
 #endif
 
 /* Connection state of a lbx_nat entry; the entry's timeout is lbx_nat_cfg's for its state. */

@@ -167,9 +167,10 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct src_set4, lbx_src_limit4, LBX_SRC
  * Two tables, as a conntrack keeps "assured" connections apart from unanswered ones: a TCP
  * connection opened by a SYN has its entries in lbx_nat_new until its client acknowledges the
  * backend's SYN-ACK (the handshake's ACK proves the client's address, as issue 11's gate does
- * for DSR); that packet moves them to lbx_nat. A spoofed SYN flood then evicts only other
- * handshakes, never an established connection. UDP and a TCP connection picked up mid-stream
- * (no SYN seen: after a flush) open in lbx_nat as before. Lookups read lbx_nat first.
+ * for DSR), a UDP flow until its client's second datagram (DSR records UDP there too); that
+ * packet moves them to lbx_nat. A flood of spoofed SYNs or datagrams then evicts only other new
+ * connections, never an established one. A TCP connection picked up mid-stream (no SYN seen:
+ * after a flush) opens in lbx_nat as before. Lookups read lbx_nat first.
  */
 BPF_TABLE_PINNED("lru_hash", struct flow_key, struct nat_entry, lbx_nat, LBX_NAT_CAPACITY,
 		 LBX_PIN_DIR "/lbx_nat");

@@ -12,7 +12,8 @@
  * SYN-ACK -> CLOSING on a FIN or RST from either side) and its timeout; an entry past
  * seen + timeout counts as absent (the LRU or the control plane removes it later). A TCP
  * connection opened by a SYN keeps its entries in lbx_nat_new (maps.h) until the client's ACK
- * of the SYN-ACK, which moves them to lbx_nat (nat_assure): a SYN flood churns lbx_nat_new only.
+ * of the SYN-ACK, a UDP flow until its client's second datagram, which move them to lbx_nat
+ * (nat_assure): a flood of spoofed first packets churns lbx_nat_new only.
  *
  * Checksums are updated incrementally (csum.h): the sum of every changed word's complement and
  * its new value is added to the complemented old checksum (RFC 1624 eqn. 3, 32-bit words at
@@ -370,7 +371,8 @@ static __always_inline int nat_source(const struct nat_cfg *cfg, __u8 family, st
  * Open a connection's two entries from its first packet (fwd gets the forward entry): the
  * reply entry first (its key may be taken: SNAT then tries other ports), then the forward one.
  * The reply entry remembers the source MAC of this packet: the next hop back to the client.
- * A SYN's entries go to lbx_nat_new (fresh), replacing what lbx_nat held under its key (nf).
+ * A SYN's or a datagram's entries go to lbx_nat_new (fresh), replacing what lbx_nat held under
+ * its key (nf); a TCP packet without SYN (a connection picked up mid-stream) opens in lbx_nat.
  */
 static __always_inline int nat_open(struct xdp_md *ctx, const struct pkt *pkt, const struct selection *sel,
 				    struct nat_scratch *s, const struct nat_flow *nf)
@@ -391,7 +393,10 @@ static __always_inline int nat_open(struct xdp_md *ctx, const struct pkt *pkt, c
 	fwd->state = pkt->flow.proto == IPPROTO_UDP ? LBX_NAT_UDP :
 		     (pkt->flags & LBX_PKT_F_SYN) ? LBX_NAT_SYN_SENT : LBX_NAT_ESTABLISHED;
 #ifndef LBX_NAT_NO_HANDSHAKE_TABLE
-	fresh = fwd->state == LBX_NAT_SYN_SENT;
+	fresh = fwd->state != LBX_NAT_ESTABLISHED;   /* a SYN or a datagram: SYN_SENT or UDP */
+	/* Opaque to the verifier: known per protocol, fresh splits every path below it, and the
+	 * program passes the verifier's 1M-instruction bound no more (E2BIG). */
+	asm volatile("" : "+r"(fresh));
 #else
 	fresh = 0;   /* every connection opens in lbx_nat: tests/netns/test_nat.py's unprotected build */
 #endif
@@ -438,9 +443,9 @@ static __always_inline int nat_open(struct xdp_md *ctx, const struct pkt *pkt, c
 
 /*
  * The client's first packet after the SYN-ACK of a handshake in lbx_nat_new (ESTABLISHED there,
- * a packet without SYN): the connection is assured, and its two entries move to lbx_nat with
- * tcp_established's timeout, the reply entry first (a reply in between finds one copy or the
- * other). Called after the packet was translated by e, which the move frees. If lbx_nat refuses
+ * a packet without SYN), or a UDP flow's second datagram from its client: the connection is
+ * assured, and its two entries move to lbx_nat with their state's timeout there (TCP:
+ * tcp_established), the reply entry first (a reply in between finds one copy or the other). Called after the packet was translated by e, which the move frees. If lbx_nat refuses
  * an entry (memory; an LRU makes room), both stay where they are, with that timeout. A reply
  * translated on another CPU during the move may refresh the old copy (its `seen`): the new
  * copies were taken just before, so at most that refresh is lost.
@@ -455,7 +460,7 @@ static __always_inline void nat_assure(const struct pkt *pkt, struct nat_entry *
 	peer = lbx_nat_new.lookup(k);
 	if (!peer)
 		return;
-	e->timeout = peer->timeout = nat_timeout(cfg, LBX_NAT_ESTABLISHED, 0);   /* copied with them */
+	e->timeout = peer->timeout = nat_timeout(cfg, e->state, 0);   /* copied with them */
 	if (lbx_nat.update(k, peer) != 0)
 		return;
 	if (lbx_nat.update((struct flow_key *)&pkt->flow, e) != 0) {
@@ -686,8 +691,8 @@ static __always_inline int forward_nat(struct xdp_md *ctx, const struct pkt *pkt
 	if (!(pkt->flags & LBX_PKT_F_ICMP_ERR))
 		nat_track(ctx, pkt, nf->e, nf->now, nf->fresh);
 	r = nat_translate(ctx, pkt, nf->e, sel->be->mac);
-	if (r == LBX_R_OK && nf->fresh && nf->e->state == LBX_NAT_ESTABLISHED &&
-	    !(pkt->flags & (LBX_PKT_F_ICMP_ERR | LBX_PKT_F_SYN))) {
+	if (r == LBX_R_OK && nf->fresh && !(pkt->flags & (LBX_PKT_F_ICMP_ERR | LBX_PKT_F_SYN)) &&
+	    (nf->e->state == LBX_NAT_ESTABLISHED || nf->e->state == LBX_NAT_UDP)) {
 		s = lbx_nat_scratch.lookup(&zero);
 		if (s)
 			nat_assure(pkt, nf->e, &s->k);

@@ -57,7 +57,7 @@ class NatStatus:
     sources: tuple[str, ...] = ()                                       # SNAT addresses (v4, v6)
     ports: tuple[PortUse, ...] = ()
     timeouts: dict[str, int] = field(default_factory=dict)              # seconds by state
-    handshakes: int = 0           # live entries of lbx_nat_new (TCP handshakes not yet acknowledged by their client)
+    handshakes: int = 0           # live entries of lbx_nat_new (new connections, not yet assured)
     handshake_capacity: int = 0
 
     @property
@@ -85,7 +85,7 @@ class NatStatus:
         states = ", ".join(f"{k} {n}" for k, n in sorted(by_state.items())) or "none"
         out = [f"NAT conntrack: {self.live} live + {self.expired} expired / {self.capacity} entries ({states})"]
         if self.handshake_capacity:
-            out.append(f"NAT handshakes (not yet acknowledged by their client): {self.handshakes} / "
+            out.append(f"NAT handshake table (new connections, not yet assured): {self.handshakes} / "
                        f"{self.handshake_capacity} entries")
         if self.pool is not None:
             use = ", ".join(f"{p.address}/{p.protocol} {p.in_use}" for p in self.ports) or "none in use"
@@ -202,7 +202,7 @@ class Connection:
     age: float                # seconds since the first packet
     idle: float               # seconds since the client's last packet
     expired: bool
-    assured: bool = True      # False: a TCP handshake its client has not acknowledged (lbx_nat_new)
+    assured: bool = True      # False: a new connection not yet assured (lbx_nat_new)
 
     def to_json(self) -> dict[str, Any]:
         return {"protocol": self.protocol, "client": self.client, "vip": self.vip, "backend": self.backend,

@@ -179,8 +179,9 @@ class LbxCollector(Collector):
         nat_capacity = GaugeMetricFamily("lbxdp_nat_capacity", "Size of the NAT conntrack (max entries).",
                                          labels=["interface"])
         nat_hs = GaugeMetricFamily("lbxdp_nat_handshake_entries", "Live entries of the NAT handshake table (two "
-                                   "per TCP handshake its client has not acknowledged yet; a SYN flood fills it, "
-                                   "not the conntrack).", labels=["interface"])
+                                   "per new connection: a TCP handshake its client has not acknowledged, a UDP "
+                                   "flow before its client's second datagram; a flood fills it, not the "
+                                   "conntrack).", labels=["interface"])
         nat_hs_capacity = GaugeMetricFamily("lbxdp_nat_handshake_capacity", "Size of the NAT handshake table "
                                             "(max entries).", labels=["interface"])
         pool_size = GaugeMetricFamily("lbxdp_snat_pool_ports", "Ports in the SNAT pool, per source address and "

@@ -292,7 +292,7 @@ class NatEntry:
     seen: int             # nat_now() units
     timeout: int          # units
     created: int
-    assured: bool = True  # in lbx_nat; False: lbx_nat_new (a TCP handshake its client has not acknowledged)
+    assured: bool = True  # in lbx_nat; False: lbx_nat_new (a new connection, not yet assured: bpf/maps.h)
 
     def expired(self, now: int) -> bool:
         """What the program decides: past seen + timeout, the entry counts as absent."""
@@ -443,8 +443,8 @@ def admit_flags(scope: int, entries: frozenset[AclEntry]) -> int:
 
 
 def nat_tables(m: dict[str, Any]) -> list[Any]:
-    """The NAT conntrack's tables among a program's maps m: lbx_nat, then lbx_nat_new (TCP
-    handshakes not yet acknowledged by their clients, bpf/maps.h; absent in programs before it)."""
+    """The NAT conntrack's tables among a program's maps m: lbx_nat, then lbx_nat_new (new
+    connections not yet assured, bpf/maps.h; absent in programs before it)."""
     return [t for t in (m.get(abi.Map.NAT), m.get(abi.Map.NAT_NEW)) if t is not None]
 
 

@@ -187,8 +187,14 @@ def test_udp_flow_both_directions(nlb: Lb, name: str, v: model.Vip, client: str,
     q = dgram(client, str(v.address), cport, v.port)
     check(nlb, fwd_case(f"{name}: query to the backend", v, q, seen))
     assert states(nlb) == {d: (abi.NatState.UDP, units(30)) for d in abi.NatDir}
+    assert assured(nlb) == {d: False for d in abi.NatDir}      # a new flow: lbx_nat_new
     check(nlb, reply_case(f"{name}: answer back", v, client, cport, seen, udp=True))
+    assert assured(nlb) == {d: False for d in abi.NatDir}
     check(nlb, fwd_case(f"{name}: second query, same port", v, q, seen))
+    assert assured(nlb) == {d: True for d in abi.NatDir}       # the client's second datagram
+    assert states(nlb) == {d: (abi.NatState.UDP, units(30)) for d in abi.NatDir}
+    assert len(nlb.maps.nat_entries()) == 2
+    check(nlb, reply_case(f"{name}: answer back from lbx_nat", v, client, cport, seen, udp=True))
 
 
 def test_ipv4_udp_without_checksum_keeps_none(nlb: Lb) -> None:
@@ -354,8 +360,10 @@ def establish(lb: Lb, v: model.Vip, cport: int) -> None:
 
 
 def spoofed_syns(v: model.Vip, n: int) -> list[bytes]:
-    """n SYNs to v, each from its own address and port (a spoofed flood): one frame patched."""
-    frame = bytearray(bytes(seg("100.80.0.0", str(v.address), 1024, v.port, "S")))
+    """n SYNs (or, a UDP VIP, datagrams) to v, each from its own address and port (a spoofed
+    flood): one frame patched."""
+    first = dgram if v.protocol is UDP_ else seg
+    frame = bytearray(bytes(first("100.80.0.0", str(v.address), 1024, v.port)))
     out = []
     for i in range(n):
         frame[26:30] = (0x64500000 + (i >> 10)).to_bytes(4, "big")   # IPv4 source
@@ -364,17 +372,18 @@ def spoofed_syns(v: model.Vip, n: int) -> list[bytes]:
     return out
 
 
-def test_a_syn_flood_evicts_no_established_connection(nlb: Lb) -> None:
-    """3x the handshake table's capacity in spoofed SYNs (their entries evict each other in
-    lbx_nat_new) leaves every established connection of both setups in lbx_nat, translated as
-    before; each flood SYN is still forwarded. With the connections' entries in one LRU (before
-    lbx_nat_new) the flood evicted ~2/3 of them."""
+@pytest.mark.parametrize("flood_vip", [DNAT4, DNAT4U], ids=["syn flood", "udp flood"])
+def test_a_flood_evicts_no_established_connection(nlb: Lb, flood_vip: model.Vip) -> None:
+    """3x the handshake table's capacity in spoofed SYNs or first datagrams (their entries evict
+    each other in lbx_nat_new) leaves every established connection of both setups in lbx_nat,
+    translated as before; each flood packet is still forwarded. With the connections' entries in
+    one LRU (before lbx_nat_new) the SYN flood evicted ~2/3 of them."""
     held = {(v, 45000 + i) for v in (DNAT4, SNAT4T) for i in range(40)}
     for v, cport in held:
         establish(nlb, v, cport)
     before = {(e.src, e.sport, e.dst, e.dport): e for e in nlb.maps.nat_entries() if e.assured}
     assert len(before) == 2 * len(held)
-    flood = spoofed_syns(DNAT4, 3 * abi.NAT_NEW_CAPACITY // 2)
+    flood = spoofed_syns(flood_vip, 3 * abi.NAT_NEW_CAPACITY // 2)
     sent = sum(nlb.runner.run(f).retval == XDP_TX for f in flood)
     assert sent == len(flood)
     after = {(e.src, e.sport, e.dst, e.dport): e for e in nlb.maps.nat_entries() if e.assured}

@@ -410,11 +410,13 @@ FLOOD_NET4, FLOOD_NET6 = "100.64.0.0/10", "2001:db8:f::/48"   # tests/netns/floo
 HELD_INTERVAL = 4.0            # a held connection's packets are seconds apart
 
 
-def nat_flood(nat: Nat, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, defines: tuple[str, ...] = ()) -> dict:
+def nat_flood(nat: Nat, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, defines: tuple[str, ...] = (),
+              try_timeout: float = 3.0) -> dict:
     """Attach (in-process, generic XDP, unique pins), hold HELD connections through the v4 NAT
     VIP (round robin: a connection whose entries were lost is picked up by another backend, which
     resets it), flood both VIPs with spoofed SYNs from the client's namespace (tests/netns/flood.py),
-    then let every held connection exchange once more; returns what happened."""
+    then let every held connection exchange once more; returns what happened. The hold client
+    sweeps its connections in turn, so a broken one that hangs costs it try_timeout once."""
     rig = nat.rig
     lbxdp(rig, "detach", HOST_IF, check=False)
     pins = Path("/sys/fs/bpf") / f"lbxdp-test-{rig.spec.prefix}-natflood"
@@ -434,8 +436,8 @@ def nat_flood(nat: Nat, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, defines
             rig.run(be, "ip", v, "route", "replace", net, "via", via)
         with nsx.in_netns(rig.ns(LB)):
             control.attach(inst, cfg, model.XdpMode.GENERIC, build=loader.BuildConfig(inst.pin_dir, defines=defines))
-        with rig.hold(rig.spec.vip4, VIP_PORT, conns=HELD, interval=HELD_INTERVAL, duration=120,
-                      try_timeout=3.0) as held:
+        with rig.hold(rig.spec.vip4, VIP_PORT, conns=HELD, interval=HELD_INTERVAL, duration=300,
+                      try_timeout=try_timeout) as held:
             ready = held.wait_ready(timeout=60)
             assert ready["open"] == HELD, ready
             argv = [sys.executable, str(FLOOD), HOST_IF, rig.mac(LB), rig.mac(CLI), str(rig.spec.vip4),
@@ -450,7 +452,7 @@ def nat_flood(nat: Nat, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, defines
             with control.open_maps(inst) as m:
                 out["nat"] = nat_summary(m)
             time.sleep(HELD_INTERVAL + 2)   # every held connection exchanges after the flood
-            out["held"] = held.stop()
+            out["held"] = held.stop(timeout=HELD * try_timeout + 30)
     finally:
         if flood_proc is not None and flood_proc.poll() is None:
             flood_proc.kill()
@@ -480,6 +482,6 @@ def test_a_syn_flood_breaks_no_established_nat_connection(dnat: Nat, tmp_path: P
 
 def test_without_the_handshake_table_the_same_flood_breaks_nat_connections(dnat: Nat, tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    out = nat_flood(dnat, tmp_path, monkeypatch, defines=("LBX_NAT_NO_HANDSHAKE_TABLE",))
+    out = nat_flood(dnat, tmp_path, monkeypatch, defines=("LBX_NAT_NO_HANDSHAKE_TABLE",), try_timeout=0.5)
     print(f"\n[nat flood] no handshake table: {out['figures']}")
     assert out["broken"], f"the flood broke nothing without the handshake table: the test cannot fail; {out['figures']}"

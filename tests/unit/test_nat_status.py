@@ -63,7 +63,7 @@ def test_status_json_and_text_show_nat_and_passive_health(capsys) -> None:
     print_status(SNAP)
     out = capsys.readouterr().out
     assert "NAT conntrack: 86 live + 5 expired / 131072 entries" in out
-    assert "NAT handshakes (not yet acknowledged by their client): 12 / 65536 entries" in out
+    assert "NAT handshake table (new connections, not yet assured): 12 / 65536 entries" in out
     assert "SNAT pool: ports 20000-21023 (1024 per address and protocol) on 10.111.0.3: 10.111.0.3/tcp 43" in out
     assert "down (passive health)" in out
     assert "handshakes: 0 ok, 8 rst, 0 syn retransmitted; 8 failed in a row" in out
