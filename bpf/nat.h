@@ -51,7 +51,7 @@
 struct nat_flow {
 	struct nat_entry *e;  /* the connection's entry for this direction; NULL: open one */
 	__u32 now;            /* nat_now() when it was looked up */
-	__u8 fresh;           /* e is in lbx_nat_new: a handshake its client has not acknowledged */
+	__u8 fresh;           /* e is in lbx_nat_new: a new connection, not yet assured (nat_assure) */
 	__u8 held;            /* lbx_nat has an entry under the packet's key that e is not (closing,
 			       * expired, or its backend entry gone): a connection opened now replaces it */
 };
@@ -445,8 +445,9 @@ static __always_inline int nat_open(struct xdp_md *ctx, const struct pkt *pkt, c
  * The client's first packet after the SYN-ACK of a handshake in lbx_nat_new (ESTABLISHED there,
  * a packet without SYN), or a UDP flow's second datagram from its client: the connection is
  * assured, and its two entries move to lbx_nat with their state's timeout there (TCP:
- * tcp_established), the reply entry first (a reply in between finds one copy or the other). Called after the packet was translated by e, which the move frees. If lbx_nat refuses
- * an entry (memory; an LRU makes room), both stay where they are, with that timeout. A reply
+ * tcp_established), the reply entry first (a reply in between finds one copy or the other).
+ * Called after the packet was translated by e, which the move frees. If lbx_nat refuses an
+ * entry (memory; an LRU makes room), both stay where they are, with that timeout. A reply
  * translated on another CPU during the move may refresh the old copy (its `seen`): the new
  * copies were taken just before, so at most that refresh is lost.
  */
