@@ -491,11 +491,12 @@ _Static_assert(sizeof(struct src_set6) == 96, "also update lbxdp/abi.py");
 #define LBX_NAT_CAPACITY 131072   /* lbx_nat entries: two per connection */
 #endif
 #ifndef LBX_NAT_NEW_CAPACITY
-#define LBX_NAT_NEW_CAPACITY 65536 /* lbx_nat_new entries: two per new connection (a TCP handshake its
+#define LBX_NAT_NEW_CAPACITY 65536 /* lbx_nat_new slots: two per new connection (a TCP handshake its
 				    * client has not acknowledged, a UDP flow before its client's second
 				    * datagram); a flood churns only these (README: how long one survives
-				    * a flood: ~capacity / 2 / flooding packets per second) */
+				    * a flood: ~capacity / 2 / flooding packets per second). A power of two */
 #endif
+#define LBX_NAT_NEW_WAYS 4          /* slots per bucket of lbx_nat_new (struct nat_new_bucket) */
 
 /* Connection state of a lbx_nat entry; the entry's timeout is lbx_nat_cfg's for its state. */
 enum lbx_nat_state {
@@ -531,6 +532,26 @@ struct nat_entry {
 	__u32 created;            /* when the connection's first packet came (same units) */
 };
 _Static_assert(sizeof(struct nat_entry) == 64, "also update lbxdp/abi.py");
+
+/*
+ * One slot of lbx_nat_new, the handshake table (maps.h, nat.h hs_*): a set-associative array like
+ * the half-open table, not a hash. check is the key's hs_hash() | 1 (0: empty), written last, so
+ * a slot being written reads as a miss; its bucket is check >> 1. The entry changes in place, as
+ * in lbx_nat. 128 bytes: check and key in the first cache line.
+ */
+struct nat_new_slot {
+	__u32 check;
+	__u32 pad;
+	struct flow_key key;
+	struct nat_entry e;
+	__u8 reserved[16];
+};
+_Static_assert(sizeof(struct nat_new_slot) == 128, "lbxdp/maps.py reads slots of 128 bytes");
+
+struct nat_new_bucket {
+	struct nat_new_slot way[LBX_NAT_NEW_WAYS];
+};
+_Static_assert(sizeof(struct nat_new_bucket) == 128 * LBX_NAT_NEW_WAYS, "lbxdp/maps.py reads slots of 128 bytes");
 
 /* lbx_nat_cfg[0]: the instance's NAT settings ([balancer] snat_*, nat_timeouts). Written by
  * lbxdp.maps.Maps.set_nat_cfg only. */

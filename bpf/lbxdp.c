@@ -3,7 +3,9 @@
  * lbxdp_ingress: the XDP program, one per attached interface. This file is the table of
  * contents: parse -> return path (NAT replies) -> VIP prefilter -> guards -> NAT conntrack or
  * the connection table, or classify and select -> forward (by the backend entry's mode) ->
- * account; every exit names its reason.
+ * account; every exit names its reason. NAT forwards by a call of its own (forward_nat()), from
+ * its conntrack and from a NAT VIP's selection, so that the verifier walks NAT's open path only
+ * with NAT's states (forward.h; docs/design.md "Verifier budget").
  * The order is cost-driven: most traffic for no VIP leaves after one bit of the VIP address
  * filter, and an established flow after one connection-table lookup (its backend entry names
  * its VIP and its mode); only a new flow pays for the VIP lookup too (docs/benchmarks.md has
@@ -34,6 +36,17 @@
 #include "forward.h"
 #include "stats.h"
 
+/* The end of every path that forwards: r is forward()'s or forward_nat()'s outcome. */
+static __always_inline int forwarded(struct pkt *pkt, const struct selection *sel, int r)
+{
+	if (r != LBX_R_OK)
+		return count(forward_verdict(r), r, pkt);
+	account(sel, pkt);                              /* stats.h: the backend's counter */
+	if (pkt->flags & LBX_PKT_F_ICMP_ERR)
+		return count(XDP_TX, LBX_R_TX_ICMP_STEERED, pkt);
+	return count(XDP_TX, LBX_R_TX_FORWARD, pkt);    /* stats.h: account() counted it */
+}
+
 int lbxdp_ingress(struct xdp_md *ctx)
 {
 	struct pkt pkt = {};
@@ -61,17 +74,20 @@ int lbxdp_ingress(struct xdp_md *ctx)
 		if (r != LBX_R_OK)
 			return count(icmp_guard_verdict(r), r, &pkt);
 	}
-	if (!nat_established(&pkt, &sel, &nf) &&       /* nat.h: NAT conntrack, behind one bit */
-	    !established(&pkt, &sel)) {                 /* select.h: the connection table */
+	if (nat_established(&pkt, &sel, &nf))          /* nat.h: NAT conntrack, behind one bit */
+		return forwarded(&pkt, &sel, forward_nat(ctx, &pkt, &sel, &nf));
+	if (!established(&pkt, &sel)) {                 /* select.h: the connection table */
 		vip = classify(&pkt);                   /* classify.h: the VIP lookup */
 		if (!vip)
 			return count(XDP_PASS, LBX_R_PASS_NOT_VIP, &pkt);
 		r = admit(vip, &pkt);                   /* admit.h: ACLs, per-source new-flow limits */
 		if (r != LBX_R_OK)
 			return count(XDP_DROP, r, &pkt);
-		if (vip->mode == LBX_MODE_NAT)          /* nat.h: the VIP's table, nothing recorded */
+		if (vip->mode == LBX_MODE_NAT) {        /* nat.h: the VIP's table, nothing recorded */
 			r = nat_select(vip, &pkt, &sel);
-		else if ((vip->flags & LBX_VIP_F_QUIC) && quic_by_id(ctx, vip, &pkt, &sel))
+			if (r == LBX_R_OK && sel.be->mode == LBX_MODE_NAT)
+				return forwarded(&pkt, &sel, forward_nat(ctx, &pkt, &sel, &nf));
+		} else if ((vip->flags & LBX_VIP_F_QUIC) && quic_by_id(ctx, vip, &pkt, &sel))
 			r = LBX_R_OK;                   /* quic.h: by the server id in the DCID */
 		else
 			r = select_backend(vip, &pkt, &sel); /* select.h: the VIP's table, by its scheduler */
@@ -81,11 +97,5 @@ int lbxdp_ingress(struct xdp_md *ctx)
 		if (r != LBX_R_OK)
 			return count(XDP_DROP, r, &pkt);
 	}
-	r = forward(ctx, &pkt, &sel, &nf);              /* forward.h: by the entry's mode */
-	if (r != LBX_R_OK)
-		return count(forward_verdict(r), r, &pkt);
-	account(&sel, &pkt);                            /* stats.h: the backend's counter */
-	if (pkt.flags & LBX_PKT_F_ICMP_ERR)
-		return count(XDP_TX, LBX_R_TX_ICMP_STEERED, &pkt);
-	return count(XDP_TX, LBX_R_TX_FORWARD, &pkt);   /* stats.h: account() counted it */
+	return forwarded(&pkt, &sel, forward(ctx, &pkt, &sel)); /* forward.h: by the entry's mode */
 }

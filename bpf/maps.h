@@ -171,11 +171,19 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct src_set4, lbx_src_limit4, LBX_SRC
  * packet moves them to lbx_nat. A flood of spoofed SYNs or datagrams then evicts only other new
  * connections, never an established one. A TCP connection picked up mid-stream (no SYN seen:
  * after a flush) opens in lbx_nat as before. Lookups read lbx_nat first.
+ *
+ * lbx_nat_new is no hash but a set-associative array (struct nat_new_bucket; nat.h hs_*), as the
+ * half-open table is: opening a handshake writes two slots, assuring it empties their check
+ * words, where an LRU hash took an element from its free list under a lock per insert and
+ * freed one per delete (docs/benchmarks.md "NAT handshakes in their own table"). Mmapable: the
+ * control plane empties a slot with one 4-byte store, as the program does.
  */
 BPF_TABLE_PINNED("lru_hash", struct flow_key, struct nat_entry, lbx_nat, LBX_NAT_CAPACITY,
 		 LBX_PIN_DIR "/lbx_nat");
-BPF_TABLE_PINNED("lru_hash", struct flow_key, struct nat_entry, lbx_nat_new, LBX_NAT_NEW_CAPACITY,
-		 LBX_PIN_DIR "/lbx_nat_new");
+BPF_TABLE_PINNED("array", __u32, struct nat_new_bucket, lbx_nat_new, LBX_NAT_NEW_CAPACITY / LBX_NAT_NEW_WAYS,
+		 LBX_PIN_DIR "/lbx_nat_new", BPF_F_MMAPABLE);
+_Static_assert((LBX_NAT_NEW_CAPACITY & (LBX_NAT_NEW_CAPACITY - 1)) == 0 && LBX_NAT_NEW_CAPACITY >= LBX_NAT_NEW_WAYS,
+	       "a power of two: nat.h masks the hash");
 
 /* 0 -> struct nat_cfg (SNAT addresses, port pool, timeouts). Written by lbxdp.maps.Maps.set_nat_cfg only. */
 BPF_TABLE_PINNED("array", __u32, struct nat_cfg, lbx_nat_cfg, 1, LBX_PIN_DIR "/lbx_nat_cfg");

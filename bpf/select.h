@@ -175,7 +175,7 @@ static __always_inline int established(struct pkt *pkt, struct selection *sel)
 	if (!known)
 		return 0;
 	be = backend_by_id(known->backend_id);
-	if (!be || be->gen != known->gen)
+	if (!be || be->gen != known->gen || be->mode == LBX_MODE_NAT)   /* NAT: forward.h */
 		return 0;
 	if (pkt->flags & LBX_PKT_F_FIN)        /* sched.h: the client closes a counted flow */
 		sched_closed(known);

@@ -246,7 +246,9 @@ class GcTick:
 class Gc:
     """Removes lbx_nat and lbx_nat_new entries past their state's timeout (and GC_GRACE), at most
     `chunk` entries read (and `max_deletes` deleted) per tick, resuming where the last tick
-    stopped (the kernel's batch cursor); a pass over both tables takes their capacity / chunk ticks. An entry is deleted only if
+    stopped (the kernel's batch cursor; in lbx_nat_new, an array of buckets, `chunk` slots are
+    read per step and steps without an entry are skipped); a pass over both tables takes at most
+    their capacity / chunk ticks. An entry is deleted only if
     a fresh read right before the delete still finds it expired (the program may have reused
     the tuple for a new connection meanwhile).
 

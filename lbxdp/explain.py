@@ -37,7 +37,7 @@ from typing import Any
 
 from . import abi, bpfsys, loader, model
 from .errors import LbxError
-from .maps import Maps, addr_bytes, flow_words_hash, mac_str, src_limit_set
+from .maps import HandshakeTable, Maps, addr_bytes, flow_words_hash, handshake_table, mac_str, src_limit_set
 
 # Maps the program only reads: shared with the live program.
 SHARED = frozenset({abi.Map.VIPS, abi.Map.VIP_FILTER, abi.Map.BACKENDS, abi.Map.TABLE_TMPL, abi.Map.TABLES,
@@ -282,6 +282,7 @@ class DryRun:
             max_backends=live[abi.Map.BACKENDS].info.max_entries, flow_capacity=_SCRATCH_FLOWS,
             half_open_capacity=_SCRATCH_FLOWS, defines=_SCRATCH_DEFINES, src_dir=src_dir)
         self.prog: loader.Program | None = None
+        self.tables: dict[str, tuple[Any, Any]] = {}
         self._members: dict[int, tuple[int, frozenset[int]]] = {}
         loader.ensure_bpffs()
         self.scratch.mkdir(mode=0o700)
@@ -295,12 +296,18 @@ class DryRun:
             if wrong:
                 raise LbxError(f"the dry-run program did not reuse the live maps {wrong}", "report this as a bug")
             self.sm = self.prog.maps
+            # lbx_nat_new is an array of buckets (bpf/maps.h): read and written as a table by key
+            self.tables = {abi.Map.NAT_NEW: (handshake_table(live), handshake_table(self.sm))}
             self.runner = bpfsys.TestRunner(self.prog.fd)
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
+        for t in (t for pair in self.tables.values() for t in pair):
+            if isinstance(t, HandshakeTable):
+                t.close()
+        self.tables = {}
         if self.prog is not None:
             self.prog.close()
             self.prog = None
@@ -322,7 +329,7 @@ class DryRun:
 
     def _copy(self, name: str, key: Any) -> Any:
         """Make the scratch map's entry at key the live one's (or absent); returns the live value."""
-        live, scratch = self.live.get(name), self.sm.get(name)
+        live, scratch = self.tables.get(name) or (self.live.get(name), self.sm.get(name))
         if scratch is None:
             return None
         lkey, skey = (key, key) if isinstance(key, int) else (live.Key.from_buffer_copy(bytes(key)) if live else None,
@@ -430,8 +437,9 @@ class DryRun:
         if reason is None and backend is not None:
             reason = abi.Reason.TX_FORWARD   # the one reason bpf/stats.h leaves to the backend's counter
         for name in (abi.Map.FLOWS, abi.Map.NAT, abi.Map.NAT_NEW):
-            if name in self.sm:
-                self.sm[name].delete(self.sm[name].Key.from_buffer_copy(bytes(key)))
+            m = self.tables[name][1] if name in self.tables else self.sm.get(name)
+            if m is not None:
+                m.delete(m.Key.from_buffer_copy(bytes(key)))
         if abi.Map.HALF_OPEN in self.sm:
             Maps(self.sm).half_open_forget(bytes(key))
         return got, reason, vip_id, backend, new_flow, entries, cpu

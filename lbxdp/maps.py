@@ -9,12 +9,15 @@ from __future__ import annotations
 import array
 import ctypes
 import dataclasses
+import errno
 import ipaddress
+import mmap
 import os
 import socket
 import struct
 import time
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import Any, Iterable, Iterator
 
 from . import abi, acl_mbt, bpfsys, model
@@ -442,10 +445,201 @@ def admit_flags(scope: int, entries: frozenset[AclEntry]) -> int:
                 for e in entries if e.scope == scope})
 
 
+def _field_type(struct_t: Any, name: str) -> Any:
+    return next(f[1] for f in struct_t._fields_ if f[0] == name)
+
+
+_M64 = (1 << 64) - 1
+
+
+def hs_words_check(w: tuple[int, ...]) -> int:
+    """hs_hash() of bpf/nat.h | 1: the check of the handshake-table slot of a struct flow_key
+    whose ten 32-bit words (as an x86 CPU loads them) are w; never 0 (0: an empty slot). Its
+    bucket: check >> 1, masked to the bucket count."""
+    x = ((w[0] ^ w[1] ^ w[2] ^ w[3]) << 32 | (w[4] ^ w[5] ^ w[6] ^ w[7])) ^ (w[8] << 16) ^ w[9]
+    x = (x * 0x9E3779B97F4A7C15) & _M64
+    x ^= x >> 29
+    x = (x * 0xBF58476D1CE4E5B9) & _M64
+    return (x >> 32) | 1
+
+
+def hs_check(key: bytes) -> int:
+    """hs_words_check() of the bytes of a struct flow_key."""
+    return hs_words_check(struct.unpack_from("<10I", key, 0))
+
+
+class HandshakeTable:
+    """lbx_nat_new, the NAT handshake table (bpf/maps.h, bpf/nat.h hs_*): an array of buckets of
+    abi.NAT_NEW_WAYS slots (bpf/abi.h struct nat_new_slot), behind the interface of the LRU hash it
+    replaced, so that nat_tables()'s callers read it as they read lbx_nat: Key (struct flow_key),
+    Leaf (struct nat_entry), info (max_entries: slots), batches(), lookup(), delete(), update().
+
+    A slot holds an entry when its check is hs_check() of its key; empty slots and slots being
+    written are left out, entries past their timeout are not (as lbx_nat's: NatEntry.expired). The table
+    is read and written through a shared mapping of the map (BPF_F_MMAPABLE; 8 MiB at the default
+    65,536 slots): the program writes other slots of a bucket meanwhile, so a delete is one aligned
+    4-byte store of 0 to the slot's check word, never a rewrite of the bucket. update() (tests,
+    explain's scratch copies) writes the slot as hs_write() does: check 0, key and entry, check.
+    """
+
+    def __init__(self, m: bpfsys.Map):
+        if m.info.type != bpfsys.BPF_MAP_TYPE_ARRAY or not m.info.flags & bpfsys.BPF_F_MMAPABLE:
+            raise bpfsys.BpfError(errno.EINVAL, f"map {m.name}: not a BPF_F_MMAPABLE array of handshake buckets")
+        self.m = m
+        way_t = _field_type(m.Leaf, "way")
+        slot_t = way_t._type_
+        self.ways, self.slot = way_t._length_, ctypes.sizeof(slot_t)
+        self.Key, self.Leaf = _field_type(slot_t, "key"), _field_type(slot_t, "e")
+        self.percpu = False
+        self.info = dataclasses.replace(m.info, key_size=ctypes.sizeof(self.Key), value_size=ctypes.sizeof(self.Leaf),
+                                        max_entries=m.info.max_entries * self.ways)
+        K, L = self.Key, self.Leaf
+        self._check, self._kofs, self._eofs = slot_t.check.offset, slot_t.key.offset, slot_t.e.offset
+        self._ksize, self._esize = ctypes.sizeof(K), ctypes.sizeof(L)
+        # The kernel lays array values out round_up(value_size, 8) apart: here, back to back.
+        assert self._check % 4 == 0 and self.slot % 4 == 0 and ctypes.sizeof(m.Leaf) % 8 == 0
+        assert self._ksize == 40 and self._kofs == self._check + 8, "struct nat_new_slot moved"
+        # One unpack per occupied slot: check, then the key's ten words (hs_hash()).
+        self._unpack = struct.Struct("<I4x10I").unpack_from
+        self._mm: mmap.mmap | None = None
+
+    @property
+    def name(self) -> str:
+        return self.m.name
+
+    @property
+    def fd(self) -> int:
+        return self.m.fd
+
+    def close(self) -> None:
+        """Unmap the table (the map's fd is its owner's)."""
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+
+    def _map(self) -> mmap.mmap:
+        if self._mm is None:
+            size = self.info.max_entries * self.slot
+            try:
+                self._mm = mmap.mmap(self.m.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            except PermissionError:   # a read-only fd: reads only
+                self._mm = mmap.mmap(self.m.fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        return self._mm
+
+    def valid(self, raw: bytes, n: int) -> list[int]:
+        """The indexes of the slots among raw's first n (a copy of whole slots) that hold an entry."""
+        out, unpack, size = [], self._unpack, self.slot
+        checks = memoryview(raw).cast("I")[self._check // 4:n * size // 4:size // 4]
+        for i in compress(range(n), checks):
+            c, *w = unpack(raw, i * size + self._check)
+            if hs_words_check(w) == c:
+                out.append(i)
+        return out
+
+    def _find(self, kb: bytes) -> tuple[int, int, bytes, int]:
+        """(kb's check, the mapping's offset of kb's bucket, the bucket's bytes, the way holding
+        kb or -1)."""
+        h = hs_check(kb)
+        base = ((h >> 1) & (self.m.info.max_entries - 1)) * self.ways * self.slot
+        raw = self._map()[base:base + self.ways * self.slot]
+        for w in self.valid(raw, self.ways):
+            o = w * self.slot + self._kofs
+            if raw[o:o + self._ksize] == kb:
+                return h, base, raw, w
+        return h, base, raw, -1
+
+    def _store_check(self, off: int, value: int, expect: int | None = None) -> bool:
+        """One aligned 4-byte store of value into the check word of the slot at off (if it
+        still holds expect)."""
+        word = ctypes.c_uint32.from_buffer(self._map(), off + self._check)
+        try:
+            if expect is not None and word.value != expect:
+                return False
+            word.value = value
+            return True
+        finally:
+            del word   # releases the mapping's buffer (close() refuses while it is exported)
+
+    def lookup(self, key: Any) -> Any:
+        """A copy of key's entry (a Leaf), or None."""
+        _, _, raw, w = self._find(bytes(key))
+        return None if w < 0 else self.Leaf.from_buffer_copy(raw, w * self.slot + self._eofs)
+
+    def delete(self, key: Any) -> bool:
+        """Empty key's slot (what hs_delete() does); False if it held no entry for key (or was
+        rewritten meanwhile)."""
+        _, base, raw, w = self._find(bytes(key))
+        if w < 0:
+            return False
+        check = int.from_bytes(raw[w * self.slot + self._check:][:4], "little")
+        return self._store_check(base + w * self.slot, 0, expect=check)
+
+    def update(self, key: Any, value: Any, flags: int = bpfsys.BPF_ANY) -> None:
+        """Write value under key: over key's own slot, else the first empty one, else way 0 (for
+        tests and explain's scratch copies; the program picks its victims by age)."""
+        kb, vb = bytes(key), bytes(value)
+        h, base, raw, found = self._find(kb)
+        if (flags == bpfsys.BPF_NOEXIST and found >= 0) or (flags == bpfsys.BPF_EXIST and found < 0):
+            raise bpfsys.BpfError(errno.EEXIST if found >= 0 else errno.ENOENT, f"update of {self.name}")
+        ways = range(self.ways)
+        offs = [w * self.slot for w in ways]
+        way = next((w for w in ways if raw[offs[w] + self._kofs:][:self._ksize] == kb),
+                   next((w for w in ways if not int.from_bytes(raw[offs[w] + self._check:][:4], "little")), 0))
+        off = base + offs[way]
+        mm = self._map()
+        self._store_check(off, 0)
+        mm[off + self._kofs:off + self._kofs + self._ksize] = kb
+        mm[off + self._eofs:off + self._eofs + self._esize] = vb[:self._esize]
+        self._store_check(off, h)
+
+    def batches(self, chunk: int = 16384) -> Iterator[tuple[Any, Any, int]]:
+        """(keys array, values array, n) of the entries, chunk slots read per step (as
+        bpfsys.Map.batches; fewer entries than slots come out)."""
+        total, size = self.info.max_entries, self.slot
+        for first in range(0, total, chunk):
+            raw = self._map()[first * size:min(first + chunk, total) * size]
+            valid = self.valid(raw, len(raw) // size)
+            if not valid:
+                continue
+            keys, values = (self.Key * chunk)(), (self.Leaf * chunk)()
+            kb = b"".join(raw[i * size + self._kofs:i * size + self._kofs + self._ksize] for i in valid)
+            vb = b"".join(raw[i * size + self._eofs:i * size + self._eofs + self._esize] for i in valid)
+            ctypes.memmove(keys, kb, len(kb))
+            ctypes.memmove(values, vb, len(vb))
+            yield keys, values, len(valid)
+
+    def items(self) -> Iterator[tuple[Any, Any]]:
+        for keys, values, n in self.batches():
+            for i in range(n):
+                yield self.Key.from_buffer_copy(keys[i]), self.Leaf.from_buffer_copy(values[i])
+
+    def keys(self) -> Iterator[Any]:
+        return (k for k, _ in self.items())
+
+    def count(self) -> int:
+        return sum(n for _, _, n in self.batches())
+
+    def clear(self) -> int:
+        """Zero every slot's check word (tests, flushes); returns how many entries there were."""
+        n = self.count()
+        with memoryview(self._map()) as raw, raw.cast("I") as words:
+            words[self._check // 4::self.slot // 4] = array.array("I", bytes(4 * self.info.max_entries))
+        return n
+
+
+def handshake_table(m: dict[str, Any]) -> Any:
+    """lbx_nat_new among a program's maps m: a HandshakeTable, or the LRU hash that a pin of an
+    older version still is (until an upgrade recreates it: lbxdp.migrate), or None (programs
+    before it)."""
+    t = m.get(abi.Map.NAT_NEW)
+    return HandshakeTable(t) if t is not None and t.info.type == bpfsys.BPF_MAP_TYPE_ARRAY else t
+
+
 def nat_tables(m: dict[str, Any]) -> list[Any]:
     """The NAT conntrack's tables among a program's maps m: lbx_nat, then lbx_nat_new (new
-    connections not yet assured, bpf/maps.h; absent in programs before it)."""
-    return [t for t in (m.get(abi.Map.NAT), m.get(abi.Map.NAT_NEW)) if t is not None]
+    connections not yet assured, bpf/maps.h; absent in programs before it) as handshake_table()
+    gives it."""
+    return [t for t in (m.get(abi.Map.NAT), handshake_table(m)) if t is not None]
 
 
 class Maps:
@@ -781,7 +975,7 @@ class Maps:
         NatEntry.expired; NatEntry.assured says which table)."""
         out: list[NatEntry] = []
         for m in self.nat_tables():
-            if not self._nat_entries(m, m is not self.m.get(abi.Map.NAT_NEW), out, limit):
+            if not self._nat_entries(m, m is self.m.get(abi.Map.NAT), out, limit):
                 break
         return out
 

@@ -189,7 +189,9 @@ def _copy(name: str, old: _Old, new: bpfsys.Map, saved: loader.SavedSchema | Non
         return _copy_inner_maps(old, new, tmpl)
     if old.info.type != new.info.type and (old.info.type in ARRAYS or new.info.type in ARRAYS):
         # A hash's keys are no array's indexes: lbx_half_open became an array of buckets (its
-        # handshakes in flight then get their table's choice for the ACK, as after an eviction).
+        # handshakes in flight then get their table's choice for the ACK, as after an eviction),
+        # and so did lbx_nat_new (NAT handshakes in flight lose their entries, as after an
+        # eviction: the client's retransmitted SYN opens the connection again).
         return None
     if old.desc is not None:
         key_t, leaf_t = bpfsys.ctype_from_desc(old.desc["key"]), bpfsys.ctype_from_desc(old.desc["leaf"])

@@ -13,7 +13,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
 from lbxdp import abi, conntrack, model
-from lbxdp.maps import nat_now
+from lbxdp.maps import HandshakeTable, nat_now
 
 from .frames import BASE, CLIENT_MAC, LB_MAC, TCP_, XDP_TX, ip
 from .harness import Lb
@@ -33,6 +33,9 @@ CFG = model.Config(vips=BASE.vips + (SVIP, DVIP), balancer=OPTS)
 
 def clear_nat(lb: Lb) -> None:
     for m in lb.maps.nat_tables():
+        if isinstance(m, HandshakeTable):   # lbx_nat_new: every slot's check word zeroed, torn ones too
+            m.clear()
+            continue
         for k in list(m.keys()):
             m.delete(k)
 

@@ -20,6 +20,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
 from lbxdp import abi, model
+from lbxdp.maps import HandshakeTable
 
 from .frames import BASE, CLIENT4, CLIENT6, CLIENT_MAC, LB_MAC, TCP_, UDP_, XDP_DROP, XDP_PASS, XDP_TX, ip
 from .harness import Case, Lb, check
@@ -54,6 +55,9 @@ CFG = model.Config(vips=BASE.vips + NAT_VIPS, balancer=OPTS)
 
 def reset_nat(lb: Lb) -> None:
     for m in lb.maps.nat_tables():
+        if isinstance(m, HandshakeTable):   # lbx_nat_new: every slot's check word zeroed, torn ones too
+            m.clear()
+            continue
         for k in list(m.keys()):
             m.delete(k)
     for bid in lb.maps.backends():

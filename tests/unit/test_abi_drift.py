@@ -74,6 +74,8 @@ DEFINES = {
     "LBX_NAT_TIME_SHIFT": "NAT_TIME_SHIFT",
     "LBX_NAT_PORT_TRIES": "NAT_PORT_TRIES",
     "LBX_NAT_CAPACITY": "NAT_CAPACITY",
+    "LBX_NAT_NEW_CAPACITY": "NAT_NEW_CAPACITY",
+    "LBX_NAT_NEW_WAYS": "NAT_NEW_WAYS",
     "LBX_VIP_F_QUIC": "VIP_F_QUIC",
     "LBX_VIP_F_PASSIVE": "VIP_F_PASSIVE",
     "LBX_VIP_F_ADMIT": "VIP_F_ADMIT",
@@ -86,7 +88,8 @@ DEFINES = {
 
 # struct -> the abi constant that mirrors its pinned size
 SIZES = {"lbx_ctl": "CTL_SIZE", "backend": "BACKEND_SIZE", "lbx_admit": "ADMIT_SIZE",
-         "nat_entry": "NAT_ENTRY_SIZE", "nat_cfg": "NAT_CFG_SIZE", "nat_backend": "NAT_BACKEND_SIZE",
+         "nat_entry": "NAT_ENTRY_SIZE", "nat_new_slot": "NAT_NEW_SLOT", "nat_cfg": "NAT_CFG_SIZE",
+         "nat_backend": "NAT_BACKEND_SIZE",
          "src_set4": "SRC_SET4_SIZE", "src_set6": "SRC_SET6_SIZE"}
 
 
