@@ -139,14 +139,24 @@ class _MapInfo(ctypes.Structure):
 
 
 class _ProgInfo(ctypes.Structure):
-    # struct bpf_prog_info, up to name.
+    # struct bpf_prog_info, up to verified_insns (Linux 5.16; older kernels leave it 0).
     _fields_ = [
         ("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8),
         ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
         ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
         ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32),
         ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64), ("name", ctypes.c_char * 16),
+        ("ifindex", ctypes.c_uint32), ("gpl_compatible", ctypes.c_uint32), ("netns_dev", ctypes.c_uint64),
+        ("netns_ino", ctypes.c_uint64), ("nr_jited_ksyms", ctypes.c_uint32), ("nr_jited_func_lens", ctypes.c_uint32),
+        ("jited_ksyms", ctypes.c_uint64), ("jited_func_lens", ctypes.c_uint64), ("btf_id", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32), ("func_info", ctypes.c_uint64), ("nr_func_info", ctypes.c_uint32),
+        ("nr_line_info", ctypes.c_uint32), ("line_info", ctypes.c_uint64), ("jited_line_info", ctypes.c_uint64),
+        ("nr_jited_line_info", ctypes.c_uint32), ("line_info_rec_size", ctypes.c_uint32),
+        ("jited_line_info_rec_size", ctypes.c_uint32), ("nr_prog_tags", ctypes.c_uint32),
+        ("prog_tags", ctypes.c_uint64), ("run_time_ns", ctypes.c_uint64), ("run_cnt", ctypes.c_uint64),
+        ("recursion_misses", ctypes.c_uint64), ("verified_insns", ctypes.c_uint32),
     ]
+assert _ProgInfo.verified_insns.offset == 216, "struct bpf_prog_info"   # include/uapi/linux/bpf.h
 
 
 @dataclass(frozen=True)
@@ -170,6 +180,7 @@ class ProgInfo:
     name: str
     tag: str
     xlated_len: int
+    verified_insns: int = 0   # instructions the verifier walked to accept it (its bound: 1,000,000)
 
 
 def map_info(fd: int) -> MapInfo:
@@ -184,7 +195,7 @@ def prog_info(fd: int) -> ProgInfo:
     info = _ProgInfo()
     n = ctypes.c_uint32(ctypes.sizeof(info))
     _check(lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(n)), "program info")
-    return ProgInfo(info.id, info.name.decode(), bytes(info.tag).hex(), info.xlated_prog_len)
+    return ProgInfo(info.id, info.name.decode(), bytes(info.tag).hex(), info.xlated_prog_len, info.verified_insns)
 
 
 BPF_MAP_TYPE_ARRAY = 2
