@@ -534,24 +534,25 @@ struct nat_entry {
 _Static_assert(sizeof(struct nat_entry) == 64, "also update lbxdp/abi.py");
 
 /*
- * One slot of lbx_nat_new, the handshake table (maps.h, nat.h hs_*): a set-associative array like
- * the half-open table, not a hash. check is the key's hs_hash() | 1 (0: empty), written last, so
- * a slot being written reads as a miss; its bucket is check >> 1. The entry changes in place, as
- * in lbx_nat. 128 bytes: check and key in the first cache line.
+ * lbx_nat_new, the handshake table (maps.h, nat.h hs_*): a set-associative array like the
+ * half-open table, not a hash. A bucket's first cache line holds its ways' checks: way i's is its
+ * key's hs_hash() | 1 (0: empty), written last, so a slot being written reads as a miss; the
+ * bucket is check >> 1. A lookup that misses reads that one line, not one per way. The entry
+ * changes in place, as in lbx_nat. A slot is 128 bytes: its key and entry span two lines.
  */
 struct nat_new_slot {
-	__u32 check;
-	__u32 pad;
 	struct flow_key key;
 	struct nat_entry e;
-	__u8 reserved[16];
+	__u8 reserved[24];
 };
 _Static_assert(sizeof(struct nat_new_slot) == 128, "lbxdp/maps.py reads slots of 128 bytes");
 
 struct nat_new_bucket {
+	__u32 check[LBX_NAT_NEW_WAYS];
+	__u8 reserved[64 - 4 * LBX_NAT_NEW_WAYS];
 	struct nat_new_slot way[LBX_NAT_NEW_WAYS];
 };
-_Static_assert(sizeof(struct nat_new_bucket) == 128 * LBX_NAT_NEW_WAYS, "lbxdp/maps.py reads slots of 128 bytes");
+_Static_assert(sizeof(struct nat_new_bucket) == 64 + 128 * LBX_NAT_NEW_WAYS, "lbxdp/maps.py reads this layout");
 
 /* lbx_nat_cfg[0]: the instance's NAT settings ([balancer] snat_*, nat_timeouts). Written by
  * lbxdp.maps.Maps.set_nat_cfg only. */

@@ -86,10 +86,10 @@ static __always_inline int nat_expired(const struct nat_entry *e, __u32 now)
 }
 
 /*
- * The handshake table lbx_nat_new (maps.h; abi.h struct nat_new_slot): hs_hash(k) picks a bucket
- * of LBX_NAT_NEW_WAYS slots, and a slot's check is that hash (| 1: 0 marks an empty slot).
- * Slots are written without locks by any CPU, check last (x86 keeps stores in order; the
- * barriers keep the compiler's), so a slot being written reads as a miss. A reader racing the
+ * The handshake table lbx_nat_new (maps.h; abi.h struct nat_new_bucket): hs_hash(k) picks a
+ * bucket of LBX_NAT_NEW_WAYS slots, and a slot's check (in the bucket's first line) is that hash
+ * (| 1: 0 marks an empty slot). Slots are written without locks by any CPU, check last (x86 keeps
+ * stores in order; the barriers keep the compiler's), so a slot being written reads as a miss. A reader racing the
  * eviction of its own handshake's slot may read the new entry's fields: that one packet is
  * translated as the new connection's (an LRU reader keeps the old element; here the slot is
  * reused). Every function here is short on purpose: the verifier walks each once per path that
@@ -145,13 +145,13 @@ static __always_inline int hs_find(struct nat_new_bucket *b, const struct flow_k
 {
 	int w;
 
-	if (b->way[0].check == h)
+	if (b->check[0] == h)
 		w = 0;
-	else if (b->way[1].check == h)
+	else if (b->check[1] == h)
 		w = 1;
-	else if (b->way[2].check == h)
+	else if (b->check[2] == h)
 		w = 2;
-	else if (b->way[3].check == h)
+	else if (b->check[3] == h)
 		w = 3;
 	else
 		return -1;
@@ -160,34 +160,44 @@ static __always_inline int hs_find(struct nat_new_bucket *b, const struct flow_k
 }
 
 /*
- * Where a new entry goes when its key has no slot (hs_find): the first empty or expired slot from
- * a hash-given start, else the slot at that start, a live handshake (an LRU would take the one
- * seen longest ago; under a flood both keep a handshake for about LBX_NAT_NEW_WAYS writes to its
- * bucket). No comparisons between ways: each adds paths the verifier walks (see hs_opaque).
+ * Where a new entry goes when its key has no slot (hs_find): the first empty slot from a
+ * hash-given start, else the slot at that start (an LRU would take the one seen longest ago;
+ * under a flood both keep a handshake for about LBX_NAT_NEW_WAYS writes to its bucket). Only the
+ * checks' line is read: a slot past its timeout counts as taken until the control plane's GC
+ * empties it (lbxdp.conntrack.Gc, as it removes lbx_nat's), or a new entry takes it at random.
+ * No comparisons between ways: each adds paths the verifier walks (see hs_opaque).
  */
-static __always_inline int hs_victim(struct nat_new_bucket *b, __u32 h, __u32 now)
+static __always_inline int hs_victim(struct nat_new_bucket *b, __u32 h)
 {
 	__u32 start = h >> 30;
 
 #pragma unroll
 	for (int i = 0; i < LBX_NAT_NEW_WAYS; i++) {
-		struct nat_new_slot *s = hs_slot(b, start + i);
-
-		if (!s->check || nat_expired(&s->e, now))
+		if (!b->check[(start + i) & (LBX_NAT_NEW_WAYS - 1)])
 			return hs_opaque(start + i, h);
 	}
 	return start;
 }
 
-static __always_inline void hs_write(struct nat_new_slot *s, const struct flow_key *k, const struct nat_entry *e,
-				     __u32 h)
+/* Write k and e into way w of b (check h): check 0, the slot, check. */
+static __always_inline void hs_write(struct nat_new_bucket *b, int w, const struct flow_key *k,
+				     const struct nat_entry *e, __u32 h)
 {
-	s->check = 0;
+	struct nat_new_slot *s = hs_slot(b, w);
+	__u32 *check = &b->check[w & (LBX_NAT_NEW_WAYS - 1)];
+
+	*check = 0;
 	asm volatile("" ::: "memory");
 	s->key = *k;
 	s->e = *e;
 	asm volatile("" ::: "memory");
-	s->check = h;
+	*check = h;
+}
+
+/* Empty way w of b. */
+static __always_inline void hs_empty(struct nat_new_bucket *b, int w)
+{
+	b->check[w & (LBX_NAT_NEW_WAYS - 1)] = 0;
 }
 
 /* The entry under k in the handshake table, live or not, or NULL. */
@@ -205,7 +215,7 @@ static __always_inline struct nat_entry *hs_get(const struct flow_key *k)
 }
 
 /* Write e under k (over k's own slot, else hs_victim's). */
-static __always_inline void hs_put(const struct flow_key *k, const struct nat_entry *e, __u32 now)
+static __always_inline void hs_put(const struct flow_key *k, const struct nat_entry *e)
 {
 	struct nat_new_bucket *b;
 	__u32 h;
@@ -216,8 +226,8 @@ static __always_inline void hs_put(const struct flow_key *k, const struct nat_en
 		return;
 	w = hs_find(b, k, h);
 	if (w < 0)
-		w = hs_victim(b, h, now);
-	hs_write(hs_slot(b, w), k, e, h);
+		w = hs_victim(b, h);
+	hs_write(b, w, k, e, h);
 }
 
 /* Empty k's slot, if it has one. */
@@ -232,7 +242,7 @@ static __always_inline void hs_delete(const struct flow_key *k)
 		return;
 	w = hs_find(b, k, h);
 	if (w >= 0)
-		hs_slot(b, w)->check = 0;
+		hs_empty(b, w);
 }
 
 /* The live entry under key k: lbx_nat's, else lbx_nat_new's (*fresh = 1), else NULL (none, or
@@ -464,9 +474,9 @@ static __always_inline int hs_claim(struct flow_key *k, struct nat_entry *rep, s
 		if (!nat_replaceable(&hs_slot(b, w)->e, rep, tmp, now, 1))
 			return 0;
 	} else {
-		w = hs_victim(b, h, now);
+		w = hs_victim(b, h);
 	}
-	hs_write(hs_slot(b, w), k, rep, h);
+	hs_write(b, w, k, rep, h);
 	return 1;
 }
 
@@ -607,7 +617,7 @@ static __always_inline int nat_open(struct xdp_md *ctx, const struct pkt *pkt, c
 	}
 	if (nf->held)
 		lbx_nat.delete((struct flow_key *)&pkt->flow);
-	hs_put(&pkt->flow, fwd, now);
+	hs_put(&pkt->flow, fwd);
 	return LBX_R_OK;
 }
 
@@ -646,7 +656,7 @@ static __always_inline void nat_assure(const struct pkt *pkt, struct nat_entry *
 		lbx_nat.delete(k);
 		return;
 	}
-	hs_slot(b, w)->check = 0;
+	hs_empty(b, w);
 	hs_delete(&pkt->flow);
 }
 

@@ -470,37 +470,36 @@ def hs_check(key: bytes) -> int:
 
 class HandshakeTable:
     """lbx_nat_new, the NAT handshake table (bpf/maps.h, bpf/nat.h hs_*): an array of buckets of
-    abi.NAT_NEW_WAYS slots (bpf/abi.h struct nat_new_slot), behind the interface of the LRU hash it
-    replaced, so that nat_tables()'s callers read it as they read lbx_nat: Key (struct flow_key),
-    Leaf (struct nat_entry), info (max_entries: slots), batches(), lookup(), delete(), update().
+    abi.NAT_NEW_WAYS slots (bpf/abi.h struct nat_new_bucket: a line of the ways' checks, then the
+    slots), behind the interface of the LRU hash it replaced, so that nat_tables()'s callers read
+    it as they read lbx_nat: Key (struct flow_key), Leaf (struct nat_entry), info (max_entries:
+    slots), batches(), lookup(), delete(), update().
 
     A slot holds an entry when its check is hs_check() of its key; empty slots and slots being
-    written are left out, entries past their timeout are not (as lbx_nat's: NatEntry.expired). The table
-    is read and written through a shared mapping of the map (BPF_F_MMAPABLE; 8 MiB at the default
-    65,536 slots): the program writes other slots of a bucket meanwhile, so a delete is one aligned
-    4-byte store of 0 to the slot's check word, never a rewrite of the bucket. update() (tests,
-    explain's scratch copies) writes the slot as hs_write() does: check 0, key and entry, check.
+    written are left out, entries past their timeout are not (as lbx_nat's: NatEntry.expired). The
+    table is read and written through a shared mapping of the map (BPF_F_MMAPABLE; 9 MiB at the
+    default 65,536 slots): the program writes other slots of a bucket meanwhile, so a delete is
+    one aligned 4-byte store of 0 to the slot's check word, never a rewrite of the bucket. update()
+    (tests, explain's scratch copies) writes the slot as hs_write() does: check 0, slot, check.
     """
 
     def __init__(self, m: bpfsys.Map):
         if m.info.type != bpfsys.BPF_MAP_TYPE_ARRAY or not m.info.flags & bpfsys.BPF_F_MMAPABLE:
             raise bpfsys.BpfError(errno.EINVAL, f"map {m.name}: not a BPF_F_MMAPABLE array of handshake buckets")
         self.m = m
-        way_t = _field_type(m.Leaf, "way")
+        way_t, check_t = _field_type(m.Leaf, "way"), _field_type(m.Leaf, "check")
         slot_t = way_t._type_
-        self.ways, self.slot = way_t._length_, ctypes.sizeof(slot_t)
+        self.ways, self.slot, self.bucket = way_t._length_, ctypes.sizeof(slot_t), ctypes.sizeof(m.Leaf)
         self.Key, self.Leaf = _field_type(slot_t, "key"), _field_type(slot_t, "e")
         self.percpu = False
         self.info = dataclasses.replace(m.info, key_size=ctypes.sizeof(self.Key), value_size=ctypes.sizeof(self.Leaf),
                                         max_entries=m.info.max_entries * self.ways)
-        K, L = self.Key, self.Leaf
-        self._check, self._kofs, self._eofs = slot_t.check.offset, slot_t.key.offset, slot_t.e.offset
-        self._ksize, self._esize = ctypes.sizeof(K), ctypes.sizeof(L)
+        self._check, self._ways = m.Leaf.check.offset, m.Leaf.way.offset
+        self._kofs, self._eofs = slot_t.key.offset, slot_t.e.offset
+        self._ksize, self._esize = ctypes.sizeof(self.Key), ctypes.sizeof(self.Leaf)
         # The kernel lays array values out round_up(value_size, 8) apart: here, back to back.
-        assert self._check % 4 == 0 and self.slot % 4 == 0 and ctypes.sizeof(m.Leaf) % 8 == 0
-        assert self._ksize == 40 and self._kofs == self._check + 8, "struct nat_new_slot moved"
-        # One unpack per occupied slot: check, then the key's ten words (hs_hash()).
-        self._unpack = struct.Struct("<I4x10I").unpack_from
+        assert check_t._length_ == self.ways and self._check % 4 == 0 and self.bucket % 8 == 0
+        assert self._ksize == 40 and self._kofs % 4 == 0, "struct nat_new_bucket moved"
         self._mm: mmap.mmap | None = None
 
     @property
@@ -519,39 +518,47 @@ class HandshakeTable:
 
     def _map(self) -> mmap.mmap:
         if self._mm is None:
-            size = self.info.max_entries * self.slot
+            size = self.m.info.max_entries * self.bucket
             try:
                 self._mm = mmap.mmap(self.m.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             except PermissionError:   # a read-only fd: reads only
                 self._mm = mmap.mmap(self.m.fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
         return self._mm
 
-    def valid(self, raw: bytes, n: int) -> list[int]:
-        """The indexes of the slots among raw's first n (a copy of whole slots) that hold an entry."""
-        out, unpack, size = [], self._unpack, self.slot
-        checks = memoryview(raw).cast("I")[self._check // 4:n * size // 4:size // 4]
-        for i in compress(range(n), checks):
-            c, *w = unpack(raw, i * size + self._check)
-            if hs_words_check(w) == c:
-                out.append(i)
-        return out
+    def _slot(self, b: int, w: int) -> int:
+        """Offset of way w's slot of bucket b (in the mapping, or in a copy starting at bucket 0)."""
+        return b * self.bucket + self._ways + w * self.slot
+
+    def valid(self, raw: bytes, n: int) -> list[tuple[int, int]]:
+        """(bucket, way) of the slots that hold an entry among raw's first n buckets (a copy of
+        whole buckets), in table order."""
+        words = memoryview(raw).cast("I")
+        stride, out = self.bucket // 4, []
+        for w in range(self.ways):
+            checks = words[self._check // 4 + w:n * stride:stride]
+            for b in compress(range(n), checks):
+                o = self._slot(b, w) + self._kofs
+                if hs_words_check(struct.unpack_from("<10I", raw, o)) == checks[b]:
+                    out.append((b, w))
+        return sorted(out)
 
     def _find(self, kb: bytes) -> tuple[int, int, bytes, int]:
         """(kb's check, the mapping's offset of kb's bucket, the bucket's bytes, the way holding
-        kb or -1)."""
+        kb or -1): as hs_find(), the first way whose check is kb's, if its key is kb."""
         h = hs_check(kb)
-        base = ((h >> 1) & (self.m.info.max_entries - 1)) * self.ways * self.slot
-        raw = self._map()[base:base + self.ways * self.slot]
-        for w in self.valid(raw, self.ways):
-            o = w * self.slot + self._kofs
-            if raw[o:o + self._ksize] == kb:
-                return h, base, raw, w
-        return h, base, raw, -1
+        base = ((h >> 1) & (self.m.info.max_entries - 1)) * self.bucket
+        raw = self._map()[base:base + self.bucket]
+        checks = struct.unpack_from(f"<{self.ways}I", raw, self._check)
+        w = checks.index(h) if h in checks else -1
+        o = self._slot(0, w) + self._kofs
+        if w >= 0 and raw[o:o + self._ksize] != kb:
+            w = -1
+        return h, base, raw, w
 
-    def _store_check(self, off: int, value: int, expect: int | None = None) -> bool:
-        """One aligned 4-byte store of value into the check word of the slot at off (if it
+    def _store_check(self, base: int, w: int, value: int, expect: int | None = None) -> bool:
+        """One aligned 4-byte store of value into way w's check word of the bucket at base (if it
         still holds expect)."""
-        word = ctypes.c_uint32.from_buffer(self._map(), off + self._check)
+        word = ctypes.c_uint32.from_buffer(self._map(), base + self._check + 4 * w)
         try:
             if expect is not None and word.value != expect:
                 return False
@@ -563,47 +570,43 @@ class HandshakeTable:
     def lookup(self, key: Any) -> Any:
         """A copy of key's entry (a Leaf), or None."""
         _, _, raw, w = self._find(bytes(key))
-        return None if w < 0 else self.Leaf.from_buffer_copy(raw, w * self.slot + self._eofs)
+        return None if w < 0 else self.Leaf.from_buffer_copy(raw, self._slot(0, w) + self._eofs)
 
     def delete(self, key: Any) -> bool:
         """Empty key's slot (what hs_delete() does); False if it held no entry for key (or was
         rewritten meanwhile)."""
-        _, base, raw, w = self._find(bytes(key))
-        if w < 0:
-            return False
-        check = int.from_bytes(raw[w * self.slot + self._check:][:4], "little")
-        return self._store_check(base + w * self.slot, 0, expect=check)
+        h, base, _, w = self._find(bytes(key))
+        return w >= 0 and self._store_check(base, w, 0, expect=h)
 
     def update(self, key: Any, value: Any, flags: int = bpfsys.BPF_ANY) -> None:
         """Write value under key: over key's own slot, else the first empty one, else way 0 (for
-        tests and explain's scratch copies; the program picks its victims by age)."""
+        tests and explain's scratch copies; the program takes an empty way from a hash-given start)."""
         kb, vb = bytes(key), bytes(value)
         h, base, raw, found = self._find(kb)
         if (flags == bpfsys.BPF_NOEXIST and found >= 0) or (flags == bpfsys.BPF_EXIST and found < 0):
             raise bpfsys.BpfError(errno.EEXIST if found >= 0 else errno.ENOENT, f"update of {self.name}")
-        ways = range(self.ways)
-        offs = [w * self.slot for w in ways]
-        way = next((w for w in ways if raw[offs[w] + self._kofs:][:self._ksize] == kb),
-                   next((w for w in ways if not int.from_bytes(raw[offs[w] + self._check:][:4], "little")), 0))
-        off = base + offs[way]
+        checks = struct.unpack_from(f"<{self.ways}I", raw, self._check)
+        way = found if found >= 0 else next((w for w in range(self.ways) if not checks[w]), 0)
+        off = base + self._slot(0, way)
         mm = self._map()
-        self._store_check(off, 0)
+        self._store_check(base, way, 0)
         mm[off + self._kofs:off + self._kofs + self._ksize] = kb
         mm[off + self._eofs:off + self._eofs + self._esize] = vb[:self._esize]
-        self._store_check(off, h)
+        self._store_check(base, way, h)
 
     def batches(self, chunk: int = 16384) -> Iterator[tuple[Any, Any, int]]:
-        """(keys array, values array, n) of the entries, chunk slots read per step (as
+        """(keys array, values array, n) of the entries, about chunk slots read per step (as
         bpfsys.Map.batches; fewer entries than slots come out)."""
-        total, size = self.info.max_entries, self.slot
-        for first in range(0, total, chunk):
-            raw = self._map()[first * size:min(first + chunk, total) * size]
-            valid = self.valid(raw, len(raw) // size)
+        total, per = self.m.info.max_entries, max(1, chunk // self.ways)
+        for first in range(0, total, per):
+            raw = self._map()[first * self.bucket:min(first + per, total) * self.bucket]
+            valid = self.valid(raw, len(raw) // self.bucket)
             if not valid:
                 continue
-            keys, values = (self.Key * chunk)(), (self.Leaf * chunk)()
-            kb = b"".join(raw[i * size + self._kofs:i * size + self._kofs + self._ksize] for i in valid)
-            vb = b"".join(raw[i * size + self._eofs:i * size + self._eofs + self._esize] for i in valid)
+            keys, values = (self.Key * len(valid))(), (self.Leaf * len(valid))()
+            offs = [self._slot(b, w) for b, w in valid]
+            kb = b"".join(raw[o + self._kofs:o + self._kofs + self._ksize] for o in offs)
+            vb = b"".join(raw[o + self._eofs:o + self._eofs + self._esize] for o in offs)
             ctypes.memmove(keys, kb, len(kb))
             ctypes.memmove(values, vb, len(vb))
             yield keys, values, len(valid)
@@ -621,9 +624,10 @@ class HandshakeTable:
 
     def clear(self) -> int:
         """Zero every slot's check word (tests, flushes); returns how many entries there were."""
-        n = self.count()
+        n, buckets = self.count(), self.m.info.max_entries
         with memoryview(self._map()) as raw, raw.cast("I") as words:
-            words[self._check // 4::self.slot // 4] = array.array("I", bytes(4 * self.info.max_entries))
+            for w in range(self.ways):
+                words[self._check // 4 + w::self.bucket // 4] = array.array("I", bytes(4 * buckets))
         return n
 
 

@@ -26,16 +26,18 @@ NAT_ENTRY = ["nat_entry", [["saddr", ADDR], ["daddr", ADDR], ["sport", "unsigned
                            ["backend_id", "unsigned int"], ["gen", "unsigned short"], ["family", "unsigned char"],
                            ["proto", "unsigned char"], ["seen", "unsigned int"], ["timeout", "unsigned int"],
                            ["created", "unsigned int"]], "struct"]
-SLOT = ["nat_new_slot", [["check", "unsigned int"], ["pad", "unsigned int"], ["key", FLOW_KEY], ["e", NAT_ENTRY],
-                         ["reserved", "unsigned char", [16]]], "struct"]
-BUCKET = ["nat_new_bucket", [["way", SLOT, [abi.NAT_NEW_WAYS]]], "struct"]
+SLOT = ["nat_new_slot", [["key", FLOW_KEY], ["e", NAT_ENTRY], ["reserved", "unsigned char", [24]]], "struct"]
+BUCKET = ["nat_new_bucket", [["check", "unsigned int", [abi.NAT_NEW_WAYS]],
+                             ["reserved", "unsigned char", [64 - 4 * abi.NAT_NEW_WAYS]],
+                             ["way", SLOT, [abi.NAT_NEW_WAYS]]], "struct"]
+BUCKET_SIZE = 64 + abi.NAT_NEW_WAYS * abi.NAT_NEW_SLOT
 BUCKETS = 16
 
 
 @pytest.fixture
 def table() -> Iterator[tuple[HandshakeTable, mmap.mmap]]:
     leaf = bpfsys.ctype_from_desc(BUCKET)
-    assert ctypes.sizeof(leaf) == abi.NAT_NEW_WAYS * abi.NAT_NEW_SLOT
+    assert ctypes.sizeof(leaf) == BUCKET_SIZE
     fd = os.memfd_create("lbx_nat_new")
     os.ftruncate(fd, BUCKETS * ctypes.sizeof(leaf))
     info = bpfsys.MapInfo(1, bpfsys.BPF_MAP_TYPE_ARRAY, 4, ctypes.sizeof(leaf), BUCKETS, "lbx_nat_new",
@@ -59,11 +61,13 @@ def entry(backend_id: int, created: int, seen: int = 5) -> bytes:
 
 
 def put(mm: mmap.mmap, way: int, k: bytes, e: bytes) -> int:
-    """Write a slot as hs_write() does, into k's bucket (check >> 1, masked); its offset."""
+    """Write a slot as hs_write() does, into k's bucket (check >> 1, masked); its check word's offset."""
     c = hs_check(k)
-    off = (((c >> 1) & (BUCKETS - 1)) * abi.NAT_NEW_WAYS + way) * abi.NAT_NEW_SLOT
-    mm[off:off + abi.NAT_NEW_SLOT] = struct.pack("<II", c, 0) + k + e + bytes(16)
-    return off
+    base = ((c >> 1) & (BUCKETS - 1)) * BUCKET_SIZE
+    off = base + 64 + way * abi.NAT_NEW_SLOT
+    mm[off:off + abi.NAT_NEW_SLOT] = k + e + bytes(24)
+    mm[base + 4 * way:base + 4 * way + 4] = struct.pack("<I", c)
+    return base + 4 * way
 
 
 def test_the_check_is_bpf_nat_h_hs_hash() -> None:
@@ -93,7 +97,7 @@ def test_a_slot_written_as_the_program_writes_it_is_an_entry_and_a_torn_one_is_n
 
 def test_a_delete_zeroes_the_check_word_only(table) -> None:
     t, mm = table
-    off = put(mm, 1, key(2000), entry(3, 42))
+    off = put(mm, 1, key(2000), entry(3, 42))   # the check word's offset
     before = mm[:]
     assert t.delete(t.Key.from_buffer_copy(key(2000)))
     assert not t.delete(t.Key.from_buffer_copy(key(2000)))
@@ -107,9 +111,9 @@ def test_update_writes_the_slot_the_program_finds(table) -> None:
     t.update(t.Key.from_buffer_copy(key(3000)), t.Leaf.from_buffer_copy(entry(9, 78)))   # over its own slot
     assert t.count() == 1 and t.lookup(t.Key.from_buffer_copy(key(3000))).created == 78
     h = hs_check(key(3000))
-    off = ((h >> 1) & (BUCKETS - 1)) * abi.NAT_NEW_WAYS * abi.NAT_NEW_SLOT
-    assert struct.unpack_from("<I", mm, off)[0] == h
-    assert mm[off + 8:off + 48] == key(3000)
+    base = ((h >> 1) & (BUCKETS - 1)) * BUCKET_SIZE
+    assert struct.unpack_from("<I", mm, base)[0] == h           # way 0: the first empty one
+    assert mm[base + 64:base + 104] == key(3000)
     assert t.clear() == 1 and t.count() == 0 and t.lookup(t.Key.from_buffer_copy(key(3000))) is None
 
 
