@@ -200,17 +200,20 @@ static __always_inline void hs_empty(struct nat_new_bucket *b, int w)
 	b->check[w & (LBX_NAT_NEW_WAYS - 1)] = 0;
 }
 
+/* The way of k's bucket (*b; NULL if the lookup failed, check *h) holding k, or -1. */
+static __always_inline int hs_locate(const struct flow_key *k, struct nat_new_bucket **b, __u32 *h)
+{
+	*b = hs_bucket(k, h);
+	return *b ? hs_find(*b, k, *h) : -1;
+}
+
 /* The entry under k in the handshake table, live or not, or NULL. */
 static __always_inline struct nat_entry *hs_get(const struct flow_key *k)
 {
 	struct nat_new_bucket *b;
 	__u32 h;
-	int w;
+	int w = hs_locate(k, &b, &h);
 
-	b = hs_bucket(k, &h);
-	if (!b)
-		return NULL;
-	w = hs_find(b, k, h);
 	return w < 0 ? NULL : &hs_slot(b, w)->e;
 }
 
@@ -219,15 +222,11 @@ static __always_inline void hs_put(const struct flow_key *k, const struct nat_en
 {
 	struct nat_new_bucket *b;
 	__u32 h;
-	int w;
+	int w = hs_locate(k, &b, &h);
 
-	b = hs_bucket(k, &h);
 	if (!b)
 		return;
-	w = hs_find(b, k, h);
-	if (w < 0)
-		w = hs_victim(b, h);
-	hs_write(b, w, k, e, h);
+	hs_write(b, w < 0 ? hs_victim(b, h) : w, k, e, h);
 }
 
 /* Empty k's slot, if it has one. */
@@ -235,12 +234,8 @@ static __always_inline void hs_delete(const struct flow_key *k)
 {
 	struct nat_new_bucket *b;
 	__u32 h;
-	int w;
+	int w = hs_locate(k, &b, &h);
 
-	b = hs_bucket(k, &h);
-	if (!b)
-		return;
-	w = hs_find(b, k, h);
 	if (w >= 0)
 		hs_empty(b, w);
 }
@@ -466,10 +461,9 @@ static __always_inline int hs_claim(struct flow_key *k, struct nat_entry *rep, s
 	__u32 h;
 	int w;
 
-	b = hs_bucket(k, &h);
+	w = hs_locate(k, &b, &h);
 	if (!b)
 		return 0;
-	w = hs_find(b, k, h);
 	if (w >= 0) {
 		if (!nat_replaceable(&hs_slot(b, w)->e, rep, tmp, now, 1))
 			return 0;
@@ -642,10 +636,7 @@ static __always_inline void nat_assure(const struct pkt *pkt, struct nat_entry *
 	int w;
 
 	nat_peer_key(e, k);
-	b = hs_bucket(k, &h);
-	if (!b)
-		return;
-	w = hs_find(b, k, h);
+	w = hs_locate(k, &b, &h);
 	if (w < 0)
 		return;
 	peer = &hs_slot(b, w)->e;
