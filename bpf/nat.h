@@ -92,7 +92,9 @@ static __always_inline int nat_expired(const struct nat_entry *e, __u32 now)
  * stores in order; the barriers keep the compiler's), so a slot being written reads as a miss. A reader racing the
  * eviction of its own handshake's slot may read the new entry's fields: that one packet is
  * translated as the new connection's (an LRU reader keeps the old element; here the slot is
- * reused). Every function here is short on purpose: the verifier walks each once per path that
+ * reused). Two CPUs writing one slot at once (two new connections in one bucket within ~100 ns)
+ * can leave one's key with the other's entry: the DSR half-open table's check also binds the
+ * value; here the entry changes in place, so nothing can. Every function here is short on purpose: the verifier walks each once per path that
  * reaches it, and the open path is reached by many (see hs_opaque).
  */
 static __always_inline __u32 hs_hash(const struct flow_key *k)
