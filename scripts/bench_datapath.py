@@ -307,9 +307,11 @@ def nat_cases(prog: loader.Program, new_flows: dict[str, list[bytes]], full: boo
     (SYN, then the backend's SYN-ACK) before each repetition; the "ack completing a handshake"
     rows send, per call, the ACK of one of the new-flow rows' handshakes (SYN and SYN-ACK run
     before the repetition), which moves its entries from the handshake table (lbx_nat_new) to the
-    conntrack. full=True: only the new-flow rows, on the default capacities, which they fill: then
-    every new connection's two inserts also evict two entries (the LRU's cost at capacity; the
-    handshake table's, 65,536 entries, since SYNs open there)."""
+    conntrack; the UDP rows (a DNAT VIP on port 87) send each call a new flow's first datagram,
+    and the second datagram of one of them, which assures it (the same move). full=True: only the
+    new-flow rows, on the default capacities, which they fill: then every new connection's two
+    inserts also evict two entries (the LRU's cost at capacity; since SYNs open in the handshake
+    table, an array, there the two slot writes overwrite two older handshakes)."""
     ip = ipaddress.ip_address
     snat4 = "10.99.255.1"
 
@@ -320,7 +322,8 @@ def nat_cases(prog: loader.Program, new_flows: dict[str, list[bytes]], full: boo
     base = config()
     cfg = dataclasses.replace(base, vips=base.vips + (
         model.Vip(ip(VIP4), 85, model.Protocol.TCP, model.Mode.NAT, backends=backends("10.99.7.", 7), snat=True),
-        model.Vip(ip(VIP4), 86, model.Protocol.TCP, model.Mode.NAT, backends=backends("10.99.8.", 8))),
+        model.Vip(ip(VIP4), 86, model.Protocol.TCP, model.Mode.NAT, backends=backends("10.99.8.", 8)),
+        model.Vip(ip(VIP4), 87, model.Protocol.UDP, model.Mode.NAT, backends=backends("10.99.9.", 9))),
         balancer=dataclasses.replace(base.balancer, snat_v4=ip(snat4), snat_ports=(1024, 65535)))
     Balancer(maps).apply(cfg, macs={})
     maps.set_own_mac(LB_MAC)
@@ -371,7 +374,20 @@ def nat_cases(prog: loader.Program, new_flows: dict[str, list[bytes]], full: boo
                 if e.dir is abi.NatDir.FWD and e.dport == dport:
                     lb.run(frame(str(e.new_dst), str(e.new_src), e.new_dport, e.new_sport, 6, tcp_flags=0x12))
         return setup
+    # UDP to port 87: the new-flow rows' tuples, as datagrams (ports are bytes 34-37 of the frame)
+    udp = [frame(ipaddress.ip_address(int.from_bytes(f[26:30], "big")).compressed, VIP4,
+                 int.from_bytes(f[34:36], "big"), 87, 17) for f in new_flows["nat86"]]
+
+    def first_datagrams() -> None:
+        """Before each repetition: the conntrack emptied, then every flow's first datagram, so that
+        each call's datagram is a flow's second, which assures it (bpf/nat.h nat_assure)."""
+        clear()
+        for f in udp:
+            lb.run(f)
     return [
+        Case("nat: dnat udp new flow v4", lb, udp, XDP_TX, clear),
+        Case("nat: dnat udp second datagram (assures the flow) v4", lb, udp, XDP_TX, first_datagrams,
+             lambda: any(e.assured for e in maps.nat_entries(limit=4))),
         Case("nat: snat tcp syn new flow v4", lb, new_flows["nat85"], XDP_TX, clear),
         Case("nat: dnat tcp syn new flow v4", lb, new_flows["nat86"], XDP_TX, clear),
         Case("nat: snat tcp established v4 (client -> backend)", lb, fwd[85], XDP_TX, establish(85)),
