@@ -421,3 +421,63 @@ def test_an_snat_port_held_by_a_handshake_is_not_given_again(nlb: Lb) -> None:
     check(nlb, fwd_case("a SYN gets the pool's first port", SNAT4T, seg(CLIENT4, "10.30.0.2", 47000, 80, "S"), POOL[0]))
     nlb.maps.m[abi.Map.NAT_BE].zero(nlb.backend_id(SNAT4T, SNAT4T.backends[0]))   # the cursor back to the first port
     check(nlb, fwd_case("a mid-stream ACK skips it", SNAT4T, seg(CLIENT4, "10.30.0.2", 47001, 80, "A"), POOL[0] + 1))
+
+
+# --- a VIP switched between DSR and NAT (bpf/forward.h, select.h established(), nat.h nat_established()) ---
+SWITCH_BE = model.Backend(ip("10.30.1.9"), 80, mac="02:be:30:00:00:09")
+SWITCH_DSR = model.Vip(ip("10.30.0.9"), 80, TCP_, model.Mode.DSR, model.Scheduler.RR, (SWITCH_BE,))
+SWITCH_NAT = dataclasses.replace(SWITCH_DSR, mode=model.Mode.NAT)
+
+
+def with_vip(v: model.Vip) -> model.Config:
+    return dataclasses.replace(CFG, vips=CFG.vips + (v,))
+
+
+def test_a_live_dsr_flow_starts_over_as_nat_when_its_vip_switches(nlb: Lb) -> None:
+    """A connection-table flow whose backend entry became NAT is no flow any more: its next packet
+    opens a NAT connection (mid-stream, so straight into lbx_nat) instead of leaving by DSR's MAC
+    rewrite to a backend that now expects translated packets."""
+    from .frames import forwarded
+    nlb.apply(with_vip(SWITCH_DSR))
+    first = seg(CLIENT4, "10.30.0.9", 49000, 80, "S")
+    check(nlb, Case("a DSR SYN", first, XDP_TX, forwarded(first, SWITCH_BE), R.TX_FORWARD))
+    ack = seg(CLIENT4, "10.30.0.9", 49000, 80, "A")
+    check(nlb, Case("its ACK: recorded", ack, XDP_TX, forwarded(ack, SWITCH_BE), R.TX_FORWARD))
+    assert nlb.maps.nat_entries() == [] and nlb.maps.flow_map.lookup(next(iter(nlb.maps.flow_map.keys()))) is not None
+    nlb.apply(with_vip(SWITCH_NAT))
+    data = seg(CLIENT4, "10.30.0.9", 49000, 80, "PA", payload=b"after the switch")
+    check(nlb, fwd_case("the flow's next segment, translated", SWITCH_NAT, data, 49000))
+    assert {(e.dir, e.state, e.assured) for e in nlb.maps.nat_entries()} == {
+        (abi.NatDir.FWD, abi.NatState.ESTABLISHED, True), (abi.NatDir.REPLY, abi.NatState.ESTABLISHED, True)}
+
+
+def test_a_nat_entry_met_by_a_dsr_vips_selection_is_dropped_and_counted(nlb: Lb) -> None:
+    """The switch's window: a DSR VIP whose backend entries already say NAT (the control plane
+    writes the entries before the VIP). forward() does not open NAT connections: the frame is
+    dropped under its own reason, for the live flow and for a new one, never sent by DSR's rewrite."""
+    nlb.apply(with_vip(SWITCH_DSR))
+    nlb.open(seg(CLIENT4, "10.30.0.9", 49100, 80, "S"))
+    bid = nlb.backend_id(SWITCH_DSR, SWITCH_BE)
+    entry = nlb.maps.be_map.lookup(bid)
+    entry.mode = int(abi.FwdMode.NAT)
+    nlb.maps.be_map.update(bid, entry)
+    check(nlb, Case("the live flow's next segment", seg(CLIENT4, "10.30.0.9", 49100, 80, "A"), XDP_DROP,
+                    reason=R.DROP_UNKNOWN_MODE))
+    check(nlb, Case("a new flow", seg(CLIENT4, "10.30.0.9", 49101, 80, "S"), XDP_DROP, reason=R.DROP_UNKNOWN_MODE))
+    assert nlb.maps.nat_entries() == []
+
+
+def test_a_live_nat_connection_starts_over_as_dsr_when_its_vip_switches(nlb: Lb) -> None:
+    """The other way: a NAT connection whose backend entry left NAT is no connection any more for
+    the client's packets, which take the DSR VIP's path (MAC rewrite, addresses untouched). The
+    backend's late replies are not translated with the old entry either: its address left the NAT
+    filter (no NAT VIP has it now), so they go to the balancer's kernel like any frame for no VIP."""
+    from .frames import forwarded
+    nlb.apply(with_vip(SWITCH_NAT))
+    establish(nlb, SWITCH_NAT, 49200)
+    assert len(nlb.maps.nat_entries()) == 2
+    nlb.apply(with_vip(SWITCH_DSR))
+    data = seg(CLIENT4, "10.30.0.9", 49200, 80, "PA", payload=b"after the switch")
+    check(nlb, Case("the client's next segment, by DSR", data, XDP_TX, forwarded(data, SWITCH_BE), R.TX_FORWARD))
+    late = seg(str(SWITCH_BE.address), CLIENT4, 80, 49200, "A", smac=SWITCH_BE.mac)
+    check(nlb, Case("a late reply of the NAT connection: passed, untouched", late, XDP_PASS, reason=R.PASS_NOT_VIP))
