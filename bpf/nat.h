@@ -47,6 +47,17 @@
 #define LBX_TCP_ACK 0x10
 #define LBX_ICMP_QUOTE_HDR 8 /* the ICMP header before the quote (v4 and v6) */
 
+/* Where the handshake table holds a key (w >= 0) or would take it (w < 0): its bucket (NULL: not
+ * looked up) and check (hs_bucket). Kept by nat_lookup(), so that the packet that assures a
+ * connection (nat_assure) empties its own slot without hashing its key and walking its bucket
+ * again. Copied into struct nat_flow only with the entry it found (nat_established): carried on
+ * every path, it split the verifier's states past its bound (E2BIG). */
+struct hs_at {
+	struct nat_new_bucket *b;
+	__u32 h;
+	int w;
+};
+
 /* What nat_established() found for the packet, for forward_nat(). */
 struct nat_flow {
 	struct nat_entry *e;  /* the connection's entry for this direction; NULL: open one */
@@ -54,6 +65,7 @@ struct nat_flow {
 	__u8 fresh;           /* e is in lbx_nat_new: a new connection, not yet assured (nat_assure) */
 	__u8 held;            /* lbx_nat has an entry under the packet's key that e is not (closing,
 			       * expired, or its backend entry gone): a connection opened now replaces it */
+	struct hs_at at;      /* e's slot in the handshake table when fresh (set with e) */
 };
 
 /*
@@ -109,13 +121,18 @@ static __always_inline __u32 hs_hash(const struct flow_key *k)
 	return x >> 32;
 }
 
+/* The bucket of the keys whose check is h. */
+static __always_inline struct nat_new_bucket *hs_bucket_of(__u32 h)
+{
+	__u32 idx = h >> 1 & (LBX_NAT_NEW_CAPACITY / LBX_NAT_NEW_WAYS - 1);
+
+	return lbx_nat_new.lookup(&idx);
+}
+
 static __always_inline struct nat_new_bucket *hs_bucket(const struct flow_key *k, __u32 *h)
 {
-	__u32 idx;
-
 	*h = hs_hash(k) | 1;   /* the check of k's slot */
-	idx = *h >> 1 & (LBX_NAT_NEW_CAPACITY / LBX_NAT_NEW_WAYS - 1);
-	return lbx_nat_new.lookup(&idx);
+	return hs_bucket_of(*h);
 }
 
 static __always_inline struct nat_new_slot *hs_slot(struct nat_new_bucket *b, int way)
@@ -202,6 +219,15 @@ static __always_inline void hs_empty(struct nat_new_bucket *b, int w)
 	b->check[w & (LBX_NAT_NEW_WAYS - 1)] = 0;
 }
 
+/* Empty the slot at found (nat_lookup()) if it still holds that key: another CPU may have reused it. */
+static __always_inline void hs_empty_at(const struct hs_at *at)
+{
+	struct nat_new_bucket *b = at->b;
+
+	if (b && at->w >= 0 && b->check[at->w & (LBX_NAT_NEW_WAYS - 1)] == at->h)
+		hs_empty(b, at->w);
+}
+
 /* The way of k's bucket (*b; NULL if the lookup failed, check *h) holding k, or -1. */
 static __always_inline int hs_locate(const struct flow_key *k, struct nat_new_bucket **b, __u32 *h)
 {
@@ -219,7 +245,12 @@ static __always_inline struct nat_entry *hs_get(const struct flow_key *k)
 	return w < 0 ? NULL : &hs_slot(b, w)->e;
 }
 
-/* Write e under k (over k's own slot, else hs_victim's). */
+/*
+ * Write e under k (over k's own slot, else hs_victim's). A SYN hashed k in nat_lookup() already;
+ * carrying that check (or the bucket, or the way) to here through the selection stages split the
+ * verifier's states on every path between (730,455 instructions walked -> 916,176 for the check
+ * alone, E2BIG with the bucket and way), so k is hashed again: ~20 instructions.
+ */
 static __always_inline void hs_put(const struct flow_key *k, const struct nat_entry *e)
 {
 	struct nat_new_bucket *b;
@@ -244,7 +275,8 @@ static __always_inline void hs_delete(const struct flow_key *k)
 
 /* The live entry under key k: lbx_nat's, else lbx_nat_new's (*fresh = 1), else NULL (none, or
  * past its timeout: absent). *held: lbx_nat has an entry under k, live or not. */
-static __always_inline struct nat_entry *nat_lookup(struct flow_key *k, __u32 now, __u8 *fresh, __u8 *held)
+static __always_inline struct nat_entry *nat_lookup(struct flow_key *k, __u32 now, __u8 *fresh, __u8 *held,
+						   struct hs_at *at)
 {
 	struct nat_entry *e = lbx_nat.lookup(k);
 
@@ -252,8 +284,9 @@ static __always_inline struct nat_entry *nat_lookup(struct flow_key *k, __u32 no
 	*fresh = 0;
 	if (e && !nat_expired(e, now))
 		return e;
-	e = hs_get(k);
+	at->w = hs_locate(k, &at->b, &at->h);
 	*fresh = 1;
+	e = at->w < 0 ? NULL : &hs_slot(at->b, at->w)->e;
 	return e && !nat_expired(e, now) ? e : NULL;
 }
 
@@ -375,13 +408,14 @@ static __always_inline void nat_track(struct xdp_md *ctx, const struct pkt *pkt,
  */
 static __always_inline int nat_established(struct pkt *pkt, struct selection *sel, struct nat_flow *nf)
 {
+	struct hs_at at;   /* set by nat_lookup() when it looked in the handshake table (fresh) */
 	struct nat_entry *e;
 	struct backend *be;
 
 	if (!nat_filter_has(&pkt->flow.dst))
 		return 0;
 	nf->now = nat_now();
-	e = nat_lookup(&pkt->flow, nf->now, &nf->fresh, &nf->held);
+	e = nat_lookup(&pkt->flow, nf->now, &nf->fresh, &nf->held, &at);
 	if (!e || e->dir != LBX_NAT_DIR_FWD)
 		return 0;
 	if ((pkt->flags & LBX_PKT_F_SYN) && e->state == LBX_NAT_CLOSING)
@@ -391,6 +425,8 @@ static __always_inline int nat_established(struct pkt *pkt, struct selection *se
 		return 0;
 	nf->e = e;
 	nf->held = 0;
+	if (nf->fresh)
+		nf->at = at;
 	sel->be = be;
 	sel->backend_id = e->backend_id;
 	sel->vip_id = be->vip_id;
@@ -627,7 +663,8 @@ static __always_inline int nat_open(struct xdp_md *ctx, const struct pkt *pkt, c
  * translated on another CPU during the move may refresh the old copy (its `seen`): the new
  * copies were taken just before, so at most that refresh is lost.
  */
-static __always_inline void nat_assure(const struct pkt *pkt, struct nat_entry *e, struct flow_key *k)
+static __always_inline void nat_assure(const struct pkt *pkt, struct nat_entry *e, struct flow_key *k,
+				       const struct hs_at *at)
 {
 	__u32 zero = 0;
 	struct nat_cfg *cfg = lbx_nat_cfg.lookup(&zero);
@@ -650,7 +687,7 @@ static __always_inline void nat_assure(const struct pkt *pkt, struct nat_entry *
 		return;
 	}
 	hs_empty(b, w);
-	hs_delete(&pkt->flow);
+	hs_empty_at(at);   /* e's own slot, where nat_lookup() found it */
 }
 
 /* Write *p = v and return what the change adds to a sum that covers p (csum.h's convention). */
@@ -877,7 +914,7 @@ static __always_inline int forward_nat(struct xdp_md *ctx, const struct pkt *pkt
 	    (nf->e->state == LBX_NAT_ESTABLISHED || nf->e->state == LBX_NAT_UDP)) {
 		s = lbx_nat_scratch.lookup(&zero);
 		if (s)
-			nat_assure(pkt, nf->e, &s->k);
+			nat_assure(pkt, nf->e, &s->k, &nf->at);
 	}
 	return r;
 }
