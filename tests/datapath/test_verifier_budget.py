@@ -18,3 +18,15 @@ def test_the_program_leaves_a_fifth_of_the_verifiers_bound(compiled_lb: Lb) -> N
     assert walked > 0, "the kernel reports no verified_insns (Linux < 5.16?)"
     assert walked <= BOUND * (1 - HEADROOM), \
         f"the verifier walked {walked:,} instructions of its {BOUND:,}: see docs/design.md 'Verifier budget'"
+
+
+def test_lbxdp_traces_build_leaves_a_fifth_of_the_bound_too() -> None:
+    """`lbxdp trace` swaps in the program compiled with -DLBX_TRACE (an event at every stage):
+    more states than the plain build, so it would reach the bound first."""
+    from lbxdp import trace
+
+    from .conftest import compiled
+    with compiled(defines=(trace.DEFINE,)) as prog:
+        walked = prog.info.verified_insns
+    assert walked <= BOUND * (1 - HEADROOM), \
+        f"the trace build: the verifier walked {walked:,} instructions of its {BOUND:,}"
