@@ -47,8 +47,8 @@
 #define LBX_TCP_ACK 0x10
 #define LBX_ICMP_QUOTE_HDR 8 /* the ICMP header before the quote (v4 and v6) */
 
-/* Where the handshake table holds a key (w >= 0) or would take it (w < 0): its bucket (NULL: not
- * looked up) and check (hs_bucket). Kept by nat_lookup(), so that the packet that assures a
+/* Where the handshake table holds a key: its bucket (NULL: not looked up), its check (hs_bucket)
+ * and its way (-1: not there). Kept by nat_lookup(), so that the packet that assures a
  * connection (nat_assure) empties its own slot without hashing its key and walking its bucket
  * again. Copied into struct nat_flow only with the entry it found (nat_established): carried on
  * every path, it split the verifier's states past its bound (E2BIG). */
@@ -219,7 +219,7 @@ static __always_inline void hs_empty(struct nat_new_bucket *b, int w)
 	b->check[w & (LBX_NAT_NEW_WAYS - 1)] = 0;
 }
 
-/* Empty the slot at found (nat_lookup()) if it still holds that key: another CPU may have reused it. */
+/* Empty the slot nat_lookup() found (at) if it still holds that key: another CPU may have reused it. */
 static __always_inline void hs_empty_at(const struct hs_at *at)
 {
 	struct nat_new_bucket *b = at->b;
