@@ -39,7 +39,7 @@ static __always_inline int return_path(struct xdp_md *ctx, struct pkt *pkt, int 
 	if (!nat_filter_has(&pkt->flow.src))             /* one bit: no NAT backend sent it */
 		return LBX_R_OK;
 	now = nat_now();
-	e = nat_lookup(&pkt->flow, now, &fresh, &held, &at);
+	e = nat_lookup(&pkt->flow, now, &fresh, &held, &at, 1);
 	if (!e || e->dir != LBX_NAT_DIR_REPLY) {
 		/* A NAT backend's address, no connection: its own traffic to the balancer (health
 		 * check answers, ssh), a reply of an expired connection, or a packet of it for a
