@@ -2,9 +2,10 @@
 """How much of the kernel verifier's budget lbxdp's programs take: instructions the verifier walked
 to accept each (bpf_prog_info.verified_insns) against its bound of 1,000,000 (past it the program
 does not load: E2BIG), and each program's size: the balancer, the balancer as `lbxdp trace` builds
-it (an event at every stage: more states), and the backends' decap program. docs/design.md "Verifier budget" says why it is
-watched: the verifier walks the program once per distinct state that reaches an instruction, so
-a few instructions on a path many states reach can cost tens of thousands.
+it (an event at every stage: more states), and the backends' decap program. docs/design.md
+"Verifier budget" says why it is watched: the verifier walks the program once per distinct state
+that reaches an instruction, so a few instructions on a path many states reach can cost tens of
+thousands.
 
     sudo .venv/bin/python scripts/verifier_budget.py [--bpf-dir DIR]
 """
