@@ -12,7 +12,8 @@
  * DSR sees only the client's half: a server's FIN, or a connection that ends by timeout, is not
  * seen; the control plane's recount from lbx_flows (lbxdp.maps.Maps.recount_conns, run by the
  * daemon) corrects that drift, and LRU evictions'. A FIN-closed flow keeps its entry (flagged
- * LBX_FLOW_F_CLOSED, so a retransmitted FIN counts once) until the LRU or a flush removes it.
+ * LBX_FLOW_F_CLOSED, so a retransmitted FIN counts once) until the LRU or a flush removes it, or
+ * a SYN reusing its tuple (select.h established(): a new connection, chosen and counted anew).
  *
  * Counts (lbx_conns) are shared and changed with atomic adds, not per CPU: a choice compares two
  * backends' totals, which per-CPU counters would make a read of every CPU's copy per candidate,

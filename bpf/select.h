@@ -162,8 +162,9 @@ static __always_inline int established(struct pkt *pkt, struct selection *sel)
 	 * or a client reusing the tuple (after TIME_WAIT): select_backend() then deletes the stale
 	 * record where the SYN's choice goes into the half-open table, and on a settled VIP the
 	 * table's choice is the recorded one unless the table changed since (the README's
-	 * residual). Not under flood, the SYN follows the recorded flow as before. A retransmitted
-	 * SYN cannot follow its own handshake's ACK; an ICMP error never skips.
+	 * residual). Not under flood, the SYN follows the recorded flow as before, unless it is a
+	 * counted flow its client closed (below). A retransmitted SYN cannot follow its own
+	 * handshake's ACK; an ICMP error never skips.
 	 */
 	if ((pkt->flags & (LBX_PKT_F_SYN | LBX_PKT_F_ICMP_ERR)) == LBX_PKT_F_SYN &&
 	    flooded(new_flow_window(1), 1)) {
@@ -177,6 +178,16 @@ static __always_inline int established(struct pkt *pkt, struct selection *sel)
 	be = backend_by_id(known->backend_id);
 	if (!be || be->gen != known->gen || be->mode == LBX_MODE_NAT)   /* NAT: forward.h */
 		return 0;
+	/*
+	 * A SYN on a counted flow its client has closed (sched.h): the tuple reused after TIME_WAIT,
+	 * a new connection. Following the old record would take it to the old backend past that
+	 * backend's cap and uncounted; it gets the scheduler's choice, and its ACK must not meet
+	 * the old record.
+	 */
+	if ((pkt->flags & LBX_PKT_F_SYN) && (known->pad & LBX_FLOW_F_CLOSED)) {
+		lbx_flows.delete(&pkt->flow);
+		return 0;
+	}
 	if (pkt->flags & LBX_PKT_F_FIN)        /* sched.h: the client closes a counted flow */
 		sched_closed(known);
 	sel->be = be;
