@@ -537,7 +537,8 @@ _Static_assert(sizeof(struct nat_entry) == 64, "also update lbxdp/abi.py");
  * lbx_nat_new, the handshake table (maps.h, nat.h hs_*): a set-associative array like the
  * half-open table, not a hash. A bucket's first cache line holds its ways' checks: way i's is its
  * key's hs_hash() | 1 (0: empty), written last, so a slot being written reads as a miss; the
- * bucket is check >> 1. A lookup that misses reads that one line, not one per way. The entry
+ * bucket is the hash of the key's client side (hs_bucket_hash(): a forward key's source, a reply
+ * key's destination), so a DNAT connection's two slots share one. A lookup that misses reads that one line, not one per way. The entry
  * changes in place, as in lbx_nat. A slot is 128 bytes: its key and entry span two lines.
  */
 struct nat_new_slot {

@@ -98,41 +98,57 @@ static __always_inline int nat_expired(const struct nat_entry *e, __u32 now)
 }
 
 /*
- * The handshake table lbx_nat_new (maps.h; abi.h struct nat_new_bucket): hs_hash(k) picks a
- * bucket of LBX_NAT_NEW_WAYS slots, and a slot's check (in the bucket's first line) is that hash
- * (| 1: 0 marks an empty slot). Slots are written without locks by any CPU, check last (x86 keeps
+ * The handshake table lbx_nat_new (maps.h; abi.h struct nat_new_bucket): a key's bucket of
+ * LBX_NAT_NEW_WAYS slots is the hash of its client-side endpoint (hs_bucket_hash: a forward key's
+ * source, a reply key's destination), and a slot's check (in the bucket's first line) is the hash
+ * of the whole key (hs_hash, | 1: 0 marks an empty slot). A DNAT connection's reply key has the
+ * client as its destination, so its two slots share one bucket: a SYN writes one page, and the
+ * client's ACK finds the reply slot in the line its own lookup read (SNAT's reply key carries the
+ * pool address and port instead: its two slots are in two buckets). Slots are written without
+ * locks by any CPU, check last (x86 keeps
  * stores in order; the barriers keep the compiler's), so a slot being written reads as a miss. A reader racing the
  * eviction of its own handshake's slot may read the new entry's fields: that one packet is
  * translated as the new connection's (an LRU reader keeps the old element; here the slot is
  * reused). Two CPUs writing one slot at once (two new connections in one bucket within ~100 ns)
  * can leave one's key with the other's entry: the DSR half-open table's check also binds the
  * value; here the entry changes in place, so nothing can. Every function here is short on purpose: the verifier walks each once per path that
- * reaches it, and the open path is reached by many (see hs_opaque).
+ * reaches it, and the open path is reached by many (see hs_opaque). reply, where a function
+ * takes it: the key is a reply key (its client side is its destination).
  */
-static __always_inline __u32 hs_hash(const struct flow_key *k)
+static __always_inline __u32 hs_mix(__u64 x)
 {
-	const __u32 *w = (const __u32 *)k;   /* src 0-3, dst 4-7, ports 8, proto/family 9 */
-	__u64 x = ((__u64)(w[0] ^ w[1] ^ w[2] ^ w[3]) << 32 | (w[4] ^ w[5] ^ w[6] ^ w[7])) ^
-		  ((__u64)w[8] << 16) ^ w[9];
-
 	x *= 0x9e3779b97f4a7c15ULL;
 	x ^= x >> 29;
 	x *= 0xbf58476d1ce4e5b9ULL;
 	return x >> 32;
 }
 
-/* The bucket of the keys whose check is h. */
-static __always_inline struct nat_new_bucket *hs_bucket_of(__u32 h)
+static __always_inline __u32 hs_hash(const struct flow_key *k)
 {
-	__u32 idx = h >> 1 & (LBX_NAT_NEW_CAPACITY / LBX_NAT_NEW_WAYS - 1);
+	const __u32 *w = (const __u32 *)k;   /* src 0-3, dst 4-7, ports 8, proto/family 9 */
 
-	return lbx_nat_new.lookup(&idx);
+	return hs_mix(((__u64)(w[0] ^ w[1] ^ w[2] ^ w[3]) << 32 | (w[4] ^ w[5] ^ w[6] ^ w[7])) ^
+		      ((__u64)w[8] << 16) ^ w[9]);
 }
 
-static __always_inline struct nat_new_bucket *hs_bucket(const struct flow_key *k, __u32 *h)
+/* The hash of k's client-side endpoint: address, port (its word's low half, as loaded, is the
+ * source port), protocol and family. */
+static __always_inline __u32 hs_bucket_hash(const struct flow_key *k, int reply)
 {
-	*h = hs_hash(k) | 1;   /* the check of k's slot */
-	return hs_bucket_of(*h);
+	const __u32 *w = (const __u32 *)k;
+	__u32 a = reply ? w[4] ^ w[5] ^ w[6] ^ w[7] : w[0] ^ w[1] ^ w[2] ^ w[3];
+	__u32 port = reply ? w[8] >> 16 : w[8] & 0xffff;
+
+	return hs_mix((__u64)a << 32 ^ (__u64)port << 16 ^ w[9]);
+}
+
+/* k's bucket; *h: the check of k's slot. */
+static __always_inline struct nat_new_bucket *hs_bucket(const struct flow_key *k, int reply, __u32 *h)
+{
+	__u32 idx = hs_bucket_hash(k, reply) & (LBX_NAT_NEW_CAPACITY / LBX_NAT_NEW_WAYS - 1);
+
+	*h = hs_hash(k) | 1;
+	return lbx_nat_new.lookup(&idx);
 }
 
 static __always_inline struct nat_new_slot *hs_slot(struct nat_new_bucket *b, int way)
@@ -229,45 +245,54 @@ static __always_inline void hs_empty_at(const struct hs_at *at)
 }
 
 /* The way of k's bucket (*b; NULL if the lookup failed, check *h) holding k, or -1. */
-static __always_inline int hs_locate(const struct flow_key *k, struct nat_new_bucket **b, __u32 *h)
+static __always_inline int hs_locate(const struct flow_key *k, int reply, struct nat_new_bucket **b, __u32 *h)
 {
-	*b = hs_bucket(k, h);
+	*b = hs_bucket(k, reply, h);
 	return *b ? hs_find(*b, k, *h) : -1;
 }
 
 /* The entry under k in the handshake table, live or not, or NULL. */
-static __always_inline struct nat_entry *hs_get(const struct flow_key *k)
+static __always_inline struct nat_entry *hs_get(const struct flow_key *k, int reply)
 {
 	struct nat_new_bucket *b;
 	__u32 h;
-	int w = hs_locate(k, &b, &h);
+	int w = hs_locate(k, reply, &b, &h);
 
 	return w < 0 ? NULL : &hs_slot(b, w)->e;
 }
 
 /*
- * Write e under k (over k's own slot, else hs_victim's). A SYN hashed k in nat_lookup() already;
- * carrying that check (or the bucket, or the way) to here through the selection stages split the
- * verifier's states on every path between (720,694 instructions walked -> 916,176 for the check
- * alone, E2BIG with the bucket and way), so k is hashed again: ~20 instructions.
+ * Write e, a forward entry, under k (over k's own slot, else hs_victim's), but never over the
+ * slot of its own reply key rk, written just before (nat_open): a DNAT connection's two keys
+ * share a bucket, and in a full one both victims may be the same way; the next way goes then
+ * (rk is hashed only when a slot of another key is taken: a flood's case). A SYN hashed k in
+ * nat_lookup() already; carrying that check (or the bucket, or the way) to here through the
+ * selection stages split the verifier's states on every path between (720,694 instructions
+ * walked -> 916,176 for the check alone, E2BIG with the bucket and way), so k is hashed again:
+ * ~20 instructions.
  */
-static __always_inline void hs_put(const struct flow_key *k, const struct nat_entry *e)
+static __always_inline void hs_put(const struct flow_key *k, const struct nat_entry *e, const struct flow_key *rk)
 {
 	struct nat_new_bucket *b;
-	__u32 h;
-	int w = hs_locate(k, &b, &h);
+	__u32 h, c;
+	int w = hs_locate(k, 0, &b, &h);
 
 	if (!b)
 		return;
-	hs_write(b, w < 0 ? hs_victim(b, h) : w, k, e, h);
+	if (w < 0)
+		w = hs_victim(b, h);
+	c = b->check[w & (LBX_NAT_NEW_WAYS - 1)];
+	if (c && c != h && c == (hs_hash(rk) | 1))
+		w++;
+	hs_write(b, w, k, e, h);
 }
 
 /* Empty k's slot, if it has one. */
-static __always_inline void hs_delete(const struct flow_key *k)
+static __always_inline void hs_delete(const struct flow_key *k, int reply)
 {
 	struct nat_new_bucket *b;
 	__u32 h;
-	int w = hs_locate(k, &b, &h);
+	int w = hs_locate(k, reply, &b, &h);
 
 	if (w >= 0)
 		hs_empty(b, w);
@@ -279,9 +304,10 @@ static __always_inline void hs_delete(const struct flow_key *k)
  * connection's entries into lbx_nat before it empties their handshake slots, so a lookup that
  * missed lbx_nat just before the move and the handshake table just after it finds them there
  * (a CI run lost one connection of 500 to that window: a backend's reply passed untranslated).
- * Not for a SYN, whose miss is the common case and whose cost issue 12 bounds. */
-static __always_inline struct nat_entry *nat_lookup(struct flow_key *k, __u32 now, __u8 *fresh, __u8 *held,
-						   struct hs_at *at, int again)
+ * Not for a SYN, whose miss is the common case and whose cost issue 12 bounds. reply: k is a
+ * reply key (the return path's), not a forward one. */
+static __always_inline struct nat_entry *nat_lookup(struct flow_key *k, int reply, __u32 now, __u8 *fresh,
+						   __u8 *held, struct hs_at *at, int again)
 {
 	struct nat_entry *e = lbx_nat.lookup(k);
 
@@ -289,7 +315,7 @@ static __always_inline struct nat_entry *nat_lookup(struct flow_key *k, __u32 no
 	*fresh = 0;
 	if (e && !nat_expired(e, now))
 		return e;
-	at->w = hs_locate(k, &at->b, &at->h);
+	at->w = hs_locate(k, reply, &at->b, &at->h);
 	*fresh = 1;
 	e = at->w < 0 ? NULL : &hs_slot(at->b, at->w)->e;
 	if (!e && again && !*held) {
@@ -300,10 +326,10 @@ static __always_inline struct nat_entry *nat_lookup(struct flow_key *k, __u32 no
 	return e && !nat_expired(e, now) ? e : NULL;
 }
 
-/* The entry under k in lbx_nat_new (fresh) or lbx_nat. */
-static __always_inline struct nat_entry *nat_get(struct flow_key *k, int fresh)
+/* The entry under k (a reply key if reply) in lbx_nat_new (fresh) or lbx_nat. */
+static __always_inline struct nat_entry *nat_get(struct flow_key *k, int fresh, int reply)
 {
-	return fresh ? hs_get(k) : lbx_nat.lookup(k);
+	return fresh ? hs_get(k, reply) : lbx_nat.lookup(k);
 }
 
 /* The key of e's other direction: e's rewritten tuple, reversed. */
@@ -328,8 +354,10 @@ static __always_inline __u32 nat_timeout(const struct nat_cfg *cfg, __u8 state, 
 }
 
 /* Move both entries of e's connection to state (its timeout from lbx_nat_cfg). Only on a
- * state change: the second lookup is the peer's, in e's table (fresh: lbx_nat_new). */
-static __always_inline void nat_set_state(struct nat_entry *e, __u8 state, int fresh)
+ * state change: the second lookup is the peer's, in e's table (fresh: lbx_nat_new). reply: e is
+ * the reply entry (a constant of the caller's path: a direction read from e split the verifier's
+ * states, +47,000 instructions walked). */
+static __always_inline void nat_set_state(struct nat_entry *e, __u8 state, int fresh, int reply)
 {
 	__u32 zero = 0;
 	struct nat_cfg *cfg = lbx_nat_cfg.lookup(&zero);
@@ -340,7 +368,7 @@ static __always_inline void nat_set_state(struct nat_entry *e, __u8 state, int f
 	e->state = state;
 	e->timeout = t;
 	nat_peer_key(e, &k);
-	peer = nat_get(&k, fresh);
+	peer = nat_get(&k, fresh, !reply);   /* the peer's direction is the other one */
 	if (peer) {
 		peer->state = state;
 		peer->timeout = t;
@@ -385,10 +413,11 @@ static __always_inline __u8 nat_tcp_flags(struct xdp_md *ctx, const struct pkt *
  * clock moved, so an established flow's entry is not written per packet) and follow the TCP
  * state. Forward: a SYN again while SYN_SENT is the client retransmitting (no SYN-ACK came: a
  * failed handshake). Reply: the SYN-ACK establishes, an RST while SYN_SENT refuses (failed).
- * A FIN or RST from either side closes.
+ * A FIN or RST from either side closes. reply: the packet is a reply, e its reply entry (the
+ * return path's call; the forward path's e is a forward entry: nat_established()).
  */
 static __always_inline void nat_track(struct xdp_md *ctx, const struct pkt *pkt, struct nat_entry *e, __u32 now,
-				      int fresh)
+				      int fresh, int reply)
 {
 	__u8 f = nat_tcp_flags(ctx, pkt);
 
@@ -397,17 +426,17 @@ static __always_inline void nat_track(struct xdp_md *ctx, const struct pkt *pkt,
 	if (!f)
 		return;
 	if (e->state == LBX_NAT_SYN_SENT) {
-		if (e->dir == LBX_NAT_DIR_FWD && (f & (LBX_TCP_SYN | LBX_TCP_ACK)) == LBX_TCP_SYN) {
+		if (!reply && (f & (LBX_TCP_SYN | LBX_TCP_ACK)) == LBX_TCP_SYN) {
 			nat_handshake(e->backend_id, 0, 0, now);
-		} else if (e->dir == LBX_NAT_DIR_REPLY && (f & (LBX_TCP_SYN | LBX_TCP_ACK)) == (LBX_TCP_SYN | LBX_TCP_ACK)) {
+		} else if (reply && (f & (LBX_TCP_SYN | LBX_TCP_ACK)) == (LBX_TCP_SYN | LBX_TCP_ACK)) {
 			nat_handshake(e->backend_id, 1, 0, now);
-			nat_set_state(e, LBX_NAT_ESTABLISHED, fresh);
-		} else if (e->dir == LBX_NAT_DIR_REPLY && (f & LBX_TCP_RST)) {
+			nat_set_state(e, LBX_NAT_ESTABLISHED, fresh, reply);
+		} else if (reply && (f & LBX_TCP_RST)) {
 			nat_handshake(e->backend_id, 0, 1, now);
 		}
 	}
 	if ((f & (LBX_TCP_FIN | LBX_TCP_RST)) && e->state != LBX_NAT_CLOSING)
-		nat_set_state(e, LBX_NAT_CLOSING, fresh);
+		nat_set_state(e, LBX_NAT_CLOSING, fresh, reply);
 }
 
 /*
@@ -425,7 +454,7 @@ static __always_inline int nat_established(struct pkt *pkt, struct selection *se
 	if (!nat_filter_has(&pkt->flow.dst))
 		return 0;
 	nf->now = nat_now();
-	e = nat_lookup(&pkt->flow, nf->now, &nf->fresh, &nf->held, &at, !(pkt->flags & LBX_PKT_F_SYN));
+	e = nat_lookup(&pkt->flow, 0, nf->now, &nf->fresh, &nf->held, &at, !(pkt->flags & LBX_PKT_F_SYN));
 	if (!e || e->dir != LBX_NAT_DIR_FWD)
 		return 0;
 	if ((pkt->flags & LBX_PKT_F_SYN) && e->state == LBX_NAT_CLOSING)
@@ -467,7 +496,10 @@ static __always_inline int nat_same(const struct lbx_addr *a, const struct lbx_a
 }
 
 /* Whether old, found under a reply key wanted for rep, may be replaced: it is rep's own client
- * tuple (the same client reopening), or it and its peer (in old's table) are past their timeouts. */
+ * tuple (the same client reopening), or it and its peer (in old's table) are past their timeouts.
+ * old is a reply entry, so its peer's key is a forward one (were it a forward entry, which a
+ * reply key can be only if a VIP is also a client's or the SNAT address, its peer would be looked
+ * for in the wrong bucket of the handshake table: a miss, so its own timeout decides). */
 static __always_inline int nat_replaceable(struct nat_entry *old, const struct nat_entry *rep, struct flow_key *k,
 					   __u32 now, int fresh)
 {
@@ -479,7 +511,7 @@ static __always_inline int nat_replaceable(struct nat_entry *old, const struct n
 	if (!nat_expired(old, now))
 		return 0;
 	nat_peer_key(old, k);
-	peer = nat_get(k, fresh);
+	peer = nat_get(k, fresh, 0);   /* a forward key */
 	return !peer || nat_expired(peer, now);
 }
 
@@ -488,7 +520,7 @@ static __always_inline int nat_replaceable(struct nat_entry *old, const struct n
 static __always_inline int nat_claim_other(struct flow_key *k, struct nat_entry *rep, struct flow_key *tmp, __u32 now,
 					   int fresh)
 {
-	struct nat_entry *old = nat_get(k, !fresh);
+	struct nat_entry *old = nat_get(k, !fresh, 1);
 
 	if (!old)
 		return 1;
@@ -497,7 +529,7 @@ static __always_inline int nat_claim_other(struct flow_key *k, struct nat_entry 
 	if (fresh)
 		lbx_nat.delete(k);
 	else
-		hs_delete(k);
+		hs_delete(k, 1);
 	return 1;
 }
 
@@ -509,7 +541,7 @@ static __always_inline int hs_claim(struct flow_key *k, struct nat_entry *rep, s
 	__u32 h;
 	int w;
 
-	w = hs_locate(k, &b, &h);
+	w = hs_locate(k, 1, &b, &h);
 	if (!b)
 		return 0;
 	if (w >= 0) {
@@ -659,7 +691,7 @@ static __always_inline int nat_open(struct xdp_md *ctx, const struct pkt *pkt, c
 	}
 	if (nf->held)
 		lbx_nat.delete((struct flow_key *)&pkt->flow);
-	hs_put(&pkt->flow, fwd);
+	hs_put(&pkt->flow, fwd, &s->rk);
 	return LBX_R_OK;
 }
 
@@ -685,7 +717,7 @@ static __always_inline void nat_assure(const struct pkt *pkt, struct nat_entry *
 	int w;
 
 	nat_peer_key(e, k);
-	w = hs_locate(k, &b, &h);
+	w = hs_locate(k, 1, &b, &h);
 	if (w < 0)
 		return;
 	peer = &hs_slot(b, w)->e;
@@ -918,7 +950,7 @@ static __always_inline int forward_nat(struct xdp_md *ctx, const struct pkt *pkt
 		return nat_translate(ctx, pkt, &s->fwd, sel->be->mac);
 	}
 	if (!(pkt->flags & LBX_PKT_F_ICMP_ERR))
-		nat_track(ctx, pkt, nf->e, nf->now, nf->fresh);
+		nat_track(ctx, pkt, nf->e, nf->now, nf->fresh, 0);
 	r = nat_translate(ctx, pkt, nf->e, sel->be->mac);
 	if (r == LBX_R_OK && nf->fresh && !(pkt->flags & (LBX_PKT_F_ICMP_ERR | LBX_PKT_F_SYN)) &&
 	    (nf->e->state == LBX_NAT_ESTABLISHED || nf->e->state == LBX_NAT_UDP)) {

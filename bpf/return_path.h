@@ -39,7 +39,7 @@ static __always_inline int return_path(struct xdp_md *ctx, struct pkt *pkt, int 
 	if (!nat_filter_has(&pkt->flow.src))             /* one bit: no NAT backend sent it */
 		return LBX_R_OK;
 	now = nat_now();
-	e = nat_lookup(&pkt->flow, now, &fresh, &held, &at, 1);
+	e = nat_lookup(&pkt->flow, 1, now, &fresh, &held, &at, 1);
 	if (!e || e->dir != LBX_NAT_DIR_REPLY) {
 		/* A NAT backend's address, no connection: its own traffic to the balancer (health
 		 * check answers, ssh), a reply of an expired connection, or a packet of it for a
@@ -55,7 +55,7 @@ static __always_inline int return_path(struct xdp_md *ctx, struct pkt *pkt, int 
 		return r;
 	}
 	if (!(pkt->flags & LBX_PKT_F_ICMP_ERR))
-		nat_track(ctx, pkt, e, now, fresh);
+		nat_track(ctx, pkt, e, now, fresh, 1);
 	r = nat_translate(ctx, pkt, e, e->mac);
 	if (r != LBX_R_OK) {
 		*verdict = XDP_ABORTED;

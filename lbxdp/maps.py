@@ -452,20 +452,32 @@ def _field_type(struct_t: Any, name: str) -> Any:
 _M64 = (1 << 64) - 1
 
 
-def hs_words_check(w: tuple[int, ...]) -> int:
-    """hs_hash() of bpf/nat.h | 1: the check of the handshake-table slot of a struct flow_key
-    whose ten 32-bit words (as an x86 CPU loads them) are w; never 0 (0: an empty slot). Its
-    bucket: check >> 1, masked to the bucket count."""
-    x = ((w[0] ^ w[1] ^ w[2] ^ w[3]) << 32 | (w[4] ^ w[5] ^ w[6] ^ w[7])) ^ (w[8] << 16) ^ w[9]
+def _hs_mix(x: int) -> int:
+    """hs_mix() of bpf/nat.h."""
     x = (x * 0x9E3779B97F4A7C15) & _M64
     x ^= x >> 29
     x = (x * 0xBF58476D1CE4E5B9) & _M64
-    return (x >> 32) | 1
+    return x >> 32
+
+
+def hs_words_check(w: tuple[int, ...]) -> int:
+    """hs_hash() of bpf/nat.h | 1: the check of the handshake-table slot of a struct flow_key
+    whose ten 32-bit words (as an x86 CPU loads them) are w; never 0 (0: an empty slot)."""
+    return _hs_mix(((w[0] ^ w[1] ^ w[2] ^ w[3]) << 32 | (w[4] ^ w[5] ^ w[6] ^ w[7])) ^ (w[8] << 16) ^ w[9]) | 1
 
 
 def hs_check(key: bytes) -> int:
     """hs_words_check() of the bytes of a struct flow_key."""
     return hs_words_check(struct.unpack_from("<10I", key, 0))
+
+
+def hs_bucket_hash(key: bytes, reply: bool) -> int:
+    """hs_bucket_hash() of bpf/nat.h: the hash of a key's client-side endpoint (a forward key's
+    source, a reply key's destination), which picks its bucket (masked to the bucket count)."""
+    w = struct.unpack_from("<10I", key, 0)
+    a = (w[4] ^ w[5] ^ w[6] ^ w[7]) if reply else (w[0] ^ w[1] ^ w[2] ^ w[3])
+    port = w[8] >> 16 if reply else w[8] & 0xFFFF
+    return _hs_mix((a << 32) ^ (port << 16) ^ w[9])
 
 
 class HandshakeTable:
@@ -475,8 +487,9 @@ class HandshakeTable:
     it as they read lbx_nat: Key (struct flow_key), Leaf (struct nat_entry), info (max_entries:
     slots), batches(), lookup(), delete(), update().
 
-    A slot holds an entry when its check is hs_check() of its key; empty slots and slots being
-    written are left out, entries past their timeout are not (as lbx_nat's: NatEntry.expired). The
+    A slot holds an entry when its check is hs_check() of its key, in the bucket of the key's
+    client side (hs_bucket_hash(): a forward key's source, a reply key's destination; a DNAT
+    connection's two slots share one); empty slots and slots being written are left out, entries past their timeout are not (as lbx_nat's: NatEntry.expired). The
     table is read and written through a shared mapping of the map (BPF_F_MMAPABLE; 9 MiB at the
     default 65,536 slots): the program writes other slots of a bucket meanwhile, so a delete is
     one aligned 4-byte store of 0 to the slot's check word, never a rewrite of the bucket. update()
@@ -542,18 +555,22 @@ class HandshakeTable:
                     out.append((b, w))
         return sorted(out)
 
-    def _find(self, kb: bytes) -> tuple[int, int, bytes, int]:
+    def _find(self, kb: bytes, reply: bool | None = None) -> tuple[int, int, bytes, int]:
         """(kb's check, the mapping's offset of kb's bucket, the bucket's bytes, the way holding
-        kb or -1): as hs_find(), the first way whose check is kb's, if its key is kb."""
+        kb or -1): as hs_find(), the first way whose check is kb's, if its key is kb. reply: kb is
+        a reply key (True) or a forward one (False), which says its bucket; None: either (a key
+        not found in its forward bucket is looked for in its reply bucket, whose offset and
+        bytes come back then)."""
         h = hs_check(kb)
-        base = ((h >> 1) & (self.m.info.max_entries - 1)) * self.bucket
-        raw = self._map()[base:base + self.bucket]
-        checks = struct.unpack_from(f"<{self.ways}I", raw, self._check)
-        w = checks.index(h) if h in checks else -1
-        o = self._slot(0, w) + self._kofs
-        if w >= 0 and raw[o:o + self._ksize] != kb:
-            w = -1
-        return h, base, raw, w
+        for r in (False, True) if reply is None else (reply,):
+            base = (hs_bucket_hash(kb, r) & (self.m.info.max_entries - 1)) * self.bucket
+            raw = self._map()[base:base + self.bucket]
+            checks = struct.unpack_from(f"<{self.ways}I", raw, self._check)
+            w = checks.index(h) if h in checks else -1
+            o = self._slot(0, w) + self._kofs
+            if w >= 0 and raw[o:o + self._ksize] == kb:
+                return h, base, raw, w
+        return h, base, raw, -1
 
     def _store_check(self, base: int, w: int, value: int, expect: int | None = None) -> bool:
         """One aligned 4-byte store of value into way w's check word of the bucket at base (if it
@@ -566,6 +583,11 @@ class HandshakeTable:
             return True
         finally:
             del word   # releases the mapping's buffer (close() refuses while it is exported)
+
+    def locate(self, key: Any, reply: bool | None = None) -> tuple[int, int] | None:
+        """(bucket, way) of key's slot, or None (reply: as _find())."""
+        _, base, _, w = self._find(bytes(key), reply)
+        return None if w < 0 else (base // self.bucket, w)
 
     def lookup(self, key: Any) -> Any:
         """A copy of key's entry (a Leaf), or None."""
@@ -582,7 +604,7 @@ class HandshakeTable:
         """Write value under key: over key's own slot, else the first empty one, else way 0 (for
         tests and explain's scratch copies; the program takes an empty way from a hash-given start)."""
         kb, vb = bytes(key), bytes(value)
-        h, base, raw, found = self._find(kb)
+        h, base, raw, found = self._find(kb, reply=vb[self.Leaf.dir.offset] == abi.NatDir.REPLY)
         if (flags == bpfsys.BPF_NOEXIST and found >= 0) or (flags == bpfsys.BPF_EXIST and found < 0):
             raise bpfsys.BpfError(errno.EEXIST if found >= 0 else errno.ENOENT, f"update of {self.name}")
         checks = struct.unpack_from(f"<{self.ways}I", raw, self._check)

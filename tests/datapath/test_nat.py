@@ -11,6 +11,8 @@ conntrack is read back through Maps.nat_entries / Maps.nat_backend.
 from __future__ import annotations
 
 import dataclasses
+import socket
+import struct
 import time
 
 import pytest
@@ -20,7 +22,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
 from lbxdp import abi, model
-from lbxdp.maps import HandshakeTable
+from lbxdp.maps import HandshakeTable, hs_bucket_hash, hs_check
 
 from .frames import BASE, CLIENT4, CLIENT6, CLIENT_MAC, LB_MAC, TCP_, UDP_, XDP_DROP, XDP_PASS, XDP_TX, ip
 from .harness import Case, Lb, check
@@ -421,6 +423,46 @@ def test_an_snat_port_held_by_a_handshake_is_not_given_again(nlb: Lb) -> None:
     check(nlb, fwd_case("a SYN gets the pool's first port", SNAT4T, seg(CLIENT4, "10.30.0.2", 47000, 80, "S"), POOL[0]))
     nlb.maps.m[abi.Map.NAT_BE].zero(nlb.backend_id(SNAT4T, SNAT4T.backends[0]))   # the cursor back to the first port
     check(nlb, fwd_case("a mid-stream ACK skips it", SNAT4T, seg(CLIENT4, "10.30.0.2", 47001, 80, "A"), POOL[0] + 1))
+
+
+def nat_key(src: str, sport: int, dst: str, dport: int) -> bytes:
+    """struct flow_key (IPv4, TCP) of src:sport -> dst:dport."""
+    return (socket.inet_aton(src).ljust(16, b"\0") + socket.inet_aton(dst).ljust(16, b"\0") +
+            struct.pack("!HH", sport, dport) + bytes([6, abi.FAMILY_V4, 0, 0]))
+
+
+def test_a_dnat_handshake_has_one_bucket_and_never_evicts_its_own_reply_slot(nlb: Lb) -> None:
+    """A DNAT connection's forward key (client -> VIP) and reply key (backend -> client) hash to
+    one bucket of lbx_nat_new, their client side's (nat.h hs_bucket_hash): its SYN writes both
+    slots there. In a full bucket each key's victim is the way its check starts at, and the two
+    may be one: the forward entry then takes the next way, so the SYN-ACK is still translated. The
+    client port is chosen so that they coincide, and the bucket is filled with four other
+    handshakes first (without hs_put()'s guard, the SYN-ACK passes untranslated)."""
+    [t] = [m for m in nlb.maps.nat_tables() if isinstance(m, HandshakeTable)]
+    buckets, vip, bport = t.m.info.max_entries, str(DNAT4.address), DNAT4.backends[0].port
+
+    def keys(cport: int) -> tuple[bytes, bytes]:
+        return nat_key(CLIENT4, cport, vip, 80), nat_key(be(DNAT4), bport, CLIENT4, cport)
+
+    cport = next(p for p in range(20000, 60000) if hs_check(keys(p)[0]) >> 30 == hs_check(keys(p)[1]) >> 30)
+    fwd, rk = keys(cport)
+    bucket = hs_bucket_hash(fwd, False) & (buckets - 1)
+    assert bucket == hs_bucket_hash(rk, True) & (buckets - 1)
+    fillers = [k for a in range(1, 40) for p in range(1024, 65536)
+               if hs_bucket_hash(k := nat_key(f"100.70.0.{a}", p, vip, 80), False) & (buckets - 1) == bucket][:4]
+    assert len(fillers) == 4
+    live = t.Leaf(dir=abi.NatDir.FWD, state=abi.NatState.SYN_SENT, seen=2**31, timeout=2**31)
+    for k in fillers:
+        t.update(t.Key.from_buffer_copy(k), live)
+    assert {t.locate(t.Key.from_buffer_copy(k), reply=False)[0] for k in fillers} == {bucket}   # full
+
+    check(nlb, fwd_case("a SYN into the full bucket", DNAT4, seg(CLIENT4, vip, cport, 80, "S"), cport))
+    where = {d: t.locate(t.Key.from_buffer_copy(k), reply=d is abi.NatDir.REPLY) for d, k in
+             ((abi.NatDir.FWD, fwd), (abi.NatDir.REPLY, rk))}
+    assert None not in where.values(), where
+    assert where[abi.NatDir.FWD][0] == where[abi.NatDir.REPLY][0] == bucket
+    assert where[abi.NatDir.FWD][1] != where[abi.NatDir.REPLY][1]
+    check(nlb, reply_case("its SYN-ACK, translated", DNAT4, CLIENT4, cport, cport, "SA"))
 
 
 # --- a VIP switched between DSR and NAT (bpf/forward.h, select.h established(), nat.h nat_established()) ---

@@ -5,7 +5,8 @@ states, so the program keeps a fifth of the bound free on this one (docs/design.
 budget"; scripts/verifier_budget.py prints the figure). The NAT pipeline apart from forward()
 brought it from 874,690 to 492,876; the handshake table as an array took it to 730,455
 (720,403 since: the assuring packet's slot found once, a second lbx_nat read for a concurrent move;
-719,263 with a SYN that deletes a closed counted flow's record)."""
+719,263 with a SYN that deletes a closed counted flow's record; 737,875 with the handshake table's
+bucket chosen by the client side of a key, which the lookups' direction decides)."""
 
 from __future__ import annotations
 
