@@ -76,8 +76,12 @@ int lbxdp_ingress(struct xdp_md *ctx)
 	}
 	if (nat_established(&pkt, &sel, &nf))          /* nat.h: NAT conntrack, behind one bit */
 		return forwarded(&pkt, &sel, forward_nat(ctx, &pkt, &sel, &nf));
-	if (!established(&pkt, &sel)) {                 /* select.h: the connection table */
-		vip = classify(&pkt);                   /* classify.h: the VIP lookup */
+	/* On a NAT VIP's address the VIP comes first: a NAT VIP's packets never meet the connection
+	 * table, whose flows hold no NAT backend entry (forward.h), so its lookup is skipped. */
+	vip = nf.nat_dst ? classify(&pkt) : NULL;
+	if ((vip && vip->mode == LBX_MODE_NAT) || !established(&pkt, &sel)) { /* select.h: the connection table */
+		if (!nf.nat_dst)
+			vip = classify(&pkt);           /* classify.h: the VIP lookup */
 		if (!vip)
 			return count(XDP_PASS, LBX_R_PASS_NOT_VIP, &pkt);
 		r = admit(vip, &pkt);                   /* admit.h: ACLs, per-source new-flow limits */

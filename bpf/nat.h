@@ -63,6 +63,8 @@ struct nat_flow {
 	struct nat_entry *e;  /* the connection's entry for this direction; NULL: open one */
 	__u32 now;            /* nat_now() when it was looked up */
 	__u8 fresh;           /* e is in lbx_nat_new: a new connection, not yet assured (nat_assure) */
+	__u8 nat_dst;         /* the destination passed lbx_nat_filter (nat_established looked): it may
+			       * be a NAT VIP's, whose packets skip the connection table (lbxdp.c) */
 	__u8 held;            /* lbx_nat has an entry under the packet's key that e is not (closing,
 			       * expired, or its backend entry gone): a connection opened now replaces it */
 	struct hs_at at;      /* e's slot in the handshake table when fresh (set with e) */
@@ -453,6 +455,7 @@ static __always_inline int nat_established(struct pkt *pkt, struct selection *se
 
 	if (!nat_filter_has(&pkt->flow.dst))
 		return 0;
+	nf->nat_dst = 1;
 	nf->now = nat_now();
 	e = nat_lookup(&pkt->flow, 0, nf->now, &nf->fresh, &nf->held, &at, !(pkt->flags & LBX_PKT_F_SYN));
 	if (!e || e->dir != LBX_NAT_DIR_FWD)

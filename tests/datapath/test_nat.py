@@ -24,7 +24,7 @@ from scapy.packet import Packet, Raw
 from lbxdp import abi, model
 from lbxdp.maps import HandshakeTable, hs_bucket_hash, hs_check
 
-from .frames import BASE, CLIENT4, CLIENT6, CLIENT_MAC, LB_MAC, TCP_, UDP_, XDP_DROP, XDP_PASS, XDP_TX, ip
+from .frames import BASE, CLIENT4, CLIENT6, CLIENT_MAC, LB_MAC, RR4, TCP_, UDP_, XDP_DROP, XDP_PASS, XDP_TX, ip
 from .harness import Case, Lb, check
 
 pytestmark = pytest.mark.root
@@ -351,6 +351,28 @@ def test_purging_a_backend_ends_its_nat_connections(nlb: Lb) -> None:
     assert {(e.dport, e.dir) for e in nlb.maps.nat_entries()} == {(80, abi.NatDir.FWD), (48101, abi.NatDir.REPLY)}
     late = seg(be(SNAT4T), SNAT4, 8080, POOL[0], "SA", smac=be_mac(SNAT4T))
     check(nlb, Case("the purged connection's reply is no longer translated", late, XDP_PASS, None, R.PASS_NAT_NO_FLOW))
+
+
+# --- a NAT VIP's packets skip the connection table (bpf/lbxdp.c) -----------------------------------
+def flood_windows(lb: Lb) -> list[tuple[int, int, int]]:
+    """lbx_flood per CPU: (window start, SYNs, other new flows) of the DSR gate (bpf/select.h)."""
+    return [(f.window, f.syns, f.inserts) for f in lb.maps.m[abi.Map.FLOOD].lookup(0)]
+
+
+def test_a_nat_vips_new_flows_skip_the_connection_table_and_its_flood_window(nlb: Lb) -> None:
+    """On a NAT VIP's address the VIP is looked up before the connection table, and a NAT VIP's
+    packets never look in lbx_flows (its flows hold no NAT backend entry): NAT SYNs and first
+    datagrams, translated as always, leave the DSR gate's per-CPU new-flow window (lbx_flood, which
+    a SYN's lbx_flows lookup counts) untouched, where a DSR VIP's one SYN is counted."""
+    nlb.maps.m[abi.Map.FLOOD].zero(0)
+    for i in range(8):
+        cport = 41000 + i
+        check(nlb, fwd_case(f"syn {i} to a dnat vip", DNAT4, seg(CLIENT4, str(DNAT4.address), cport, 80), cport))
+        check(nlb, fwd_case(f"datagram {i} to a dnat vip", DNAT4U, dgram(CLIENT4, str(DNAT4U.address), cport, 53), cport))
+    assert all(w == (0, 0, 0) for w in flood_windows(nlb)), flood_windows(nlb)
+    out = nlb.run(seg(CLIENT4, str(RR4.address), 42000, RR4.port))
+    assert out.retval == XDP_TX
+    assert sum(s for _, s, _ in flood_windows(nlb)) == 1, flood_windows(nlb)
 
 
 # --- a SYN flood churns the handshake table, never the conntrack (bpf/maps.h lbx_nat_new) ------------
