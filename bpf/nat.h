@@ -343,6 +343,8 @@ static __always_inline void nat_peer_key(const struct nat_entry *e, struct flow_
 	k->dport = e->sport;
 	k->proto = e->proto;
 	k->family = e->family;
+	k->pad[0] = 0;
+	k->pad[1] = 0;
 }
 
 /* The timeout of state for an entry of lbx_nat (fresh = 0) or lbx_nat_new: there, a handshake
@@ -646,7 +648,7 @@ static __always_inline int nat_open(struct xdp_md *ctx, const struct pkt *pkt, c
 
 	if (!cfg || (void *)(eth + 1) > end)
 		return LBX_R_ABORT_REWRITE;
-	__builtin_memset(s, 0, sizeof(*s));
+	__builtin_memset(fwd->mac, 0, ETH_ALEN);
 	fwd->state = pkt->flow.proto == IPPROTO_UDP ? LBX_NAT_UDP :
 		     (pkt->flags & LBX_PKT_F_SYN) ? LBX_NAT_SYN_SENT : LBX_NAT_ESTABLISHED;
 #ifndef LBX_NAT_NO_HANDSHAKE_TABLE

@@ -6,7 +6,7 @@ budget"; scripts/verifier_budget.py prints the figure). The NAT pipeline apart f
 brought it from 874,690 to 492,876; the handshake table as an array took it to 730,455
 (720,403 since: the assuring packet's slot found once, a second lbx_nat read for a concurrent move;
 719,263 with a SYN that deletes a closed counted flow's record; 737,875 with the handshake table's
-bucket chosen by the client side of a key, which the lookups' direction decides; 751,898 with a
+bucket chosen by the client side of a key, which the lookups' direction decides; 750,865 with a
 NAT VIP's address classified before the connection table)."""
 
 from __future__ import annotations
