@@ -77,7 +77,9 @@ int lbxdp_ingress(struct xdp_md *ctx)
 	if (nat_established(&pkt, &sel, &nf))          /* nat.h: NAT conntrack, behind one bit */
 		return forwarded(&pkt, &sel, forward_nat(ctx, &pkt, &sel, &nf));
 	/* On a NAT VIP's address the VIP comes first: a NAT VIP's packets never meet the connection
-	 * table, whose flows hold no NAT backend entry (forward.h), so its lookup is skipped. */
+	 * table, whose flows hold no NAT backend entry (forward.h), so its lookup is skipped. The
+	 * price: a DSR/encap VIP on an address that also has a NAT VIP (or shares its filter bit)
+	 * pays this VIP lookup on its established packets too. */
 	vip = nf.nat_dst ? classify(&pkt) : NULL;
 	if ((vip && vip->mode == LBX_MODE_NAT) || !established(&pkt, &sel)) { /* select.h: the connection table */
 		if (!nf.nat_dst)
